@@ -1,0 +1,110 @@
+"""The controller's own exceptions. The API edge turns them into problem+json."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class FieldError:
+    """One reason one input field was refused; ``field`` is a dotted path."""
+
+    field: str
+    message: str
+
+
+class TgfleetError(Exception):
+    """Base of the errors the API edge knows how to answer."""
+
+    status = 500
+    title = "Internal error"
+    type_ = "about:blank"
+
+    def __init__(self, detail: str, errors: list[FieldError] | None = None) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.errors: list[FieldError] = errors or []
+
+
+class InvalidSpec(TgfleetError):
+    """Input that does not describe a valid bot (or defaults, or token)."""
+
+    status = 422
+    title = "Invalid input"
+    type_ = "https://tgfleet.dev/problems/invalid-input"
+
+
+class BadRequest(TgfleetError):
+    """A request that cannot be read at all (malformed JSON, wrong content type)."""
+
+    status = 400
+    title = "Bad request"
+    type_ = "https://tgfleet.dev/problems/bad-request"
+
+
+class BotNotFound(TgfleetError):
+    status = 404
+    title = "Bot not found"
+    type_ = "https://tgfleet.dev/problems/not-found"
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"no bot named {name!r}")
+        self.name = name
+
+
+class NotFound(TgfleetError):
+    status = 404
+    title = "Not found"
+    type_ = "https://tgfleet.dev/problems/not-found"
+
+
+class Conflict(TgfleetError):
+    """The request is valid but clashes with the current state (taken name, bad transition)."""
+
+    status = 409
+    title = "Conflict"
+    type_ = "https://tgfleet.dev/problems/conflict"
+
+
+class Unauthorized(TgfleetError):
+    status = 401
+    title = "Unauthorized"
+    type_ = "https://tgfleet.dev/problems/unauthorized"
+
+
+class StoreUnavailable(TgfleetError):
+    """PostgreSQL cannot be reached; reads may still be answered from memory."""
+
+    status = 503
+    title = "Database unavailable"
+    type_ = "https://tgfleet.dev/problems/unavailable"
+
+
+class SupervisorUnavailable(TgfleetError):
+    """circusd did not answer."""
+
+    status = 503
+    title = "Supervisor unavailable"
+    type_ = "https://tgfleet.dev/problems/unavailable"
+
+
+@dataclass(frozen=True)
+class Problem:
+    """An RFC 9457 problem document."""
+
+    status: int
+    title: str
+    detail: str
+    type: str = "about:blank"
+    errors: list[FieldError] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, object]:
+        body: dict[str, object] = {
+            "type": self.type,
+            "title": self.title,
+            "status": self.status,
+            "detail": self.detail,
+        }
+        if self.errors:
+            body["errors"] = [{"field": e.field, "message": e.message} for e in self.errors]
+        return body
