@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 DEFAULT_HOME = "./.tgfleet"
 # sun_path is 108 bytes on Linux, one of them the terminating NUL.
@@ -91,6 +92,14 @@ class Home:
     @property
     def logs_dir(self) -> Path:
         return self.root / "logs"
+
+    def watcher_log(self, watcher: str, stream: Literal["out", "err"]) -> Path:
+        """Rotated stdout/stderr file of a Circus watcher (``bot-<name>``, ``controller``, …)."""
+        return self.logs_dir / f"{watcher}.{stream}.log"
+
+    @property
+    def circusd_pidfile(self) -> Path:
+        return self.run_dir / "circusd.pid"
 
     @property
     def pg_dir(self) -> Path:

@@ -1,0 +1,244 @@
+"""The embedded PostgreSQL: binaries from the ``pgserver`` package, run as a Circus watcher.
+
+``prepare_embedded_pg`` creates the data dir once (initdb) and returns what
+the ``postgres`` watcher needs; circusd then runs the server itself, so it is
+supervised like every other process. PostgreSQL refuses to run as root: when
+we are root, the server and initdb run as the system user ``pgserver`` (the
+same user the pgserver package would create).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import grp
+import importlib.util
+import logging
+import os
+import pwd
+import shutil
+import stat
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncpg
+
+from controller.home import Home
+
+log = logging.getLogger(__name__)
+
+PG_SYSTEM_USER = "pgserver"
+INITDB_TIMEOUT_S = 120.0
+
+
+class EmbeddedPgError(Exception):
+    """The embedded PostgreSQL cannot be prepared (binaries missing, initdb failed, …)."""
+
+
+class PgUnavailable(Exception):
+    """PostgreSQL did not accept a connection in time."""
+
+
+@dataclass(frozen=True)
+class PgWatcher:
+    """Everything the ``postgres`` watcher and its clients need."""
+
+    postgres: Path  # the server binary
+    data_dir: Path
+    socket_dir: Path
+    working_dir: Path
+    user: str | None  # system user to run as; None: the current user
+    group: str | None
+
+    @property
+    def args(self) -> list[str]:
+        """Arguments of ``postgres``: unix socket only, in ``socket_dir``."""
+        return [
+            "-D",
+            str(self.data_dir),
+            "-k",
+            str(self.socket_dir),
+            "-h",
+            "",
+            "-c",
+            "listen_addresses=",
+            "-c",
+            "unix_socket_permissions=0700",
+        ]
+
+    @property
+    def dsn(self) -> str:
+        return f"postgresql://postgres@/postgres?host={self.socket_dir}"
+
+
+def pgserver_bin_dir() -> Path:
+    """``pgserver/pginstall/bin``, found without importing pgserver (its import is heavy)."""
+    spec = importlib.util.find_spec("pgserver")
+    if spec is None or spec.origin is None:
+        raise EmbeddedPgError("the pgserver package is not installed")
+    bin_dir = Path(spec.origin).parent / "pginstall" / "bin"
+    if not (bin_dir / "postgres").is_file():
+        raise EmbeddedPgError(f"no postgres binary in {bin_dir}")
+    return bin_dir
+
+
+def _ensure_system_user(name: str) -> pwd.struct_passwd:
+    try:
+        return pwd.getpwnam(name)
+    except KeyError:
+        pass
+    useradd = shutil.which("useradd")
+    if useradd is None:
+        raise EmbeddedPgError(f"running as root, user {name!r} is missing and there is no useradd")
+    result = subprocess.run(
+        [useradd, "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if result.returncode != 0:
+        raise EmbeddedPgError(f"useradd {name} failed: {result.stderr.strip()}")
+    log.info("created system user %s to run PostgreSQL (it refuses to run as root)", name)
+    return pwd.getpwnam(name)
+
+
+def _add_mode(path: Path, bits: int) -> bool:
+    mode = path.stat().st_mode
+    if mode & bits == bits:
+        return False
+    path.chmod(stat.S_IMODE(mode) | bits)
+    log.info("chmod %s: added %o so that %s can reach it", path, bits, PG_SYSTEM_USER)
+    return True
+
+
+def open_path_prefix(path: Path) -> list[Path]:
+    """Give others search (o+x, not read) on every ancestor of ``path``.
+
+    Returns the dirs whose mode changed.
+    """
+    return [parent for parent in path.parents if _add_mode(parent, stat.S_IXOTH)]
+
+
+def _open_pginstall(bin_dir: Path) -> list[Path]:
+    """Let another user read the PostgreSQL install and run its programs."""
+    install = bin_dir.parent
+    changed = open_path_prefix(install)
+    for root, dirs, files in os.walk(install):
+        root_path = Path(root)
+        if _add_mode(root_path, stat.S_IROTH | stat.S_IXOTH):
+            changed.append(root_path)
+        for file in files:
+            file_path = root_path / file
+            if file_path.is_symlink():
+                continue
+            executable = file_path.stat().st_mode & stat.S_IXUSR
+            bits = stat.S_IROTH | (stat.S_IXOTH if executable else 0)
+            if _add_mode(file_path, bits):
+                changed.append(file_path)
+        dirs.sort()
+    return changed
+
+
+def prepare_embedded_pg(home: Home) -> PgWatcher:
+    """Create ``home.pg_data`` with initdb on first use; return the watcher's settings.
+
+    As root: ensures the system user ``pgserver``, owns ``home.pg_dir`` to it
+    (mode 0700), and adds o+x to the ancestors of ``home.pg_dir`` and read
+    access to the pgserver install where missing, so that user can reach them.
+    """
+    bin_dir = pgserver_bin_dir()
+    as_root = os.geteuid() == 0
+    user = _ensure_system_user(PG_SYSTEM_USER) if as_root else None
+
+    home.pg_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    home.pg_run.mkdir(exist_ok=True, mode=0o700)
+    for owned in (home.pg_dir, home.pg_run):
+        owned.chmod(0o700)
+        if user is not None:
+            os.chown(owned, user.pw_uid, user.pw_gid)
+    if user is not None:
+        open_path_prefix(home.pg_dir)
+        _open_pginstall(bin_dir)
+
+    if not (home.pg_data / "PG_VERSION").exists():
+        _initdb(bin_dir, home, user)
+
+    group = grp.getgrgid(user.pw_gid).gr_name if user is not None else None
+    return PgWatcher(
+        postgres=bin_dir / "postgres",
+        data_dir=home.pg_data,
+        socket_dir=home.pg_run,
+        working_dir=home.pg_dir,
+        user=user.pw_name if user is not None else None,
+        group=group,
+    )
+
+
+def _initdb(bin_dir: Path, home: Home, user: pwd.struct_passwd | None) -> None:
+    """initdb into a scratch dir, then rename it into place: a crash leaves no half cluster."""
+    if home.pg_data.exists():
+        if any(home.pg_data.iterdir()):
+            raise EmbeddedPgError(
+                f"{home.pg_data} is not empty but holds no PG_VERSION: not a PostgreSQL data "
+                "dir; move it away"
+            )
+        home.pg_data.rmdir()
+    scratch = home.pg_dir / "data.initdb"
+    shutil.rmtree(scratch, ignore_errors=True)
+    command = [
+        str(bin_dir / "initdb"),
+        "-D",
+        str(scratch),
+        "--auth=trust",
+        "--auth-local=trust",
+        "-U",
+        "postgres",
+        "--encoding=utf8",
+        "--locale=C",
+    ]
+    started = time.monotonic()
+    try:
+        result = subprocess.run(
+            command,
+            capture_output=True,
+            text=True,
+            check=False,
+            cwd=home.pg_dir,
+            timeout=INITDB_TIMEOUT_S,
+            env={"LANG": "C.UTF-8", "PATH": "/usr/bin:/bin"},
+            user=user.pw_uid if user is not None else None,
+            group=user.pw_gid if user is not None else None,
+            # drop root's supplementary groups too
+            extra_groups=[] if user is not None else None,
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise EmbeddedPgError(f"initdb took over {INITDB_TIMEOUT_S}s") from exc
+    if result.returncode != 0:
+        raise EmbeddedPgError(f"initdb failed ({result.returncode}): {result.stderr.strip()}")
+    scratch.rename(home.pg_data)
+    log.info("initdb %s in %.1fs", home.pg_data, time.monotonic() - started)
+
+
+async def wait_for_pg(dsn: str, timeout: float) -> None:
+    """Return once PostgreSQL at ``dsn`` answers a query.
+
+    Raises ``PgUnavailable`` when it does not within ``timeout`` seconds.
+    """
+    deadline = time.monotonic() + timeout
+    last_error: BaseException | None = None
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise PgUnavailable(f"PostgreSQL at {dsn} not ready after {timeout}s: {last_error}")
+        try:
+            connection = await asyncpg.connect(dsn, timeout=min(remaining, 2.0))
+            try:
+                await connection.fetchval("SELECT 1", timeout=min(remaining, 2.0))
+            finally:
+                await connection.close()
+            return
+        # Not up yet: no socket, socket but refusing, or still starting up.
+        except (OSError, TimeoutError, asyncpg.CannotConnectNowError) as exc:
+            last_error = exc
+        await asyncio.sleep(min(0.1, max(remaining, 0)))

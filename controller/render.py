@@ -1,0 +1,325 @@
+"""Renders circusd's configuration: ``circus.ini`` and one watcher file per bot.
+
+Pure text in, text out (plus ``write_atomic`` to put it on disk). Every value
+that reaches an ini file passes ``ini_value``, which refuses what would change
+the file's meaning rather than escaping it: circus reads these files with its
+own ``RawConfigParser`` (``;`` after a space starts a comment, ``$(circus.…)``
+and ``((circus.…))`` are substituted, a newline starts a new option).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import jinja2
+
+from controller.home import Home
+from controller.pg import PgWatcher
+
+_REPO_ROOT = Path(__file__).resolve().parent.parent
+CIRCUS_TEMPLATE = "circus.ini.j2"
+WATCHER_TEMPLATE = "watcher.ini.j2"
+
+MIB = 1024 * 1024
+# RLIMIT_DATA counts private writable mappings: heap, arenas in use and thread
+# stacks (8 MiB each). A Telethon + pyzmq + asyncio process measured 65 MB RSS
+# and 107-117 MiB of VmData once the default executor had started its threads
+# (2 CPUs); at 96 MiB it could not start a thread, at 128 MiB it ran. Its
+# VmSize (RLIMIT_AS) was 596 MiB because every thread reserves a 64 MiB malloc
+# arena, so RLIMIT_AS would need ~600 MiB and grows with the CPU count.
+MIN_MEMORY_LIMIT_MB = 128
+DEFAULT_GRACEFUL_TIMEOUT_S = 5.0
+BOT_NAME = re.compile(r"^[a-z][a-z0-9-]{0,31}$")
+_ENV_KEY = re.compile(r"^[A-Z_][A-Z0-9_]*$")
+# A newline would start a new option; circus's parser cuts a value at a ";"
+# that follows whitespace (inline comment) and substitutes $(circus.x) and
+# ((circus.x)) in watcher options; "%" would be interpolated by any stock
+# ConfigParser reading the same file. A leading "#" or ";" cannot occur: values
+# never start with whitespace and the key comes first.
+_FORBIDDEN = ("\n", "\r", "\x00", " ;", "\t;", "%", "$(", "((")
+
+
+class InvalidWatcherValue(ValueError):
+    """A value cannot be written into a Circus ini file without changing its meaning."""
+
+
+def ini_value(value: object) -> str:
+    """Format one value for a Circus ini file, refusing what would break it."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if not isinstance(value, str):
+        raise InvalidWatcherValue(f"{value!r} is not a str, number, bool or path")
+    if value != value.strip() or not value:
+        raise InvalidWatcherValue(f"{value!r}: empty, or leading/trailing space (ini strips it)")
+    for bad in _FORBIDDEN:
+        if bad in value:
+            raise InvalidWatcherValue(f"{value!r} contains {bad!r}, which an ini file would alter")
+    return value
+
+
+def _command_line(args: Sequence[str | os.PathLike[str]]) -> str:
+    """Arguments as circus will split them again (shlex), each validated."""
+    return shlex.join(os.fspath(arg) for arg in args)
+
+
+@dataclass(frozen=True)
+class LogRotation:
+    """Rotation of a watcher's stdout/stderr files."""
+
+    max_bytes: int = 10 * MIB
+    backup_count: int = 3
+
+
+@dataclass(frozen=True)
+class SandboxWatcher:
+    """The local Telegram (``python -m controller.sandbox serve``) as a watcher."""
+
+    listen: str
+    admin_listen: str
+    data_dir: Path
+
+
+@dataclass(frozen=True)
+class BotWatcher:
+    """What a bot's watcher file is made of (the bot's spec, minus every secret)."""
+
+    name: str
+    autostart: bool
+    memory_limit_mb: int
+    graceful_timeout_s: float = DEFAULT_GRACEFUL_TIMEOUT_S
+    max_retry: int = 5
+    # In the env so that a new configuration changes the watcher: reloadconfig
+    # then restarts that bot (config.json alone is invisible to circusd).
+    generation: int = 0
+
+    def __post_init__(self) -> None:
+        if not BOT_NAME.match(self.name):
+            raise InvalidWatcherValue(f"bot name {self.name!r} must match {BOT_NAME.pattern}")
+        if self.memory_limit_mb < MIN_MEMORY_LIMIT_MB:
+            raise InvalidWatcherValue(
+                f"memory_limit_mb {self.memory_limit_mb} is below {MIN_MEMORY_LIMIT_MB}: "
+                "a Telethon bot cannot start its threads in less"
+            )
+        if not 0 < self.graceful_timeout_s <= 300:
+            raise InvalidWatcherValue(
+                f"graceful_timeout_s {self.graceful_timeout_s} not in (0, 300]"
+            )
+        if self.max_retry < -1:
+            raise InvalidWatcherValue(f"max_retry {self.max_retry} must be >= -1")
+
+    @property
+    def watcher_name(self) -> str:
+        return f"bot-{self.name}"
+
+
+@dataclass(frozen=True)
+class _Watcher:
+    """One [watcher:…] section of circus.ini."""
+
+    name: str
+    cmd: str
+    args: str
+    working_dir: Path
+    priority: int
+    stop_signal: str
+    graceful_timeout: float
+    stdout_log: Path
+    stderr_log: Path
+    env: tuple[tuple[str, str], ...]
+    uid: str | None = None
+    gid: str | None = None
+
+
+def _environment() -> jinja2.Environment:
+    return jinja2.Environment(
+        loader=jinja2.FileSystemLoader([_REPO_ROOT, _REPO_ROOT / "templates"]),
+        autoescape=False,
+        undefined=jinja2.StrictUndefined,
+        finalize=ini_value,  # every {{ … }} is checked: no way to forget it
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+    )
+
+
+_ENV = _environment()
+
+
+def _env_pairs(env: dict[str, str]) -> tuple[tuple[str, str], ...]:
+    for key in env:
+        if not _ENV_KEY.match(key):
+            raise InvalidWatcherValue(f"environment variable name {key!r} is not [A-Z_][A-Z0-9_]*")
+    return tuple(sorted(env.items()))
+
+
+def _base_env(home: Home, *, home_env: Path) -> dict[str, str]:
+    return {
+        "PYTHONUNBUFFERED": "1",
+        "LANG": "C.UTF-8",
+        "HOME": str(home_env),
+        "TGFLEET_HOME": str(home.root),
+    }
+
+
+def _logs(home: Home, watcher: str) -> tuple[Path, Path]:
+    return home.watcher_log(watcher, "out"), home.watcher_log(watcher, "err")
+
+
+def render_circus_ini(
+    home: Home,
+    *,
+    python: str,
+    listen: str,
+    embedded_pg: PgWatcher | None,
+    sandbox: SandboxWatcher | None,
+    check_delay: float = 0.5,
+    controller_argv: Sequence[str] | None = None,
+    log: LogRotation = LogRotation(),
+) -> str:
+    """The text of ``<home>/circus.ini``: circusd's endpoints and the fleet's own watchers.
+
+    ``controller_argv`` replaces the controller's command line (tests run a
+    stand-in); by default it is ``<python> -m controller serve --home <home>``.
+    Bots are not here: circusd reads them from ``include_dir = <home>/bots.d``.
+    """
+    if not os.path.isabs(python):
+        raise InvalidWatcherValue(f"python {python!r} must be absolute (watchers get no PATH)")
+    if not 0 < check_delay <= 1:
+        raise InvalidWatcherValue(f"check_delay {check_delay} must be in (0, 1] seconds")
+    argv = list(controller_argv or [python, "-m", "controller", "serve", "--home", str(home.root)])
+    watchers: list[_Watcher] = []
+    if embedded_pg is not None:
+        out, err = _logs(home, "postgres")
+        watchers.append(
+            _Watcher(
+                name="postgres",
+                cmd=_command_line([embedded_pg.postgres]),
+                args=_command_line(embedded_pg.args),
+                working_dir=embedded_pg.working_dir,
+                priority=30,  # started first
+                # SIGTERM is PostgreSQL's "smart" shutdown, which waits for
+                # every client to leave; SIGINT is "fast": roll back, stop.
+                stop_signal="INT",
+                graceful_timeout=10.0,
+                stdout_log=out,
+                stderr_log=err,
+                env=_env_pairs({"LANG": "C.UTF-8", "PGDATA": str(embedded_pg.data_dir)}),
+                uid=embedded_pg.user,
+                gid=embedded_pg.group,
+            )
+        )
+    if sandbox is not None:
+        out, err = _logs(home, "sandbox")
+        sandbox_argv = [
+            *("-m", "controller.sandbox", "serve"),
+            *("--listen", sandbox.listen, "--admin-listen", sandbox.admin_listen),
+            *("--data", str(sandbox.data_dir)),
+        ]
+        watchers.append(
+            _Watcher(
+                name="sandbox",
+                cmd=_command_line([python]),
+                args=_command_line(sandbox_argv),
+                working_dir=home.root,
+                priority=20,
+                stop_signal="TERM",
+                graceful_timeout=3.0,
+                stdout_log=out,
+                stderr_log=err,
+                env=_env_pairs(_base_env(home, home_env=home.root)),
+            )
+        )
+    out, err = _logs(home, "controller")
+    controller_env = _base_env(home, home_env=home.root) | {"TGFLEET_LISTEN": listen}
+    watchers.append(
+        _Watcher(
+            name="controller",
+            cmd=_command_line(argv[:1]),
+            args=_command_line(argv[1:]),
+            working_dir=home.root,
+            priority=10,  # after postgres and the sandbox
+            stop_signal="TERM",
+            graceful_timeout=5.0,
+            stdout_log=out,
+            stderr_log=err,
+            env=_env_pairs(controller_env),
+        )
+    )
+    return _ENV.get_template(CIRCUS_TEMPLATE).render(
+        endpoint=home.circus_endpoint,
+        pubsub_endpoint=home.circus_pubsub_endpoint,
+        pidfile=home.circusd_pidfile,
+        check_delay=float(check_delay),
+        include_dir=home.bots_d,
+        watchers=watchers,
+        log=log,
+    )
+
+
+def render_watcher(
+    home: Home, bot: BotWatcher, *, python: str, log: LogRotation = LogRotation()
+) -> str:
+    """The text of ``<home>/bots.d/<name>.ini``: the Circus watcher ``bot-<name>``.
+
+    Its env is a fixed minimal set (no secrets: ``circusctl options`` shows
+    env); the bot reads its token/session from ``config.json``.
+    """
+    if not os.path.isabs(python):
+        raise InvalidWatcherValue(f"python {python!r} must be absolute (watchers get no PATH)")
+    out, err = _logs(home, bot.watcher_name)
+    env = _base_env(home, home_env=home.bot_dir(bot.name))
+    # Fewer malloc arenas: less address space and fragmentation per bot thread.
+    env["MALLOC_ARENA_MAX"] = "2"
+    env["TGFLEET_GENERATION"] = str(bot.generation)
+    del env["TGFLEET_HOME"]  # a bot knows only its own config file
+    return _ENV.get_template(WATCHER_TEMPLATE).render(
+        name=bot.name,
+        watcher=bot.watcher_name,
+        python=_command_line([python]),
+        args=_command_line(["-m", "botrunner", home.bot_config(bot.name)]),
+        working_dir=home.bot_dir(bot.name),
+        autostart=bot.autostart,
+        max_retry=bot.max_retry,
+        graceful_timeout=float(bot.graceful_timeout_s),
+        rlimit_data=bot.memory_limit_mb * MIB,
+        stdout_log=out,
+        stderr_log=err,
+        log=log,
+        env=_env_pairs(env),
+    )
+
+
+def write_atomic(path: Path, text: str, mode: int = 0o600) -> bool:
+    """Write ``text`` to ``path`` via a temp file and rename; False when unchanged.
+
+    Readers (circusd's reloadconfig) see the old file or the new one, never a
+    half-written one. The temp file gets ``mode`` before any byte is written.
+    """
+    try:
+        if path.read_text() == text and (path.stat().st_mode & 0o777) == mode:
+            return False
+    except FileNotFoundError:
+        pass
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = Path(tmp_name)
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return True

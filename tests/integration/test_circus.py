@@ -1,0 +1,185 @@
+"""circusd for real: rendered circus.ini and watcher files, reloadconfig, respawn, errno 5."""
+
+# The fixtures are imported (they live in circus_fixtures.py), so pytest's
+# injection by argument name looks like a redefinition to ruff.
+# ruff: noqa: F811
+
+from __future__ import annotations
+
+import os
+import stat
+import time
+from collections.abc import Awaitable, Callable
+
+import psutil
+import pytest
+from circus_fixtures import (  # noqa: F401  (fixtures; tests/integration is on sys.path)
+    PYTHON,
+    Circusd,
+    circusd_factory,
+    short_home,
+    write_sleeper,
+)
+
+from controller.circus import CircusClient, CircusError, WatcherNotFound
+from controller.home import Home
+from controller.render import BotWatcher, render_circus_ini, render_watcher, write_atomic
+
+pytestmark = pytest.mark.integration
+
+CHECK_DELAY_S = 0.5
+Factory = Callable[[Home], Awaitable[Circusd]]
+
+
+def write_circus_ini(home: Home) -> None:
+    text = render_circus_ini(
+        home,
+        python=PYTHON,
+        listen="127.0.0.1:0",
+        embedded_pg=None,
+        sandbox=None,
+        check_delay=CHECK_DELAY_S,
+        controller_argv=[PYTHON, "-c", "import time; time.sleep(1e6)"],
+    )
+    write_atomic(home.circus_ini, text, 0o600)
+
+
+def write_bot(home: Home, bot: BotWatcher, python: str) -> None:
+    home.bot_dir(bot.name).mkdir(mode=0o700, exist_ok=True)
+    write_atomic(home.watcher_file(bot.name), render_watcher(home, bot, python=python), 0o600)
+
+
+async def test_reloadconfig_touches_only_changed_watchers(
+    short_home: Home, circusd_factory: Factory
+) -> None:
+    home = short_home
+    sleeper = str(write_sleeper(home.root / "fakepy"))
+    write_circus_ini(home)
+    for name in ("keep", "change", "gone"):
+        write_bot(home, BotWatcher(name, autostart=True, memory_limit_mb=128), sleeper)
+    circusd = await circusd_factory(home)
+    client = circusd.client
+
+    await circusd.wait_for(lambda: _all_active(client, ["bot-keep", "bot-change", "bot-gone"]))
+    before = {name: await client.pids(name) for name in ("controller", "bot-keep", "bot-change")}
+    await circusd.remember_pids()
+    assert all(len(pids) == 1 for pids in before.values())
+
+    # the rendered limits reached the process
+    keep = psutil.Process(before["bot-keep"][0])
+    assert keep.rlimit(psutil.RLIMIT_DATA) == (128 * 2**20, 128 * 2**20)
+    # circus adds PWD, and leaks the section name as "__name__"; nothing else
+    env = keep.environ()
+    assert env.pop("PWD") == str(home.bot_dir("keep"))
+    assert env.pop("__name__") == "env:bot-keep"
+    assert env == {
+        "HOME": str(home.bot_dir("keep")),
+        "LANG": "C.UTF-8",
+        "MALLOC_ARENA_MAX": "2",
+        "PYTHONUNBUFFERED": "1",
+    }
+    assert keep.cwd() == str(home.bot_dir("keep"))
+    # umask 077: the control socket (0700: x means nothing on a socket) and logs are private
+    assert stat.S_IMODE(os.stat(home.circus_socket).st_mode) & 0o077 == 0
+    assert stat.S_IMODE(os.stat(home.logs_dir / "bot-keep.out.log").st_mode) == 0o600
+
+    write_bot(home, BotWatcher("added", autostart=True, memory_limit_mb=128), sleeper)
+    write_bot(home, BotWatcher("change", autostart=True, memory_limit_mb=256), sleeper)
+    home.watcher_file("gone").unlink()
+    await client.reloadconfig()
+
+    status = await client.status()
+    assert "bot-gone" not in status
+    # created after startup: circusd's own umask 077 applies
+    assert stat.S_IMODE(os.stat(home.logs_dir / "bot-added.err.log").st_mode) == 0o600
+    await circusd.wait_for(lambda: _all_active(client, ["bot-keep", "bot-change", "bot-added"]))
+    await circusd.remember_pids()
+    assert await client.pids("bot-keep") == before["bot-keep"]
+    assert await client.pids("controller") == before["controller"]
+    assert await client.pids("bot-change") != before["bot-change"]
+    changed = psutil.Process((await client.pids("bot-change"))[0])
+    assert changed.rlimit(psutil.RLIMIT_DATA)[0] == 256 * 2**20
+    with pytest.raises(WatcherNotFound):
+        await client.pids("bot-gone")
+
+    # a reload with nothing changed touches nothing at all
+    snapshot = {name: await client.pids(name) for name in status if name != "bot-gone"}
+    await client.reloadconfig()
+    assert {name: await client.pids(name) for name in snapshot} == snapshot
+
+
+async def test_kill_9_respawns_within_check_delay(
+    short_home: Home, circusd_factory: Factory
+) -> None:
+    home = short_home
+    write_circus_ini(home)
+    write_bot(home, BotWatcher("victim", autostart=True, memory_limit_mb=128), sleeper_in(home))
+    circusd = await circusd_factory(home)
+    client = circusd.client
+    await circusd.wait_for(lambda: _all_active(client, ["bot-victim"]))
+    await circusd.remember_pids()
+
+    timings = []
+    for _ in range(3):
+        (old,) = await client.pids("bot-victim")
+        psutil.Process(old).kill()
+        started = time.monotonic()
+        await circusd.wait_for(lambda old=old: _respawned(client, "bot-victim", old))
+        timings.append(time.monotonic() - started)
+        await circusd.remember_pids()
+    (pid,) = await client.pids("bot-victim")
+    stats = await client.stats("bot-victim")
+    assert list(stats) == [pid]
+    assert 0 < stats[pid].rss_bytes < 50 * 2**20  # a sleep(1)
+    print(f"kill -9 -> respawn at check_delay={CHECK_DELAY_S}s: {[round(t, 2) for t in timings]}")
+    assert max(timings) < CHECK_DELAY_S + 0.5
+
+
+def sleeper_in(home: Home) -> str:
+    return str(write_sleeper(home.root / "fakepy"))
+
+
+async def test_busy_arbiter_errno_5_is_retried(short_home: Home, circusd_factory: Factory) -> None:
+    home = short_home
+    write_circus_ini(home)
+    stubborn = str(write_sleeper(home.root / "stubborn", ignore_term=True))
+    write_bot(
+        home,
+        BotWatcher("slow", autostart=True, memory_limit_mb=128, graceful_timeout_s=2.0),
+        stubborn,
+    )
+    write_bot(home, BotWatcher("other", autostart=True, memory_limit_mb=128), sleeper_in(home))
+    circusd = await circusd_factory(home)
+    client = circusd.client
+    await circusd.wait_for(lambda: _all_active(client, ["bot-slow", "bot-other"]))
+    await circusd.remember_pids()
+
+    started = time.monotonic()
+    await client.stop("bot-slow")  # answers at once; circusd holds its lock ~2 s
+    impatient = CircusClient(home.circus_endpoint, busy_retry_s=0)
+    with pytest.raises(CircusError) as refused:
+        await impatient.restart("bot-other")
+    assert refused.value.errno == 5
+    assert refused.value.busy
+    assert "already running" in refused.value.reason
+
+    await client.restart("bot-other")  # retried until the stop is over
+    waited = time.monotonic() - started
+    print(f"restart retried through a 2 s graceful stop: answered after {waited:.2f}s")
+    assert 1.5 < waited < 5
+    assert (await client.status())["bot-slow"] == "stopped"
+    await circusd.wait_for(lambda: _all_active(client, ["bot-other"]))
+    await circusd.remember_pids()
+
+
+async def _all_active(client: CircusClient, names: list[str]) -> bool:
+    status = await client.status()
+    if not all(status.get(name) == "active" for name in names):
+        return False
+    counts = [len(await client.pids(name)) for name in names]
+    return counts == [1] * len(names)
+
+
+async def _respawned(client: CircusClient, name: str, old: int) -> bool:
+    pids = await client.pids(name)
+    return bool(pids) and pids != [old]
