@@ -291,8 +291,25 @@ def validate_create(body: object) -> tuple[str, dict[str, Any]]:
     return str(name), spec
 
 
+def merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7396 JSON merge patch: objects merge key by key, null removes, the rest replaces."""
+    if not isinstance(patch, dict):
+        return patch
+    merged = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            merged.pop(key, None)
+        else:
+            merged[key] = merge_patch(merged.get(key), value)
+    return merged
+
+
 def validate_patch(current: Mapping[str, Any], body: object) -> dict[str, Any]:
-    """The bot's new own spec after applying ``body``; null resets a field to the fleet default."""
+    """The bot's new own spec after the JSON merge patch ``body`` (RFC 7396).
+
+    Objects (``settings``, ``telegram``, ``health``) merge key by key; null removes
+    a key, and a top-level null resets the field to the fleet default.
+    """
     errors = _Errors()
     fields = _check_object(body, BOT_FIELDS, errors)
     if isinstance(body, dict) and "name" in body:
@@ -300,23 +317,20 @@ def validate_patch(current: Mapping[str, Any], body: object) -> dict[str, Any]:
         errors.add("name", "cannot be changed; create a new bot instead")
     if isinstance(body, dict) and not body:
         errors.add("", "nothing to change: give at least one field")
-    new = dict(current)
-    for key, value in fields.items():
-        if key not in BOT_FIELDS:
-            continue
-        if value is None:
-            if key in SECRET_FIELDS:
-                errors.add(key, "cannot be null; set the other credential to replace it")
-            new.pop(key, None)
-            continue
-        _check_field(key, value, errors)
-        new[key] = value
-        if key == "token":
-            new.pop("session", None)
-        elif key == "session":
-            new.pop("token", None)
-    if isinstance(body, dict) and body.get("token") is not None and body.get("session") is not None:
+    patch = {k: v for k, v in fields.items() if k in BOT_FIELDS}
+    for key in SECRET_FIELDS:
+        if key in patch and patch[key] is None:
+            errors.add(key, "cannot be null; set the other credential to replace it")
+    if patch.get("token") is not None and patch.get("session") is not None:
         errors.add("session", "give either 'token' or 'session', not both")
+    new: dict[str, Any] = merge_patch(dict(current), patch)
+    if patch.get("token") is not None:
+        new.pop("session", None)
+    elif patch.get("session") is not None:
+        new.pop("token", None)
+    for key in patch:
+        if key in new:
+            _check_field(key, new[key], errors)
     errors.raise_if_any("invalid change")
     return new
 

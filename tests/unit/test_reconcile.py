@@ -17,13 +17,17 @@ from controller.states import BotState, Trigger
 S, T = BotState, Trigger
 
 
+HEALTHY = Live(pid=10, generation=1, ready=True, alive=True)
+RENDERED = Rendered(1, True)
+
+
 def obs(
     state: BotState = S.RUNNING,
     desired: str = "running",
     generation: int = 1,
-    rendered: Rendered | None = Rendered(1, True),
+    rendered: Rendered | None = RENDERED,
     watcher: str | None = "active",
-    live: Live | None = Live(pid=10, generation=1, ready=True, alive=True),
+    live: Live | None = HEALTHY,
 ) -> Observation:
     return Observation("a", desired, state, generation, rendered, watcher, live)
 
@@ -99,7 +103,9 @@ def test_stop_request_rerenders_without_autostart() -> None:
 
 
 def test_stopping_bot_becomes_stopped_when_watcher_is_down() -> None:
-    actions = plan([obs(S.STOPPING, desired="stopped", rendered=Rendered(1, False), watcher="stopped")])
+    actions = plan(
+        [obs(S.STOPPING, desired="stopped", rendered=Rendered(1, False), watcher="stopped")]
+    )
     assert triggers(actions) == [T.STOPPED]
 
 
@@ -118,9 +124,7 @@ def test_watcher_drift_is_corrected(
 
 
 def test_stopped_bot_asked_to_run_starts() -> None:
-    actions = plan(
-        [obs(S.STOPPED, rendered=Rendered(1, False), watcher="stopped", live=None)]
-    )
+    actions = plan([obs(S.STOPPED, rendered=Rendered(1, False), watcher="stopped", live=None)])
     assert triggers(actions) == [T.START]
     assert Render("a", True) in actions
 

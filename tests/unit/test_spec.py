@@ -37,8 +37,16 @@ def test_minimal_bot() -> None:
         ({"name": "shop", "token": TOKEN, "colour": "red"}, "colour", "unknown field"),
         ({"name": "shop", "token": TOKEN, "memory_limit_mb": -5}, "memory_limit_mb", "from 128"),
         ({"name": "shop", "token": TOKEN, "memory_limit_mb": True}, "memory_limit_mb", "integer"),
-        ({"name": "shop", "token": TOKEN, "plugins": ["nosuchmod:setup"]}, "plugins[0]", "no module"),
-        ({"name": "shop", "token": TOKEN, "plugins": ["no colon"]}, "plugins[0]", "module:function"),
+        (
+            {"name": "shop", "token": TOKEN, "plugins": ["nosuchmod:setup"]},
+            "plugins[0]",
+            "no module",
+        ),
+        (
+            {"name": "shop", "token": TOKEN, "plugins": ["no colon"]},
+            "plugins[0]",
+            "module:function",
+        ),
         (
             {"name": "shop", "token": TOKEN, "plugins": ["botrunner.plugins.echo:nosuch"]},
             "plugins[0]",
@@ -46,13 +54,21 @@ def test_minimal_bot() -> None:
         ),
         ({"name": "shop", "token": TOKEN, "settings": []}, "settings", "object"),
         ({"name": "shop", "token": TOKEN, "session": "x"}, "session", "not both"),
-        ({"name": "shop", "token": TOKEN, "telegram": {"api_id": 0}}, "telegram.api_id", "positive"),
+        (
+            {"name": "shop", "token": TOKEN, "telegram": {"api_id": 0}},
+            "telegram.api_id",
+            "positive",
+        ),
         (
             {"name": "shop", "token": TOKEN, "telegram": {"server": {"host": "h"}}},
             "telegram.server.port",
             "required",
         ),
-        ({"name": "shop", "token": TOKEN, "health": {"probe_timeout_s": 0}}, "health.probe_timeout_s", "from"),
+        (
+            {"name": "shop", "token": TOKEN, "health": {"probe_timeout_s": 0}},
+            "health.probe_timeout_s",
+            "from",
+        ),
         ({"name": "shop", "token": TOKEN, "autostart": "yes"}, "autostart", "true or false"),
     ],
 )
@@ -79,10 +95,18 @@ def test_importable_plugin_passes() -> None:
     assert plugin_problem("controller.spec:validate_create") is None
 
 
-def test_patch_replaces_and_resets() -> None:
-    current = {"token": TOKEN, "settings": {"a": 1}, "memory_limit_mb": 256}
-    new = validate_patch(current, {"settings": {"greeting": "hi"}, "memory_limit_mb": None})
-    assert new == {"token": TOKEN, "settings": {"greeting": "hi"}}
+def test_patch_merges_objects_and_resets_fields() -> None:
+    current = {"token": TOKEN, "settings": {"a": 1, "b": 2}, "memory_limit_mb": 256}
+    new = validate_patch(
+        current, {"settings": {"greeting": "hi", "b": None}, "memory_limit_mb": None}
+    )
+    assert new == {"token": TOKEN, "settings": {"a": 1, "greeting": "hi"}}
+
+
+def test_patch_replaces_lists() -> None:
+    current = {"token": TOKEN, "plugins": ["controller.spec:effective"]}
+    new = validate_patch(current, {"plugins": []})
+    assert new["plugins"] == []
 
 
 @pytest.mark.parametrize(
@@ -111,7 +135,11 @@ def test_defaults_refuse_secrets() -> None:
 
 
 def test_effective_merges_bot_over_defaults_over_builtins() -> None:
-    defaults = {"memory_limit_mb": 300, "telegram": {"api_id": 5, "api_hash": "h"}, "settings": {"a": 1}}
+    defaults = {
+        "memory_limit_mb": 300,
+        "telegram": {"api_id": 5, "api_hash": "h"},
+        "settings": {"a": 1},
+    }
     own = {"token": TOKEN, "telegram": {"api_id": 7}, "settings": {"b": 2}}
     spec = effective(own, defaults)
     assert spec.api_id == 7

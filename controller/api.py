@@ -1,0 +1,411 @@
+"""HTTP: the REST API under /api/v1, problem+json errors, bearer tokens."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import secrets
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from botrunner import protocol
+from controller.errors import (
+    BadRequest,
+    FieldError,
+    InvalidSpec,
+    NotFound,
+    Problem,
+    TgfleetError,
+    Unauthorized,
+)
+from controller.fleet import Fleet
+from controller.home import Home
+from controller.openapi import OPENAPI
+from controller.spec import NAME_RE, TOPIC_RE, validate_defaults
+from controller.store import EventRow, PgStore, TokenRow
+from controller.views import metrics_text
+
+log = logging.getLogger("tgfleet.api")
+
+FLEET: web.AppKey[Fleet] = web.AppKey("fleet", Fleet)
+STORE: web.AppKey[PgStore] = web.AppKey("store", PgStore)
+HOME: web.AppKey[Home] = web.AppKey("home", Home)
+PUBLISH: web.AppKey[Callable[[str, protocol.Event], Awaitable[None]]] = web.AppKey("publish")
+
+OPEN_PATHS = frozenset({"/healthz"})
+MAX_BODY_BYTES = 256 * 1024
+MAX_LOG_LINES = 5000
+TOKEN_NAME_RE = NAME_RE
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def new_token() -> str:
+    return "tgf_" + secrets.token_urlsafe(32)
+
+
+def problem_response(problem: Problem, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(
+        status=problem.status,
+        text=json.dumps(problem.to_json()),
+        content_type="application/problem+json",
+        headers=headers,
+    )
+
+
+@web.middleware
+async def problems(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every error leaves as application/problem+json."""
+    try:
+        return await handler(request)
+    except TgfleetError as exc:
+        headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthorized) else None
+        return problem_response(
+            Problem(exc.status, exc.title, exc.detail, exc.type_, exc.errors), headers
+        )
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        detail = exc.text or exc.reason
+        if exc.status == 404:
+            detail = f"no such endpoint: {request.method} {request.path}"
+        elif exc.status == 405:
+            detail = f"{request.method} is not allowed on {request.path}"
+        return problem_response(Problem(exc.status, exc.reason, detail or exc.reason))
+
+
+@web.middleware
+async def bearer_auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if request.path in OPEN_PATHS:
+        return await handler(request)
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthorized("send 'Authorization: Bearer <token>' (see <home>/admin.token)")
+    name = await request.app[STORE].token_name(hash_token(token.strip()))
+    if name is None:
+        raise Unauthorized("the bearer token is unknown or revoked")
+    request["actor"] = f"api:{name}"
+    return await handler(request)
+
+
+async def read_json(request: web.Request) -> Any:
+    if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
+        raise BadRequest(f"the body is over {MAX_BODY_BYTES} bytes")
+    if request.content_type not in ("application/json", "application/merge-patch+json"):
+        raise BadRequest(
+            f"the body must be application/json (got {request.content_type or 'none'})"
+        )
+    raw = await request.read()
+    if len(raw) > MAX_BODY_BYTES:
+        raise BadRequest(f"the body is over {MAX_BODY_BYTES} bytes")
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BadRequest(f"the body is not valid JSON: {exc}") from exc
+
+
+def bot_name(request: web.Request) -> str:
+    name = request.match_info["name"]
+    if not NAME_RE.fullmatch(name):
+        raise NotFound(f"no bot named {name!r} (names match {NAME_RE.pattern})")
+    return name
+
+
+def int_param(request: web.Request, key: str, default: int, low: int, high: int) -> int:
+    raw = request.query.get(key)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = low - 1
+    if not low <= value <= high:
+        raise InvalidSpec(
+            f"query parameter {key!r} must be an integer from {low} to {high}",
+            [FieldError(key, f"must be an integer from {low} to {high}")],
+        )
+    return value
+
+
+def ok(body: object, status: int = 200) -> web.Response:
+    return web.json_response(body, status=status)
+
+
+# --------------------------------------------------------------------- bots
+
+
+async def list_bots(request: web.Request) -> web.Response:
+    return ok({"bots": await request.app[FLEET].list()})
+
+
+async def create_bot(request: web.Request) -> web.Response:
+    body = await read_json(request)
+    fleet = request.app[FLEET]
+    row = await fleet.create(body, request["actor"])
+    response = ok(fleet.view(row), status=201)
+    response.headers["Location"] = f"/api/v1/bots/{row.name}"
+    return response
+
+
+async def get_bot(request: web.Request) -> web.Response:
+    return ok(await request.app[FLEET].get(bot_name(request)))
+
+
+async def patch_bot(request: web.Request) -> web.Response:
+    name = bot_name(request)
+    body = await read_json(request)
+    fleet = request.app[FLEET]
+    return ok(fleet.view(await fleet.update(name, body, request["actor"])))
+
+
+async def delete_bot(request: web.Request) -> web.Response:
+    name = bot_name(request)
+    await request.app[FLEET].destroy(name, request["actor"])
+    return ok({"name": name, "state": "destroyed"})
+
+
+def lifecycle(op: str) -> Handler:
+    async def handler(request: web.Request) -> web.Response:
+        name = bot_name(request)
+        fleet = request.app[FLEET]
+        action = {"start": fleet.start, "stop": fleet.stop, "restart": fleet.restart}[op]
+        return ok(fleet.view(await action(name, request["actor"])))
+
+    return handler
+
+
+async def bot_events(request: web.Request) -> web.Response:
+    name = bot_name(request)
+    store = request.app[STORE]
+    after = int_param(request, "after", 0, 0, 2**62)
+    limit = int_param(request, "limit", 100, 1, 1000)
+    rows = await store.events(name, after, limit)
+    if not rows and after == 0:
+        # Unknown names answer 404, but a destroyed bot's history is still served.
+        await store.get_bot(name)
+    return ok({"events": [r.to_json() for r in rows]})
+
+
+async def bot_logs(request: web.Request) -> web.Response:
+    name = bot_name(request)
+    await request.app[STORE].get_bot(name)
+    stream = request.query.get("stream", "err")
+    if stream not in ("out", "err"):
+        raise InvalidSpec(
+            "query parameter 'stream' must be 'out' or 'err'",
+            [FieldError("stream", "must be 'out' or 'err'")],
+        )
+    lines = int_param(request, "lines", 100, 1, MAX_LOG_LINES)
+    path = request.app[HOME].logs_dir / f"bot-{name}.{stream}.log"
+    text = await asyncio.to_thread(tail, path, lines)
+    return ok({"name": name, "stream": stream, "path": str(path), "lines": text})
+
+
+def tail(path: Any, lines: int) -> list[str]:
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(0, 2)
+            size = handle.tell()
+            block = min(size, 256 * 1024)
+            handle.seek(size - block)
+            data = handle.read().decode("utf-8", "replace")
+    except FileNotFoundError:
+        return []
+    return data.splitlines()[-lines:]
+
+
+# ------------------------------------------------------------------- events
+
+
+async def event_stream(request: web.Request) -> web.StreamResponse:
+    """Server-sent events: every event row as it is written."""
+    queue: asyncio.Queue[EventRow] = asyncio.Queue(maxsize=1000)
+
+    def push(row: EventRow) -> None:
+        with contextlib.suppress(asyncio.QueueFull):
+            queue.put_nowait(row)
+
+    response = web.StreamResponse(
+        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+    )
+    await response.prepare(request)
+    unsubscribe = request.app[FLEET].subscribe(push)
+    try:
+        await response.write(b": tgfleet events\n\n")
+        while True:
+            try:
+                row = await asyncio.wait_for(queue.get(), timeout=15)
+            except TimeoutError:
+                await response.write(b": keepalive\n\n")
+                continue
+            payload = json.dumps(row.to_json())
+            await response.write(f"id: {row.id}\nevent: {row.kind}\ndata: {payload}\n\n".encode())
+    except (ConnectionResetError, asyncio.CancelledError):
+        pass
+    finally:
+        unsubscribe()
+    return response
+
+
+async def publish_event(request: web.Request) -> web.Response:
+    body = await read_json(request)
+    errors: list[FieldError] = []
+    if not isinstance(body, dict):
+        raise InvalidSpec("the body must be a JSON object", [FieldError("", "must be an object")])
+    for key in body:
+        if key not in ("topic", "data"):
+            errors.append(FieldError(key, "unknown field (known: topic, data)"))
+    topic = body.get("topic")
+    if not isinstance(topic, str) or not TOPIC_RE.fullmatch(topic):
+        errors.append(FieldError("topic", "is required: a name of [A-Za-z0-9_.:-], 1 to 64"))
+    if errors:
+        raise InvalidSpec("invalid event", errors)
+    data = body.get("data")
+    fleet = request.app[FLEET]
+    row = await fleet.record(None, "bus", request["actor"], str(topic), {"data": data})
+    await request.app[PUBLISH](
+        str(topic),
+        protocol.Event(
+            bot="controller",
+            pid=0,
+            generation=0,
+            ts=row.at.timestamp(),
+            topic=str(topic),
+            data=data,
+        ),
+    )
+    return ok(row.to_json(), status=201)
+
+
+# ---------------------------------------------------------- defaults, tokens
+
+
+async def get_defaults(request: web.Request) -> web.Response:
+    return ok(await request.app[STORE].get_defaults())
+
+
+async def put_defaults(request: web.Request) -> web.Response:
+    value = validate_defaults(await read_json(request))
+    store = request.app[STORE]
+    await store.set_defaults(value, request["actor"])
+    await request.app[FLEET].reconcile()
+    return ok(await store.get_defaults())
+
+
+def token_json(row: TokenRow) -> dict[str, Any]:
+    return {
+        "name": row.name,
+        "created_at": row.created_at.isoformat(),
+        "revoked_at": row.revoked_at.isoformat() if row.revoked_at else None,
+    }
+
+
+async def list_tokens(request: web.Request) -> web.Response:
+    return ok({"tokens": [token_json(r) for r in await request.app[STORE].list_tokens()]})
+
+
+async def create_token(request: web.Request) -> web.Response:
+    body = await read_json(request)
+    if not isinstance(body, dict) or set(body) - {"name"}:
+        raise InvalidSpec('the body must be {"name": …}', [FieldError("", "only 'name' is known")])
+    name = body.get("name")
+    if not isinstance(name, str) or not TOKEN_NAME_RE.fullmatch(name):
+        raise InvalidSpec("invalid token", [FieldError("name", f"must match {NAME_RE.pattern}")])
+    token = new_token()
+    row = await request.app[STORE].add_token(name, hash_token(token))
+    return ok({**token_json(row), "token": token}, status=201)
+
+
+async def revoke_token(request: web.Request) -> web.Response:
+    name = request.match_info["name"]
+    if not TOKEN_NAME_RE.fullmatch(name):
+        raise NotFound(f"no token named {name!r}")
+    return ok(token_json(await request.app[STORE].revoke_token(name)))
+
+
+# ---------------------------------------------------------------- the rest
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return ok({"status": "ok"})
+
+
+async def status(request: web.Request) -> web.Response:
+    fleet = request.app[FLEET]
+    bots = await fleet.list()
+    counts: dict[str, int] = {}
+    for bot in bots:
+        counts[bot["state"]] = counts.get(bot["state"], 0) + 1
+    return ok(
+        {
+            "bots": len(bots),
+            "states": counts,
+            "telegram_connected": sum(1 for b in bots if b["telegram"]["connected"]),
+            "controller": await asyncio.to_thread(_self_usage),
+            "reconcile_error": fleet.last_pass_error,
+        }
+    )
+
+
+def _self_usage() -> dict[str, Any]:
+    import os
+
+    import psutil
+
+    me = psutil.Process()
+    return {"pid": os.getpid(), "rss_mb": round(me.memory_info().rss / 2**20, 1)}
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return ok(OPENAPI)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    bots = await request.app[FLEET].list()
+    return web.Response(text=metrics_text(bots), content_type="text/plain", charset="utf-8")
+
+
+def build_app(
+    fleet: Fleet,
+    store: PgStore,
+    home: Home,
+    publish: Callable[[str, protocol.Event], Awaitable[None]],
+) -> web.Application:
+    app = web.Application(middlewares=[problems, bearer_auth], client_max_size=MAX_BODY_BYTES)
+    app[FLEET] = fleet
+    app[STORE] = store
+    app[HOME] = home
+    app[PUBLISH] = publish
+    r = app.router
+    r.add_get("/healthz", healthz)
+    r.add_get("/openapi.json", openapi)
+    r.add_get("/metrics", metrics)
+    r.add_get("/api/v1/openapi.json", openapi)
+    r.add_get("/api/v1/status", status)
+    r.add_get("/api/v1/bots", list_bots)
+    r.add_post("/api/v1/bots", create_bot)
+    r.add_get("/api/v1/bots/{name}", get_bot)
+    r.add_patch("/api/v1/bots/{name}", patch_bot)
+    r.add_delete("/api/v1/bots/{name}", delete_bot)
+    for op in ("start", "stop", "restart"):
+        r.add_post(f"/api/v1/bots/{{name}}/{op}", lifecycle(op))
+    r.add_get("/api/v1/bots/{name}/events", bot_events)
+    r.add_get("/api/v1/bots/{name}/logs", bot_logs)
+    r.add_get("/api/v1/events", event_stream)
+    r.add_post("/api/v1/events", publish_event)
+    r.add_get("/api/v1/defaults", get_defaults)
+    r.add_put("/api/v1/defaults", put_defaults)
+    r.add_get("/api/v1/tokens", list_tokens)
+    r.add_post("/api/v1/tokens", create_token)
+    r.add_delete("/api/v1/tokens/{name}", revoke_token)
+    return app

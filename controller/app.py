@@ -1,0 +1,144 @@
+"""`python -m controller serve`: the controller's life in three phases.
+
+startup (database, migrations, admin token, bus, circusd client, HTTP), the main
+loop (reconcile until SIGTERM), shutdown (in reverse). Signal handlers only set
+an event. Bots never notice the controller going or coming back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+
+from aiohttp import web
+
+from botrunner import protocol
+from controller.api import build_app, hash_token, new_token
+from controller.botfiles import BotFiles
+from controller.bus import BusServer
+from controller.circus import CircusClient
+from controller.errors import StoreUnavailable
+from controller.fleet import Fleet
+from controller.home import Home
+from controller.render import write_atomic
+from controller.settings import ControllerSettings, parse_hostport
+from controller.store import PgStore
+
+log = logging.getLogger("tgfleet.controller")
+
+DATABASE_WAIT_S = 60.0
+
+
+async def connect_store(dsn: str, stopping: asyncio.Event) -> PgStore:
+    """Connect, retrying while PostgreSQL is starting (it is a sibling watcher)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + DATABASE_WAIT_S
+    while True:
+        try:
+            return await PgStore.connect(dsn, timeout=5)
+        except StoreUnavailable as exc:
+            if loop.time() > deadline or stopping.is_set():
+                raise
+            log.info("waiting for PostgreSQL: %s", exc)
+            await asyncio.sleep(0.2)
+
+
+async def ensure_admin_token(home: Home, store: PgStore) -> None:
+    """The first admin token lives in <home>/admin.token (0600) and in the database."""
+    path = home.admin_token
+    if path.exists():
+        token = path.read_text(encoding="utf-8").strip()
+    else:
+        token = new_token()
+        write_atomic(path, token + "\n", 0o600)
+    await store.ensure_token("admin", hash_token(token))
+
+
+async def pump(bus: BusServer, fleet: Fleet) -> None:
+    """Hand every valid bus message to the fleet (the bus drops bad ones itself)."""
+    async for message in bus:
+        fleet.on_message(message)
+
+
+async def serve(home: Home) -> int:
+    settings = ControllerSettings.load(home)
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stopping.set)
+
+    # -- startup
+    store = await connect_store(settings.database_url, stopping)
+    applied = await store.migrate()
+    if applied:
+        log.info("applied migrations: %s", ", ".join(applied))
+    await ensure_admin_token(home, store)
+    supervisor = CircusClient(home.circus_endpoint)
+    bus = BusServer(home.bus_endpoint)
+    files = BotFiles(home, sys.executable)
+
+    def fan_out(topic: str, event: protocol.Event) -> None:
+        for name in fleet.subscribers(topic):
+            if name != event.bot:
+                bus.send(name, event)
+
+    fleet = Fleet(store, supervisor, files, publish=fan_out)
+
+    async def publish(topic: str, event: protocol.Event) -> None:
+        fan_out(topic, event)
+
+    app = build_app(fleet, store, home, publish)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    host, port = parse_hostport(settings.listen, "listen")
+    site = web.TCPSite(runner, host, port, reuse_address=True)
+    await site.start()
+    log.info("controller %d listening on http://%s:%d", os.getpid(), host, port)
+
+    watched = [
+        asyncio.create_task(pump(bus, fleet), name="bus"),
+        asyncio.create_task(fleet.run(stopping), name="reconcile"),
+    ]
+    side: list[asyncio.Task[None]] = []
+    if settings.demo:
+        from controller.demo import seed_demo
+
+        side.append(asyncio.create_task(seed_demo(home, settings, fleet), name="demo"))
+
+    # -- main loop: until a signal, or until a watched task dies (exit 1: Circus respawns us)
+    stop_wait = asyncio.create_task(stopping.wait())
+    done, _ = await asyncio.wait([stop_wait, *watched], return_when=asyncio.FIRST_COMPLETED)
+    code = 0
+    for task in done:
+        if task is not stop_wait:
+            log.error("the %s task ended unexpectedly", task.get_name(), exc_info=task.exception())
+            code = 1
+
+    # -- shutdown
+    stop_wait.cancel()
+    tasks = [*watched, *side]
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+    await runner.cleanup()
+    bus.close()
+    supervisor.close()
+    await store.close()
+    log.info("controller stopped")
+    return code
+
+
+def main(home_dir: str | None) -> int:
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    home = Home.resolve(home_dir)
+    return asyncio.run(serve(home))

@@ -1,0 +1,99 @@
+"""A bot's files on disk: its private dir, config.json (secrets) and Circus watcher file."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+from controller.home import Home
+from controller.reconcile import Rendered
+from controller.render import BotWatcher, render_watcher, write_atomic
+from controller.spec import EffectiveSpec
+
+_MARK = re.compile(r"^# tgfleet: generation=(\d+) autostart=(true|false)$", re.M)
+
+
+def runtime_config(
+    home: Home, name: str, generation: int, spec: EffectiveSpec
+) -> dict[str, object]:
+    """The bot process's config.json (docs/internals.md)."""
+    server = spec.server
+    return {
+        "name": name,
+        "generation": generation,
+        "data_dir": str(home.bot_dir(name)),
+        "bus_endpoint": home.bus_endpoint,
+        "token": spec.token,
+        "session": spec.session,
+        "plugins": list(spec.plugins),
+        "settings": dict(spec.settings),
+        "telegram": {
+            "api_id": spec.api_id,
+            "api_hash": spec.api_hash,
+            "server": None
+            if server is None
+            else {
+                "host": server.host,
+                "port": server.port,
+                "dc_id": server.dc_id,
+                "public_key": server.public_key,
+            },
+        },
+        "health": dict(spec.health),
+        "subscribe": list(spec.subscribe),
+    }
+
+
+class BotFiles:
+    """Writes, reads back and removes what a bot needs on disk."""
+
+    def __init__(self, home: Home, python: str) -> None:
+        self.home = home
+        self.python = python
+        self._rendered: dict[str, Rendered] = {}
+
+    def write(self, name: str, generation: int, spec: EffectiveSpec, autostart: bool) -> None:
+        bot_dir = self.home.bot_dir(name)
+        bot_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        bot_dir.chmod(0o700)
+        config = runtime_config(self.home, name, generation, spec)
+        write_atomic(self.home.bot_config(name), json.dumps(config, indent=2) + "\n", 0o600)
+        bot = BotWatcher(
+            name=name,
+            autostart=autostart,
+            memory_limit_mb=spec.memory_limit_mb,
+            graceful_timeout_s=spec.graceful_timeout_s,
+            generation=generation,
+        )
+        watcher = render_watcher(self.home, bot, python=self.python)
+        header = f"# tgfleet: generation={generation} autostart={str(autostart).lower()}\n"
+        write_atomic(self.home.watcher_file(name), header + watcher, 0o600)
+        self._rendered[name] = Rendered(generation, autostart)
+
+    def rendered(self, name: str) -> Rendered | None:
+        """What is on disk for this bot, read once and then remembered."""
+        if name not in self._rendered:
+            path = self.home.watcher_file(name)
+            try:
+                found = _MARK.search(path.read_text(encoding="utf-8"))
+            except FileNotFoundError:
+                return None
+            if found is None or not self.home.bot_config(name).exists():
+                return None
+            self._rendered[name] = Rendered(int(found.group(1)), found.group(2) == "true")
+        return self._rendered[name]
+
+    def on_disk(self) -> list[str]:
+        """Names of every bot with a watcher file."""
+        return sorted(p.stem for p in self.home.bots_d.glob("*.ini"))
+
+    def remove_watcher(self, name: str) -> None:
+        self.home.watcher_file(name).unlink(missing_ok=True)
+        self._rendered.pop(name, None)
+
+    def remove_private(self, name: str) -> None:
+        path: Path = self.home.bot_dir(name)
+        if path.exists():
+            shutil.rmtree(path)

@@ -1,0 +1,204 @@
+"""`tgfleet up`: render circus.ini, run circusd in the foreground, stop it in order.
+
+circusd runs as a child in its own session, so that Ctrl-C reaches this process
+only and the shutdown happens in order: the controller first (so that nothing
+reacts to bots going away), then every bot (SIGTERM, each within its
+graceful_timeout, while the sandbox is still there to say goodbye to), then
+circusd's `quit` stops PostgreSQL and the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from controller.circus import CircusClient, SupervisorError
+from controller.home import Home
+from controller.pg import prepare_embedded_pg
+from controller.render import SandboxWatcher, render_circus_ini, write_atomic
+from controller.settings import (
+    DEFAULT_SANDBOX_ADMIN,
+    DEFAULT_SANDBOX_LISTEN,
+    ControllerSettings,
+    parse_hostport,
+)
+
+API_WAIT_S = 90.0
+STOP_WAIT_S = 60.0
+
+
+class UpError(Exception):
+    """`tgfleet up` cannot start; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class UpOptions:
+    home: Home
+    listen: str
+    demo: bool
+    database_url: str | None
+    sandbox_listen: str = DEFAULT_SANDBOX_LISTEN
+    sandbox_admin: str = DEFAULT_SANDBOX_ADMIN
+
+
+def _bin(name: str) -> str:
+    """An executable next to this interpreter (the venv's circusd)."""
+    path = Path(sys.executable).parent / name
+    if not path.exists():
+        raise UpError(
+            f"{path} is missing: install tgfleet into this environment (pip install -e .)"
+        )
+    return str(path)
+
+
+async def _circus_answers(endpoint: str) -> bool:
+    client = CircusClient(endpoint, timeout_s=1.0)
+    try:
+        await client.status()
+    except SupervisorError:
+        return False
+    finally:
+        client.close()
+    return True
+
+
+def prepare(options: UpOptions) -> ControllerSettings:
+    """Everything before circusd starts: dirs, embedded PostgreSQL, circus.ini, settings."""
+    home = options.home
+    home.check_socket_paths()
+    parse_hostport(options.listen, "--listen")
+    home.make_dirs()
+    if asyncio.run(_circus_answers(home.circus_endpoint)):
+        raise UpError(
+            f"a fleet is already running in {home.root} "
+            f"(circusctl --endpoint {home.circus_endpoint} status)"
+        )
+    for stale in (home.circus_socket, home.circus_pubsub_socket, home.bus_socket):
+        stale.unlink(missing_ok=True)
+    pg = None
+    database_url = options.database_url
+    if not database_url:
+        pg = prepare_embedded_pg(home)
+        database_url = pg.dsn
+    sandbox = None
+    if options.demo:
+        parse_hostport(options.sandbox_listen, "--sandbox-listen")
+        parse_hostport(options.sandbox_admin, "--sandbox-admin")
+        sandbox = SandboxWatcher(options.sandbox_listen, options.sandbox_admin, home.sandbox_dir)
+    text = render_circus_ini(
+        home, python=sys.executable, listen=options.listen, embedded_pg=pg, sandbox=sandbox
+    )
+    write_atomic(home.circus_ini, text, 0o600)
+    write_atomic(home.circus_endpoint_file, home.circus_endpoint + "\n", 0o644)
+    settings = ControllerSettings(
+        listen=options.listen,
+        database_url=database_url,
+        demo=options.demo,
+        sandbox_listen=options.sandbox_listen if options.demo else None,
+        sandbox_admin=options.sandbox_admin if options.demo else None,
+    )
+    settings.save(home)
+    return settings
+
+
+async def ordered_stop(home: Home, say: Callable[[str], None]) -> None:
+    """Controller, then every bot, then the rest (circusd quit)."""
+    client = CircusClient(home.circus_endpoint, timeout_s=10.0)
+    try:
+        statuses = await client.status()
+        if statuses.get("controller") == "active":
+            await client.stop("controller")
+        bots = [name for name in statuses if name.startswith("bot-")]
+        for name in bots:
+            await client.stop(name)
+        deadline = time.monotonic() + STOP_WAIT_S
+        while bots and time.monotonic() < deadline:
+            statuses = await client.status()
+            bots = [b for b in bots if statuses.get(b) not in (None, "stopped")]
+            if bots:
+                await asyncio.sleep(0.1)
+        if bots:
+            say(f"bots still stopping after {STOP_WAIT_S:.0f} s: {', '.join(bots)}")
+        await client.quit()
+    except SupervisorError as exc:
+        say(f"circusd did not take the ordered stop ({exc}); it stops everything itself")
+    finally:
+        client.close()
+
+
+def run(
+    options: UpOptions, say: Callable[[str], None], on_ready: Callable[[ControllerSettings], None]
+) -> int:
+    """Run the fleet in the foreground until Ctrl-C / SIGTERM; the exit code."""
+    settings = prepare(options)
+    home = options.home
+    circusd_log = open(home.logs_dir / "circusd.log", "ab")  # noqa: SIM115 - lives as long as circusd
+    circusd = subprocess.Popen(
+        [_bin("circusd"), "--log-output", "-", str(home.circus_ini)],
+        stdout=circusd_log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        cwd=home.root,
+    )
+    stop_requested = False
+
+    def request_stop(signum: int, frame: object) -> None:
+        nonlocal stop_requested
+        if stop_requested:  # a second Ctrl-C: no more patience
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(circusd.pid, signal.SIGKILL)
+        stop_requested = True
+
+    previous = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        if _wait_for_api(settings, circusd, lambda: stop_requested):
+            on_ready(settings)
+        while not stop_requested and circusd.poll() is None:
+            time.sleep(0.2)
+        if circusd.poll() is None:
+            say("stopping: bots first, then the controller and PostgreSQL…")
+            asyncio.run(ordered_stop(home, say))
+            try:
+                circusd.wait(timeout=STOP_WAIT_S)
+            except subprocess.TimeoutExpired:
+                say("circusd did not exit in time; killing what is left")
+                os.killpg(circusd.pid, signal.SIGKILL)
+                circusd.wait()
+        else:
+            say(
+                f"circusd exited with code {circusd.returncode}; see {home.logs_dir / 'circusd.log'}"
+            )
+            return circusd.returncode or 1
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        circusd_log.close()
+    say("stopped")
+    return 0
+
+
+def _wait_for_api(
+    settings: ControllerSettings, circusd: subprocess.Popen[bytes], stopping: Callable[[], bool]
+) -> bool:
+    import urllib.error
+    import urllib.request
+
+    host, port = parse_hostport(settings.listen, "listen")
+    url = f"http://{host}:{port}/healthz"
+    deadline = time.monotonic() + API_WAIT_S
+    while time.monotonic() < deadline and not stopping() and circusd.poll() is None:
+        try:
+            with urllib.request.urlopen(url, timeout=1) as answer:
+                if answer.status == 200:
+                    return True
+        except (urllib.error.URLError, OSError):
+            time.sleep(0.1)
+    return False
