@@ -35,7 +35,8 @@ HomeOpt = Annotated[
 ]
 ApiOpt = Annotated[str | None, typer.Option("--api", help="API URL (default from the home dir).")]
 TokenOpt = Annotated[
-    str | None, typer.Option("--token", help="API token (default <home>/admin.token).")
+    str | None,
+    typer.Option("--api-token", help="API token (default $TGFLEET_TOKEN or <home>/admin.token)."),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 

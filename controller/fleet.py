@@ -62,7 +62,9 @@ class LiveProcess:
     fatal: str | None = None
     replaced_pid: int | None = None
     last_seen: float = field(default_factory=time.monotonic)
-    heartbeat: protocol.Heartbeat | None = None
+    # From the latest ready or heartbeat, whichever came last.
+    telegram: dict[str, Any] = field(default_factory=lambda: {"connected": False})
+    rss_mb: float | None = None
 
     def alive_now(self) -> bool:
         return bool(psutil.pid_exists(self.pid))
@@ -117,9 +119,18 @@ class Fleet:
             current.last_seen = now
             if isinstance(message, protocol.Ready):
                 current.ready = message.telegram.connected
+                current.telegram = {"connected": message.telegram.connected}
                 self._nudge.set()
             else:
-                current.heartbeat = message
+                health = message.telegram
+                current.telegram = {
+                    "connected": health.connected,
+                    "last_update_age_s": health.last_update_age_s,
+                    "last_error": health.last_error,
+                    "disconnected_since": health.disconnected_since,
+                    "flood_wait_until": health.flood_wait_until,
+                }
+                current.rss_mb = message.rss_mb
                 if message.telegram.connected and not current.ready:
                     current.ready = True
                     self._nudge.set()
@@ -365,17 +376,8 @@ class Fleet:
                 uptime = max(0.0, time.time() - psutil.Process(pid).create_time())
             except psutil.Error:
                 uptime = None
-            beat = live.heartbeat
-            if beat is not None:
-                rss = beat.rss_mb
-                telegram = {
-                    "connected": beat.telegram.connected,
-                    "last_update_age_s": beat.telegram.last_update_age_s,
-                    "last_error": beat.telegram.last_error,
-                    "flood_wait_until": beat.telegram.flood_wait_until,
-                }
-            else:
-                telegram = {"connected": live.ready, "last_update_age_s": None}
+            rss = live.rss_mb
+            telegram = {"last_update_age_s": None, **live.telegram}
         if row.state not in (BotState.RUNNING, BotState.STARTING):
             telegram["connected"] = False
         return {

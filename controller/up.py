@@ -2,9 +2,8 @@
 
 circusd runs as a child in its own session, so that Ctrl-C reaches this process
 only and the shutdown happens in order: the controller first (so that nothing
-reacts to bots going away), then every bot (SIGTERM, each within its
-graceful_timeout, while the sandbox is still there to say goodbye to), then
-circusd's `quit` stops PostgreSQL and the rest.
+reacts to bots going away), then circusd's `quit` sends every bot SIGTERM (each
+exits within its graceful_timeout) and stops PostgreSQL and the rest.
 """
 
 from __future__ import annotations
@@ -110,23 +109,14 @@ def prepare(options: UpOptions) -> ControllerSettings:
 
 
 async def ordered_stop(home: Home, say: Callable[[str], None]) -> None:
-    """Controller, then every bot, then the rest (circusd quit)."""
+    """The controller first, so that nothing reacts to bots going away; then circusd quits,
+    which stops every other watcher at once (bots, sandbox, PostgreSQL: bots hold no
+    database connection, and one stop command per bot would run one after the other)."""
     client = CircusClient(home.circus_endpoint, timeout_s=10.0)
     try:
         statuses = await client.status()
         if statuses.get("controller") == "active":
-            await client.stop("controller")
-        bots = [name for name in statuses if name.startswith("bot-")]
-        for name in bots:
-            await client.stop(name)
-        deadline = time.monotonic() + STOP_WAIT_S
-        while bots and time.monotonic() < deadline:
-            statuses = await client.status()
-            bots = [b for b in bots if statuses.get(b) not in (None, "stopped")]
-            if bots:
-                await asyncio.sleep(0.1)
-        if bots:
-            say(f"bots still stopping after {STOP_WAIT_S:.0f} s: {', '.join(bots)}")
+            await client.call("stop", name="controller", waiting=True)
         await client.quit()
     except SupervisorError as exc:
         say(f"circusd did not take the ordered stop ({exc}); it stops everything itself")
@@ -164,7 +154,7 @@ def run(
         while not stop_requested and circusd.poll() is None:
             time.sleep(0.2)
         if circusd.poll() is None:
-            say("stopping: bots first, then the controller and PostgreSQL…")
+            say("stopping: the controller, then every bot, the sandbox and PostgreSQL…")
             asyncio.run(ordered_stop(home, say))
             try:
                 circusd.wait(timeout=STOP_WAIT_S)

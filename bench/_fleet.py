@@ -1,0 +1,26 @@
+"""What the benchmarks share: the test harness (real `tgfleet up`, real sandbox) and figures."""
+
+from __future__ import annotations
+
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+from harness import Fleet, Sandbox, echo_spec, free_port, running_fleet, short_tmpdir, wait_for
+
+__all__ = [
+    "Fleet",
+    "Sandbox",
+    "echo_spec",
+    "free_port",
+    "median_max",
+    "running_fleet",
+    "short_tmpdir",
+    "wait_for",
+]
+
+
+def median_max(values: list[float]) -> str:
+    return f"median {statistics.median(values):.3f} s, max {max(values):.3f} s (n={len(values)})"

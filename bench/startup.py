@@ -1,0 +1,104 @@
+"""Startup figures: API create → bot running (Telegram connected), and cold `tgfleet up --demo`.
+
+Run: .venv/bin/python bench/startup.py [--bots N]
+Prints a median of N creates (goal: ≤ 1.5 s; the seed's NF5 limit: 10 s), measured
+from PostgreSQL's own timestamps of the `created` and `→ running` events, and the
+wall time from starting `tgfleet up --demo` in an empty home to every demo bot running.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import time
+from datetime import datetime
+
+from _fleet import (
+    Fleet,
+    Sandbox,
+    echo_spec,
+    free_port,
+    median_max,
+    running_fleet,
+    short_tmpdir,
+    wait_for,
+)
+
+
+def create_to_running(
+    fleet: Fleet, sandbox: Sandbox, count: int
+) -> tuple[list[float], list[float]]:
+    """Per bot: seconds from `created` to `running` (DB clock), and the bot's own startup_s."""
+    spans, walls = [], []
+    for index in range(count):
+        name = f"bench-{index}"
+        token = sandbox.create_bot(f"bench_{index}")
+        started = time.monotonic()
+        fleet.api("POST", "/api/v1/bots", echo_spec(name, token))
+        fleet.wait_state(name, "running", timeout=60)
+        walls.append(time.monotonic() - started)
+        events = fleet.api("GET", f"/api/v1/bots/{name}/events")["events"]
+        created = next(e["at"] for e in events if e["kind"] == "created")
+        running = next(e["at"] for e in events if e.get("to_state") == "running")
+        spans.append(
+            (datetime.fromisoformat(running) - datetime.fromisoformat(created)).total_seconds()
+        )
+    return spans, walls
+
+
+def cold_demo_up() -> tuple[float, float]:
+    """Seconds from `tgfleet up --demo` in an empty home to all demo bots running; then again warm."""
+    root = short_tmpdir("tgfb")
+    figures = []
+    try:
+        fleet = Fleet.create(root)
+        fleet.env = {
+            "TGFLEET_SANDBOX_LISTEN": f"127.0.0.1:{free_port()}",
+            "TGFLEET_SANDBOX_ADMIN": f"127.0.0.1:{free_port()}",
+        }
+        for _ in range(2):
+            started = time.monotonic()
+            fleet.start("--demo")
+            wait_for(
+                "the demo bots",
+                lambda: (
+                    (bots := fleet.api("GET", "/api/v1/bots")["bots"])
+                    and len(bots) == 3
+                    and all(b["state"] == "running" for b in bots)
+                ),
+                timeout=120,
+                every=0.02,
+            )
+            figures.append(time.monotonic() - started)
+            fleet.stop()
+    finally:
+        Fleet.create(root).kill_leftovers()
+        shutil.rmtree(root, ignore_errors=True)
+    return figures[0], figures[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--bots", type=int, default=10)
+    args = parser.parse_args()
+    root = short_tmpdir("tgfb")
+    sandbox = Sandbox.start(root / "sandbox")
+    try:
+        with running_fleet(root, sandbox) as fleet:
+            spans, walls = create_to_running(fleet, sandbox, args.bots)
+    finally:
+        sandbox.stop()
+        shutil.rmtree(root, ignore_errors=True)
+    cold, warm = cold_demo_up()
+    print(f"machine: {os.cpu_count()} CPUs")
+    print(f"API create → running (DB clock):      {median_max(spans)}  [goal ≤ 1.5 s median]")
+    print(f"API create → running seen by a client: {median_max(walls)}")
+    print(f"cold `tgfleet up --demo` → 3 demo bots running: {cold:.2f} s (initdb included)")
+    print(f"warm `tgfleet up --demo` → 3 demo bots running: {warm:.2f} s")
+    print(f"median create→running: {statistics.median(spans):.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,39 @@
+"""Fixtures shared by the integration tests: one sandbox and one fleet per test session."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from harness import Fleet, Sandbox, running_fleet, short_tmpdir
+
+
+@pytest.fixture(scope="session")
+def sandbox() -> Iterator[Sandbox]:
+    root = short_tmpdir("tgfs")
+    box = Sandbox.start(root / "sandbox")
+    try:
+        yield box
+    finally:
+        box.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def fleet(sandbox: Sandbox) -> Iterator[Fleet]:
+    """A running `tgfleet up` (embedded PostgreSQL) whose default Telegram is the sandbox."""
+    root = short_tmpdir("tgff")
+    try:
+        with running_fleet(root, sandbox) as running:
+            yield running
+            leftovers = running.leftovers()
+        assert running.proc is not None and running.proc.returncode == 0, running.log_text()
+        assert not running.leftovers(), leftovers
+    finally:
+        shutil.rmtree(root, ignore_errors=True)

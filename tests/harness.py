@@ -1,0 +1,323 @@
+"""Starting and stopping the real thing for tests: `tgfleet up`, the sandbox, their clients."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import psutil
+
+from controller.client import ApiClient, ApiError, ApiUnreachable
+from controller.home import Home
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+T = TypeVar("T")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def short_tmpdir(prefix: str) -> Path:
+    """A temp dir with a short path: unix socket paths are limited to 107 bytes."""
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    path.chmod(0o755)  # the embedded PostgreSQL's own user must traverse it when we are root
+    return path
+
+
+def wait_for(
+    what: str, check: Callable[[], T | None], timeout: float = 30.0, every: float = 0.05
+) -> T:
+    """Poll ``check`` until it returns something truthy; fail with ``what`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    last: object = None
+    while time.monotonic() < deadline:
+        try:
+            value = check()
+        except (ApiError, ApiUnreachable, OSError) as exc:
+            value, last = None, exc
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what} (last: {last!r})")
+
+
+def descendants(pid: int) -> list[psutil.Process]:
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def kill_tree(proc: subprocess.Popen[bytes], sig: int = signal.SIGKILL) -> None:
+    for child in descendants(proc.pid):
+        with contextlib.suppress(psutil.Error):
+            child.send_signal(sig)
+    with contextlib.suppress(ProcessLookupError):
+        proc.send_signal(sig)
+
+
+@dataclass
+class Sandbox:
+    """The local Telegram, as a process of its own."""
+
+    data: Path
+    port: int
+    admin_port: int
+    proc: subprocess.Popen[bytes]
+
+    @classmethod
+    def start(cls, data: Path) -> Sandbox:
+        port, admin_port = free_port(), free_port()
+        log = open(data.parent / "sandbox.log", "ab")  # noqa: SIM115 - closed with the process
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "controller.sandbox",
+                "serve",
+                "--listen",
+                f"127.0.0.1:{port}",
+                "--admin-listen",
+                f"127.0.0.1:{admin_port}",
+                "--data",
+                str(data),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        log.close()
+        sandbox = cls(data, port, admin_port, proc)
+        wait_for(
+            "the sandbox's public key",
+            lambda: (data / "public.pem").exists() and sandbox.admin_ready(),
+        )
+        return sandbox
+
+    def admin_ready(self) -> bool:
+        with (
+            contextlib.suppress(OSError),
+            socket.create_connection(("127.0.0.1", self.admin_port), 0.5),
+        ):
+            return True
+        return False
+
+    @property
+    def admin(self) -> str:
+        return f"127.0.0.1:{self.admin_port}"
+
+    @property
+    def public_key(self) -> str:
+        return (self.data / "public.pem").read_text()
+
+    def telegram_defaults(self) -> dict[str, Any]:
+        return {
+            "api_id": 1,
+            "api_hash": "sandbox",
+            "server": {
+                "host": "127.0.0.1",
+                "port": self.port,
+                "dc_id": 2,
+                "public_key": self.public_key,
+            },
+        }
+
+    def cli(self, *args: str) -> str:
+        done = subprocess.run(
+            [str(BIN / "tgfleet"), "sandbox", *args, "--admin", self.admin],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        return done.stdout.strip()
+
+    def create_bot(self, name: str) -> str:
+        """A new sandbox bot; its token."""
+        return self.cli("bot", "create", name)
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@dataclass
+class Fleet:
+    """`tgfleet up` in a temp home on free ports, and clients to drive it."""
+
+    home: Home
+    listen: str
+    proc: subprocess.Popen[bytes] | None = None
+    output: Path | None = None
+    env: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def create(cls, root: Path) -> Fleet:
+        return cls(Home(root / "home"), f"127.0.0.1:{free_port()}")
+
+    def start(self, *extra: str) -> Fleet:
+        self.output = self.home.root.parent / "up.log"
+        env = {**os.environ, **self.env}
+        env.pop("TGFLEET_HOME", None)
+        with open(self.output, "ab") as log:
+            self.proc = subprocess.Popen(
+                [
+                    str(BIN / "tgfleet"),
+                    "up",
+                    "--home",
+                    str(self.home.root),
+                    "--listen",
+                    self.listen,
+                    *extra,
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+            )
+        wait_for("the API", self.healthy, timeout=90)
+        return self
+
+    def healthy(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise AssertionError(
+                f"tgfleet up exited with {self.proc.returncode}: {self.log_text()}"
+            )
+        try:
+            self.client().request("GET", "/healthz")
+        except OSError:
+            return False
+        except Exception:  # ApiUnreachable while the controller starts
+            return False
+        return True
+
+    def log_text(self) -> str:
+        return self.output.read_text(errors="replace") if self.output else ""
+
+    def client(self, token: str | None = None) -> ApiClient:
+        if token is None and self.home.admin_token.exists():
+            token = self.home.admin_token.read_text().strip()
+        return ApiClient(f"http://{self.listen}", token, timeout_s=60)
+
+    def api(self, method: str, path: str, body: object | None = None) -> Any:
+        return self.client().request(method, path, body)
+
+    def bot(self, name: str) -> dict[str, Any]:
+        result: dict[str, Any] = self.api("GET", f"/api/v1/bots/{name}")
+        return result
+
+    def wait_state(self, name: str, state: str, timeout: float = 30.0) -> dict[str, Any]:
+        def check() -> dict[str, Any] | None:
+            bot = self.bot(name)
+            return bot if bot["state"] == state and (state != "running" or bot["pid"]) else None
+
+        return wait_for(f"{name} to be {state}", check, timeout)
+
+    def circusctl(self, *args: str) -> str:
+        done = subprocess.run(
+            [
+                str(BIN / "circusctl"),
+                "--endpoint",
+                self.home.circus_endpoint,
+                "--timeout",
+                "10",
+                *args,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        )
+        return done.stdout
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        env = {**os.environ, "TGFLEET_HOME": str(self.home.root)}
+        done = subprocess.run(
+            [str(BIN / "tgfleet"), *args], capture_output=True, text=True, timeout=60, env=env
+        )
+        if check and done.returncode != 0:
+            raise AssertionError(
+                f"tgfleet {' '.join(args)} exited {done.returncode}: {done.stderr}"
+            )
+        return done
+
+    def processes(self) -> list[psutil.Process]:
+        return descendants(self.proc.pid) if self.proc else []
+
+    def stop(self, timeout: float = 60.0) -> int:
+        """Ctrl-C, as a user would; the exit code. Kills what is left if it hangs."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                kill_tree(self.proc)
+                self.proc.wait()
+                raise AssertionError(
+                    f"tgfleet up did not stop in {timeout} s: {self.log_text()}"
+                ) from None
+        return self.proc.returncode
+
+    def leftovers(self) -> list[str]:
+        """Processes of this fleet still alive (matched by the home path on their command line)."""
+        found = []
+        for proc in psutil.process_iter(["pid", "cmdline"]):
+            cmdline = " ".join(proc.info["cmdline"] or [])
+            if str(self.home.root) in cmdline:
+                found.append(f"{proc.info['pid']}: {cmdline}")
+        return found
+
+    def kill_leftovers(self) -> None:
+        for proc in psutil.process_iter(["cmdline"]):
+            if str(self.home.root) in " ".join(proc.info["cmdline"] or []):
+                with contextlib.suppress(psutil.Error):
+                    proc.kill()
+
+
+@contextlib.contextmanager
+def running_fleet(root: Path, sandbox: Sandbox | None, *extra: str) -> Iterator[Fleet]:
+    fleet = Fleet.create(root)
+    try:
+        fleet.start(*extra)
+        if sandbox is not None:
+            fleet.api("PUT", "/api/v1/defaults", {"telegram": sandbox.telegram_defaults()})
+        yield fleet
+    finally:
+        if fleet.proc is not None:
+            try:
+                fleet.stop()
+            finally:
+                fleet.kill_leftovers()
+
+
+def echo_spec(name: str, token: str, **settings: Any) -> dict[str, Any]:
+    return {
+        "name": name,
+        "token": token,
+        "plugins": ["botrunner.plugins.echo:setup"],
+        "settings": settings,
+    }
+
+
+def dump(obj: object) -> str:
+    return json.dumps(obj, indent=2, default=str)

@@ -1,0 +1,270 @@
+"""The spine, end to end: `tgfleet up`, real circusd, embedded PostgreSQL, real bots on the sandbox."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import urllib.error
+import urllib.request
+from itertools import count
+from typing import Any
+
+import psutil
+import pytest
+from harness import Fleet, Sandbox, echo_spec, wait_for
+
+from controller.client import ApiClient, ApiError
+
+pytestmark = pytest.mark.integration
+
+_names = count(1)
+
+
+def new_bot(fleet: Fleet, sandbox: Sandbox, prefix: str, **settings: Any) -> str:
+    name = f"{prefix}-{next(_names)}"
+    token = sandbox.create_bot(name.replace("-", "_"))
+    fleet.api("POST", "/api/v1/bots", echo_spec(name, token, **settings))
+    fleet.wait_state(name, "running")
+    return name
+
+
+def username(name: str) -> str:
+    return name.replace("-", "_") + "_bot"
+
+
+def ask(sandbox: Sandbox, name: str, text: str) -> str:
+    return sandbox.cli("send", username(name), text, "--user", "alice", "--wait", "20")
+
+
+def pids(fleet: Fleet) -> dict[str, int]:
+    return {b["name"]: b["pid"] for b in fleet.api("GET", "/api/v1/bots")["bots"] if b["pid"]}
+
+
+def circus_status(fleet: Fleet) -> dict[str, str]:
+    lines = fleet.circusctl("status").splitlines()
+    return dict(line.split(": ", 1) for line in lines if ": " in line)
+
+
+def test_create_runs_a_real_bot_that_answers(fleet: Fleet, sandbox: Sandbox) -> None:
+    token = sandbox.create_bot("shop")
+    done = fleet.cli(
+        "bots", "create", "shop", "--token", token, "--plugin", "botrunner.plugins.echo:setup"
+    )
+    assert "created shop" in done.stdout
+    bot = fleet.wait_state("shop", "running")
+    assert bot["telegram"]["connected"] is True
+    assert psutil.Process(bot["pid"]).cmdline()[1:3] == ["-m", "botrunner"]
+
+    listing = fleet.cli("bots", "list").stdout.splitlines()
+    assert listing[0].split() == ["NAME", "STATE", "PID", "UPTIME", "RESTARTS", "RSS", "TELEGRAM"]
+    row = next(line.split() for line in listing if line.startswith("shop "))
+    assert row[1:3] == ["running", str(bot["pid"])]
+    assert row[-1] == "yes"
+
+    status = circus_status(fleet)
+    assert {"controller", "postgres", "bot-shop"} <= set(status)
+    assert status["bot-shop"] == "active"
+
+    assert ask(sandbox, "shop", "hello there") == "hello there"
+    # The token is a secret: never in the API's answer nor in the watcher file.
+    assert token not in str(fleet.bot("shop"))
+    assert token not in fleet.home.watcher_file("shop").read_text()
+    assert oct(fleet.home.bot_config("shop").stat().st_mode & 0o777) == "0o600"
+    assert oct(fleet.home.bot_dir("shop").stat().st_mode & 0o777) == "0o700"
+
+
+def test_kill_9_respawns_that_bot_alone(fleet: Fleet, sandbox: Sandbox) -> None:
+    victim = new_bot(fleet, sandbox, "victim")
+    other = new_bot(fleet, sandbox, "bystander")
+    before = pids(fleet)
+    os.kill(before[victim], signal.SIGKILL)
+
+    bot = wait_for(
+        "the victim back with a new pid",
+        lambda: (
+            (b := fleet.bot(victim))["state"] == "running"
+            and b["pid"] not in (None, before[victim])
+            and b
+        ),
+    )
+    assert bot["restarts"] >= 1
+    after = pids(fleet)
+    assert {n: p for n, p in after.items() if n != victim} == {
+        n: p for n, p in before.items() if n != victim
+    }
+    assert after[other] == before[other]
+    assert ask(sandbox, victim, "still here?") == "still here?"
+
+
+def test_update_restarts_that_bot_alone(fleet: Fleet, sandbox: Sandbox) -> None:
+    name = new_bot(fleet, sandbox, "greeter")
+    new_bot(fleet, sandbox, "quiet")
+    before = pids(fleet)
+    fleet.cli("bots", "update", name, "--setting", "greeting=hi")
+    bot = wait_for(
+        "the updated bot running anew",
+        lambda: (b := fleet.bot(name))["state"] == "running" and b["pid"] != before[name] and b,
+    )
+    assert bot["spec"]["settings"] == {"greeting": "hi"}
+    after = pids(fleet)
+    assert {n: p for n, p in after.items() if n != name} == {
+        n: p for n, p in before.items() if n != name
+    }
+    assert ask(sandbox, name, "there") == "hi there"
+
+
+def test_stop_start_restart_destroy(fleet: Fleet, sandbox: Sandbox) -> None:
+    name = new_bot(fleet, sandbox, "cycle")
+    first = fleet.bot(name)["pid"]
+
+    fleet.cli("bots", "stop", name)
+    stopped = fleet.wait_state(name, "stopped")
+    assert stopped["pid"] is None
+    assert not psutil.pid_exists(first) or psutil.Process(first).status() == psutil.STATUS_ZOMBIE
+    assert circus_status(fleet)[f"bot-{name}"] == "stopped"
+
+    fleet.cli("bots", "start", name)
+    second = fleet.wait_state(name, "running")["pid"]
+    assert second != first
+
+    fleet.cli("bots", "restart", name)
+    third = wait_for(
+        "a new pid after restart",
+        lambda: (
+            (b := fleet.bot(name))["state"] == "running" and b["pid"] not in (None, second) and b
+        ),
+    )["pid"]
+    assert third != second
+
+    fleet.cli("bots", "destroy", name)
+    with pytest.raises(ApiError) as missing:
+        fleet.bot(name)
+    assert missing.value.status == 404
+    assert not fleet.home.watcher_file(name).exists()
+    assert not fleet.home.bot_dir(name).exists()
+    assert f"bot-{name}" not in circus_status(fleet)
+    assert not psutil.pid_exists(third) or psutil.Process(third).status() == psutil.STATUS_ZOMBIE
+    history = fleet.api("GET", f"/api/v1/bots/{name}/events")["events"]
+    states = [e["to_state"] for e in history if e["kind"] == "transition"]
+    assert states[-3:] == ["stopping", "stopped", "destroyed"]
+    assert {"created", "desired"} <= {e["kind"] for e in history}
+
+
+def test_rejected_token_fails_without_respawn_loop(fleet: Fleet, sandbox: Sandbox) -> None:
+    fleet.api("POST", "/api/v1/bots", echo_spec("forged", "4242:not-a-real-token"))
+    bot = fleet.wait_state("forged", "failed")
+    assert "ACCESS_TOKEN_INVALID" in bot["reason"]
+    wait_for("its watcher stopped", lambda: circus_status(fleet)["bot-forged"] == "stopped")
+    events = fleet.api("GET", "/api/v1/bots/forged/events")["events"]
+    assert any("ACCESS_TOKEN_INVALID" in e["reason"] for e in events)
+    # Give a respawn loop every chance to show itself: the state stays, no process runs.
+    wait_for(
+        "three reconcile passes", lambda: fleet.api("GET", "/api/v1/status") and True, timeout=5
+    )
+    again = fleet.bot("forged")
+    assert again["state"] == "failed" and again["pid"] is None and again["restarts"] == 0
+
+
+def test_controller_kill_9_touches_no_bot(fleet: Fleet, sandbox: Sandbox) -> None:
+    new_bot(fleet, sandbox, "steady")
+    before = pids(fleet)
+    controller = fleet.api("GET", "/api/v1/status")["controller"]["pid"]
+    os.kill(controller, signal.SIGKILL)
+    wait_for(
+        "a new controller",
+        lambda: (s := fleet.api("GET", "/api/v1/status"))["controller"]["pid"] != controller and s,
+        timeout=60,
+    )
+    # It converges on the same state: every bot running, same pids, no restart counted.
+    bots = wait_for(
+        "every bot seen again",
+        lambda: (
+            (bs := fleet.api("GET", "/api/v1/bots")["bots"])
+            and all(b["pid"] for b in bs if b["state"] == "running")
+            and bs
+        ),
+    )
+    assert {b["name"]: b["pid"] for b in bots if b["pid"]} == before
+
+
+BAD_REQUESTS = [
+    ("POST", "/api/v1/bots", {"name": "Bad Name", "token": "1:a"}, 422, "name"),
+    ("POST", "/api/v1/bots", {"name": "extra", "token": "1:a", "colour": "red"}, 422, "colour"),
+    ("POST", "/api/v1/bots", {"name": "notoken"}, 422, "token"),
+    (
+        "POST",
+        "/api/v1/bots",
+        {"name": "noplug", "token": "1:a", "plugins": ["no.such.module:setup"]},
+        422,
+        "plugins[0]",
+    ),
+    (
+        "POST",
+        "/api/v1/bots",
+        {"name": "negative", "token": "1:a", "memory_limit_mb": -1},
+        422,
+        "memory_limit_mb",
+    ),
+    ("PATCH", "/api/v1/bots/ghost", {"settings": {}}, 404, None),
+    ("POST", "/api/v1/bots/ghost/start", None, 404, None),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "body", "status", "field"), BAD_REQUESTS)
+def test_bad_input_gets_a_problem_and_changes_nothing(
+    fleet: Fleet, method: str, path: str, body: object, status: int, field: str | None
+) -> None:
+    before_bots = fleet.api("GET", "/api/v1/bots")["bots"]
+    before_files = sorted(p.name for p in fleet.home.bots_d.iterdir())
+    with pytest.raises(ApiError) as refused:
+        fleet.api(method, path, body)
+    assert refused.value.status == status
+    problem = refused.value.problem
+    assert problem["status"] == status and problem["title"] and problem["detail"]
+    if field is not None:
+        assert field in {e["field"] for e in problem["errors"]}, problem
+    assert [b["name"] for b in fleet.api("GET", "/api/v1/bots")["bots"]] == [
+        b["name"] for b in before_bots
+    ]
+    assert sorted(p.name for p in fleet.home.bots_d.iterdir()) == before_files
+
+
+def test_taken_name_malformed_json_and_auth(fleet: Fleet, sandbox: Sandbox) -> None:
+    name = new_bot(fleet, sandbox, "taken")
+    pid = fleet.bot(name)["pid"]
+    with pytest.raises(ApiError) as taken:
+        fleet.api("POST", "/api/v1/bots", echo_spec(name, "1:other"))
+    assert taken.value.status == 409 and name in taken.value.problem["detail"]
+    assert fleet.bot(name)["pid"] == pid
+
+    request = urllib.request.Request(
+        f"http://{fleet.listen}/api/v1/bots",
+        data=b'{"name": "broken",',
+        method="POST",
+        headers={
+            "Content-Type": "application/json",
+            "Authorization": f"Bearer {fleet.client().token}",
+        },
+    )
+    with pytest.raises(urllib.error.HTTPError) as malformed:
+        urllib.request.urlopen(request, timeout=10)
+    with malformed.value as answer:
+        assert answer.code == 400
+        assert answer.headers.get_content_type() == "application/problem+json"
+        assert "not valid JSON" in json.loads(answer.read())["detail"]
+
+    for token in (None, "tgf_wrong"):
+        with pytest.raises(ApiError) as denied:
+            ApiClient(f"http://{fleet.listen}", token).request("GET", "/api/v1/bots")
+        assert denied.value.status == 401
+    with pytest.raises(ApiError):
+        fleet.api("GET", "/api/v1/bots/broken")
+
+
+def test_cli_reports_bad_input_precisely(fleet: Fleet) -> None:
+    done = fleet.cli("bots", "create", "Nope", "--token", "x", check=False)
+    assert done.returncode == 1
+    assert "name: must match" in done.stderr and "token:" in done.stderr
+    done = fleet.cli("bots", "update", "ghost", "--setting", "novalue", check=False)
+    assert done.returncode == 2 and "key=value" in done.stderr
