@@ -77,6 +77,7 @@ async def test_reloadconfig_touches_only_changed_watchers(
         "LANG": "C.UTF-8",
         "MALLOC_ARENA_MAX": "2",
         "PYTHONUNBUFFERED": "1",
+        "TGFLEET_GENERATION": "0",
     }
     assert keep.cwd() == str(home.bot_dir("keep"))
     # umask 077: the control socket (0700: x means nothing on a socket) and logs are private

@@ -105,7 +105,14 @@ def _set(raw: dict[str, Any], path: str, value: Any) -> None:
         raw[last] = value
 
 
-_DELETE = object()
+class _Delete:
+    """Marks a key to remove from the config (its repr names it in test ids)."""
+
+    def __repr__(self) -> str:
+        return "<deleted>"
+
+
+_DELETE = _Delete()
 
 BAD: list[tuple[str, Any, str]] = [
     ("name", "Shop", "name: must match"),
