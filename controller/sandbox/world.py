@@ -29,6 +29,10 @@ TEST_PHONE_RE = re.compile(r"^99966([1-5])(\d{4})$")
 UpdateListener = Callable[[int, list[UpdateRow]], None]
 
 
+# Telethon reads a saved pts of 0 as "no update state yet" and skips getDifference,
+# so a bot that never received anything would miss what came while it was down.
+INITIAL_PTS = 1
+
 class WorldError(Exception):
     """Base of the world's precise errors."""
 
@@ -146,12 +150,12 @@ class World:
             phone=account.phone,
             first_name=account.first_name,
             secret=account.secret,
-            pts=0,
+            pts=INITIAL_PTS,
             last_msg_id=0,
         )
         self._store.insert_account(row, self._clock())
         self._index(account)
-        self._pts[account.id] = 0
+        self._pts[account.id] = INITIAL_PTS
         self._last_msg[account.id] = 0
         return account
 

@@ -73,6 +73,27 @@ async def test_restarted_bot_catches_up_from_its_session_file(
     )
 
 
+async def test_a_bot_that_never_received_anything_still_catches_up(
+    tg: Sandbox, admin: AdminClient, tmp_path: Path, clients: list[TelegramClient]
+) -> None:
+    """A new account's pts is not 0, which Telethon would read as "no saved state"."""
+    bot = await admin.create_bot("newcomer")
+    session = str(tmp_path / "newcomer.session")
+    first = make_client(tg.port, session, catch_up=True)
+    clients.append(first)
+    await asyncio.wait_for(first.start(bot_token=bot.token), 20)  # type: ignore[arg-type]
+    await first.disconnect()
+    clients.remove(first)
+
+    await admin.send_as_user("hana", "newcomer_bot", "sent while down")
+
+    second = make_client(tg.port, session, catch_up=True)
+    clients.append(second)
+    missed = record_texts(second)
+    await asyncio.wait_for(second.start(bot_token=bot.token), 20)  # type: ignore[arg-type]
+    await eventually(lambda: missed == ["sent while down"], timeout=20, what="the missed message")
+
+
 async def test_get_difference_returns_exactly_what_follows_a_pts(
     admin: AdminClient, bot_client: ClientFactory
 ) -> None:
