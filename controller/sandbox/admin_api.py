@@ -7,10 +7,12 @@
     POST   /api/v1/users/{user}/messages    {to, text[, reply_to]} a simulated user sends
     GET    /api/v1/users/{user}/messages    ?peer=&after_id=&direction=in|out|all&wait=&limit=
     GET    /api/v1/faults                   standing faults
-    POST   /api/v1/faults        {target, kind[, ms][, seconds]}
+    POST   /api/v1/faults        {target, kind[, ms][, seconds][, scope]}
     DELETE /api/v1/faults/{target}          clear a target's faults
 
 A fault target is ``all``, a bot's name (or username), or ``user:<name or phone>``.
+A blackhole's ``scope`` is ``all`` (standing: new connections too) or ``live`` (only the
+connections open now, until they close or a clear; not listed as standing).
 """
 
 from __future__ import annotations
@@ -269,10 +271,13 @@ def _faults_json(server: SandboxServer) -> dict[str, Any]:
     for target, faults in server.faults.listing().items():
         name = target if isinstance(target, str) else _target_name(server, target)
         for fault in faults:
-            out.append(
-                {"target": name, "kind": fault.kind.value, "ms": fault.ms, "seconds": fault.seconds}
-            )
+            out.append({"target": name, **_fault_fields(fault)})
     return {"faults": out}
+
+
+def _fault_fields(fault: Fault) -> dict[str, Any]:
+    scope = fault.scope.value if fault.scope is not None else None
+    return {"kind": fault.kind.value, "ms": fault.ms, "seconds": fault.seconds, "scope": scope}
 
 
 def _target_name(server: SandboxServer, account_id: int) -> str:
@@ -286,13 +291,13 @@ async def list_faults(request: web.Request) -> web.Response:
 
 async def set_fault(request: web.Request) -> web.Response:
     server = _server(request)
-    body = await _json_object(request, {"target", "kind", "ms", "seconds"})
+    body = await _json_object(request, {"target", "kind", "ms", "seconds", "scope"})
     errors: dict[str, str] = {}
     target_name = _string_field(body, "target", errors)
     kind = _string_field(body, "kind", errors)
     if errors:
         raise Problem(422, "Invalid input", "a fault needs a target and a kind", errors)
-    fault = Fault.parse(kind, body.get("ms"), body.get("seconds"))
+    fault = Fault.parse(kind, body.get("ms"), body.get("seconds"), body.get("scope"))
     try:
         target = _fault_target(server, target_name)
     except AccountNotFound as exc:
@@ -300,15 +305,7 @@ async def set_fault(request: web.Request) -> web.Response:
             422, "Invalid input", str(exc), {"target": "all, a bot name, or user:<name>"}
         ) from None
     hit = await server.apply_fault(target, fault)
-    return web.json_response(
-        {
-            "target": target_name,
-            "kind": fault.kind.value,
-            "ms": fault.ms,
-            "seconds": fault.seconds,
-            "connections": hit,
-        }
-    )
+    return web.json_response({"target": target_name, **_fault_fields(fault), "connections": hit})
 
 
 async def clear_fault(request: web.Request) -> web.Response:

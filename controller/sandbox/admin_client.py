@@ -192,13 +192,22 @@ class AdminClient:
             await asyncio.sleep(0)
 
     async def set_fault(
-        self, target: str, kind: str, *, ms: int | None = None, seconds: int | None = None
+        self,
+        target: str,
+        kind: str,
+        *,
+        ms: int | None = None,
+        seconds: int | None = None,
+        scope: str | None = None,
     ) -> dict[str, Any]:
+        """Inject a fault; ``scope="live"`` blackholes only the connections open now."""
         body: dict[str, Any] = {"target": target, "kind": kind}
         if ms is not None:
             body["ms"] = ms
         if seconds is not None:
             body["seconds"] = seconds
+        if scope is not None:
+            body["scope"] = scope
         result: dict[str, Any] = await self._request("POST", "/api/v1/faults", json=body)
         return result
 

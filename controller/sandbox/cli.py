@@ -164,11 +164,21 @@ def fault(
     seconds: Annotated[
         int | None, typer.Option("--seconds", help="FloodWait seconds (flood).")
     ] = None,
+    live: Annotated[
+        bool,
+        typer.Option(
+            "--live", help="Blackhole only the connections open now; new ones are served."
+        ),
+    ] = False,
     admin: AdminOpt = DEFAULT_ADMIN,
 ) -> None:
     """Inject (or clear) a fault on a bot's connections."""
-    result = _with_admin(admin, lambda a: a.set_fault(name, kind, ms=ms, seconds=seconds))
-    print(f"{result['kind']} on {result['target']} ({result['connections']} live connection(s))")
+    scope = "live" if live else None
+    result = _with_admin(
+        admin, lambda a: a.set_fault(name, kind, ms=ms, seconds=seconds, scope=scope)
+    )
+    what = f"{result['kind']} (live)" if result.get("scope") == "live" else result["kind"]
+    print(f"{what} on {result['target']} ({result['connections']} live connection(s))")
 
 
 @app.command("send")

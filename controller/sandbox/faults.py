@@ -4,7 +4,10 @@ Faults are set per target (``all`` or one account id) and act on the real connec
 (see ``server``): ``refuse`` closes new connections, ``blackhole`` swallows everything,
 ``delay`` holds every answer, ``flood`` answers sendMessage with FLOOD_WAIT, ``revoke``
 makes the account's keys and token invalid. ``close`` is a one-shot action, ``clear``
-removes faults. All live in memory: a sandbox restart clears them.
+removes faults. A ``blackhole`` with scope ``live`` is one-shot too: it silences the
+connections open now (a TCP connection that died silently) and leaves new ones alone;
+the server marks those connections, so it never stands on the board.
+All live in memory: a sandbox restart clears them.
 """
 
 from __future__ import annotations
@@ -25,6 +28,13 @@ class FaultKind(enum.StrEnum):
     FLOOD = "flood"
     REVOKE = "revoke"
     CLEAR = "clear"
+
+
+class Scope(enum.StrEnum):
+    """Which connections a blackhole swallows: every one, new ones too, or those open now."""
+
+    ALL = "all"
+    LIVE = "live"
 
 
 # Kinds that stay in force until cleared (close and clear are actions).
@@ -50,10 +60,19 @@ class Fault:
     kind: FaultKind
     ms: int | None = None
     seconds: int | None = None
+    scope: Scope | None = None
+
+    @property
+    def live(self) -> bool:
+        """A blackhole of the connections open now only (an action, never standing)."""
+        return self.kind is FaultKind.BLACKHOLE and self.scope is Scope.LIVE
 
     @classmethod
-    def parse(cls, kind: str, ms: object = None, seconds: object = None) -> Fault:
-        """Validate a fault request (kind, and ms for delay / seconds for flood only)."""
+    def parse(
+        cls, kind: str, ms: object = None, seconds: object = None, scope: object = None
+    ) -> Fault:
+        """Validate a fault request (kind; ms for delay, seconds for flood, scope for
+        blackhole only; a blackhole's scope defaults to ``all``)."""
         errors: dict[str, str] = {}
         try:
             fault_kind = FaultKind(kind)
@@ -70,12 +89,23 @@ class Fault:
                 errors["seconds"] = f"flood needs seconds, an integer from 1 to {MAX_FLOOD_S}"
         elif seconds is not None:
             errors["seconds"] = "only the flood fault takes seconds"
+        fault_scope: Scope | None = None
+        if fault_kind is FaultKind.BLACKHOLE:
+            if scope is None:
+                fault_scope = Scope.ALL
+            elif isinstance(scope, str) and scope in {s.value for s in Scope}:
+                fault_scope = Scope(scope)
+            else:
+                errors["scope"] = f"one of {', '.join(s.value for s in Scope)}"
+        elif scope is not None:
+            errors["scope"] = "only the blackhole fault takes scope"
         if errors:
             raise InvalidFault(errors)
         return cls(
             fault_kind,
             ms if fault_kind is FaultKind.DELAY else None,  # type: ignore[arg-type]
             seconds if fault_kind is FaultKind.FLOOD else None,  # type: ignore[arg-type]
+            fault_scope,
         )
 
 
@@ -103,7 +133,7 @@ class FaultBoard:
     def set(self, target: str | int, fault: Fault) -> None:
         if fault.kind is FaultKind.CLEAR:
             self.clear(target)
-        elif fault.kind in STANDING:
+        elif fault.kind in STANDING and not fault.live:
             self._faults.setdefault(target, {})[fault.kind] = fault
 
     def clear(self, target: str | int) -> None:

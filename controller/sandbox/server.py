@@ -15,7 +15,7 @@ import os
 import struct
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -112,6 +112,8 @@ class Connection:
         self._out: asyncio.Queue[tuple[float, bytes] | None] = asyncio.Queue()
         self._writer_task: asyncio.Task[None] | None = None
         self.closing = False
+        # Targets whose live blackhole silenced this connection (until it closes or a clear).
+        self.blackholed_by: set[str | int] = set()
 
     @property
     def account_id(self) -> int | None:
@@ -120,7 +122,10 @@ class Connection:
         return self.server.world.key_account(self.key.key_id)
 
     def effect(self) -> Effect:
-        return self.server.faults.effect(self.account_id)
+        effect = self.server.faults.effect(self.account_id)
+        if self.blackholed_by and not effect.blackhole:
+            return replace(effect, blackhole=True)
+        return effect
 
     def describe(self) -> str:
         account = self.account_id
@@ -492,12 +497,18 @@ class SandboxServer:
     # faults
 
     async def apply_fault(self, target: str | int, fault: Fault) -> int:
-        """Set or clear a fault; ``close`` closes live connections. Returns connections hit."""
+        """Set or clear a fault; ``close`` closes live connections and a live ``blackhole``
+        silences them (new ones are served). Returns connections hit."""
         hit = [c for c in self.connections if target == ALL or c.account_id == target]
         if fault.kind is FaultKind.CLOSE:
             for conn in hit:
                 conn.close()
             log.info("fault close on %s: closed %d connection(s)", target, len(hit))
+            return len(hit)
+        if fault.live:
+            for conn in hit:
+                conn.blackholed_by.add(target)
+            log.info("fault blackhole (live) on %s: %d connection(s)", target, len(hit))
             return len(hit)
         if fault.kind is FaultKind.CLEAR:
             await self.clear_faults(target)
@@ -509,7 +520,13 @@ class SandboxServer:
         return len(hit)
 
     async def clear_faults(self, target: str | int) -> None:
+        """Clear a target's faults, live blackholes included (``all``: every fault)."""
         self.faults.clear(target)
+        for conn in self.connections:
+            if target == ALL:
+                conn.blackholed_by.clear()
+            else:
+                conn.blackholed_by.discard(target)
         log.info("faults cleared on %s", target)
         if self._refusing and not self.faults.effect(None).refuse:
             await self._listen()

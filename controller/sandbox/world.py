@@ -33,6 +33,7 @@ UpdateListener = Callable[[int, list[UpdateRow]], None]
 # so a bot that never received anything would miss what came while it was down.
 INITIAL_PTS = 1
 
+
 class WorldError(Exception):
     """Base of the world's precise errors."""
 

@@ -8,7 +8,9 @@ import time
 import pytest
 from telethon import TelegramClient, errors, events, functions, types
 from telethon.sessions import StringSession
+from typer.testing import CliRunner
 
+from controller.sandbox import cli
 from controller.sandbox.admin_client import AdminClient, AdminError
 from controller.sandbox.service import Sandbox
 
@@ -116,6 +118,76 @@ async def test_blackhole_keeps_the_socket_and_answers_nothing(
     assert (await asyncio.wait_for(get_self(client), 10)).id == bot.id
 
 
+async def test_live_blackhole_silences_open_connections_and_serves_new_ones(
+    tg: Sandbox, admin: AdminClient, bot_client: ClientFactory
+) -> None:
+    bot = await admin.create_bot("ghost")
+    client = await bot_client(bot.token)
+    result = await admin.set_fault("ghost", "blackhole", scope="live")
+    assert (result["kind"], result["scope"], result["connections"]) == ("blackhole", "live", 1)
+    assert await admin.faults() == []  # applied to the open connections, nothing standing
+
+    # The TCP connection died silently: the in-flight request never gets an answer.
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(get_self(client), 1.5)
+    assert client.is_connected() and bot_connections(tg, bot.id) == 1
+
+    # A fresh login with the same token works at once, and gets its updates pushed.
+    fresh = await bot_client(bot.token)
+    assert (await asyncio.wait_for(get_self(fresh), 5)).id == bot.id
+    sender = await first_sender(fresh)
+    await admin.send_as_user("erin", "ghost_bot", "anyone?")
+    await asyncio.wait_for(sender, 10)
+    # ... while the silenced connection stays silent.
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(get_self(client), 1.0)
+
+    # The same client on a new connection (same auth key) is served again.
+    await asyncio.wait_for(client.disconnect(), 5)
+    await asyncio.wait_for(client.connect(), 5)
+    assert (await asyncio.wait_for(get_self(client), 5)).id == bot.id
+
+
+async def test_clear_lifts_a_live_blackhole_on_the_same_connection(
+    tg: Sandbox, admin: AdminClient, bot_client: ClientFactory
+) -> None:
+    one, two = await admin.create_bot("mute1"), await admin.create_bot("mute2")
+    first, second = await bot_client(one.token), await bot_client(two.token)
+    result = await admin.set_fault("all", "blackhole", scope="live")
+    assert result["connections"] == len(tg.server.connections) >= 2
+    for client in (first, second):
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(get_self(client), 1.0)
+
+    # Clearing one bot leaves the live blackhole set on "all" in place; clearing "all" lifts it.
+    await admin.clear_fault("mute1")
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(get_self(first), 1.0)
+    await admin.set_fault("all", "clear")
+    assert (await asyncio.wait_for(get_self(first), 10)).id == one.id
+    assert (await asyncio.wait_for(get_self(second), 10)).id == two.id
+
+
+async def test_cli_fault_live_blackholes_the_open_connections(
+    tg: Sandbox, admin: AdminClient, bot_client: ClientFactory
+) -> None:
+    bot = await admin.create_bot("cli-ghost")
+    client = await bot_client(bot.token)
+    args = ["fault", "cli-ghost", "blackhole", "--live", "--admin", tg.admin_url]
+    outcome = await asyncio.to_thread(CliRunner().invoke, cli.app, args)
+    assert outcome.exit_code == 0, outcome.output
+    assert "blackhole (live) on cli-ghost (1 live connection(s))" in outcome.output
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(get_self(client), 1.0)
+    assert await admin.faults() == []
+
+    # --live is for blackhole only: refused, and nothing set.
+    args = ["fault", "cli-ghost", "refuse", "--live", "--admin", tg.admin_url]
+    outcome = await asyncio.to_thread(CliRunner().invoke, cli.app, args)
+    assert outcome.exit_code == 1
+    assert await admin.faults() == []
+
+
 async def test_delay_holds_every_answer(admin: AdminClient, bot_client: ClientFactory) -> None:
     bot = await admin.create_bot("slow")
     client = await bot_client(bot.token)
@@ -193,10 +265,34 @@ async def test_fault_requests_are_validated_and_change_nothing(
         ({"target": "target", "kind": "refuse", "ms": 10}, "ms"),
         ({"target": "nobody", "kind": "refuse"}, "target"),
         ({"kind": "refuse"}, "target"),
+        ({"target": "target", "kind": "blackhole", "scope": "dead"}, "scope"),
+        ({"target": "target", "kind": "blackhole", "scope": ["live"]}, "scope"),
+        ({"target": "target", "kind": "blackhole", "scope": ""}, "scope"),
+        ({"target": "target", "kind": "refuse", "scope": "live"}, "scope"),
+        ({"target": "target", "kind": "delay", "ms": 10, "scope": "all"}, "scope"),
+        ({"target": "target", "kind": "clear", "scope": "live"}, "scope"),
+        ({"target": "nobody", "kind": "blackhole", "scope": "live"}, "target"),
     ]
     for body, field in cases:
         with pytest.raises(AdminError) as caught:
             await admin._request("POST", "/api/v1/faults", json=body)
         assert caught.value.status == 422, body
         assert field in caught.value.errors, body
+    assert await admin.faults() == []
+
+
+async def test_a_rejected_live_blackhole_leaves_the_connections_alone(
+    admin: AdminClient, bot_client: ClientFactory
+) -> None:
+    bot = await admin.create_bot("steady")
+    client = await bot_client(bot.token)
+    for body in (
+        {"target": "steady", "kind": "blackhole", "scope": "LIVE"},
+        {"target": "steady", "kind": "blackhole", "scope": "live", "ms": 5},
+        {"target": "steady", "kind": "blackhole", "scope": "live", "colour": "red"},
+    ):
+        with pytest.raises(AdminError) as caught:
+            await admin._request("POST", "/api/v1/faults", json=body)
+        assert caught.value.status == 422, body
+    assert (await asyncio.wait_for(get_self(client), 5)).id == bot.id
     assert await admin.faults() == []

@@ -13,7 +13,15 @@ from telethon.crypto import AuthKey as TelethonAuthKey
 from controller.sandbox import envelope
 from controller.sandbox.crypto import DH_G, DH_PRIME, AuthKey, ige_decrypt, ige_encrypt
 from controller.sandbox.envelope import EnvelopeError, Item, MsgIdClock
-from controller.sandbox.faults import ALL, Effect, Fault, FaultBoard, FaultKind, InvalidFault
+from controller.sandbox.faults import (
+    ALL,
+    Effect,
+    Fault,
+    FaultBoard,
+    FaultKind,
+    InvalidFault,
+    Scope,
+)
 from controller.sandbox.handshake import _is_prime
 from controller.sandbox.transport import (
     AbridgedCodec,
@@ -135,6 +143,39 @@ def test_fault_parse(kind: str, ms: object, seconds: object, bad: str | None) ->
         with pytest.raises(InvalidFault) as caught:
             Fault.parse(kind, ms, seconds)
         assert bad in caught.value.errors
+
+
+@pytest.mark.parametrize(
+    ("kind", "scope", "expected", "bad"),
+    [
+        ("blackhole", None, Scope.ALL, None),
+        ("blackhole", "all", Scope.ALL, None),
+        ("blackhole", "live", Scope.LIVE, None),
+        ("blackhole", "now", None, "scope"),
+        ("blackhole", 1, None, "scope"),
+        ("refuse", "live", None, "scope"),
+        ("delay", None, None, None),
+    ],
+)
+def test_fault_parse_scope(
+    kind: str, scope: object, expected: Scope | None, bad: str | None
+) -> None:
+    ms = 5 if kind == "delay" else None
+    if bad is None:
+        fault = Fault.parse(kind, ms, None, scope)
+        assert fault.scope is expected and fault.live == (expected is Scope.LIVE)
+    else:
+        with pytest.raises(InvalidFault) as caught:
+            Fault.parse(kind, ms, None, scope)
+        assert set(caught.value.errors) == {bad}
+
+
+def test_a_live_blackhole_never_stands() -> None:
+    board = FaultBoard()
+    board.set(7, Fault.parse("blackhole", scope="live"))
+    assert board.listing() == {} and board.effect(7) == Effect()
+    board.set(7, Fault.parse("blackhole"))
+    assert board.effect(7) == Effect(blackhole=True)
 
 
 def test_fault_board_effects() -> None:
