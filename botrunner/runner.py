@@ -40,6 +40,8 @@ from botrunner.telegram import (
     ensure_data_dir,
     open_session,
     pending_flood_wait_until,
+    save_update_state,
+    update_state,
 )
 
 log = logging.getLogger(__name__)
@@ -194,6 +196,7 @@ class Runner:
             ),
         )
         self._side.start("telegram-keeper", self._keep_logged_in(self.login))
+        self._side.start("checkpoint", self._checkpoint_loop(self.client))
         startup_s = round(procinfo.process_age_s(self.started_monotonic), 3)
         await self._deliver(
             protocol.Ready(**self.sender.envelope(), telegram=me, startup_s=startup_s),
@@ -249,6 +252,18 @@ class Runner:
             handler_errors=self.counters.handler_errors,
             fatal=self.fatal,
         )
+
+    async def _checkpoint_loop(self, client: TelegramClient) -> None:
+        """Save how far updates were handled, every heartbeat interval, when no handler
+        runs: a bot restarted after a crash then catches up on exactly what it had not
+        handled (a handler that was running when it died gets its update again)."""
+        saved: Any = None  # the first pass saves at once: a new session has none on disk
+        while True:
+            state = update_state(client)
+            if state != saved and not self.counters.running:
+                await save_update_state(client)
+                saved = state
+            await asyncio.sleep(self.config.health.heartbeat_interval_s)
 
     async def _receive_loop(self, bus: BusClient, host: PluginHost) -> None:
         while True:

@@ -285,5 +285,21 @@ class Login:
             await self._sleep(delay)
 
 
+def update_state(client: TelegramClient) -> Any:
+    """Telethon's current update state (pts and friends), cheap to read and compare."""
+    return client._message_box.session_state()
+
+
+async def save_update_state(client: TelegramClient) -> None:
+    """Write the update state to the session now.
+
+    Telethon does this on a clean disconnect and once a minute; a bot killed in
+    between would then miss, after its restart, every message it had not saved.
+    Private Telethon API (the version is pinned in pyproject.toml).
+    """
+    await client._save_states_and_entities()
+    client.session.save()
+
+
 def ensure_data_dir(path: Path) -> None:
     path.mkdir(mode=0o700, parents=True, exist_ok=True)

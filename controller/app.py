@@ -13,16 +13,18 @@ import logging
 import os
 import signal
 import sys
+from typing import Any
 
+import aiohttp
 from aiohttp import web
 
 from botrunner import protocol
 from controller.api import build_app, hash_token, new_token
 from controller.botfiles import BotFiles
 from controller.bus import BusServer
-from controller.circus import CircusClient
+from controller.circus import CircusClient, watch_events
 from controller.errors import StoreUnavailable
-from controller.fleet import Fleet
+from controller.fleet import Fleet, Webhook
 from controller.home import Home
 from controller.render import write_atomic
 from controller.settings import ControllerSettings, parse_hostport
@@ -64,6 +66,33 @@ async def pump(bus: BusServer, fleet: Fleet) -> None:
         fleet.on_message(message)
 
 
+async def watch_circus(home: Home, fleet: Fleet) -> None:
+    """Hand circusd's spawn/reap events of bot watchers to the fleet (exact exit times)."""
+    async for event in watch_events(home.circus_pubsub_endpoint, prefix="watcher.bot-"):
+        fleet.on_circus_event(event)
+
+
+def webhook_poster(settings: ControllerSettings) -> Webhook | None:
+    """POST a JSON body to the admin webhook, if one is configured."""
+    url = settings.webhook_url
+    if not url:
+        return None
+
+    async def post(body: dict[str, Any]) -> None:
+        timeout = aiohttp.ClientTimeout(total=10)
+        try:
+            async with (
+                aiohttp.ClientSession(timeout=timeout) as session,
+                session.post(url, json=body) as answer,
+            ):
+                if answer.status >= 400:
+                    log.warning("webhook %s answered %d", url, answer.status)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            log.warning("webhook %s failed: %s", url, exc)
+
+    return post
+
+
 async def serve(home: Home) -> int:
     settings = ControllerSettings.load(home)
     stopping = asyncio.Event()
@@ -86,7 +115,8 @@ async def serve(home: Home) -> int:
             if name != event.bot:
                 bus.send(name, event)
 
-    fleet = Fleet(store, supervisor, files, publish=fan_out)
+    fleet = Fleet(store, supervisor, files, publish=fan_out, webhook=webhook_poster(settings))
+    await fleet.load()
 
     async def publish(topic: str, event: protocol.Event) -> None:
         fan_out(topic, event)
@@ -101,6 +131,7 @@ async def serve(home: Home) -> int:
 
     watched = [
         asyncio.create_task(pump(bus, fleet), name="bus"),
+        asyncio.create_task(watch_circus(home, fleet), name="circus events"),
         asyncio.create_task(fleet.run(stopping), name="reconcile"),
     ]
     side: list[asyncio.Task[None]] = []
@@ -127,6 +158,7 @@ async def serve(home: Home) -> int:
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await task
     await runner.cleanup()
+    await fleet.close()
     bus.close()
     supervisor.close()
     await store.close()

@@ -10,7 +10,7 @@ from pathlib import Path
 from controller.home import Home
 from controller.reconcile import Rendered
 from controller.render import BotWatcher, render_watcher, write_atomic
-from controller.spec import EffectiveSpec
+from controller.spec import BOT_HEALTH_KEYS, EffectiveSpec
 
 _MARK = re.compile(r"^# tgfleet: generation=(\d+) autostart=(true|false)$", re.M)
 
@@ -41,7 +41,7 @@ def runtime_config(
                 "public_key": server.public_key,
             },
         },
-        "health": dict(spec.health),
+        "health": {k: spec.health[k] for k in BOT_HEALTH_KEYS if k in spec.health},
         "subscribe": list(spec.subscribe),
     }
 

@@ -13,7 +13,7 @@ import itertools
 import json
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -94,6 +94,9 @@ class Supervisor(Protocol):
 
     async def restart(self, name: str) -> None:
         """Stop then start the watcher ``name``."""
+
+    async def kill(self, name: str) -> None:
+        """SIGKILL the watcher's processes; Circus respawns them (for hung processes)."""
 
     async def status(self) -> dict[str, str]:
         """Every watcher's status: ``active``, ``stopped``, ``stopping``, ``starting``."""
@@ -200,6 +203,9 @@ class CircusClient:
     async def restart(self, name: str) -> None:
         await self.call("restart", name=name, match="simple")
 
+    async def kill(self, name: str) -> None:
+        await self.call("signal", name=name, signum=9)
+
     async def status(self) -> dict[str, str]:
         answer = await self.call("status")
         statuses = answer.get("statuses", {})
@@ -247,6 +253,46 @@ class CircusClient:
     async def quit(self) -> None:
         """Stop every watcher and circusd itself (answers before it is done)."""
         await self.call("quit")
+
+
+@dataclass(frozen=True)
+class WatcherEvent:
+    """One event circusd publishes: ``watcher.<name>.<event>`` and its JSON body."""
+
+    watcher: str
+    event: str  # spawn, reap, kill, start, stop, …
+    body: Mapping[str, Any]
+
+
+async def watch_events(
+    endpoint: str, prefix: str = "watcher.", context: zmq.asyncio.Context | None = None
+) -> AsyncIterator[WatcherEvent]:
+    """circusd's pub/sub events whose topic starts with ``prefix``, forever.
+
+    ZeroMQ reconnects by itself when circusd comes back; frames that are not
+    circus events are skipped.
+    """
+    ctx = context if context is not None else zmq.asyncio.Context.instance()
+    socket = ctx.socket(zmq.SUB)
+    socket.setsockopt(zmq.LINGER, 0)
+    socket.setsockopt(zmq.SUBSCRIBE, prefix.encode())
+    socket.connect(endpoint)
+    try:
+        while True:
+            frames = await socket.recv_multipart()
+            if len(frames) != 2:
+                continue
+            parts = frames[0].decode("utf-8", "replace").split(".")
+            if len(parts) < 3 or parts[0] != "watcher":
+                continue
+            try:
+                body = json.loads(frames[1])
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                continue
+            if isinstance(body, dict):
+                yield WatcherEvent(".".join(parts[1:-1]), parts[-1], body)
+    finally:
+        socket.close()
 
 
 # -- the fake -------------------------------------------------------------------
@@ -358,6 +404,12 @@ class FakeSupervisor:
         watcher = self._get("restart", name)
         watcher.state = "active"
         watcher.pids = self._spawn("active")
+
+    async def kill(self, name: str) -> None:
+        self._record("kill", name)
+        watcher = self._get("kill", name)
+        if watcher.state == "active":  # circusd respawns what it killed
+            watcher.pids = self._spawn("active")
 
     async def status(self) -> dict[str, str]:
         self._record("status")

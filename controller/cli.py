@@ -152,6 +152,7 @@ def up(
             database_url=os.environ.get("TGFLEET_DATABASE_URL") or None,
             sandbox_listen=os.environ.get("TGFLEET_SANDBOX_LISTEN", DEFAULT_SANDBOX_LISTEN),
             sandbox_admin=os.environ.get("TGFLEET_SANDBOX_ADMIN", DEFAULT_SANDBOX_ADMIN),
+            webhook_url=os.environ.get("TGFLEET_WEBHOOK_URL") or None,
         )
 
         def on_ready(settings: ControllerSettings) -> None:

@@ -10,17 +10,31 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
+import asyncpg
 import psutil
 
 from botrunner import protocol
 from controller.botfiles import BotFiles
-from controller.circus import Supervisor, SupervisorError, WatcherNotFound
-from controller.errors import SupervisorUnavailable
+from controller.circus import Supervisor, SupervisorError, WatcherEvent, WatcherNotFound
+from controller.errors import SupervisorUnavailable, TgfleetError
+from controller.health import (
+    Exit,
+    Fail,
+    FailureKind,
+    HealthPolicy,
+    HealthRecord,
+    Note,
+    Restart,
+    Vitals,
+    assess,
+)
 from controller.reconcile import (
     Action,
     Live,
@@ -32,6 +46,7 @@ from controller.reconcile import (
     StopWatcher,
     Transition,
     plan,
+    should_run,
 )
 from controller.spec import (
     check_runnable,
@@ -46,6 +61,20 @@ from controller.store import BotRow, EventRow, PgStore
 log = logging.getLogger("tgfleet.fleet")
 
 RECONCILE_INTERVAL_S = 1.0
+#: A heartbeat later than this many intervals counts as missed.
+MISSED_HEARTBEAT_FACTOR = 2.0
+#: Exits this long after the controller stopped or restarted a bot are its own doing.
+EXPECTED_EXIT_MARGIN_S = 5.0
+#: What a pass can run into and survive: the next pass tries again.
+PASS_ERRORS = (
+    SupervisorError,
+    TgfleetError,
+    OSError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+)
+
+Webhook = Callable[[dict[str, Any]], Awaitable[None]]
 
 
 def watcher_name(bot: str) -> str:
@@ -60,11 +89,27 @@ class LiveProcess:
     generation: int
     ready: bool = False
     fatal: str | None = None
+    fatal_kind: str | None = None
     replaced_pid: int | None = None
     last_seen: float = field(default_factory=time.monotonic)
     # From the latest ready or heartbeat, whichever came last.
     telegram: dict[str, Any] = field(default_factory=lambda: {"connected": False})
     rss_mb: float | None = None
+    last_beat_at: float | None = None  # wall time of the last ready/heartbeat
+    last_beat_mono: float | None = None
+    heartbeats_missed: int = 0
+    max_gap_s: float = 0.0
+
+    def beat(self, interval_s: float) -> None:
+        """A ready or heartbeat arrived: count a gap longer than expected as missed beats."""
+        now = time.monotonic()
+        if self.last_beat_mono is not None:
+            gap = now - self.last_beat_mono
+            self.max_gap_s = max(self.max_gap_s, gap)
+            if gap > interval_s * MISSED_HEARTBEAT_FACTOR:
+                self.heartbeats_missed += max(1, int(gap / interval_s) - 1)
+        self.last_beat_mono = now
+        self.last_beat_at = time.time()
 
     def alive_now(self) -> bool:
         return bool(psutil.pid_exists(self.pid))
@@ -91,6 +136,7 @@ class Fleet:
         files: BotFiles,
         *,
         publish: Callable[[str, protocol.Event], None] | None = None,
+        webhook: Webhook | None = None,
     ) -> None:
         self.store = store
         self.supervisor = supervisor
@@ -100,8 +146,45 @@ class Fleet:
         self._nudge = asyncio.Event()
         self._listeners: set[EventListener] = set()
         self._publish = publish
+        self._webhook = webhook
+        self._tasks: set[asyncio.Task[None]] = set()
         self.last_pass_error: str | None = None
         self._subscriptions: dict[str, tuple[str, ...]] = {}
+        # Health: records (also in PostgreSQL), policies, and what circusd told us.
+        self.health: dict[str, HealthRecord] = {}
+        self._saved_health: dict[str, HealthRecord] = {}
+        self._policies: dict[str, HealthPolicy] = {}
+        self._intervals: dict[str, float] = {}
+        self._exits: dict[str, list[Exit]] = {}
+        self._expect_exit_until: dict[str, float] = {}
+        self._spawned_at: dict[str, float] = {}
+        self._started_at = time.time()
+
+    async def load(self) -> None:
+        """Read what must survive a controller restart (health records, backoffs)."""
+        for name, raw in (await self.store.load_health()).items():
+            record = HealthRecord.from_json(raw)
+            self.health[name] = self._saved_health[name] = record
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    def _spawn_task(self, coro: Awaitable[None], name: str) -> None:
+        """A background task owned by the fleet (awaited or cancelled in close)."""
+
+        async def run() -> None:
+            try:
+                await coro
+            except PASS_ERRORS as exc:
+                log.warning("%s failed: %s", name, exc)
+
+        task = asyncio.get_running_loop().create_task(run(), name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     # ----------------------------------------------------------- the bus side
 
@@ -117,6 +200,7 @@ class Fleet:
                 self._nudge.set()
             current.generation = message.generation
             current.last_seen = now
+            current.beat(self._intervals.get(message.bot, 2.0))
             if isinstance(message, protocol.Ready):
                 current.ready = message.telegram.connected
                 current.telegram = {"connected": message.telegram.connected}
@@ -136,16 +220,45 @@ class Fleet:
                     self._nudge.set()
                 if message.fatal is not None and current.fatal is None:
                     current.fatal = message.fatal.error
+                    current.fatal_kind = message.fatal.kind
                     self._nudge.set()
         elif isinstance(message, protocol.Fatal):
             if current is None or current.pid != message.pid:
                 current = LiveProcess(message.pid, message.generation)
                 self.live[message.bot] = current
             current.fatal = message.error
+            current.fatal_kind = message.kind
             current.last_seen = now
             self._nudge.set()
         elif isinstance(message, protocol.Event):
-            asyncio.get_running_loop().create_task(self._bus_event(message))
+            self._spawn_task(self._bus_event(message), f"bus event from {message.bot}")
+
+    def on_circus_event(self, event: WatcherEvent) -> None:
+        """circusd saw a bot's process spawn or end (its pub/sub channel)."""
+        if not event.watcher.startswith("bot-"):
+            return
+        name = event.watcher.removeprefix("bot-")
+        raw_pid, raw_time = event.body.get("process_pid"), event.body.get("time")
+        pid = raw_pid if isinstance(raw_pid, int) else 0
+        at = float(raw_time) if isinstance(raw_time, int | float) else time.time()
+        if event.event == "spawn":
+            self._spawned_at[name] = at
+        elif event.event == "reap":
+            raw_code = event.body.get("exit_code")
+            code = raw_code if isinstance(raw_code, int) else -1
+            expected = self._expect_exit_until.get(name, 0.0) > time.monotonic()
+            if code != 0 and not expected:
+                self._exits.setdefault(name, []).append(Exit(at, pid, code))
+                log.info("%s: process %d exited with code %d", name, pid, code)
+            live = self.live.get(name)
+            if live is not None and live.pid == pid:
+                live.telegram = {**live.telegram, "connected": False}
+            self._nudge.set()
+
+    def _expect_exit(self, name: str, within_s: float = 10.0) -> None:
+        """The controller is about to stop or restart this bot: its exit is no crash."""
+        until = time.monotonic() + within_s + EXPECTED_EXIT_MARGIN_S
+        self._expect_exit_until[name] = max(self._expect_exit_until.get(name, 0.0), until)
 
     async def _bus_event(self, message: protocol.Event) -> None:
         row = await self.store.add_event(
@@ -184,9 +297,9 @@ class Fleet:
             try:
                 await self.reconcile()
                 self.last_pass_error = None
-            except (SupervisorError, OSError) as exc:
-                self.last_pass_error = str(exc)
-                log.warning("reconcile pass failed: %s", exc)
+            except PASS_ERRORS as exc:
+                self.last_pass_error = str(exc) or type(exc).__name__
+                log.warning("reconcile pass failed: %s", self.last_pass_error)
             self._nudge.clear()
             waiters = [asyncio.ensure_future(e.wait()) for e in (self._nudge, stopping)]
             try:
@@ -204,7 +317,15 @@ class Fleet:
     async def _reconcile_locked(self) -> None:
         rows = await self.store.list_bots()
         defaults = await self.store.get_defaults()
-        self._subscriptions = {row.name: effective(row.spec, defaults).subscribe for row in rows}
+        specs = {row.name: effective(row.spec, defaults) for row in rows}
+        self._subscriptions = {name: spec.subscribe for name, spec in specs.items()}
+        self._policies = {
+            name: HealthPolicy.from_settings(spec.health) for name, spec in specs.items()
+        }
+        self._intervals = {
+            name: float(spec.health.get("heartbeat_interval_s") or 2.0)
+            for name, spec in specs.items()
+        }
         try:
             status = await self.supervisor.status()
         except SupervisorError as exc:
@@ -216,6 +337,8 @@ class Fleet:
         actions = plan(observations, orphans)
         if actions:
             await self._apply(actions, {row.name: row for row in rows})
+            rows = await self.store.list_bots()
+        await self._check_health(rows, status)
 
     def _observe(self, row: BotRow, status: Mapping[str, str]) -> Observation:
         live = self.live.get(row.name)
@@ -233,7 +356,18 @@ class Fleet:
         defaults: dict[str, Any] | None = None
         for action in actions:
             if isinstance(action, Transition):
-                await self._transition(action.name, action.trigger, action.reason, "reconciler")
+                data: dict[str, Any] = {}
+                if action.trigger is Trigger.FAIL:
+                    live = self.live.get(action.name)
+                    fatal_kind = live.fatal_kind if live is not None else None
+                    data = {
+                        "failure": "plugin" if fatal_kind == "plugin" else FailureKind.AUTH.value
+                    }
+                await self._transition(
+                    action.name, action.trigger, action.reason, "reconciler", data
+                )
+                if action.trigger is Trigger.FAIL:
+                    await self._failed(action.name, str(data["failure"]), action.reason)
                 if action.counts_restart:
                     await self.store.count_restart(action.name)
                 if action.trigger in (Trigger.RESPAWN, Trigger.START):
@@ -247,16 +381,100 @@ class Fleet:
                     defaults = await self.store.get_defaults()
                 row = rows[action.name]
                 spec = effective(row.spec, defaults)
+                if self.files.rendered(row.name) is not None:
+                    self._expect_exit(row.name, spec.graceful_timeout_s)  # reload restarts it
                 self.files.write(row.name, row.generation, spec, action.autostart)
             elif isinstance(action, StartWatcher):
                 await self.supervisor.start(watcher_name(action.name))
             elif isinstance(action, StopWatcher):
+                self._expect_exit(action.name)
                 await self.supervisor.stop(watcher_name(action.name))
             elif isinstance(action, RemoveOrphan):
                 log.info("removing files of %s, which has no bot row", action.name)
                 self.files.remove_watcher(action.name)
             elif isinstance(action, Reload):
                 await self.supervisor.reloadconfig()
+
+    async def _check_health(self, rows: list[BotRow], status: Mapping[str, str]) -> None:
+        """Assess every bot that should be running; act; keep the records."""
+        now = time.time()
+        for row in rows:
+            exits = tuple(self._exits.pop(row.name, ()))
+            if row.state not in (BotState.STARTING, BotState.RUNNING) or not should_run(
+                row.desired, row.state
+            ):
+                continue
+            live = self.live.get(row.name)
+            telegram = live.telegram if live is not None else {}
+            since = max(
+                self._spawned_at.get(row.name, 0.0), self._started_at, row.state_since.timestamp()
+            )
+            vitals = Vitals(
+                name=row.name,
+                process_up=status.get(watcher_name(row.name)) == "active",
+                since=since,
+                last_heartbeat_at=live.last_beat_at if live is not None else None,
+                connected=bool(telegram.get("connected")),
+                disconnected_since=telegram.get("disconnected_since"),
+                rss_mb=live.rss_mb if live is not None else None,
+                flood_wait_until=telegram.get("flood_wait_until"),
+                exits=exits,
+            )
+            policy = self._policies.get(row.name, HealthPolicy())
+            record = self.health.get(row.name, HealthRecord())
+            record, actions = assess(vitals, record, policy, now, random.uniform(-0.2, 0.2))
+            self.health[row.name] = record
+            for action in actions:
+                await self._apply_health(action)
+            if self._saved_health.get(row.name) != record:
+                await self.store.save_health(row.name, record.to_json())
+                self._saved_health[row.name] = record
+
+    async def _apply_health(self, action: Note | Restart | Fail) -> None:
+        if isinstance(action, Note):
+            await self.record(
+                action.name,
+                "health",
+                "health",
+                action.reason,
+                {"failure": action.kind, **action.data},
+            )
+        elif isinstance(action, Restart):
+            name = action.name
+            self._expect_exit(name)
+            self.live.pop(name, None)
+            reason = f"{action.kind}: {action.reason}"
+            row = await self.store.get_bot(name)
+            if can(row.state, Trigger.RESPAWN):
+                await self._transition(
+                    name, Trigger.RESPAWN, reason, "health", {"failure": action.kind}
+                )
+                await self.store.count_restart(name)
+            self._spawned_at[name] = time.time()
+            if action.kill:
+                await self.supervisor.kill(watcher_name(name))
+            else:
+                await self.supervisor.restart(watcher_name(name))
+        elif isinstance(action, Fail):
+            row = await self.store.get_bot(action.name)
+            if can(row.state, Trigger.FAIL):
+                await self._transition(
+                    action.name, Trigger.FAIL, action.reason, "health", {"failure": action.kind}
+                )
+                await self._failed(action.name, action.kind, action.reason)
+            self._nudge.set()  # the next pass stops its watcher
+
+    async def _failed(self, name: str, kind: str, reason: str) -> None:
+        """A bot is given up on: remember why, tell the admin webhook."""
+        now = time.time()
+        record = self.health.get(name, HealthRecord())
+        self.health[name] = HealthRecord(
+            last_kind=kind, last_reason=reason, last_at=now, exits=record.exits
+        )
+        self._expect_exit(name)
+        if self._webhook is not None:
+            body = {"bot": name, "state": "failed", "failure": kind, "reason": reason, "at": now}
+            self._spawn_task(self._webhook(body), f"webhook for {name}")
 
     async def _transition(
         self,
@@ -301,6 +519,11 @@ class Fleet:
                 await self.store.set_desired(name, "running", actor, "start requested")
             if row.state is BotState.FAILED:
                 self.live.pop(name, None)
+                last = self.health.get(name, HealthRecord())
+                # A new start is a new streak: no backoff, no exits counted against it.
+                self.health[name] = HealthRecord(
+                    last_kind=last.last_kind, last_reason=last.last_reason, last_at=last.last_at
+                )
                 await self._transition(name, Trigger.START, "start requested", actor)
         await self._reconcile_quietly()
         return await self.store.get_bot(name)
@@ -324,6 +547,7 @@ class Fleet:
         async with self._lock:
             row = await self.store.get_bot(name)
             if can(row.state, Trigger.RESPAWN):
+                self._expect_exit(name)
                 # Not loaded yet: the pass below renders and starts it.
                 with contextlib.suppress(WatcherNotFound):
                     await self.supervisor.restart(watcher_name(name))
@@ -342,6 +566,7 @@ class Fleet:
             if can(row.state, Trigger.STOP):
                 row = await self._transition(name, Trigger.STOP, "destroy requested", actor)
             status = await self.supervisor.status()
+            self._expect_exit(name)
             if status.get(watcher_name(name)) == "active":
                 await self.supervisor.stop(watcher_name(name))
             self.files.remove_watcher(name)
@@ -350,6 +575,8 @@ class Fleet:
                 await self._transition(name, Trigger.STOPPED, "process stopped", actor)
             self.files.remove_private(name)
             self.live.pop(name, None)
+            self.health.pop(name, None)
+            self._saved_health.pop(name, None)
             await self.store.delete_bot(name, actor, "destroy requested")
             events = await self.store.recent_events(name, 1)
             if events:
@@ -383,6 +610,7 @@ class Fleet:
         return {
             "name": row.name,
             "state": row.state.value,
+            "health": self._health_view(row, live),
             "desired": row.desired,
             "since": row.state_since.isoformat(),
             "reason": row.state_reason,
@@ -394,6 +622,47 @@ class Fleet:
             "generation": row.generation,
             "watcher": watcher_name(row.name),
             "spec": public_view(row.spec),
+        }
+
+    def _health_view(self, row: BotRow, live: LiveProcess | None) -> dict[str, Any]:
+        record = self.health.get(row.name, HealthRecord())
+
+        def stamp(at: float | None) -> str | None:
+            return datetime.fromtimestamp(at, UTC).isoformat() if at is not None else None
+
+        if row.state is BotState.FAILED:
+            status = "failed"
+        elif record.failure_kind is not None:
+            status = "backoff" if record.next_restart_at else "failing"
+        elif live is not None and live.telegram.get("connected"):
+            status = "healthy"
+        else:
+            status = "unknown"
+        flood = live.telegram.get("flood_wait_until") if live is not None else None
+        return {
+            "status": status,
+            "failure": None
+            if record.failure_kind is None
+            else {
+                "kind": record.failure_kind,
+                "reason": record.failure_reason,
+                "since": stamp(record.failure_at),
+            },
+            "last_failure": None
+            if record.last_kind is None
+            else {
+                "kind": record.last_kind,
+                "reason": record.last_reason,
+                "at": stamp(record.last_at),
+            },
+            "next_restart_at": stamp(record.next_restart_at),
+            "restart_attempt": record.attempt,
+            "flood_wait_until": stamp(flood) if isinstance(flood, int | float) else None,
+            "heartbeat_age_s": None
+            if live is None or live.last_beat_at is None
+            else round(max(0.0, time.time() - live.last_beat_at), 2),
+            "heartbeats_missed": live.heartbeats_missed if live is not None else 0,
+            "max_heartbeat_gap_s": round(live.max_gap_s, 2) if live is not None else None,
         }
 
     async def get(self, name: str) -> dict[str, Any]:

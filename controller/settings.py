@@ -33,6 +33,7 @@ class ControllerSettings:
     demo: bool = False
     sandbox_listen: str | None = None
     sandbox_admin: str | None = None
+    webhook_url: str | None = None  # POSTed a JSON body when a bot is given up on (failed)
 
     def save(self, home: Home) -> None:
         write_atomic(home.controller_json, json.dumps(asdict(self), indent=2) + "\n", 0o600)

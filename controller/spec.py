@@ -38,12 +38,31 @@ BUILTIN_DEFAULTS: dict[str, Any] = {
     "subscribe": [],
     "telegram": {"api_id": None, "api_hash": None, "server": None},
     "health": {
+        # Read by the bot process.
         "heartbeat_interval_s": 2.0,
-        "probe_interval_s": 5.0,
-        "probe_timeout_s": 5.0,
+        "probe_interval_s": 3.0,
+        "probe_timeout_s": 3.0,
         "connect_timeout_s": 10.0,
+        # Read by the controller's health checker (controller/health.py).
+        "heartbeat_timeout_s": 10.0,
+        "startup_timeout_s": 30.0,
+        "disconnect_grace_s": 6.0,
+        "backoff_base_s": 2.0,
+        "backoff_cap_s": 120.0,
+        "backoff_reset_s": 60.0,
+        "max_restarts": 5,
+        "restart_window_s": 60.0,
+        "memory_soft_limit_mb": None,
     },
 }
+
+#: ``health`` keys the bot process reads (the rest are the controller's).
+BOT_HEALTH_KEYS = (
+    "heartbeat_interval_s",
+    "probe_interval_s",
+    "probe_timeout_s",
+    "connect_timeout_s",
+)
 
 SECRET_FIELDS = ("token", "session")
 DEFAULTABLE_FIELDS = tuple(BUILTIN_DEFAULTS)
@@ -54,7 +73,17 @@ _HEALTH_RANGES: dict[str, tuple[float, float]] = {
     "probe_interval_s": (0.5, 300.0),
     "probe_timeout_s": (0.5, 60.0),
     "connect_timeout_s": (1.0, 120.0),
+    "heartbeat_timeout_s": (1.0, 600.0),
+    "startup_timeout_s": (5.0, 600.0),
+    "disconnect_grace_s": (1.0, 600.0),
+    "backoff_base_s": (0.1, 600.0),
+    "backoff_cap_s": (1.0, 3600.0),
+    "backoff_reset_s": (1.0, 86400.0),
+    "max_restarts": (1, 1000),
+    "restart_window_s": (1.0, 86400.0),
+    "memory_soft_limit_mb": (64, 65536),
 }
+_HEALTH_INTEGERS = ("max_restarts",)
 
 
 @dataclass(frozen=True)
@@ -80,7 +109,7 @@ class EffectiveSpec:
     api_id: int | None
     api_hash: str | None
     server: TelegramServer | None
-    health: Mapping[str, float]
+    health: Mapping[str, float | None]
 
 
 class _Errors:
@@ -257,7 +286,11 @@ def _check_field(key: str, value: object, errors: _Errors) -> None:
                 errors.add(f"health.{name}", f"unknown field (known: {', '.join(_HEALTH_RANGES)})")
                 continue
             low, high = _HEALTH_RANGES[name]
-            if not _is_number(number) or not low <= number <= high:
+            if number is None and name == "memory_soft_limit_mb":
+                continue  # no soft limit
+            if name in _HEALTH_INTEGERS and not _is_int(number):
+                errors.add(f"health.{name}", f"must be an integer from {low} to {high}")
+            elif not _is_number(number) or not low <= number <= high:
                 errors.add(f"health.{name}", f"must be a number from {low} to {high}")
 
 
@@ -373,7 +406,7 @@ def effective(own: Mapping[str, Any], fleet_defaults: Mapping[str, Any]) -> Effe
         api_id=telegram.get("api_id"),
         api_hash=telegram.get("api_hash"),
         server=TelegramServer(**server) if server else None,
-        health={k: float(v) for k, v in spec["health"].items()},
+        health={k: None if v is None else float(v) for k, v in spec["health"].items()},
     )
 
 
@@ -384,6 +417,14 @@ def check_runnable(spec: EffectiveSpec) -> None:
         errors.add("telegram.api_id", "is required: set it on the bot or in the fleet defaults")
     if spec.api_hash is None:
         errors.add("telegram.api_hash", "is required: set it on the bot or in the fleet defaults")
+    soft = spec.health.get("memory_soft_limit_mb")
+    if soft is not None and soft >= spec.memory_limit_mb:
+        errors.add(
+            "health.memory_soft_limit_mb",
+            f"must be below memory_limit_mb ({spec.memory_limit_mb}) to restart before the hard limit",
+        )
+    if (spec.health.get("backoff_cap_s") or 0) < (spec.health.get("backoff_base_s") or 0):
+        errors.add("health.backoff_cap_s", "must not be below health.backoff_base_s")
     errors.raise_if_any("bot cannot run")
 
 

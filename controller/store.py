@@ -87,6 +87,8 @@ class Store(Protocol):
     async def events(self, bot: str | None, after_id: int, limit: int) -> list[EventRow]: ...
     async def get_defaults(self) -> dict[str, Any]: ...
     async def set_defaults(self, value: Mapping[str, Any], actor: str) -> None: ...
+    async def load_health(self) -> dict[str, dict[str, Any]]: ...
+    async def save_health(self, name: str, record: Mapping[str, Any]) -> None: ...
     async def add_token(self, name: str, token_sha256: str) -> TokenRow: ...
     async def list_tokens(self) -> list[TokenRow]: ...
     async def revoke_token(self, name: str) -> TokenRow: ...
@@ -298,6 +300,7 @@ class PgStore:
             old = await conn.fetchrow("DELETE FROM bots WHERE name = $1 RETURNING state", name)
             if old is None:
                 raise BotNotFound(name)
+            await conn.execute("DELETE FROM bot_health WHERE name = $1", name)
             await conn.execute(
                 _INSERT_EVENT, name, "transition", actor, old["state"], "destroyed", reason, {}
             )
@@ -345,6 +348,20 @@ class PgStore:
             await conn.execute(
                 _INSERT_EVENT, None, "defaults", actor, None, None, "fleet defaults changed", {}
             )
+
+    async def load_health(self) -> dict[str, dict[str, Any]]:
+        rows = await self._pool.fetch("SELECT name, record FROM bot_health")
+        return {r["name"]: r["record"] for r in rows}
+
+    async def save_health(self, name: str, record: Mapping[str, Any]) -> None:
+        """Keep a bot's health record; nothing is kept for a bot that is gone."""
+        await self._pool.execute(
+            """INSERT INTO bot_health (name, record)
+               SELECT $1, $2 WHERE EXISTS (SELECT 1 FROM bots WHERE name = $1)
+               ON CONFLICT (name) DO UPDATE SET record = $2, updated_at = now()""",
+            name,
+            dict(record),
+        )
 
     async def add_token(self, name: str, token_sha256: str) -> TokenRow:
         row = await self._pool.fetchrow(

@@ -46,6 +46,7 @@ class UpOptions:
     database_url: str | None
     sandbox_listen: str = DEFAULT_SANDBOX_LISTEN
     sandbox_admin: str = DEFAULT_SANDBOX_ADMIN
+    webhook_url: str | None = None
 
 
 def _bin(name: str) -> str:
@@ -74,6 +75,8 @@ def prepare(options: UpOptions) -> ControllerSettings:
     home = options.home
     home.check_socket_paths()
     parse_hostport(options.listen, "--listen")
+    if options.webhook_url and not options.webhook_url.startswith(("http://", "https://")):
+        raise UpError(f"TGFLEET_WEBHOOK_URL must be an http(s) URL, not {options.webhook_url!r}")
     home.make_dirs()
     if asyncio.run(_circus_answers(home.circus_endpoint)):
         raise UpError(
@@ -103,6 +106,7 @@ def prepare(options: UpOptions) -> ControllerSettings:
         demo=options.demo,
         sandbox_listen=options.sandbox_listen if options.demo else None,
         sandbox_admin=options.sandbox_admin if options.demo else None,
+        webhook_url=options.webhook_url,
     )
     settings.save(home)
     return settings

@@ -11,6 +11,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
+import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -150,6 +152,58 @@ class Sandbox:
     def create_bot(self, name: str) -> str:
         """A new sandbox bot; its token."""
         return self.cli("bot", "create", name)
+
+    def admin_request(
+        self, method: str, path: str, body: object | None = None, timeout: float = 30
+    ) -> Any:
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(
+            f"http://{self.admin}{path}",
+            data=data,
+            method=method,
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=timeout) as answer:
+            return json.loads(answer.read())
+
+    def say(self, user: str, to: str, text: str) -> int:
+        """Send as a simulated user; the id of the sent message."""
+        sent = self.admin_request(
+            "POST", f"/api/v1/users/{user}/messages", {"to": to, "text": text}
+        )
+        return int(sent["id"])
+
+    def replies(self, user: str, to: str, after_id: int, wait: float = 30) -> list[tuple[int, str]]:
+        """The bot's answers after ``after_id`` as (id, text), waiting up to ``wait`` s for one."""
+        query = urllib.parse.urlencode(
+            {
+                "peer": to,
+                "after_id": after_id,
+                "direction": "in",
+                "wait": min(wait, 60),
+                "limit": 100,
+            }
+        )
+        found = self.admin_request(
+            "GET", f"/api/v1/users/{user}/messages?{query}", timeout=wait + 10
+        )
+        return [(int(m["id"]), str(m["text"])) for m in found["messages"]]
+
+    def reply(self, user: str, to: str, after_id: int, wait: float = 30) -> str | None:
+        """The bot's first answer after ``after_id``, waiting up to ``wait`` seconds."""
+        query = urllib.parse.urlencode(
+            {"peer": to, "after_id": after_id, "direction": "in", "wait": min(wait, 60), "limit": 1}
+        )
+        found = self.admin_request(
+            "GET", f"/api/v1/users/{user}/messages?{query}", timeout=wait + 10
+        )
+        return str(found["messages"][0]["text"]) if found["messages"] else None
+
+    def fault(self, target: str, kind: str, **options: object) -> None:
+        self.admin_request("POST", "/api/v1/faults", {"target": target, "kind": kind, **options})
+
+    def clear(self, target: str) -> None:
+        self.admin_request("DELETE", f"/api/v1/faults/{target}")
 
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGTERM)

@@ -1,0 +1,187 @@
+"""Fire drills: inject one failure into one bot of a running fleet, time its recovery.
+
+Shared by the health tests (which assert the action, state, events and that no other
+bot was touched) and bench/recovery.py (which prints the times). "Recovered" is what
+a user sees: a message sent right after the fault gets its answer.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from dataclasses import dataclass
+from itertools import count
+from typing import Any
+
+import psutil
+from harness import Fleet, Sandbox, wait_for
+
+CHAOS = "botrunner.plugins.chaos:setup"
+_serial = count(1)
+
+
+def username(name: str) -> str:
+    return name.replace("-", "_") + "_bot"
+
+
+def add_bot(
+    fleet: Fleet,
+    sandbox: Sandbox,
+    prefix: str,
+    *,
+    settings: dict[str, Any] | None = None,
+    health: dict[str, Any] | None = None,
+    wait: bool = True,
+) -> str:
+    name = f"{prefix}-{next(_serial)}"
+    token = sandbox.create_bot(name.replace("-", "_"))
+    spec: dict[str, Any] = {
+        "name": name,
+        "token": token,
+        "plugins": [CHAOS],
+        "settings": settings or {},
+    }
+    if health:
+        spec["health"] = health
+    fleet.api("POST", "/api/v1/bots", spec)
+    if wait:
+        connected(fleet, name)
+    return name
+
+
+def connected(
+    fleet: Fleet, name: str, not_pid: int | None = None, timeout: float = 60
+) -> dict[str, Any]:
+    """Wait until the bot runs a process (other than ``not_pid``) connected to Telegram."""
+
+    def check() -> dict[str, Any] | None:
+        bot = fleet.bot(name)
+        ok = (
+            bot["state"] == "running"
+            and bot["pid"]
+            and bot["pid"] != not_pid
+            and bot["telegram"]["connected"]
+        )
+        return bot if ok else None
+
+    return wait_for(f"{name} connected (not pid {not_pid})", check, timeout)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    pids: dict[str, int]
+    missed: dict[str, int]
+
+
+def snapshot(fleet: Fleet, names: list[str]) -> Snapshot:
+    bots = {b["name"]: b for b in fleet.api("GET", "/api/v1/bots")["bots"]}
+    return Snapshot(
+        {n: bots[n]["pid"] for n in names},
+        {n: bots[n]["health"]["heartbeats_missed"] for n in names},
+    )
+
+
+def untouched(fleet: Fleet, before: Snapshot) -> list[str]:
+    """What changed for the bots of ``before``: pids, missed heartbeats (empty: nothing)."""
+    after = snapshot(fleet, list(before.pids))
+    problems = [
+        f"{n}: pid {before.pids[n]} -> {after.pids[n]}"
+        for n in before.pids
+        if after.pids[n] != before.pids[n]
+    ]
+    problems += [
+        f"{n}: {after.missed[n] - before.missed[n]} heartbeats missed"
+        for n in before.missed
+        if after.missed[n] != before.missed[n]
+    ]
+    return problems
+
+
+def answered_in(sandbox: Sandbox, name: str, started: float, text: str, wait: float = 60) -> float:
+    """Send ``text`` now; seconds from ``started`` until the bot's answer arrives."""
+    sent = sandbox.say("drill", username(name), text)
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        reply = sandbox.reply(
+            "drill", username(name), sent, wait=min(10.0, deadline - time.monotonic())
+        )
+        if reply == text:
+            return time.monotonic() - started
+        if reply is not None:
+            sent += 1  # an answer to something else (e.g. a refused command): keep waiting
+    raise AssertionError(f"{name} did not answer {text!r} within {wait} s")
+
+
+def events(fleet: Fleet, name: str) -> list[dict[str, Any]]:
+    result: list[dict[str, Any]] = fleet.api("GET", f"/api/v1/bots/{name}/events?limit=1000")[
+        "events"
+    ]
+    return result
+
+
+def health_events(fleet: Fleet, name: str, failure: str) -> list[dict[str, Any]]:
+    return [e for e in events(fleet, name) if e["data"].get("failure") == failure]
+
+
+# -- the drills: each returns seconds from the fault to the bot answering again
+
+
+def kill_9(fleet: Fleet, sandbox: Sandbox, name: str) -> float:
+    pid = fleet.bot(name)["pid"]
+    started = time.monotonic()
+    os.kill(pid, signal.SIGKILL)
+    took = answered_in(sandbox, name, started, f"after kill {next(_serial)}")
+    connected(fleet, name, not_pid=pid)
+    return took
+
+
+def sigstop(fleet: Fleet, sandbox: Sandbox, name: str) -> float:
+    pid = fleet.bot(name)["pid"]
+    started = time.monotonic()
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        took = answered_in(sandbox, name, started, f"after stop {next(_serial)}")
+        connected(fleet, name, not_pid=pid)
+    finally:
+        if psutil.pid_exists(pid):
+            os.kill(pid, signal.SIGCONT)
+    return took
+
+
+def command(sandbox: Sandbox, name: str, text: str, answer_starts: str) -> float:
+    """Send a chaos command; the moment its answer (sent just before it acts) arrived."""
+    seen = sandbox.say("drill", username(name), text)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        for message_id, reply in sandbox.replies("drill", username(name), seen, wait=10):
+            if reply.startswith(answer_starts):
+                return time.monotonic()
+            seen = max(seen, message_id)
+    raise AssertionError(f"{name} did not take {text!r}")
+
+
+def cpu_spin(fleet: Fleet, sandbox: Sandbox, name: str) -> float:
+    pid = fleet.bot(name)["pid"]
+    started = command(sandbox, name, "/spin 300", "spinning")
+    took = answered_in(sandbox, name, started, f"after spin {next(_serial)}")
+    connected(fleet, name, not_pid=pid)
+    return took
+
+
+def memory_growth(fleet: Fleet, sandbox: Sandbox, name: str, megabytes: int) -> float:
+    pid = fleet.bot(name)["pid"]
+    started = command(sandbox, name, f"/grow {megabytes}", "holding")
+    wait_for(f"{name} restarted for memory", lambda: fleet.bot(name)["pid"] not in (None, pid), 60)
+    took = answered_in(sandbox, name, started, f"after grow {next(_serial)}")
+    connected(fleet, name, not_pid=pid)
+    return took
+
+
+def sandbox_fault(fleet: Fleet, sandbox: Sandbox, name: str, kind: str, **options: object) -> float:
+    """A fault on the bot's live Telegram connection (close, blackhole --live)."""
+    started = time.monotonic()
+    sandbox.fault(name.replace("-", "_"), kind, **options)
+    took = answered_in(sandbox, name, started, f"after {kind} {next(_serial)}")
+    connected(fleet, name)
+    return took
