@@ -159,6 +159,7 @@ class Fleet:
         self._expect_exit_until: dict[str, float] = {}
         self._spawned_at: dict[str, float] = {}
         self._started_at = time.time()
+        self._seeded = False
 
     async def load(self) -> None:
         """Read what must survive a controller restart (health records, backoffs)."""
@@ -330,6 +331,8 @@ class Fleet:
             status = await self.supervisor.status()
         except SupervisorError as exc:
             raise SupervisorUnavailable(f"circusd did not answer: {exc}") from exc
+        if not self._seeded:
+            await self._seed_live(rows, status)
         observations = [self._observe(row, status) for row in rows]
         known = {row.name for row in rows}
         loaded = {w.removeprefix("bot-") for w in status if w.startswith("bot-")}
@@ -339,6 +342,20 @@ class Fleet:
             await self._apply(actions, {row.name: row for row in rows})
             rows = await self.store.list_bots()
         await self._check_health(rows, status)
+
+    async def _seed_live(self, rows: list[BotRow], status: Mapping[str, str]) -> None:
+        """After a controller (re)start, learn the running bots' pids from circusd at
+        once instead of waiting for their next heartbeat."""
+        for row in rows:
+            name = watcher_name(row.name)
+            if row.name in self.live or status.get(name) != "active":
+                continue
+            with contextlib.suppress(SupervisorError):
+                pids = await self.supervisor.pids(name)
+                if pids:
+                    # Its generation is unknown until it speaks; it is not ready either.
+                    self.live[row.name] = LiveProcess(pids[0], -1)
+        self._seeded = True
 
     def _observe(self, row: BotRow, status: Mapping[str, str]) -> Observation:
         live = self.live.get(row.name)

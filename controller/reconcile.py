@@ -27,7 +27,7 @@ class Live:
     """What the current process of a bot last said on the bus."""
 
     pid: int
-    generation: int
+    generation: int  # -1: not known yet (seen in circusd, not yet heard on the bus)
     ready: bool  # it said ready (or a heartbeat with Telegram connected)
     alive: bool  # the pid still exists
     replaced_pid: int | None = None  # a previous process this one replaced, not yet recorded
@@ -121,6 +121,7 @@ def _plan_bot(obs: Observation) -> tuple[list[Action], bool]:
 
     if live is not None and state in (BotState.STARTING, BotState.RUNNING):
         current = live.generation == obs.generation
+        known = live.generation >= 0  # a process seen only in circusd has not said yet
         if live.replaced_pid is not None:
             move(
                 Trigger.RESPAWN,
@@ -129,7 +130,7 @@ def _plan_bot(obs: Observation) -> tuple[list[Action], bool]:
             )
         elif state is BotState.RUNNING and not live.alive:
             move(Trigger.RESPAWN, f"process {live.pid} exited", counts_restart=True)
-        elif state is BotState.RUNNING and not current:
+        elif state is BotState.RUNNING and known and not current:
             move(Trigger.RESPAWN, f"restarting for configuration generation {obs.generation}")
         if state is BotState.STARTING and live.alive and live.ready and current:
             move(Trigger.READY, f"process {live.pid} is connected to Telegram")

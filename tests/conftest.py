@@ -11,7 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from harness import Fleet, Sandbox, running_fleet, short_tmpdir
+from harness import Fleet, Sandbox, WebhookSink, running_fleet, short_tmpdir
 
 
 @pytest.fixture(scope="session")
@@ -26,11 +26,20 @@ def sandbox() -> Iterator[Sandbox]:
 
 
 @pytest.fixture(scope="session")
-def fleet(sandbox: Sandbox) -> Iterator[Fleet]:
+def webhook() -> Iterator[WebhookSink]:
+    sink = WebhookSink()
+    try:
+        yield sink
+    finally:
+        sink.close()
+
+
+@pytest.fixture(scope="session")
+def fleet(sandbox: Sandbox, webhook: WebhookSink) -> Iterator[Fleet]:
     """A running `tgfleet up` (embedded PostgreSQL) whose default Telegram is the sandbox."""
     root = short_tmpdir("tgff")
     try:
-        with running_fleet(root, sandbox) as running:
+        with running_fleet(root, sandbox, env={"TGFLEET_WEBHOOK_URL": webhook.url}) as running:
             yield running
             leftovers = running.leftovers()
         assert running.proc is not None and running.proc.returncode == 0, running.log_text()

@@ -75,7 +75,14 @@ class Snapshot:
 
 
 def snapshot(fleet: Fleet, names: list[str]) -> Snapshot:
-    bots = {b["name"]: b for b in fleet.api("GET", "/api/v1/bots")["bots"]}
+    def all_heard() -> dict[str, Any] | None:
+        bots = {b["name"]: b for b in fleet.api("GET", "/api/v1/bots")["bots"]}
+        heard = all(
+            bots[n]["pid"] and bots[n]["health"]["heartbeat_age_s"] is not None for n in names
+        )
+        return bots if heard else None
+
+    bots = wait_for("every bot heard from", all_heard, timeout=30)
     return Snapshot(
         {n: bots[n]["pid"] for n in names},
         {n: bots[n]["health"]["heartbeats_missed"] for n in names},

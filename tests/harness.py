@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import http.server
 import json
 import os
 import signal
@@ -10,6 +11,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.parse
 import urllib.request
@@ -72,6 +74,37 @@ def kill_tree(proc: subprocess.Popen[bytes], sig: int = signal.SIGKILL) -> None:
             child.send_signal(sig)
     with contextlib.suppress(ProcessLookupError):
         proc.send_signal(sig)
+
+
+class WebhookSink:
+    """An HTTP endpoint that keeps every JSON body POSTed to it (the admin webhook)."""
+
+    def __init__(self) -> None:
+        bodies: list[dict[str, Any]] = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length", "0"))
+                bodies.append(json.loads(self.rfile.read(length)))
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+        self.bodies = bodies
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join()
 
 
 @dataclass
@@ -349,8 +382,11 @@ class Fleet:
 
 
 @contextlib.contextmanager
-def running_fleet(root: Path, sandbox: Sandbox | None, *extra: str) -> Iterator[Fleet]:
+def running_fleet(
+    root: Path, sandbox: Sandbox | None, *extra: str, env: dict[str, str] | None = None
+) -> Iterator[Fleet]:
     fleet = Fleet.create(root)
+    fleet.env = dict(env or {})
     try:
         fleet.start(*extra)
         if sandbox is not None:

@@ -140,3 +140,11 @@ def test_watcher_commands_come_before_the_reload() -> None:
     actions = plan([b, a])
     assert actions.index(StartWatcher("a")) < actions.index(Render("b", True))
     assert actions[-1] == Reload()
+
+
+def test_a_process_not_heard_from_yet_is_left_alone() -> None:
+    seen_in_circus_only = Live(pid=10, generation=-1, ready=False, alive=True)
+    assert (
+        plan([obs(S.RUNNING, generation=3, rendered=Rendered(3, True), live=seen_in_circus_only)])
+        == []
+    )
