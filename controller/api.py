@@ -20,6 +20,7 @@ from controller.errors import (
     InvalidSpec,
     NotFound,
     Problem,
+    StoreUnavailable,
     TgfleetError,
     Unauthorized,
 )
@@ -35,6 +36,7 @@ log = logging.getLogger("tgfleet.api")
 FLEET: web.AppKey[Fleet] = web.AppKey("fleet", Fleet)
 STORE: web.AppKey[PgStore] = web.AppKey("store", PgStore)
 HOME: web.AppKey[Home] = web.AppKey("home", Home)
+TOKENS: web.AppKey[dict[str, str]] = web.AppKey("tokens", dict)
 PUBLISH: web.AppKey[Callable[[str, protocol.Event], Awaitable[None]]] = web.AppKey("publish")
 
 OPEN_PATHS = frozenset({"/healthz"})
@@ -91,9 +93,19 @@ async def bearer_auth(request: web.Request, handler: Handler) -> web.StreamRespo
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise Unauthorized("send 'Authorization: Bearer <token>' (see <home>/admin.token)")
-    name = await request.app[STORE].token_name(hash_token(token.strip()))
+    digest = hash_token(token.strip())
+    known = request.app[TOKENS]
+    try:
+        name = await request.app[STORE].token_name(digest)
+    except StoreUnavailable:
+        # PostgreSQL is away: tokens seen valid still open reads (writes get 503 anyway).
+        name = known.get(digest)
+        if name is None:
+            raise
     if name is None:
+        known.pop(digest, None)
         raise Unauthorized("the bearer token is unknown or revoked")
+    known[digest] = name
     request["actor"] = f"api:{name}"
     return await handler(request)
 
@@ -330,7 +342,11 @@ async def revoke_token(request: web.Request) -> web.Response:
     name = request.match_info["name"]
     if not TOKEN_NAME_RE.fullmatch(name):
         raise NotFound(f"no token named {name!r}")
-    return ok(token_json(await request.app[STORE].revoke_token(name)))
+    row = await request.app[STORE].revoke_token(name)
+    known = request.app[TOKENS]
+    for digest in [d for d, holder in known.items() if holder == name]:
+        del known[digest]
+    return ok(token_json(row))
 
 
 # ---------------------------------------------------------------- the rest
@@ -352,6 +368,7 @@ async def status(request: web.Request) -> web.Response:
             "states": counts,
             "telegram_connected": sum(1 for b in bots if b["telegram"]["connected"]),
             "controller": await asyncio.to_thread(_self_usage),
+            "database": "unavailable" if fleet.database_error else "ok",
             "reconcile_error": fleet.last_pass_error,
         }
     )
@@ -385,6 +402,7 @@ def build_app(
     app[FLEET] = fleet
     app[STORE] = store
     app[HOME] = home
+    app[TOKENS] = {}
     app[PUBLISH] = publish
     r = app.router
     r.add_get("/healthz", healthz)

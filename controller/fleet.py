@@ -23,7 +23,7 @@ import psutil
 from botrunner import protocol
 from controller.botfiles import BotFiles
 from controller.circus import Supervisor, SupervisorError, WatcherEvent, WatcherNotFound
-from controller.errors import SupervisorUnavailable, TgfleetError
+from controller.errors import StoreUnavailable, SupervisorUnavailable, TgfleetError
 from controller.health import (
     Exit,
     Fail,
@@ -160,6 +160,10 @@ class Fleet:
         self._spawned_at: dict[str, float] = {}
         self._started_at = time.time()
         self._seeded = False
+        # The last rows read, so health acts (and reads answer) while PostgreSQL is away.
+        self.rows: list[BotRow] | None = None
+        self.database_error: str | None = None
+        self._outbox: list[tuple[str | None, str, str, str, dict[str, Any]]] = []
 
     async def load(self) -> None:
         """Read what must survive a controller restart (health records, backoffs)."""
@@ -290,6 +294,15 @@ class Fleet:
         self._emit(row)
         return row
 
+    async def note(
+        self, bot: str | None, kind: str, actor: str, reason: str, data: Mapping[str, Any]
+    ) -> None:
+        """An event that must not be lost while PostgreSQL is away: kept until it is back."""
+        try:
+            await self.record(bot, kind, actor, reason, data)
+        except StoreUnavailable:
+            self._outbox.append((bot, kind, actor, reason, dict(data)))
+
     # ---------------------------------------------------------- reconciling
 
     async def run(self, stopping: asyncio.Event) -> None:
@@ -316,8 +329,21 @@ class Fleet:
             await self._reconcile_locked()
 
     async def _reconcile_locked(self) -> None:
-        rows = await self.store.list_bots()
-        defaults = await self.store.get_defaults()
+        try:
+            rows = await self.store.list_bots()
+            defaults = await self.store.get_defaults()
+            await self._flush_outbox()
+        except StoreUnavailable:
+            if self.rows is None:
+                raise
+            # PostgreSQL is away: bots keep running and health keeps acting on what
+            # it sees (circusd needs no database); the rest waits for it to return.
+            self.database_error = "PostgreSQL is unavailable"
+            status = await self._status()
+            await self._check_health(self.rows, status)
+            raise
+        self.database_error = None
+        self.rows = rows
         specs = {row.name: effective(row.spec, defaults) for row in rows}
         self._subscriptions = {name: spec.subscribe for name, spec in specs.items()}
         self._policies = {
@@ -327,10 +353,7 @@ class Fleet:
             name: float(spec.health.get("heartbeat_interval_s") or 2.0)
             for name, spec in specs.items()
         }
-        try:
-            status = await self.supervisor.status()
-        except SupervisorError as exc:
-            raise SupervisorUnavailable(f"circusd did not answer: {exc}") from exc
+        status = await self._status()
         if not self._seeded:
             await self._seed_live(rows, status)
         observations = [self._observe(row, status) for row in rows]
@@ -340,8 +363,22 @@ class Fleet:
         actions = plan(observations, orphans)
         if actions:
             await self._apply(actions, {row.name: row for row in rows})
-            rows = await self.store.list_bots()
+            rows = self.rows = await self.store.list_bots()
         await self._check_health(rows, status)
+
+    async def _status(self) -> dict[str, str]:
+        try:
+            return await self.supervisor.status()
+        except SupervisorError as exc:
+            raise SupervisorUnavailable(f"circusd did not answer: {exc}") from exc
+
+    async def _flush_outbox(self) -> None:
+        """Write the events noted while PostgreSQL was away, in order."""
+        while self._outbox:
+            bot, kind, actor, reason, data = self._outbox[0]
+            row = await self.store.add_event(bot, kind, actor, reason, {**data, "delayed": True})
+            self._outbox.pop(0)
+            self._emit(row)
 
     async def _seed_live(self, rows: list[BotRow], status: Mapping[str, str]) -> None:
         """After a controller (re)start, learn the running bots' pids from circusd at
@@ -444,8 +481,9 @@ class Fleet:
             for action in actions:
                 await self._apply_health(action)
             if self._saved_health.get(row.name) != record:
-                await self.store.save_health(row.name, record.to_json())
-                self._saved_health[row.name] = record
+                with contextlib.suppress(StoreUnavailable):  # saved on a later pass
+                    await self.store.save_health(row.name, record.to_json())
+                    self._saved_health[row.name] = record
 
     async def _apply_health(self, action: Note | Restart | Fail) -> None:
         if isinstance(action, Note):
@@ -461,19 +499,28 @@ class Fleet:
             self._expect_exit(name)
             self.live.pop(name, None)
             reason = f"{action.kind}: {action.reason}"
-            row = await self.store.get_bot(name)
-            if can(row.state, Trigger.RESPAWN):
-                await self._transition(
-                    name, Trigger.RESPAWN, reason, "health", {"failure": action.kind}
-                )
-                await self.store.count_restart(name)
+            # Act first: circusd needs no database, the record can wait for it.
             self._spawned_at[name] = time.time()
             if action.kill:
                 await self.supervisor.kill(watcher_name(name))
             else:
                 await self.supervisor.restart(watcher_name(name))
+            try:
+                row = await self.store.get_bot(name)
+                if can(row.state, Trigger.RESPAWN):
+                    await self._transition(
+                        name, Trigger.RESPAWN, reason, "health", {"failure": action.kind}
+                    )
+                    await self.store.count_restart(name)
+            except StoreUnavailable:
+                await self.note(
+                    name, "health", "health", f"restarted: {reason}", {"failure": action.kind}
+                )
         elif isinstance(action, Fail):
-            row = await self.store.get_bot(action.name)
+            try:
+                row = await self.store.get_bot(action.name)
+            except StoreUnavailable:
+                return  # the process keeps exiting: the next exits bring this back
             if can(row.state, Trigger.FAIL):
                 await self._transition(
                     action.name, Trigger.FAIL, action.reason, "health", {"failure": action.kind}
@@ -683,7 +730,20 @@ class Fleet:
         }
 
     async def get(self, name: str) -> dict[str, Any]:
-        return self.view(await self.store.get_bot(name))
+        try:
+            return self.view(await self.store.get_bot(name))
+        except StoreUnavailable:
+            cached = next((r for r in self.rows or () if r.name == name), None)
+            if cached is None:
+                raise
+            return {**self.view(cached), "stale": True}
 
     async def list(self) -> list[dict[str, Any]]:
-        return [self.view(row) for row in await self.store.list_bots()]
+        """Every bot; while PostgreSQL is away, as last read (each marked stale)."""
+        try:
+            rows = await self.store.list_bots()
+        except StoreUnavailable:
+            if self.rows is None:
+                raise
+            return [{**self.view(row), "stale": True} for row in self.rows]
+        return [self.view(row) for row in rows]

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from importlib import resources
-from typing import Any, Protocol
+from typing import Any, ParamSpec, Protocol, TypeVar
 
 import asyncpg
 
@@ -148,8 +150,47 @@ def migrations() -> list[tuple[int, str, str]]:
     return sorted(found)
 
 
+#: What a lost or refused database connection looks like from asyncpg.
+_UNAVAILABLE = (
+    OSError,
+    TimeoutError,
+    asyncpg.InterfaceError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.exceptions.OperatorInterventionError,
+)
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _unavailable_is_503(method: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+    """Translate a lost database into StoreUnavailable (the API answers 503)."""
+
+    @functools.wraps(method)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await method(*args, **kwargs)
+        except _UNAVAILABLE as exc:
+            raise StoreUnavailable(
+                f"PostgreSQL is unavailable: {exc or type(exc).__name__}"
+            ) from exc
+
+    return wrapper
+
+
+def _translating(cls: type[T]) -> type[T]:
+    for name, member in list(vars(cls).items()):
+        if inspect.iscoroutinefunction(member) and not name.startswith("_") and name != "connect":
+            setattr(cls, name, _unavailable_is_503(member))
+    return cls
+
+
+T = TypeVar("T")
+
+
+@_translating
 class PgStore:
-    """The Store on PostgreSQL through an asyncpg pool."""
+    """The Store on PostgreSQL through an asyncpg pool (a lost database: StoreUnavailable)."""
 
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool

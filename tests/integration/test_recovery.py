@@ -14,7 +14,9 @@ from collections.abc import Iterator
 
 import drills
 import pytest
-from harness import Fleet, Sandbox, WebhookSink, wait_for
+from harness import Fleet, Sandbox, WebhookSink, echo_spec, wait_for
+
+from controller.client import ApiError
 
 pytestmark = pytest.mark.integration
 
@@ -245,4 +247,42 @@ def test_a_controller_killed_during_a_backoff_remembers_it(
     finally:
         sandbox.clear(target)
     drills.connected(fleet, name, timeout=90)
+    destroy(fleet, name)
+
+
+def test_postgresql_away_for_a_while(
+    fleet: Fleet, sandbox: Sandbox, watched: drills.Snapshot
+) -> None:
+    name = victim(fleet, sandbox)
+    pid = fleet.bot(name)["pid"]
+    fleet.circusctl("stop", "postgres")
+    try:
+        wait_for(
+            "the controller to notice",
+            lambda: fleet.api("GET", "/api/v1/status")["database"] == "unavailable",
+        )
+        with pytest.raises(ApiError) as refused:
+            fleet.api("POST", "/api/v1/bots", echo_spec("during-outage", "1:abc"))
+        assert refused.value.status == 503
+        assert refused.value.problem["title"] == "Database unavailable"
+        bots = fleet.api("GET", "/api/v1/bots")["bots"]
+        assert bots and all(b["stale"] for b in bots)
+        # Health needs no database to act: a hung bot is still killed and respawned.
+        os.kill(pid, signal.SIGSTOP)
+        wait_for(
+            "the hung bot replaced",
+            lambda: (b := fleet.bot(name))["pid"] not in (None, pid) and b["telegram"]["connected"],
+            timeout=60,
+        )
+    finally:
+        fleet.circusctl("start", "postgres")
+    wait_for(
+        "the database back", lambda: fleet.api("GET", "/api/v1/status")["database"] == "ok", 60
+    )
+    hung = wait_for(
+        "the events noted meanwhile",
+        lambda: [e for e in drills.health_events(fleet, name, "hung") if e["data"].get("delayed")],
+    )
+    assert hung
+    assert "stale" not in fleet.bot(name)
     destroy(fleet, name)
