@@ -49,6 +49,7 @@ from controller.reconcile import (
     should_run,
 )
 from controller.spec import (
+    EffectiveSpec,
     check_runnable,
     effective,
     public_view,
@@ -362,7 +363,7 @@ class Fleet:
         orphans = sorted((loaded | set(self.files.on_disk())) - known)
         actions = plan(observations, orphans)
         if actions:
-            await self._apply(actions, {row.name: row for row in rows})
+            await self._apply(actions, {row.name: row for row in rows}, specs)
             rows = self.rows = await self.store.list_bots()
         await self._check_health(rows, status)
 
@@ -406,8 +407,9 @@ class Fleet:
             live=live.observed() if live is not None else None,
         )
 
-    async def _apply(self, actions: list[Action], rows: dict[str, BotRow]) -> None:
-        defaults: dict[str, Any] | None = None
+    async def _apply(
+        self, actions: list[Action], rows: dict[str, BotRow], specs: Mapping[str, EffectiveSpec]
+    ) -> None:
         for action in actions:
             if isinstance(action, Transition):
                 data: dict[str, Any] = {}
@@ -431,10 +433,8 @@ class Fleet:
                     elif live is not None:
                         live.replaced_pid = None
             elif isinstance(action, Render):
-                if defaults is None:
-                    defaults = await self.store.get_defaults()
                 row = rows[action.name]
-                spec = effective(row.spec, defaults)
+                spec = specs[action.name]
                 if self.files.rendered(row.name) is not None:
                     self._expect_exit(row.name, spec.graceful_timeout_s)  # reload restarts it
                 self.files.write(row.name, row.generation, spec, action.autostart)
