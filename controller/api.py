@@ -9,6 +9,7 @@ import json
 import logging
 import secrets
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -39,7 +40,9 @@ HOME: web.AppKey[Home] = web.AppKey("home", Home)
 TOKENS: web.AppKey[dict[str, str]] = web.AppKey("tokens", dict)
 PUBLISH: web.AppKey[Callable[[str, protocol.Event], Awaitable[None]]] = web.AppKey("publish")
 
-OPEN_PATHS = frozenset({"/healthz"})
+# The dashboard page holds no data (it reads the API with the user's token).
+OPEN_PATHS = frozenset({"/healthz", "/"})
+DASHBOARD = Path(__file__).resolve().parent.parent / "templates" / "dashboard.html"
 MAX_BODY_BYTES = 256 * 1024
 MAX_LOG_LINES = 5000
 TOKEN_NAME_RE = NAME_RE
@@ -383,6 +386,10 @@ def _self_usage() -> dict[str, Any]:
     return {"pid": os.getpid(), "rss_mb": round(me.memory_info().rss / 2**20, 1)}
 
 
+async def dashboard(request: web.Request) -> web.FileResponse:
+    return web.FileResponse(DASHBOARD, headers={"Content-Type": "text/html; charset=utf-8"})
+
+
 async def openapi(request: web.Request) -> web.Response:
     return ok(OPENAPI)
 
@@ -405,6 +412,7 @@ def build_app(
     app[TOKENS] = {}
     app[PUBLISH] = publish
     r = app.router
+    r.add_get("/", dashboard)
     r.add_get("/healthz", healthz)
     r.add_get("/openapi.json", openapi)
     r.add_get("/metrics", metrics)

@@ -67,6 +67,8 @@ def test_create_runs_a_real_bot_that_answers(fleet: Fleet, sandbox: Sandbox) -> 
     assert status["bot-shop"] == "active"
 
     assert ask(sandbox, "shop", "hello there") == "hello there"
+    logs = fleet.cli("bots", "logs", "shop").stdout
+    assert "ready in" in logs
     # The token is a secret: never in the API's answer nor in the watcher file.
     assert token not in str(fleet.bot("shop"))
     assert token not in fleet.home.watcher_file("shop").read_text()
@@ -208,6 +210,10 @@ BAD_REQUESTS = [
     ),
     ("PATCH", "/api/v1/bots/ghost", {"settings": {}}, 404, None),
     ("POST", "/api/v1/bots/ghost/start", None, 404, None),
+    ("POST", "/api/v1/events", {"data": 1}, 422, "topic"),
+    ("PUT", "/api/v1/defaults", {"token": "1:a"}, 422, "token"),
+    ("PUT", "/api/v1/defaults", {"health": {"max_restarts": 0.5}}, 422, "health.max_restarts"),
+    ("POST", "/api/v1/tokens", {"name": "Not OK"}, 422, "name"),
 ]
 
 
@@ -268,3 +274,28 @@ def test_cli_reports_bad_input_precisely(fleet: Fleet) -> None:
     assert "name: must match" in done.stderr and "token:" in done.stderr
     done = fleet.cli("bots", "update", "ghost", "--setting", "novalue", check=False)
     assert done.returncode == 2 and "key=value" in done.stderr
+
+
+def test_metrics_openapi_dashboard_and_tokens(fleet: Fleet) -> None:
+    metrics = fleet.api("GET", "/metrics")
+    assert 'tgfleet_bots{state="running"}' in metrics
+    assert "# TYPE tgfleet_bot_restarts_total counter" in metrics
+    document = fleet.api("GET", "/openapi.json")
+    assert document["openapi"].startswith("3.") and "/api/v1/bots/{name}" in document["paths"]
+
+    anonymous = ApiClient(f"http://{fleet.listen}", None)
+    page = anonymous.request("GET", "/")
+    assert "<title>tgfleet</title>" in page and "/api/v1/bots" in page
+    with pytest.raises(ApiError) as closed:
+        anonymous.request("GET", "/metrics")
+    assert closed.value.status == 401
+
+    secret = fleet.cli("token", "create", "ci").stdout.strip()
+    assert secret.startswith("tgf_")
+    assert "ci" in fleet.cli("token", "list").stdout
+    ApiClient(f"http://{fleet.listen}", secret).request("GET", "/api/v1/bots")
+    fleet.cli("token", "revoke", "ci")
+    with pytest.raises(ApiError) as revoked:
+        ApiClient(f"http://{fleet.listen}", secret).request("GET", "/api/v1/bots")
+    assert revoked.value.status == 401
+    assert secret not in fleet.cli("token", "list", "--json").stdout
