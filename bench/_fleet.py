@@ -8,11 +8,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
+import drills
 from harness import Fleet, Sandbox, echo_spec, free_port, running_fleet, short_tmpdir, wait_for
 
 __all__ = [
     "Fleet",
     "Sandbox",
+    "drills",
     "echo_spec",
     "free_port",
     "median_max",

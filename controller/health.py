@@ -52,7 +52,7 @@ CONTROLLER_KEYS = (
 class HealthPolicy:
     heartbeat_timeout_s: float = 10.0
     startup_timeout_s: float = 30.0
-    disconnect_grace_s: float = 6.0
+    disconnect_grace_s: float = 10.0
     backoff_base_s: float = 2.0
     backoff_cap_s: float = 120.0
     backoff_reset_s: float = 60.0

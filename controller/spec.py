@@ -46,7 +46,7 @@ BUILTIN_DEFAULTS: dict[str, Any] = {
         # Read by the controller's health checker (controller/health.py).
         "heartbeat_timeout_s": 10.0,
         "startup_timeout_s": 30.0,
-        "disconnect_grace_s": 6.0,
+        "disconnect_grace_s": 10.0,
         "backoff_base_s": 2.0,
         "backoff_cap_s": 120.0,
         "backoff_reset_s": 60.0,

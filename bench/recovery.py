@@ -1,0 +1,213 @@
+"""Recovery figures: seconds from a fault to the bot answering again, failure kind by kind.
+
+Run: .venv/bin/python bench/recovery.py [--runs N] [--kinds kill9,sigstop,...]
+Starts a sandbox and a fleet with 5 bystander bots (the chaos plugin), then runs each
+fire drill of tests/drills.py N times (default 5), each time on a fresh victim bot (no
+backoff streak carries over) that is destroyed afterwards. "Recovered" is what a user
+sees: a message sent right after the fault gets its answer. The crash loop at start is
+timed from the bot's `created` event to its `→ failed` transition (PostgreSQL's clock).
+Prints median and max per kind against its goal, then what the bystanders went through
+(missed heartbeats, goal 0; changed pids, goal none). A run that fails prints FAILED
+with its reason and the benchmark goes on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from _fleet import Fleet, Sandbox, drills, running_fleet, short_tmpdir
+
+BYSTANDERS = 5
+
+Drill = Callable[[Fleet, Sandbox], float]
+
+
+@dataclass(frozen=True)
+class Kind:
+    key: str
+    label: str
+    goal: str
+    run: Drill
+
+
+def destroy(fleet: Fleet, name: str) -> None:
+    try:
+        fleet.api("DELETE", f"/api/v1/bots/{name}")
+    except Exception as exc:
+        print(f"    (could not destroy {name}: {one_line(exc)})", flush=True)
+
+
+def on_victim(
+    prefix: str,
+    drill: Callable[[Fleet, Sandbox, str], float],
+    health: dict[str, Any] | None = None,
+) -> Drill:
+    """A fresh victim, connected; the drill on it; the victim destroyed whatever happened."""
+
+    def run(fleet: Fleet, sandbox: Sandbox) -> float:
+        name = drills.add_bot(fleet, sandbox, prefix, health=health, wait=False)
+        try:
+            drills.connected(fleet, name)
+            return drill(fleet, sandbox, name)
+        finally:
+            destroy(fleet, name)
+
+    return run
+
+
+def crash_loop(fleet: Fleet, sandbox: Sandbox) -> float:
+    """Seconds from `created` to `→ failed` of a bot that exits at start (DB clock)."""
+    name = drills.add_bot(fleet, sandbox, "loop", settings={"exit_at_start": 3}, wait=False)
+    try:
+        fleet.wait_state(name, "failed", timeout=120)
+        events = drills.events(fleet, name)
+        created = next(e["at"] for e in events if e["kind"] == "created")
+        failed = next(e["at"] for e in events if e.get("to_state") == "failed")
+        return (datetime.fromisoformat(failed) - datetime.fromisoformat(created)).total_seconds()
+    finally:
+        destroy(fleet, name)
+
+
+KINDS = [
+    Kind("kill9", "kill -9", "≤ 3 s", on_victim("kill", drills.kill_9)),
+    Kind("sigstop", "hung (SIGSTOP)", "≤ 15 s", on_victim("stop", drills.sigstop)),
+    Kind("spin", "hung (CPU spin)", "≤ 15 s", on_victim("spin", drills.cpu_spin)),
+    Kind(
+        "memory",
+        "memory > soft limit",
+        "≤ 30 s (seed)",
+        on_victim(
+            "grow",
+            lambda fleet, sandbox, name: drills.memory_growth(fleet, sandbox, name, 200),
+            health={"memory_soft_limit_mb": 150},
+        ),
+    ),
+    Kind(
+        "close",
+        "closed connection",
+        "≤ 5 s",
+        on_victim("close", lambda f, s, n: drills.sandbox_fault(f, s, n, "close")),
+    ),
+    Kind(
+        "blackhole",
+        "blackhole (live)",
+        "≤ 20 s",
+        on_victim("hole", lambda f, s, n: drills.sandbox_fault(f, s, n, "blackhole", scope="live")),
+    ),
+    Kind("crashloop", "crash loop at start", "≤ 30 s (seed)", crash_loop),
+]
+
+
+def one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return f"{type(exc).__name__}: {text[:300]}"
+
+
+def missed_since(before: drills.Snapshot, after: drills.Snapshot) -> int:
+    """Heartbeats missed between two snapshots (a new process counts from zero)."""
+    total = 0
+    for name, missed in after.missed.items():
+        same = after.pids[name] == before.pids[name]
+        total += missed - before.missed[name] if same else missed
+    return total
+
+
+def load() -> str:
+    one, five, fifteen = os.getloadavg()
+    return f"{one:.2f} {five:.2f} {fifteen:.2f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument(
+        "--kinds",
+        default=",".join(k.key for k in KINDS),
+        help=f"comma-separated subset of: {', '.join(k.key for k in KINDS)}",
+    )
+    args = parser.parse_args()
+    wanted = [k.strip() for k in args.kinds.split(",") if k.strip()]
+    unknown = sorted(set(wanted) - {k.key for k in KINDS})
+    if unknown:
+        parser.error(f"unknown kinds: {', '.join(unknown)}")
+    kinds = [k for k in KINDS if k.key in wanted]
+
+    print(f"machine: {os.cpu_count()} CPUs, load average {load()}", flush=True)
+    results: dict[str, list[float]] = {k.key: [] for k in kinds}
+    missed_by_kind: dict[str, int] = {}
+    first: drills.Snapshot | None = None
+    last: drills.Snapshot | None = None
+    crew_error = ""
+    started = time.monotonic()
+    root = short_tmpdir("tgfr")
+    sandbox = Sandbox.start(root / "sandbox")
+    try:
+        with running_fleet(root, sandbox) as fleet:
+            crew = [drills.add_bot(fleet, sandbox, "crew") for _ in range(BYSTANDERS)]
+            first = last = drills.snapshot(fleet, crew)
+            for kind in kinds:
+                for run in range(1, args.runs + 1):
+                    try:
+                        took = kind.run(fleet, sandbox)
+                    except Exception as exc:
+                        print(f"  {kind.label} run {run}: FAILED: {one_line(exc)}", flush=True)
+                        if os.environ.get("BENCH_TRACEBACK"):
+                            traceback.print_exc()
+                        continue
+                    results[kind.key].append(took)
+                    print(f"  {kind.label} run {run}: {took:.3f} s", flush=True)
+                try:
+                    now = drills.snapshot(fleet, crew)
+                except Exception as exc:
+                    crew_error = (
+                        f"bystanders not all heard from after {kind.label}: {one_line(exc)}"
+                    )
+                    print(f"  {crew_error}", flush=True)
+                    continue
+                assert last is not None
+                missed_by_kind[kind.key] = missed_since(last, now)
+                last = now
+    finally:
+        sandbox.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+    print(
+        f"\n{len(kinds)} kinds, {args.runs} runs each, in {time.monotonic() - started:.0f} s; "
+        f"load average now {load()}"
+    )
+    print(f"{'kind':<22}{'goal':<16}{'median s':>10}{'max s':>10}{'runs':>7}")
+    for kind in kinds:
+        times = results[kind.key]
+        median = f"{statistics.median(times):.2f}" if times else "-"
+        worst = f"{max(times):.2f}" if times else "-"
+        print(f"{kind.label:<22}{kind.goal:<16}{median:>10}{worst:>10}{len(times):>4}/{args.runs}")
+    if first is None or last is None:
+        print("bystanders: never heard from, no figures")
+        return
+    missed = missed_since(first, last)
+    detail = ", ".join(f"{k} {n}" for k, n in missed_by_kind.items() if n)
+    print(
+        f"bystanders ({len(first.pids)}): {missed} heartbeats missed over the whole run"
+        f"{f' ({detail})' if detail else ''}  [goal 0]"
+    )
+    changed = [
+        f"{n}: {first.pids[n]} → {last.pids[n]}"
+        for n in first.pids
+        if first.pids[n] != last.pids[n]
+    ]
+    print(f"bystander pids changed: {', '.join(changed) or 'none'}  [goal: none]")
+    if crew_error:
+        print(f"(incomplete: {crew_error})")
+
+
+if __name__ == "__main__":
+    main()
