@@ -7,11 +7,13 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import secrets
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import psutil
 from aiohttp import web
 
 from botrunner import protocol
@@ -378,10 +380,6 @@ async def status(request: web.Request) -> web.Response:
 
 
 def _self_usage() -> dict[str, Any]:
-    import os
-
-    import psutil
-
     me = psutil.Process()
     return {"pid": os.getpid(), "rss_mb": round(me.memory_info().rss / 2**20, 1)}
 

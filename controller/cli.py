@@ -379,20 +379,19 @@ def bots_logs(
     seen = result["lines"]
     while follow:
         time.sleep(1)
-        latest = call(
-            home, api, token, "GET", f"/api/v1/bots/{name}/logs?stream={stream}&lines=200"
-        )["lines"]
-        overlap = next(
-            (
-                i
-                for i in range(len(latest))
-                if latest[: len(latest) - i] == seen[i:][: len(latest) - i]
-            ),
-            0,
-        )
-        for line in latest[len(seen) - overlap :] if seen else latest:
+        path = f"/api/v1/bots/{name}/logs?stream={stream}&lines=200"
+        latest = call(home, api, token, "GET", path)["lines"]
+        for line in new_lines(seen, latest):
             typer.echo(line)
         seen = latest
+
+
+def new_lines(seen: list[str], latest: list[str]) -> list[str]:
+    """The lines of the log's latest tail that come after the tail seen before."""
+    for overlap in range(min(len(seen), len(latest)), 0, -1):
+        if seen[-overlap:] == latest[:overlap]:
+            return latest[overlap:]
+    return latest  # nothing in common (rotated, or more new lines than a tail holds)
 
 
 @bots.command("events")
