@@ -40,7 +40,7 @@ FLEET: web.AppKey[Fleet] = web.AppKey("fleet", Fleet)
 STORE: web.AppKey[PgStore] = web.AppKey("store", PgStore)
 HOME: web.AppKey[Home] = web.AppKey("home", Home)
 TOKENS: web.AppKey[dict[str, str]] = web.AppKey("tokens", dict)
-PUBLISH: web.AppKey[Callable[[str, protocol.Event], Awaitable[None]]] = web.AppKey("publish")
+PUBLISH: web.AppKey[Callable[[str, protocol.Event], None]] = web.AppKey("publish")
 
 # The dashboard page holds no data (it reads the API with the user's token).
 OPEN_PATHS = frozenset({"/healthz", "/"})
@@ -290,7 +290,7 @@ async def publish_event(request: web.Request) -> web.Response:
     data = body.get("data")
     fleet = request.app[FLEET]
     row = await fleet.record(None, "bus", request["actor"], str(topic), {"data": data})
-    await request.app[PUBLISH](
+    request.app[PUBLISH](
         str(topic),
         protocol.Event(
             bot="controller",
@@ -401,7 +401,7 @@ def build_app(
     fleet: Fleet,
     store: PgStore,
     home: Home,
-    publish: Callable[[str, protocol.Event], Awaitable[None]],
+    publish: Callable[[str, protocol.Event], None],
 ) -> web.Application:
     app = web.Application(middlewares=[problems, bearer_auth], client_max_size=MAX_BODY_BYTES)
     app[FLEET] = fleet

@@ -93,6 +93,12 @@ def webhook_poster(settings: ControllerSettings) -> Webhook | None:
     return post
 
 
+def log_failure(task: asyncio.Task[None]) -> None:
+    """A side task (not worth dying for) failed: say so once, with the traceback."""
+    if not task.cancelled() and task.exception() is not None:
+        log.error("the %s task failed", task.get_name(), exc_info=task.exception())
+
+
 async def serve(home: Home) -> int:
     settings = ControllerSettings.load(home)
     stopping = asyncio.Event()
@@ -118,10 +124,7 @@ async def serve(home: Home) -> int:
     fleet = Fleet(store, supervisor, files, publish=fan_out, webhook=webhook_poster(settings))
     await fleet.load()
 
-    async def publish(topic: str, event: protocol.Event) -> None:
-        fan_out(topic, event)
-
-    app = build_app(fleet, store, home, publish)
+    app = build_app(fleet, store, home, fan_out)
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
     host, port = parse_hostport(settings.listen, "listen")
@@ -138,7 +141,9 @@ async def serve(home: Home) -> int:
     if settings.demo:
         from controller.demo import seed_demo
 
-        side.append(asyncio.create_task(seed_demo(home, settings, fleet), name="demo"))
+        demo = asyncio.create_task(seed_demo(home, settings, fleet), name="demo")
+        demo.add_done_callback(log_failure)
+        side.append(demo)
 
     # -- main loop: until a signal, or until a watched task dies (exit 1: Circus respawns us)
     stop_wait = asyncio.create_task(stopping.wait())
