@@ -61,7 +61,8 @@ def _problem_response(problem: Problem) -> web.Response:
         "detail": problem.detail,
     }
     if problem.errors:
-        body["errors"] = problem.errors
+        # The same shape as tgfleet's own API: a list of {field, message}.
+        body["errors"] = [{"field": k, "message": v} for k, v in problem.errors.items()]
     return web.json_response(body, status=problem.status, content_type="application/problem+json")
 
 

@@ -107,8 +107,13 @@ class AdminClient:
                 body = await response.json(content_type=None)
                 if response.status >= 400:
                     detail = body.get("detail") if isinstance(body, dict) else None
-                    errors = body.get("errors") if isinstance(body, dict) else None
-                    fields = errors.items() if isinstance(errors, dict) else []
+                    listed = body.get("errors") if isinstance(body, dict) else None
+                    errors = {
+                        str(e.get("field")): str(e.get("message"))
+                        for e in (listed if isinstance(listed, list) else [])
+                        if isinstance(e, dict)
+                    }
+                    fields = errors.items()
                     extra = [f"{k}: {v}" for k, v in fields if f"{k}: {v}" not in (detail or "")]
                     suffix = f" ({'; '.join(extra)})" if extra else ""
                     raise AdminError(
