@@ -196,6 +196,13 @@ class Fleet:
 
     def on_message(self, message: protocol.Message) -> None:
         """A decoded bus message from a bot (the bus already checked its sender)."""
+        if self.rows is not None and message.bot not in {row.name for row in self.rows}:
+            log.warning(
+                "bus: dropped a %s from %r, which is no bot of this fleet",
+                message.TYPE,
+                message.bot,
+            )
+            return
         now = time.monotonic()
         current = self.live.get(message.bot)
         if isinstance(message, protocol.Ready | protocol.Heartbeat):
@@ -660,7 +667,14 @@ class Fleet:
         pid: int | None = None
         uptime: float | None = None
         rss: float | None = None
-        telegram: dict[str, Any] = {"connected": False, "last_update_age_s": None}
+        # Every key always there, whatever the bot last said.
+        telegram: dict[str, Any] = {
+            "connected": False,
+            "last_update_age_s": None,
+            "last_error": None,
+            "disconnected_since": None,
+            "flood_wait_until": None,
+        }
         if live is not None and live.alive_now():
             pid = live.pid
             try:
@@ -668,7 +682,7 @@ class Fleet:
             except psutil.Error:
                 uptime = None
             rss = live.rss_mb
-            telegram = {"last_update_age_s": None, **live.telegram}
+            telegram = {**telegram, **live.telegram}
         if row.state not in (BotState.RUNNING, BotState.STARTING):
             telegram["connected"] = False
         return {

@@ -12,6 +12,7 @@ from typing import Any
 
 import psutil
 import pytest
+import zmq
 from harness import Fleet, Sandbox, echo_spec, wait_for
 
 from controller.client import ApiClient, ApiError
@@ -299,3 +300,62 @@ def test_metrics_openapi_dashboard_and_tokens(fleet: Fleet) -> None:
         ApiClient(f"http://{fleet.listen}", secret).request("GET", "/api/v1/bots")
     assert revoked.value.status == 401
     assert secret not in fleet.cli("token", "list", "--json").stdout
+
+
+def test_garbage_and_forged_bus_messages_are_ignored(fleet: Fleet, sandbox: Sandbox) -> None:
+    name = new_bot(fleet, sandbox, "honest")
+    controller = fleet.api("GET", "/api/v1/status")["controller"]["pid"]
+    honest = fleet.bot(name)
+
+    def heartbeat(bot: str, pid: int) -> bytes:
+        return json.dumps(
+            {
+                "v": 1,
+                "type": "heartbeat",
+                "bot": bot,
+                "pid": pid,
+                "generation": 1,
+                "ts": 0,
+                "seq": 1,
+                "uptime_s": 1,
+                "rss_mb": 1,
+                "handled": 0,
+                "handler_errors": 0,
+                "telegram": {
+                    "connected": False,
+                    "disconnected_since": 1.0,
+                    "last_error": "forged",
+                    "last_update_age_s": None,
+                    "flood_wait_until": None,
+                },
+            }
+        ).encode()
+
+    context = zmq.Context()
+    try:
+        for identity, frames in [
+            (name, [b"\xff\x00 not json"]),  # malformed
+            (name, [b'{"v": 1, "type": "nonsense"}']),  # unknown type
+            (name, [heartbeat("other", 1)]),  # claims to be another bot
+            ("ghost", [heartbeat("ghost", 1)]),  # a peer that is no bot of the fleet
+            (name, [b"a", b"b", b"c"]),  # too many frames
+        ]:
+            sock = context.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 1000)
+            sock.setsockopt(zmq.ROUTING_ID, identity.encode())
+            sock.connect(fleet.home.bus_endpoint)
+            sock.send_multipart(frames)
+            sock.close()
+    finally:
+        context.term()
+    # The controller lives on, and nothing it reports moved.
+    wait_for(
+        "the controller's log to show the drops",
+        lambda: "ghost" in (fleet.home.logs_dir / "controller.err.log").read_text(),
+    )
+    assert fleet.api("GET", "/api/v1/status")["controller"]["pid"] == controller
+    after = fleet.bot(name)
+    assert after["pid"] == honest["pid"] and after["telegram"]["last_error"] != "forged"
+    with pytest.raises(ApiError) as ghost:
+        fleet.bot("ghost")
+    assert ghost.value.status == 404
