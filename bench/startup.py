@@ -52,8 +52,8 @@ def cold_demo_up() -> tuple[float, float]:
     """Seconds from `tgfleet up --demo` in an empty home to all demo bots running; then again warm."""
     root = short_tmpdir("tgfb")
     figures = []
+    fleet = Fleet.create(root)
     try:
-        fleet = Fleet.create(root)
         fleet.env = {
             "TGFLEET_SANDBOX_LISTEN": f"127.0.0.1:{free_port()}",
             "TGFLEET_SANDBOX_ADMIN": f"127.0.0.1:{free_port()}",
@@ -74,7 +74,7 @@ def cold_demo_up() -> tuple[float, float]:
             figures.append(time.monotonic() - started)
             fleet.stop()
     finally:
-        Fleet.create(root).kill_leftovers()
+        fleet.kill_leftovers()
         shutil.rmtree(root, ignore_errors=True)
     return figures[0], figures[1]
 

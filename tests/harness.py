@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import http.server
 import json
@@ -26,6 +27,38 @@ from controller.client import ApiClient, ApiError, ApiUnreachable
 from controller.home import Home
 
 ROOT = Path(__file__).resolve().parent.parent
+#: When set, fleets use this PostgreSQL server (one fresh database each) instead of
+#: the embedded one.
+EXTERNAL_DSN = os.environ.get("TGFLEET_DATABASE_URL") or None
+
+
+def _with_database(dsn: str, database: str) -> str:
+    parts = urllib.parse.urlsplit(dsn)
+    return urllib.parse.urlunsplit(parts._replace(path="/" + database))
+
+
+async def _admin_sql(dsn: str, sql: str) -> None:
+    import asyncpg
+
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+def create_database(dsn: str) -> str:
+    """A new, empty database on the server of ``dsn``; the DSN that reaches it."""
+    name = "tgfleet_test_" + os.urandom(6).hex()
+    asyncio.run(_admin_sql(dsn, f'CREATE DATABASE "{name}"'))
+    return _with_database(dsn, name)
+
+
+def drop_database(admin_dsn: str, dsn: str) -> None:
+    name = urllib.parse.urlsplit(dsn).path.lstrip("/")
+    asyncio.run(_admin_sql(admin_dsn, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
 BIN = Path(sys.executable).parent
 T = TypeVar("T")
 
@@ -256,15 +289,24 @@ class Fleet:
     proc: subprocess.Popen[bytes] | None = None
     output: Path | None = None
     env: dict[str, str] = field(default_factory=dict)
+    database: str | None = None  # its own database on an external server, if any
 
     @classmethod
     def create(cls, root: Path) -> Fleet:
         return cls(Home(root / "home"), f"127.0.0.1:{free_port()}")
 
+    @property
+    def embedded_postgres(self) -> bool:
+        return EXTERNAL_DSN is None
+
     def start(self, *extra: str) -> Fleet:
         self.output = self.home.root.parent / "up.log"
         env = {**os.environ, **self.env}
         env.pop("TGFLEET_HOME", None)
+        if EXTERNAL_DSN is not None:
+            if self.database is None:
+                self.database = create_database(EXTERNAL_DSN)
+            env["TGFLEET_DATABASE_URL"] = self.database
         with open(self.output, "ab") as log:
             self.proc = subprocess.Popen(
                 [
@@ -375,10 +417,14 @@ class Fleet:
         return found
 
     def kill_leftovers(self) -> None:
+        """Kill whatever of this fleet still runs, and drop its external database."""
         for proc in psutil.process_iter(["cmdline"]):
             if str(self.home.root) in " ".join(proc.info["cmdline"] or []):
                 with contextlib.suppress(psutil.Error):
                     proc.kill()
+        if self.database is not None and EXTERNAL_DSN is not None:
+            drop_database(EXTERNAL_DSN, self.database)
+            self.database = None
 
 
 @contextlib.contextmanager

@@ -64,7 +64,8 @@ def test_create_runs_a_real_bot_that_answers(fleet: Fleet, sandbox: Sandbox) -> 
     assert row[-1] == "yes"
 
     status = circus_status(fleet)
-    assert {"controller", "postgres", "bot-shop"} <= set(status)
+    assert {"controller", "bot-shop"} <= set(status)
+    assert ("postgres" in status) == fleet.embedded_postgres
     assert status["bot-shop"] == "active"
 
     assert ask(sandbox, "shop", "hello there") == "hello there"
