@@ -14,25 +14,14 @@ import asyncio
 import multiprocessing
 import os
 import shutil
-import signal
-import socket
-import subprocess
-import sys
-import tempfile
 import time
 from multiprocessing.synchronize import Event
 from pathlib import Path
 
 import psutil
+from _fleet import Sandbox, short_tmpdir
 
 from controller.sandbox.admin_client import AdminClient, AdminError
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def rss_mb(pid: int) -> float:
@@ -163,35 +152,14 @@ async def measure(
 
 
 def main(args: argparse.Namespace) -> None:
-    data = Path(tempfile.mkdtemp(prefix="sbxbench"))
-    port, admin_port = free_port(), free_port()
-    sandbox = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "controller.sandbox",
-            "serve",
-            "--listen",
-            f"127.0.0.1:{port}",
-            "--admin-listen",
-            f"127.0.0.1:{admin_port}",
-            "--data",
-            str(data),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    root = short_tmpdir("sbxbench")
+    sandbox = Sandbox.start(root / "sandbox")  # as its own process, as Circus runs it
     try:
-        asyncio.run(measure(args, data, port, admin_port, sandbox.pid))
+        asyncio.run(measure(args, sandbox.data, sandbox.port, sandbox.admin_port, sandbox.proc.pid))
     finally:
-        sandbox.send_signal(signal.SIGTERM)
-        try:
-            sandbox.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            sandbox.kill()
-            sandbox.wait()
-        shutil.rmtree(data, ignore_errors=True)
-        print(f"sandbox exit code {sandbox.returncode}")
+        sandbox.stop()
+        shutil.rmtree(root, ignore_errors=True)
+        print(f"sandbox exit code {sandbox.proc.returncode}")
 
 
 if __name__ == "__main__":
