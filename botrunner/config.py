@@ -114,17 +114,21 @@ def _is_number(value: object) -> TypeGuard[float]:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-def _public_key_problem(pem: str) -> str | None:
-    # rsa is what Telethon itself loads the key with (telethon.crypto.rsa.add_key).
+def public_key_problem(pem: str) -> str | None:
+    """Why Telethon could not load ``pem`` as a server key (``telethon.crypto.rsa.add_key``
+    loads it with the small ``rsa`` package), or None. The controller checks specs
+    with it too, so a key it accepts is one the bot can load."""
     import rsa
-    from pyasn1.error import PyAsn1Error  # type: ignore[import-untyped]
+    from pyasn1.error import PyAsn1Error
 
     if "-----BEGIN RSA PUBLIC KEY-----" not in pem:
-        return "must be a PKCS#1 PEM ('-----BEGIN RSA PUBLIC KEY-----')"
+        return "must be a PKCS#1 PEM ('-----BEGIN RSA PUBLIC KEY-----'), as Telethon loads it"
     try:
         rsa.PublicKey.load_pkcs1(pem.encode())
-    except (PyAsn1Error, ValueError, IndexError, TypeError) as exc:  # rsa's and pyasn1's
-        return f"is not a valid RSA public key ({type(exc).__name__}: {exc})"
+    except (ValueError, IndexError, TypeError):
+        return "is not an RSA public key: its markers or its base64 are broken"
+    except PyAsn1Error:
+        return "is not an RSA public key: its content is not PKCS#1"
     return None
 
 
@@ -153,7 +157,7 @@ def _server(value: object, problems: _Problems) -> ServerOverride | None:
         problems.add(f"{key}.dc_id", "must be an integer from 1 to 1000")
     if not isinstance(pem, str):
         problems.add(f"{key}.public_key", "must be a string (PKCS#1 PEM)")
-    elif why := _public_key_problem(pem):
+    elif why := public_key_problem(pem):
         problems.add(f"{key}.public_key", why)
     valid = len(problems.items) == before
     if (

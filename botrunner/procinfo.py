@@ -1,4 +1,8 @@
-"""This process's resident memory and age, read from /proc (psutil costs memory per bot)."""
+"""Resident memory, age and existence of processes, read from /proc.
+
+psutil would cost memory in every bot (and in the controller); these few reads are
+all either needs.
+"""
 
 from __future__ import annotations
 
@@ -10,14 +14,33 @@ _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def rss_mb() -> float:
-    """Resident set size in MB (from /proc/self/statm; ru_maxrss where there is no /proc)."""
+def rss_mb(pid: int | str = "self") -> float | None:
+    """Resident set size in MB; None when the process is gone.
+
+    For this process without /proc: ru_maxrss (the peak) is the best there is.
+    """
     try:
-        with open("/proc/self/statm", "rb") as statm:
+        with open(f"/proc/{pid}/statm", "rb") as statm:
             resident_pages = int(statm.read().split()[1])
     except (OSError, IndexError, ValueError):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KB on Linux
+        if pid == "self":
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KB on Linux
+        return None
     return round(resident_pages * _PAGE_SIZE / (1024 * 1024), 1)
+
+
+def age_s(pid: int | str = "self") -> float | None:
+    """Seconds since the kernel started the process; None when that cannot be read."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat_file:
+            # the command name may hold spaces and parens: fields start after the last ')'
+            fields = stat_file.read().rsplit(b")", 1)[1].split()
+        with open("/proc/uptime", "rb") as uptime_file:
+            uptime_s = float(uptime_file.read().split()[0])
+        started_after_boot_s = int(fields[19]) / _CLOCK_TICKS  # field 22: starttime
+    except (OSError, IndexError, ValueError):
+        return None
+    return max(0.0, uptime_s - started_after_boot_s)
 
 
 def process_age_s(fallback_started_monotonic: float) -> float:
@@ -25,13 +48,16 @@ def process_age_s(fallback_started_monotonic: float) -> float:
 
     Falls back to time since ``fallback_started_monotonic`` without /proc.
     """
+    age = age_s("self")
+    return age if age is not None else time.monotonic() - fallback_started_monotonic
+
+
+def pid_exists(pid: int) -> bool:
+    """True while a process has this pid (a zombie included)."""
     try:
-        with open("/proc/self/stat", "rb") as stat_file:
-            # the command name may hold spaces and parens: fields start after the last ')'
-            fields = stat_file.read().rsplit(b")", 1)[1].split()
-        with open("/proc/uptime", "rb") as uptime_file:
-            uptime_s = float(uptime_file.read().split()[0])
-        started_after_boot_s = int(fields[19]) / _CLOCK_TICKS  # field 22: starttime
-    except (OSError, IndexError, ValueError):
-        return time.monotonic() - fallback_started_monotonic
-    return max(0.0, uptime_s - started_after_boot_s)
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True

@@ -246,7 +246,7 @@ class Runner:
             **self.sender.envelope(),
             seq=self._seq,
             uptime_s=round(self.clock.monotonic() - self.started_monotonic, 3),
-            rss_mb=procinfo.rss_mb(),
+            rss_mb=procinfo.rss_mb() or 0.0,
             telegram=telegram,
             handled=self.counters.handled,
             handler_errors=self.counters.handler_errors,

@@ -13,10 +13,9 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-import psutil
 from aiohttp import web
 
-from botrunner import protocol
+from botrunner import procinfo, protocol
 from controller.errors import (
     BadRequest,
     FieldError,
@@ -372,16 +371,11 @@ async def status(request: web.Request) -> web.Response:
             "bots": len(bots),
             "states": counts,
             "telegram_connected": sum(1 for b in bots if b["telegram"]["connected"]),
-            "controller": await asyncio.to_thread(_self_usage),
+            "controller": {"pid": os.getpid(), "rss_mb": procinfo.rss_mb()},
             "database": "unavailable" if fleet.database_error else "ok",
             "reconcile_error": fleet.last_pass_error,
         }
     )
-
-
-def _self_usage() -> dict[str, Any]:
-    me = psutil.Process()
-    return {"pid": os.getpid(), "rss_mb": round(me.memory_info().rss / 2**20, 1)}
 
 
 async def dashboard(request: web.Request) -> web.FileResponse:

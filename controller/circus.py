@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-import psutil
 import zmq
 import zmq.asyncio
 
@@ -233,6 +232,8 @@ class CircusClient:
         on the pids gives exact numbers. A process that exits meanwhile is
         left out.
         """
+        import psutil  # only here: the controller itself does without it (memory)
+
         result: dict[int, ProcessStats] = {}
         for pid in await self.pids(name):
             try:

@@ -18,9 +18,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
-import psutil
 
-from botrunner import protocol
+from botrunner import procinfo, protocol
 from controller.botfiles import BotFiles
 from controller.circus import Supervisor, SupervisorError, WatcherEvent, WatcherNotFound
 from controller.errors import StoreUnavailable, SupervisorUnavailable, TgfleetError
@@ -113,7 +112,7 @@ class LiveProcess:
         self.last_beat_at = time.time()
 
     def alive_now(self) -> bool:
-        return bool(psutil.pid_exists(self.pid))
+        return procinfo.pid_exists(self.pid)
 
     def observed(self) -> Live:
         return Live(
@@ -677,10 +676,7 @@ class Fleet:
         }
         if live is not None and live.alive_now():
             pid = live.pid
-            try:
-                uptime = max(0.0, time.time() - psutil.Process(pid).create_time())
-            except psutil.Error:
-                uptime = None
+            uptime = procinfo.age_s(pid)
             rss = live.rss_mb
             telegram = {**telegram, **live.telegram}
         if row.state not in (BotState.RUNNING, BotState.STARTING):

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, TypeGuard
 
+from botrunner.config import public_key_problem
 from controller.errors import FieldError, InvalidSpec
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,31}$")
@@ -170,18 +171,6 @@ def plugin_problem(ref: str) -> str | None:
     return f"module {module_name!r} has no top-level {function!r}"
 
 
-def _check_public_key(pem: str) -> str | None:
-    from cryptography.hazmat.primitives.serialization import load_pem_public_key
-
-    try:
-        load_pem_public_key(pem.encode())
-    except ValueError as exc:
-        return f"not a PEM RSA public key ({exc})"
-    if "BEGIN RSA PUBLIC KEY" not in pem:
-        return "must be PKCS#1 PEM ('-----BEGIN RSA PUBLIC KEY-----'), as Telethon loads it"
-    return None
-
-
 def _check_telegram(value: object, errors: _Errors, prefix: str = "telegram") -> None:
     if not isinstance(value, dict):
         errors.add(prefix, "must be an object")
@@ -227,7 +216,7 @@ def _check_telegram(value: object, errors: _Errors, prefix: str = "telegram") ->
         errors.add(f"{prefix}.server.dc_id", "must be an integer from 1 to 1000")
     pem = server.get("public_key")
     if "public_key" in server:
-        problem = _check_public_key(pem) if isinstance(pem, str) else "must be a string"
+        problem = public_key_problem(pem) if isinstance(pem, str) else "must be a string"
         if problem:
             errors.add(f"{prefix}.server.public_key", problem)
 

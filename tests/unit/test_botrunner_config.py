@@ -140,7 +140,7 @@ BAD: list[tuple[str, Any, str]] = [
     (
         "telegram.server.public_key",
         "-----BEGIN RSA PUBLIC KEY-----\nAAAA\n-----END RSA PUBLIC KEY-----\n",
-        "telegram.server.public_key: is not a valid RSA public key",
+        "telegram.server.public_key: is not an RSA public key: its content is not PKCS#1",
     ),
     ("health", 5, "health: must be an object"),
     ("health.probe_timeout_s", 0, "health.probe_timeout_s: must be a number of seconds"),

@@ -153,3 +153,34 @@ def test_public_view_hides_secrets() -> None:
     view = public_view({"token": TOKEN, "settings": {}})
     assert "token" not in view
     assert view["credential"] == "token"
+
+
+@pytest.mark.parametrize(
+    ("pem", "fragment"),
+    [
+        ("hello", "must be a PKCS#1 PEM"),
+        ("-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n", "must be a PKCS#1 PEM"),
+        (
+            "-----BEGIN RSA PUBLIC KEY-----\nAAAA\n-----END RSA PUBLIC KEY-----\n",
+            "content is not PKCS#1",
+        ),
+        ("-----BEGIN RSA PUBLIC KEY-----\nAAAA\n", "markers or its base64"),
+    ],
+)
+def test_server_public_key_is_checked_as_telethon_loads_it(pem: str, fragment: str) -> None:
+    body = {
+        "name": "shop",
+        "token": TOKEN,
+        "telegram": {"server": {"host": "127.0.0.1", "port": 8711, "dc_id": 2, "public_key": pem}},
+    }
+    with pytest.raises(InvalidSpec) as exc:
+        validate_create(body)
+    assert fragment in fields_of(exc)["telegram.server.public_key"]
+
+
+def test_a_real_key_passes() -> None:
+    import rsa
+
+    pem = rsa.newkeys(512)[0].save_pkcs1().decode()
+    server = {"host": "127.0.0.1", "port": 8711, "dc_id": 2, "public_key": pem}
+    validate_create({"name": "shop", "token": TOKEN, "telegram": {"server": server}})
