@@ -21,6 +21,7 @@ import asyncio
 import logging
 import os
 import signal
+import sqlite3
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -214,7 +215,7 @@ class Runner:
             ),
             DELIVER_TIMEOUT_S,
         )
-        await self._side.cancel("probe")
+        await self._side.cancel("probe", "checkpoint")
         self.status.mark_disconnected(f"fatal: {info.error}")
         await self._disconnect_telegram(DISCONNECT_TIMEOUT_S)
 
@@ -261,8 +262,11 @@ class Runner:
         while True:
             state = update_state(client)
             if state != saved and not self.counters.running:
-                await save_update_state(client)
-                saved = state
+                try:
+                    await save_update_state(client)
+                    saved = state
+                except sqlite3.Error as exc:  # the session file: retried next time, not fatal
+                    log.warning("telegram: could not save the update state: %s", exc)
             await asyncio.sleep(self.config.health.heartbeat_interval_s)
 
     async def _receive_loop(self, bus: BusClient, host: PluginHost) -> None:

@@ -29,7 +29,7 @@ from controller.errors import (
 from controller.fleet import Fleet
 from controller.home import Home
 from controller.openapi import OPENAPI
-from controller.spec import NAME_RE, TOPIC_RE, validate_defaults
+from controller.spec import NAME_RE, TOPIC_RE
 from controller.store import EventRow, PgStore, TokenRow
 from controller.views import metrics_text
 
@@ -311,11 +311,8 @@ async def get_defaults(request: web.Request) -> web.Response:
 
 
 async def put_defaults(request: web.Request) -> web.Response:
-    value = validate_defaults(await read_json(request))
-    store = request.app[STORE]
-    await store.set_defaults(value, request["actor"])
-    await request.app[FLEET].reconcile()
-    return ok(await store.get_defaults())
+    body = await read_json(request)
+    return ok(await request.app[FLEET].set_defaults(body, request["actor"]))
 
 
 def token_json(row: TokenRow) -> dict[str, Any]:

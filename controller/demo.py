@@ -91,7 +91,7 @@ async def seed_demo(home: Home, settings: ControllerSettings, fleet: Fleet) -> N
         defaults = await fleet.store.get_defaults()
         telegram = sandbox_telegram(home, settings)
         if defaults.get("telegram") != telegram:
-            await fleet.store.set_defaults({**defaults, "telegram": telegram}, "demo")
+            await fleet.set_defaults({**defaults, "telegram": telegram}, "demo")
             log.info("fleet default Telegram is now the sandbox at %s", settings.sandbox_listen)
         marker = home.root / "demo.seeded"
         if marker.exists():

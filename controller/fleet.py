@@ -51,8 +51,10 @@ from controller.spec import (
     EffectiveSpec,
     check_runnable,
     effective,
+    process_view,
     public_view,
     validate_create,
+    validate_defaults,
     validate_patch,
 )
 from controller.states import BotState, Trigger, can, transition
@@ -575,12 +577,29 @@ class Fleet:
         return await self.store.get_bot(name)
 
     async def update(self, name: str, body: object, actor: str) -> BotRow:
+        """Change a bot's spec; its process restarts only if what it sees changed."""
         row = await self.store.get_bot(name)
         own = validate_patch(row.spec, body)
-        check_runnable(effective(own, await self.store.get_defaults()))
-        await self.store.update_spec(name, own, actor)
+        defaults = await self.store.get_defaults()
+        new = effective(own, defaults)
+        check_runnable(new)
+        restart = process_view(new) != process_view(effective(row.spec, defaults))
+        await self.store.update_spec(name, own, actor, restart)
         await self._reconcile_quietly()
         return await self.store.get_bot(name)
+
+    async def set_defaults(self, body: object, actor: str) -> dict[str, Any]:
+        """Replace the fleet defaults; restart the bots whose processes see a change."""
+        value = validate_defaults(body)
+        old = await self.store.get_defaults()
+        restart = [
+            row.name
+            for row in await self.store.list_bots()
+            if process_view(effective(row.spec, value)) != process_view(effective(row.spec, old))
+        ]
+        await self.store.set_defaults(value, actor, restart)
+        await self._reconcile_quietly()
+        return await self.store.get_defaults()
 
     async def start(self, name: str, actor: str) -> BotRow:
         async with self._lock:

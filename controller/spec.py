@@ -12,7 +12,7 @@ import importlib.util
 import json
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeGuard
 
 from botrunner.config import public_key_problem
@@ -397,6 +397,12 @@ def effective(own: Mapping[str, Any], fleet_defaults: Mapping[str, Any]) -> Effe
         server=TelegramServer(**server) if server else None,
         health={k: None if v is None else float(v) for k, v in spec["health"].items()},
     )
+
+
+def process_view(spec: EffectiveSpec) -> EffectiveSpec:
+    """What of a spec the bot's process sees (its config file and watcher): a change
+    here restarts it; the controller's own health settings do not."""
+    return replace(spec, health={k: v for k, v in spec.health.items() if k in BOT_HEALTH_KEYS})
 
 
 def check_runnable(spec: EffectiveSpec) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import inspect
 import json
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from importlib import resources
@@ -76,7 +76,9 @@ class Store(Protocol):
     async def create_bot(
         self, name: str, spec: Mapping[str, Any], desired: str, actor: str
     ) -> BotRow: ...
-    async def update_spec(self, name: str, spec: Mapping[str, Any], actor: str) -> BotRow: ...
+    async def update_spec(
+        self, name: str, spec: Mapping[str, Any], actor: str, restart: bool
+    ) -> BotRow: ...
     async def set_desired(self, name: str, desired: str, actor: str, reason: str) -> BotRow: ...
     async def set_state(
         self, name: str, state: BotState, actor: str, reason: str, data: Mapping[str, Any] | None
@@ -88,7 +90,9 @@ class Store(Protocol):
     ) -> EventRow: ...
     async def events(self, bot: str | None, after_id: int, limit: int) -> list[EventRow]: ...
     async def get_defaults(self) -> dict[str, Any]: ...
-    async def set_defaults(self, value: Mapping[str, Any], actor: str) -> None: ...
+    async def set_defaults(
+        self, value: Mapping[str, Any], actor: str, restart: Sequence[str]
+    ) -> None: ...
     async def load_health(self) -> dict[str, dict[str, Any]]: ...
     async def save_health(self, name: str, record: Mapping[str, Any]) -> None: ...
     async def add_token(self, name: str, token_sha256: str) -> TokenRow: ...
@@ -266,13 +270,17 @@ class PgStore:
             )
         return _bot(row)
 
-    async def update_spec(self, name: str, spec: Mapping[str, Any], actor: str) -> BotRow:
+    async def update_spec(
+        self, name: str, spec: Mapping[str, Any], actor: str, restart: bool
+    ) -> BotRow:
+        """Store a bot's new spec; a new generation (its process restarts) when ``restart``."""
         async with self._pool.acquire() as conn, conn.transaction():
             row = await conn.fetchrow(
-                """UPDATE bots SET spec = $2, generation = generation + 1, updated_at = now()
+                """UPDATE bots SET spec = $2, generation = generation + $3, updated_at = now()
                    WHERE name = $1 RETURNING *""",
                 name,
                 dict(spec),
+                1 if restart else 0,
             )
             if row is None:
                 raise BotNotFound(name)
@@ -283,8 +291,8 @@ class PgStore:
                 actor,
                 None,
                 None,
-                "spec changed",
-                {"generation": row["generation"]},
+                "spec changed" if restart else "spec changed; the process keeps running",
+                {"generation": row["generation"], "restart": restart},
             )
         return _bot(row)
 
@@ -381,13 +389,26 @@ class PgStore:
         value = await self._pool.fetchval("SELECT value FROM fleet_defaults")
         return dict(value or {})
 
-    async def set_defaults(self, value: Mapping[str, Any], actor: str) -> None:
-        """Replace the fleet defaults; every bot's generation moves so that it re-renders."""
+    async def set_defaults(
+        self, value: Mapping[str, Any], actor: str, restart: Sequence[str]
+    ) -> None:
+        """Replace the fleet defaults; the bots in ``restart`` get a new generation."""
         async with self._pool.acquire() as conn, conn.transaction():
             await conn.execute("UPDATE fleet_defaults SET value = $1", dict(value))
-            await conn.execute("UPDATE bots SET generation = generation + 1, updated_at = now()")
             await conn.execute(
-                _INSERT_EVENT, None, "defaults", actor, None, None, "fleet defaults changed", {}
+                """UPDATE bots SET generation = generation + 1, updated_at = now()
+                   WHERE name = ANY($1::text[])""",
+                list(restart),
+            )
+            await conn.execute(
+                _INSERT_EVENT,
+                None,
+                "defaults",
+                actor,
+                None,
+                None,
+                "fleet defaults changed",
+                {"restarted": sorted(restart)},
             )
 
     async def load_health(self) -> dict[str, dict[str, Any]]:

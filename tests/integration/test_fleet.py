@@ -118,6 +118,25 @@ def test_update_restarts_that_bot_alone(fleet: Fleet, sandbox: Sandbox) -> None:
     assert ask(sandbox, name, "there") == "hi there"
 
 
+def test_changing_what_only_the_controller_reads_restarts_nothing(
+    fleet: Fleet, sandbox: Sandbox
+) -> None:
+    name = new_bot(fleet, sandbox, "tuned")
+    before = pids(fleet)
+    generation = fleet.bot(name)["generation"]
+    bot = fleet.api("PATCH", f"/api/v1/bots/{name}", {"health": {"heartbeat_timeout_s": 20}})
+    assert bot["generation"] == generation and bot["spec"]["health"] == {"heartbeat_timeout_s": 20}
+    defaults = fleet.api("GET", "/api/v1/defaults")
+    changed = {**defaults, "health": {**defaults.get("health", {}), "disconnect_grace_s": 15}}
+    assert fleet.api("PUT", "/api/v1/defaults", changed)["health"]["disconnect_grace_s"] == 15
+    history = fleet.api("GET", f"/api/v1/bots/{name}/events")["events"]
+    assert history[-1]["reason"] == "spec changed; the process keeps running"
+    assert pids(fleet) == before
+    assert all(
+        b["generation"] <= 2 or b["name"] != name for b in fleet.api("GET", "/api/v1/bots")["bots"]
+    )
+
+
 def test_stop_start_restart_destroy(fleet: Fleet, sandbox: Sandbox) -> None:
     name = new_bot(fleet, sandbox, "cycle")
     first = fleet.bot(name)["pid"]
