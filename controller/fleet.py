@@ -93,7 +93,6 @@ class LiveProcess:
     fatal: str | None = None
     fatal_kind: str | None = None
     replaced_pid: int | None = None
-    last_seen: float = field(default_factory=time.monotonic)
     # From the latest ready or heartbeat, whichever came last.
     telegram: dict[str, Any] = field(default_factory=lambda: {"connected": False})
     rss_mb: float | None = None
@@ -204,7 +203,6 @@ class Fleet:
                 message.bot,
             )
             return
-        now = time.monotonic()
         current = self.live.get(message.bot)
         if isinstance(message, protocol.Ready | protocol.Heartbeat):
             if current is None or current.pid != message.pid:
@@ -213,7 +211,6 @@ class Fleet:
                 self.live[message.bot] = current
                 self._nudge.set()
             current.generation = message.generation
-            current.last_seen = now
             current.beat(self._intervals.get(message.bot, 2.0))
             if isinstance(message, protocol.Ready):
                 current.ready = message.telegram.connected
@@ -242,7 +239,6 @@ class Fleet:
                 self.live[message.bot] = current
             current.fatal = message.error
             current.fatal_kind = message.kind
-            current.last_seen = now
             self._nudge.set()
         elif isinstance(message, protocol.Event):
             self._spawn_task(self._bus_event(message), f"bus event from {message.bot}")
