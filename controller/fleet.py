@@ -554,10 +554,8 @@ class Fleet:
     ) -> BotRow:
         row = await self.store.get_bot(name)
         new_state = transition(row.state, trigger)
-        updated = await self.store.set_state(name, new_state, actor, reason, data)
-        events = await self.store.recent_events(name, 1)
-        if events:
-            self._emit(events[-1])
+        updated, event = await self.store.set_state(name, new_state, actor, reason, data)
+        self._emit(event)
         log.info("%s: %s -> %s (%s)", name, row.state, new_state, reason)
         return updated
 
@@ -662,10 +660,7 @@ class Fleet:
             self.live.pop(name, None)
             self.health.pop(name, None)
             self._saved_health.pop(name, None)
-            await self.store.delete_bot(name, actor, "destroy requested")
-            events = await self.store.recent_events(name, 1)
-            if events:
-                self._emit(events[-1])
+            self._emit(await self.store.delete_bot(name, actor, "destroy requested"))
 
     async def _reconcile_quietly(self) -> None:
         """Run a pass for an operation; circusd trouble becomes a 503, the loop retries."""

@@ -82,9 +82,9 @@ class Store(Protocol):
     async def set_desired(self, name: str, desired: str, actor: str, reason: str) -> BotRow: ...
     async def set_state(
         self, name: str, state: BotState, actor: str, reason: str, data: Mapping[str, Any] | None
-    ) -> BotRow: ...
+    ) -> tuple[BotRow, EventRow]: ...
     async def count_restart(self, name: str) -> None: ...
-    async def delete_bot(self, name: str, actor: str, reason: str) -> None: ...
+    async def delete_bot(self, name: str, actor: str, reason: str) -> EventRow: ...
     async def add_event(
         self, bot: str | None, kind: str, actor: str, reason: str, data: Mapping[str, Any]
     ) -> EventRow: ...
@@ -317,7 +317,8 @@ class PgStore:
         actor: str,
         reason: str,
         data: Mapping[str, Any] | None = None,
-    ) -> BotRow:
+    ) -> tuple[BotRow, EventRow]:
+        """Move a bot to ``state``; the bot's new row and the transition's event row."""
         async with self._pool.acquire() as conn, conn.transaction():
             old = await conn.fetchrow("SELECT state FROM bots WHERE name = $1 FOR UPDATE", name)
             if old is None:
@@ -329,7 +330,7 @@ class PgStore:
                 state.value,
                 reason,
             )
-            await conn.execute(
+            event = await conn.fetchrow(
                 _INSERT_EVENT,
                 name,
                 "transition",
@@ -339,20 +340,22 @@ class PgStore:
                 reason,
                 dict(data or {}),
             )
-        return _bot(row)
+        return _bot(row), _event(event)
 
     async def count_restart(self, name: str) -> None:
         await self._pool.execute("UPDATE bots SET restarts = restarts + 1 WHERE name = $1", name)
 
-    async def delete_bot(self, name: str, actor: str, reason: str) -> None:
+    async def delete_bot(self, name: str, actor: str, reason: str) -> EventRow:
+        """Delete a bot (its events stay); the event row of its destruction."""
         async with self._pool.acquire() as conn, conn.transaction():
             old = await conn.fetchrow("DELETE FROM bots WHERE name = $1 RETURNING state", name)
             if old is None:
                 raise BotNotFound(name)
             await conn.execute("DELETE FROM bot_health WHERE name = $1", name)
-            await conn.execute(
+            event = await conn.fetchrow(
                 _INSERT_EVENT, name, "transition", actor, old["state"], "destroyed", reason, {}
             )
+        return _event(event)
 
     async def add_event(
         self, bot: str | None, kind: str, actor: str, reason: str, data: Mapping[str, Any]
@@ -374,15 +377,6 @@ class PgStore:
                 after_id,
                 limit,
             )
-        return [_event(r) for r in rows]
-
-    async def recent_events(self, bot: str, limit: int) -> list[EventRow]:
-        rows = await self._pool.fetch(
-            "SELECT * FROM (SELECT * FROM events WHERE bot = $1 ORDER BY id DESC LIMIT $2) e "
-            "ORDER BY id",
-            bot,
-            limit,
-        )
         return [_event(r) for r in rows]
 
     async def get_defaults(self) -> dict[str, Any]:
