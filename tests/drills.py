@@ -21,8 +21,13 @@ CHAOS = "botrunner.plugins.chaos:setup"
 _serial = count(1)
 
 
+def sandbox_name(name: str) -> str:
+    """The sandbox account of a fleet bot (Telegram names have no '-')."""
+    return name.replace("-", "_")
+
+
 def username(name: str) -> str:
-    return name.replace("-", "_") + "_bot"
+    return sandbox_name(name) + "_bot"
 
 
 def add_bot(
@@ -35,7 +40,7 @@ def add_bot(
     wait: bool = True,
 ) -> str:
     name = f"{prefix}-{next(_serial)}"
-    token = sandbox.create_bot(name.replace("-", "_"))
+    token = sandbox.create_bot(sandbox_name(name))
     spec: dict[str, Any] = {
         "name": name,
         "token": token,
@@ -188,7 +193,7 @@ def memory_growth(fleet: Fleet, sandbox: Sandbox, name: str, megabytes: int) -> 
 def sandbox_fault(fleet: Fleet, sandbox: Sandbox, name: str, kind: str, **options: object) -> float:
     """A fault on the bot's live Telegram connection (close, blackhole --live)."""
     started = time.monotonic()
-    sandbox.fault(name.replace("-", "_"), kind, **options)
+    sandbox.fault(sandbox_name(name), kind, **options)
     took = answered_in(sandbox, name, started, f"after {kind} {next(_serial)}")
     connected(fleet, name)
     return took

@@ -13,6 +13,7 @@ from typing import Any
 import psutil
 import pytest
 import zmq
+from drills import sandbox_name, username
 from harness import Fleet, Sandbox, echo_spec, wait_for
 
 from controller.client import ApiClient, ApiError
@@ -24,14 +25,10 @@ _names = count(1)
 
 def new_bot(fleet: Fleet, sandbox: Sandbox, prefix: str, **settings: Any) -> str:
     name = f"{prefix}-{next(_names)}"
-    token = sandbox.create_bot(name.replace("-", "_"))
+    token = sandbox.create_bot(sandbox_name(name))
     fleet.api("POST", "/api/v1/bots", echo_spec(name, token, **settings))
     fleet.wait_state(name, "running")
     return name
-
-
-def username(name: str) -> str:
-    return name.replace("-", "_") + "_bot"
 
 
 def ask(sandbox: Sandbox, name: str, text: str) -> str:

@@ -132,7 +132,7 @@ def test_refused_connections_back_off_exponentially_then_recover(
     fleet: Fleet, sandbox: Sandbox, watched: drills.Snapshot
 ) -> None:
     name = victim(fleet, sandbox, backoff_base_s=1.0)
-    target = name.replace("-", "_")
+    target = drills.sandbox_name(name)
     sandbox.fault(target, "refuse")
     sandbox.fault(target, "close")
     try:
@@ -171,11 +171,11 @@ def test_a_slow_telegram_is_not_a_failure(
 ) -> None:
     name = victim(fleet, sandbox)
     pid = fleet.bot(name)["pid"]
-    sandbox.fault(name.replace("-", "_"), "delay", ms=500)
+    sandbox.fault(drills.sandbox_name(name), "delay", ms=500)
     try:
         drills.answered_in(sandbox, name, 0.0, "slow but fine")
     finally:
-        sandbox.clear(name.replace("-", "_"))
+        sandbox.clear(drills.sandbox_name(name))
     assert fleet.bot(name)["pid"] == pid and fleet.bot(name)["restarts"] == 0
     destroy(fleet, name)
 
@@ -185,7 +185,7 @@ def test_flood_wait_is_reported_never_restarted(
 ) -> None:
     name = victim(fleet, sandbox)
     pid = fleet.bot(name)["pid"]
-    sandbox.fault(name.replace("-", "_"), "flood", seconds=30)
+    sandbox.fault(drills.sandbox_name(name), "flood", seconds=30)
     try:
         sandbox.say("drill", drills.username(name), "please answer")
         flood = wait_for(
@@ -197,7 +197,7 @@ def test_flood_wait_is_reported_never_restarted(
         bot = fleet.bot(name)
         assert bot["health"]["flood_wait_until"] is not None
     finally:
-        sandbox.clear(name.replace("-", "_"))
+        sandbox.clear(drills.sandbox_name(name))
     bot = fleet.bot(name)
     assert bot["pid"] == pid and bot["restarts"] == 0 and bot["state"] == "running"
     destroy(fleet, name)
@@ -207,14 +207,14 @@ def test_revoked_credentials_fail_at_once_and_tell_the_webhook(
     fleet: Fleet, sandbox: Sandbox, webhook: WebhookSink, watched: drills.Snapshot
 ) -> None:
     name = victim(fleet, sandbox)
-    sandbox.fault(name.replace("-", "_"), "revoke")
+    sandbox.fault(drills.sandbox_name(name), "revoke")
     bot = fleet.wait_state(name, "failed", timeout=60)
     assert "AUTH_KEY_UNREGISTERED" in bot["reason"] or "ACCESS_TOKEN" in bot["reason"]
     wait_for("the webhook", lambda: [b for b in webhook.bodies if b["bot"] == name])
     assert next(b for b in webhook.bodies if b["bot"] == name)["failure"] == "auth"
     wait_for("its watcher stopped", lambda: f"bot-{name}: stopped" in fleet.circusctl("status"))
     assert fleet.bot(name)["restarts"] == 0
-    sandbox.clear(name.replace("-", "_"))
+    sandbox.clear(drills.sandbox_name(name))
     destroy(fleet, name)
 
 
@@ -222,7 +222,7 @@ def test_a_controller_killed_during_a_backoff_remembers_it(
     fleet: Fleet, sandbox: Sandbox, watched: drills.Snapshot
 ) -> None:
     name = victim(fleet, sandbox, backoff_base_s=5.0)
-    target = name.replace("-", "_")
+    target = drills.sandbox_name(name)
     sandbox.fault(target, "refuse")
     sandbox.fault(target, "close")
     try:
