@@ -54,10 +54,6 @@ def main(argv: list[str]) -> int:
         stream=sys.stderr,
     )
     logging.getLogger("telethon").setLevel(logging.WARNING)
-    if config.ignored_keys:
-        logging.getLogger("botrunner").warning(
-            "config: ignoring unknown key(s) %s", ", ".join(config.ignored_keys)
-        )
     # Imported only now: Telethon is most of the bot's memory and start-up time.
     import_telethon_without_aiohttp()
     from botrunner.runner import Runner

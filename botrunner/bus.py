@@ -15,7 +15,7 @@ from typing import Any, cast
 import zmq
 import zmq.asyncio
 
-from botrunner import protocol
+from botspec import protocol
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from botrunner.protocol import TelegramHealth
+from botspec.protocol import TelegramHealth
 
 
 @dataclass(frozen=True)

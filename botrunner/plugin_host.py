@@ -16,15 +16,17 @@ import functools
 import importlib
 import inspect
 import logging
+import re
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 from telethon import TelegramClient, errors, events
 
-from botrunner import protocol
-from botrunner.config import TOPIC_RE, BotConfig, PluginRef
+from botrunner.config import BotConfig, PluginRef
 from botrunner.health import Counters, TelegramStatus
+from botspec import protocol
+from botspec.spec import TOPIC_PATTERN
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +111,7 @@ class PluginHost:
 
     def import_all(self) -> None:
         """Import every plugin's setup function; PluginFailed on the first that fails."""
-        for ref in self.config.plugins:
+        for ref in map(PluginRef.parse, self.config.plugins):
             try:
                 module = importlib.import_module(ref.module)
                 setup = getattr(module, ref.function)
@@ -126,7 +128,7 @@ class PluginHost:
             ctx = PluginContext(
                 name=self.config.name,
                 settings=dict(self.config.settings),
-                data_dir=self.config.data_dir,
+                data_dir=Path(self.config.data_dir),
                 log=logging.getLogger(f"plugin.{ref.module}"),
                 host=self,
             )
@@ -207,7 +209,7 @@ class PluginHost:
     # ---------------------------------------------------------------- the bus
 
     def publish(self, topic: str, data: Any) -> bool:
-        if not isinstance(topic, str) or not TOPIC_RE.fullmatch(topic):
+        if not isinstance(topic, str) or not re.fullmatch(TOPIC_PATTERN, topic):
             raise ValueError(f"topic {topic!r} is not a valid name ([A-Za-z0-9_.:-], 1 to 64)")
         return self._send_event(topic, data)
 

@@ -23,11 +23,12 @@ import os
 import signal
 import sqlite3
 from collections.abc import Callable, Coroutine
+from pathlib import Path
 from typing import Any
 
 from telethon import TelegramClient
 
-from botrunner import ExitCode, procinfo, protocol
+from botrunner import ExitCode
 from botrunner.bus import BusClient
 from botrunner.config import BotConfig
 from botrunner.health import Clock, Counters, TelegramStatus
@@ -44,6 +45,7 @@ from botrunner.telegram import (
     save_update_state,
     update_state,
 )
+from botspec import procinfo, protocol
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +139,7 @@ class Runner:
 
     async def _run(self) -> int:
         config = self.config
-        ensure_data_dir(config.data_dir)
+        ensure_data_dir(Path(config.data_dir))
         self._bus = BusClient(config.bus_endpoint, config.name)
         self._host = PluginHost(config, self.counters, self.status, self._send_event)
         self._side.start("heartbeat", self._heartbeat_loop(self._bus))
@@ -203,7 +205,7 @@ class Runner:
             protocol.Ready(**self.sender.envelope(), telegram=me, startup_s=startup_s),
             DELIVER_TIMEOUT_S,
         )
-        log.info("ready in %.2f s with plugins %s", startup_s, [str(p) for p in config.plugins])
+        log.info("ready in %.2f s with plugins %s", startup_s, list(config.plugins))
 
     async def _go_fatal(self, info: protocol.FatalInfo) -> None:
         """Report a config error, drop Telegram, and idle (heartbeats go on) until SIGTERM."""

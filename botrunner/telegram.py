@@ -24,7 +24,7 @@ from telethon.sessions import SQLiteSession, StringSession
 
 from botrunner.config import BotConfig
 from botrunner.health import TelegramStatus
-from botrunner.protocol import ReadyTelegram
+from botspec.protocol import ReadyTelegram
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ def open_session(config: BotConfig) -> SQLiteSession | StringSession:
     """
     if config.session is not None:
         return StringSession(config.session)
-    data_dir = config.data_dir
+    data_dir = Path(config.data_dir)
     owner_file = data_dir / SESSION_OWNER_FILE
     owner = session_owner(config)
     try:

@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import importlib.metadata
 import json
 import logging
 import os
+import re
 import secrets
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -15,21 +17,27 @@ from typing import Any
 
 from aiohttp import web
 
-from botrunner import procinfo, protocol
+from botspec import procinfo, protocol
+from botspec.spec import NAME_PATTERN, FleetDefaults, NewBot
+from botspec.validate import check_struct
+from controller import schemas
 from controller.errors import (
     BadRequest,
+    Conflict,
     FieldError,
     InvalidSpec,
     NotFound,
     Problem,
     StoreUnavailable,
     TgfleetError,
+    TooLarge,
     Unauthorized,
+    UnsupportedMediaType,
 )
 from controller.fleet import Fleet
 from controller.home import Home
-from controller.openapi import OPENAPI
-from controller.spec import NAME_RE, TOPIC_RE
+from controller.openapi import Query, Route, build_openapi
+from controller.spec import public_defaults
 from controller.store import EventRow, PgStore, TokenRow
 from controller.views import metrics_text
 
@@ -46,7 +54,7 @@ OPEN_PATHS = frozenset({"/healthz", "/"})
 DASHBOARD = Path(__file__).resolve().parent.parent / "templates" / "dashboard.html"
 MAX_BODY_BYTES = 256 * 1024
 MAX_LOG_LINES = 5000
-TOKEN_NAME_RE = NAME_RE
+NAME_RE = re.compile(NAME_PATTERN)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -82,11 +90,15 @@ async def problems(request: web.Request, handler: Handler) -> web.StreamResponse
         if exc.status < 400:
             raise
         detail = exc.text or exc.reason
+        headers = None
         if exc.status == 404:
             detail = f"no such endpoint: {request.method} {request.path}"
-        elif exc.status == 405:
+        elif isinstance(exc, web.HTTPMethodNotAllowed):
             detail = f"{request.method} is not allowed on {request.path}"
-        return problem_response(Problem(exc.status, exc.reason, detail or exc.reason))
+            headers = {"Allow": ", ".join(sorted(exc.allowed_methods))}
+        elif exc.status == 413:
+            detail = f"the body is over {MAX_BODY_BYTES} bytes"
+        return problem_response(Problem(exc.status, exc.reason, detail or exc.reason), headers)
 
 
 @web.middleware
@@ -116,14 +128,14 @@ async def bearer_auth(request: web.Request, handler: Handler) -> web.StreamRespo
 
 async def read_json(request: web.Request) -> Any:
     if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
-        raise BadRequest(f"the body is over {MAX_BODY_BYTES} bytes")
+        raise TooLarge(f"the body is over {MAX_BODY_BYTES} bytes")
     if request.content_type not in ("application/json", "application/merge-patch+json"):
-        raise BadRequest(
+        raise UnsupportedMediaType(
             f"the body must be application/json (got {request.content_type or 'none'})"
         )
     raw = await request.read()
     if len(raw) > MAX_BODY_BYTES:
-        raise BadRequest(f"the body is over {MAX_BODY_BYTES} bytes")
+        raise TooLarge(f"the body is over {MAX_BODY_BYTES} bytes")
     try:
         return json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -151,6 +163,21 @@ def int_param(request: web.Request, key: str, default: int, low: int, high: int)
             [FieldError(key, f"must be an integer from {low} to {high}")],
         )
     return value
+
+
+def checked(struct: type[Any], body: object, detail: str) -> dict[str, Any]:
+    """``body`` as a JSON object that matches ``struct``, or InvalidSpec naming every bad field."""
+    errors: list[FieldError] = []
+    if not isinstance(body, dict):
+        raise InvalidSpec(
+            f"{detail}: the body must be a JSON object", [FieldError("", "must be an object")]
+        )
+    check_struct(struct, body, errors)
+    if errors:
+        raise InvalidSpec(
+            f"{detail}: " + "; ".join(f"{e.field}: {e.message}" for e in errors), errors
+        )
+    return body
 
 
 def ok(body: object, status: int = 200) -> web.Response:
@@ -275,18 +302,8 @@ async def event_stream(request: web.Request) -> web.StreamResponse:
 
 async def publish_event(request: web.Request) -> web.Response:
     body = await read_json(request)
-    errors: list[FieldError] = []
-    if not isinstance(body, dict):
-        raise InvalidSpec("the body must be a JSON object", [FieldError("", "must be an object")])
-    for key in body:
-        if key not in ("topic", "data"):
-            errors.append(FieldError(key, "unknown field (known: topic, data)"))
-    topic = body.get("topic")
-    if not isinstance(topic, str) or not TOPIC_RE.fullmatch(topic):
-        errors.append(FieldError("topic", "is required: a name of [A-Za-z0-9_.:-], 1 to 64"))
-    if errors:
-        raise InvalidSpec("invalid event", errors)
-    data = body.get("data")
+    fields = checked(schemas.Publish, body, "invalid event")
+    topic, data = fields["topic"], fields.get("data")
     fleet = request.app[FLEET]
     row = await fleet.record(None, "bus", request["actor"], str(topic), {"data": data})
     request.app[PUBLISH](
@@ -307,12 +324,12 @@ async def publish_event(request: web.Request) -> web.Response:
 
 
 async def get_defaults(request: web.Request) -> web.Response:
-    return ok(await request.app[STORE].get_defaults())
+    return ok(public_defaults(await request.app[STORE].get_defaults()))
 
 
 async def put_defaults(request: web.Request) -> web.Response:
     body = await read_json(request)
-    return ok(await request.app[FLEET].set_defaults(body, request["actor"]))
+    return ok(public_defaults(await request.app[FLEET].set_defaults(body, request["actor"])))
 
 
 def token_json(row: TokenRow) -> dict[str, Any]:
@@ -329,11 +346,7 @@ async def list_tokens(request: web.Request) -> web.Response:
 
 async def create_token(request: web.Request) -> web.Response:
     body = await read_json(request)
-    if not isinstance(body, dict) or set(body) - {"name"}:
-        raise InvalidSpec('the body must be {"name": …}', [FieldError("", "only 'name' is known")])
-    name = body.get("name")
-    if not isinstance(name, str) or not TOKEN_NAME_RE.fullmatch(name):
-        raise InvalidSpec("invalid token", [FieldError("name", f"must match {NAME_RE.pattern}")])
+    name = checked(schemas.NewToken, body, "invalid token")["name"]
     token = new_token()
     row = await request.app[STORE].add_token(name, hash_token(token))
     return ok({**token_json(row), "token": token}, status=201)
@@ -341,9 +354,16 @@ async def create_token(request: web.Request) -> web.Response:
 
 async def revoke_token(request: web.Request) -> web.Response:
     name = request.match_info["name"]
-    if not TOKEN_NAME_RE.fullmatch(name):
+    if not NAME_RE.fullmatch(name):
         raise NotFound(f"no token named {name!r}")
-    row = await request.app[STORE].revoke_token(name)
+    store = request.app[STORE]
+    live = [row.name for row in await store.list_tokens() if row.revoked_at is None]
+    if live == [name]:
+        raise Conflict(
+            f"{name!r} is the last token that can administer the fleet; "
+            "create another before revoking it"
+        )
+    row = await store.revoke_token(name)
     known = request.app[TOKENS]
     for digest in [d for d, holder in known.items() if holder == name]:
         del known[digest]
@@ -388,6 +408,145 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(text=metrics_text(bots), content_type="text/plain", charset="utf-8")
 
 
+_NAME_OPS = {"start": "Start", "stop": "Stop", "restart": "Restart"}
+
+ROUTES: tuple[Route, ...] = (
+    Route(
+        "GET",
+        "/",
+        dashboard,
+        "The dashboard page (reads the API with your token)",
+        public=True,
+        media_type="text/html",
+    ),
+    Route(
+        "GET",
+        "/healthz",
+        healthz,
+        "Liveness: the controller answers",
+        schemas.Liveness,
+        public=True,
+    ),
+    Route("GET", "/openapi.json", openapi, "This document", dict[str, Any], public=True),
+    Route("GET", "/metrics", metrics, "Prometheus metrics", media_type="text/plain"),
+    Route("GET", "/api/v1/openapi.json", openapi, "This document", dict[str, Any], public=True),
+    Route("GET", "/api/v1/status", status, "Fleet summary", schemas.Status),
+    Route("GET", "/api/v1/bots", list_bots, "Every bot", schemas.BotList),
+    Route(
+        "POST",
+        "/api/v1/bots",
+        create_bot,
+        "Create a bot (started unless autostart is false)",
+        schemas.BotView,
+        status=201,
+        body=NewBot,
+        problems=(409,),
+    ),
+    Route("GET", "/api/v1/bots/{name}", get_bot, "One bot", schemas.BotView),
+    Route(
+        "PATCH",
+        "/api/v1/bots/{name}",
+        patch_bot,
+        "Change a bot's spec (JSON merge patch: null resets a field to the fleet default); "
+        "its process restarts only if what it sees changed",
+        schemas.BotView,
+        body=schemas.BotPatch,
+    ),
+    Route(
+        "DELETE",
+        "/api/v1/bots/{name}",
+        delete_bot,
+        "Destroy a bot: stop it, remove its watcher, files and private dir; keep its events",
+        schemas.Destroyed,
+    ),
+    *(
+        Route(
+            "POST",
+            f"/api/v1/bots/{{name}}/{op}",
+            lifecycle(op),
+            f"{verb} a bot",
+            schemas.BotView,
+            problems=(409,),
+        )
+        for op, verb in _NAME_OPS.items()
+    ),
+    Route(
+        "GET",
+        "/api/v1/bots/{name}/events",
+        bot_events,
+        "A bot's events, oldest first",
+        schemas.EventList,
+        query=(
+            Query("after", "Only events after this id", 0, 2**62),
+            Query("limit", "At most this many", 1, 1000),
+        ),
+    ),
+    Route(
+        "GET",
+        "/api/v1/bots/{name}/logs",
+        bot_logs,
+        "The tail of a bot's log",
+        schemas.LogTail,
+        query=(
+            Query("stream", "stdout or stderr", choices=("out", "err")),
+            Query("lines", "How many lines", 1, MAX_LOG_LINES),
+        ),
+    ),
+    Route(
+        "GET",
+        "/api/v1/events",
+        event_stream,
+        "Server-sent events: every event as written",
+        media_type="text/event-stream",
+    ),
+    Route(
+        "POST",
+        "/api/v1/events",
+        publish_event,
+        "Publish {topic, data} on the bus",
+        schemas.EventView,
+        status=201,
+        body=schemas.Publish,
+    ),
+    Route(
+        "GET",
+        "/api/v1/defaults",
+        get_defaults,
+        "The fleet defaults (secrets left out)",
+        schemas.Defaults,
+    ),
+    Route(
+        "PUT",
+        "/api/v1/defaults",
+        put_defaults,
+        "Replace the fleet defaults; refused if a bot could no longer run",
+        schemas.Defaults,
+        body=FleetDefaults,
+    ),
+    Route("GET", "/api/v1/tokens", list_tokens, "API tokens (no secrets)", schemas.TokenList),
+    Route(
+        "POST",
+        "/api/v1/tokens",
+        create_token,
+        "Create a token; its secret is shown once",
+        schemas.CreatedToken,
+        status=201,
+        body=schemas.NewToken,
+        problems=(409,),
+    ),
+    Route(
+        "DELETE",
+        "/api/v1/tokens/{name}",
+        revoke_token,
+        "Revoke a token (not the last one that can administer the fleet)",
+        schemas.TokenView,
+        problems=(409,),
+    ),
+)
+
+OPENAPI = build_openapi(ROUTES, importlib.metadata.version("tgfleet"))
+
+
 def build_app(
     fleet: Fleet,
     store: PgStore,
@@ -400,27 +559,6 @@ def build_app(
     app[HOME] = home
     app[TOKENS] = {}
     app[PUBLISH] = publish
-    r = app.router
-    r.add_get("/", dashboard)
-    r.add_get("/healthz", healthz)
-    r.add_get("/openapi.json", openapi)
-    r.add_get("/metrics", metrics)
-    r.add_get("/api/v1/openapi.json", openapi)
-    r.add_get("/api/v1/status", status)
-    r.add_get("/api/v1/bots", list_bots)
-    r.add_post("/api/v1/bots", create_bot)
-    r.add_get("/api/v1/bots/{name}", get_bot)
-    r.add_patch("/api/v1/bots/{name}", patch_bot)
-    r.add_delete("/api/v1/bots/{name}", delete_bot)
-    for op in ("start", "stop", "restart"):
-        r.add_post(f"/api/v1/bots/{{name}}/{op}", lifecycle(op))
-    r.add_get("/api/v1/bots/{name}/events", bot_events)
-    r.add_get("/api/v1/bots/{name}/logs", bot_logs)
-    r.add_get("/api/v1/events", event_stream)
-    r.add_post("/api/v1/events", publish_event)
-    r.add_get("/api/v1/defaults", get_defaults)
-    r.add_put("/api/v1/defaults", put_defaults)
-    r.add_get("/api/v1/tokens", list_tokens)
-    r.add_post("/api/v1/tokens", create_token)
-    r.add_delete("/api/v1/tokens/{name}", revoke_token)
+    for route in ROUTES:
+        app.router.add_route(route.method, route.path, route.handler)
     return app

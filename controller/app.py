@@ -18,7 +18,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from botrunner import protocol
+from botspec import protocol
 from controller.api import build_app, hash_token, new_token
 from controller.botfiles import BotFiles
 from controller.bus import BusServer

@@ -2,48 +2,45 @@
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 from pathlib import Path
 
+from botspec.config import BotConfig, RuntimeTelegram, dump
+from botspec.spec import PROCESS_HEALTH_KEYS, ProcessHealth
 from controller.home import Home
 from controller.reconcile import Rendered
 from controller.render import BotWatcher, render_watcher, write_atomic
-from controller.spec import BOT_HEALTH_KEYS, EffectiveSpec
+from controller.spec import EffectiveSpec
 
 _MARK = re.compile(r"^# tgfleet: generation=(\d+) autostart=(true|false)$", re.M)
 
 
-def runtime_config(
-    home: Home, name: str, generation: int, spec: EffectiveSpec
-) -> dict[str, object]:
-    """The bot process's config.json (docs/internals.md)."""
-    server = spec.server
-    return {
-        "name": name,
-        "generation": generation,
-        "data_dir": str(home.bot_dir(name)),
-        "bus_endpoint": home.bus_endpoint,
-        "token": spec.token,
-        "session": spec.session,
-        "plugins": list(spec.plugins),
-        "settings": dict(spec.settings),
-        "telegram": {
-            "api_id": spec.api_id,
-            "api_hash": spec.api_hash,
-            "server": None
-            if server is None
-            else {
-                "host": server.host,
-                "port": server.port,
-                "dc_id": server.dc_id,
-                "public_key": server.public_key,
-            },
-        },
-        "health": {k: spec.health[k] for k in BOT_HEALTH_KEYS if k in spec.health},
-        "subscribe": list(spec.subscribe),
-    }
+def runtime_config(home: Home, name: str, generation: int, spec: EffectiveSpec) -> BotConfig:
+    """The bot process's config.json (declared in botspec.config).
+
+    Refuses (ValueError) a spec without api_id/api_hash: check_runnable keeps
+    such specs out of the store, so this only guards against a bypass."""
+    if spec.telegram.api_id is None or spec.telegram.api_hash is None:
+        raise ValueError(f"bot {name!r} has no telegram.api_id/api_hash")
+    return BotConfig(
+        name=name,
+        generation=generation,
+        data_dir=str(home.bot_dir(name)),
+        bus_endpoint=home.bus_endpoint,
+        token=spec.token,
+        session=spec.session,
+        plugins=spec.plugins,
+        settings=spec.settings,
+        telegram=RuntimeTelegram(
+            api_id=spec.telegram.api_id,
+            api_hash=spec.telegram.api_hash,
+            server=spec.telegram.server,
+        ),
+        health=ProcessHealth(**{k: getattr(spec.health, k) for k in PROCESS_HEALTH_KEYS}),
+        subscribe=spec.subscribe,
+        graceful_timeout_s=spec.graceful_timeout_s,
+    )
 
 
 class BotFiles:
@@ -59,7 +56,7 @@ class BotFiles:
         bot_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         bot_dir.chmod(0o700)
         config = runtime_config(self.home, name, generation, spec)
-        write_atomic(self.home.bot_config(name), json.dumps(config, indent=2) + "\n", 0o600)
+        write_atomic(self.home.bot_config(name), dump(config).decode(), 0o600)
         bot = BotWatcher(
             name=name,
             autostart=autostart,

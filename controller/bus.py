@@ -4,7 +4,7 @@ Bots are identified by their routing id (the bot's name). Input from bots is
 untrusted: malformed frames, unknown message types, messages whose ``bot``
 differs from the routing id are dropped with one log line each, and nothing a
 peer sends can make the receive loop raise. The message types live in
-``botrunner.protocol`` (stdlib only), shared with the bot process.
+``botspec.protocol`` (stdlib only), shared with the bot process.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any, cast
 import zmq
 import zmq.asyncio
 
-from botrunner import protocol
+from botspec import protocol
 
 log = logging.getLogger(__name__)
 

@@ -4,13 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from botspec.validate import FieldError
 
-@dataclass(frozen=True)
-class FieldError:
-    """One reason one input field was refused; ``field`` is a dotted path."""
-
-    field: str
-    message: str
+__all__ = ["FieldError"]
 
 
 class TgfleetError(Exception):
@@ -40,6 +36,18 @@ class BadRequest(TgfleetError):
     status = 400
     title = "Bad request"
     type_ = "https://tgfleet.dev/problems/bad-request"
+
+
+class TooLarge(TgfleetError):
+    status = 413
+    title = "Content too large"
+    type_ = "https://tgfleet.dev/problems/too-large"
+
+
+class UnsupportedMediaType(TgfleetError):
+    status = 415
+    title = "Unsupported media type"
+    type_ = "https://tgfleet.dev/problems/unsupported-media-type"
 
 
 class BotNotFound(TgfleetError):

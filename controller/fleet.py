@@ -19,7 +19,7 @@ from typing import Any
 
 import asyncpg
 
-from botrunner import procinfo, protocol
+from botspec import procinfo, protocol
 from controller.botfiles import BotFiles
 from controller.circus import Supervisor, SupervisorError, WatcherEvent, WatcherNotFound
 from controller.errors import StoreUnavailable, SupervisorUnavailable, TgfleetError
@@ -49,6 +49,7 @@ from controller.reconcile import (
 )
 from controller.spec import (
     EffectiveSpec,
+    check_defaults_keep_bots_runnable,
     check_runnable,
     effective,
     process_view,
@@ -351,13 +352,8 @@ class Fleet:
         self.rows = rows
         specs = {row.name: effective(row.spec, defaults) for row in rows}
         self._subscriptions = {name: spec.subscribe for name, spec in specs.items()}
-        self._policies = {
-            name: HealthPolicy.from_settings(spec.health) for name, spec in specs.items()
-        }
-        self._intervals = {
-            name: float(spec.health.get("heartbeat_interval_s") or 2.0)
-            for name, spec in specs.items()
-        }
+        self._policies = {name: spec.health for name, spec in specs.items()}
+        self._intervals = {name: spec.health.heartbeat_interval_s for name, spec in specs.items()}
         status = await self._status()
         if not self._seeded:
             await self._seed_live(rows, status)
@@ -584,11 +580,13 @@ class Fleet:
 
     async def set_defaults(self, body: object, actor: str) -> dict[str, Any]:
         """Replace the fleet defaults; restart the bots whose processes see a change."""
-        value = validate_defaults(body)
         old = await self.store.get_defaults()
+        value = validate_defaults(body, old)
+        rows = await self.store.list_bots()
+        check_defaults_keep_bots_runnable(value, [(row.name, row.spec) for row in rows])
         restart = [
             row.name
-            for row in await self.store.list_bots()
+            for row in rows
             if process_view(effective(row.spec, value)) != process_view(effective(row.spec, old))
         ]
         await self.store.set_defaults(value, actor, restart)

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any
 
+from botspec.spec import Health
+
 
 class FailureKind(StrEnum):
     CRASH = "crash"
@@ -33,51 +35,22 @@ class FailureKind(StrEnum):
     MEMORY = "memory"
 
 
-#: Health settings (``health.*`` of a bot's spec) that the controller uses; the bot
-#: process gets the others (heartbeat and probe timing).
-CONTROLLER_KEYS = (
-    "heartbeat_timeout_s",
-    "startup_timeout_s",
-    "disconnect_grace_s",
-    "backoff_base_s",
-    "backoff_cap_s",
-    "backoff_reset_s",
-    "max_restarts",
-    "restart_window_s",
-    "memory_soft_limit_mb",
-)
+#: A bot's health settings (``health`` of its effective spec, declared in
+#: botspec.spec): the controller reads its own keys, the bot process the others.
+HealthPolicy = Health
 
 
-@dataclass(frozen=True)
-class HealthPolicy:
-    heartbeat_timeout_s: float = 10.0
-    startup_timeout_s: float = 30.0
-    disconnect_grace_s: float = 10.0
-    backoff_base_s: float = 2.0
-    backoff_cap_s: float = 120.0
-    backoff_reset_s: float = 60.0
-    max_restarts: int = 5
-    restart_window_s: float = 60.0
-    memory_soft_limit_mb: float | None = None
+def backoff_s(policy: HealthPolicy, attempt: int, jitter: float) -> float:
+    """Delay before restart number ``attempt + 1`` of one failure streak.
 
-    @classmethod
-    def from_settings(cls, health: Mapping[str, float | None]) -> HealthPolicy:
-        chosen: dict[str, Any] = {k: health[k] for k in CONTROLLER_KEYS if k in health}
-        if "max_restarts" in chosen:
-            chosen["max_restarts"] = int(chosen["max_restarts"])
-        return cls(**chosen)
-
-    def backoff_s(self, attempt: int, jitter: float) -> float:
-        """Delay before restart number ``attempt + 1`` of one failure streak.
-
-        The first restart is immediate; then base, 2 * base, 4 * base... up to the cap,
-        each spread by ``jitter`` (a fraction, e.g. ±0.2) so that bots failing
-        together do not come back together.
-        """
-        if attempt <= 0:
-            return 0.0
-        delay = min(self.backoff_cap_s, self.backoff_base_s * 2.0 ** (attempt - 1))
-        return max(0.0, delay * (1.0 + jitter))
+    The first restart is immediate; then base, 2 * base, 4 * base... up to the cap,
+    each spread by ``jitter`` (a fraction, e.g. ±0.2) so that bots failing
+    together do not come back together.
+    """
+    if attempt <= 0:
+        return 0.0
+    delay = min(policy.backoff_cap_s, policy.backoff_base_s * 2.0 ** (attempt - 1))
+    return max(0.0, delay * (1.0 + jitter))
 
 
 @dataclass(frozen=True)
@@ -257,7 +230,7 @@ def assess(
             actions.append(Note(name, kind.value, f"detected: {reason}"))
         record = _open(record, kind, reason, now)
         if record.next_restart_at is None:
-            delay = policy.backoff_s(record.attempt, jitter)
+            delay = backoff_s(policy, record.attempt, jitter)
             record = replace(record, next_restart_at=now + delay)
             if delay > 0:
                 actions.append(

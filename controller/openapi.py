@@ -1,230 +1,165 @@
-"""The OpenAPI document of the HTTP API (served at /openapi.json)."""
+"""The OpenAPI 3.1 document, generated from the route table and the declared types.
+
+Each route (controller/api.py's ``ROUTES``) says its method, path, summary,
+request body type, answer type and the problems it can answer with; the schemas
+come from botspec.spec and controller.schemas through msgspec. Nothing here is
+written twice: a field added to a Struct is in the document at once.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from controller.spec import NAME_RE, PLUGIN_RE, TOKEN_RE
+import msgspec
+from aiohttp import web
 
-_PROBLEM = {"$ref": "#/components/schemas/Problem"}
-_ERRORS = {
-    status: {
-        "description": text,
-        "content": {"application/problem+json": {"schema": _PROBLEM}},
-    }
-    for status, text in {
-        "400": "Unreadable request (malformed JSON, wrong content type)",
-        "401": "Missing, unknown or revoked bearer token",
-        "404": "No such bot or endpoint",
-        "409": "Conflict with the current state (e.g. a taken name)",
-        "422": "Invalid input: `errors` names each field and why",
-        "503": "PostgreSQL or circusd unavailable",
-    }.items()
+from botspec.spec import NAME_PATTERN, FleetDefaults, NewBot
+from controller.schemas import BotPatch, Problem
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+PROBLEM_TEXT = {
+    400: "The request cannot be read (malformed JSON, a bad query parameter)",
+    401: "Missing, unknown or revoked bearer token",
+    403: "The token may not do this",
+    404: "No such bot or token",
+    409: "Conflicts with the current state (a taken name, the last admin token)",
+    412: "If-Match does not match the bot's current ETag",
+    413: "The body is over the size limit",
+    415: "The body is not application/json",
+    422: "Invalid input: `errors` names each field and why",
+    503: "PostgreSQL or circusd unavailable",
 }
-_NAME = {
-    "name": "name",
-    "in": "path",
-    "required": True,
-    "schema": {"type": "string", "pattern": NAME_RE.pattern},
-}
-_BOT = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/Bot"}}}}
 
 
-def _op(summary: str, ok: str = "200", body: str | None = None, **extra: Any) -> dict[str, Any]:
-    op: dict[str, Any] = {
-        "summary": summary,
-        "responses": {ok: {"description": "OK", **_BOT}, **_ERRORS},
-    }
-    if body:
-        op["requestBody"] = {
-            "required": True,
-            "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{body}"}}},
+@dataclass(frozen=True)
+class Query:
+    """A query parameter: an integer in a range, or one of some strings."""
+
+    name: str
+    description: str
+    minimum: int | None = None
+    maximum: int | None = None
+    choices: tuple[str, ...] = ()
+
+    def schema(self) -> dict[str, Any]:
+        if self.choices:
+            return {"type": "string", "enum": list(self.choices)}
+        return {"type": "integer", "minimum": self.minimum, "maximum": self.maximum}
+
+
+@dataclass(frozen=True)
+class Route:
+    """One operation of the API: how aiohttp routes it and how OpenAPI documents it."""
+
+    method: str
+    path: str
+    handler: Handler
+    summary: str
+    answer: Any = None  # the 2xx body's type; None: not JSON
+    status: int = 200
+    body: Any = None  # the request body's type, if it takes one
+    problems: tuple[int, ...] = ()  # beyond those every route of its kind can give
+    public: bool = False  # no token needed
+    query: tuple[Query, ...] = ()
+    media_type: str = "application/json"  # of the 2xx answer
+
+
+def problems_of(route: Route) -> list[int]:
+    """Every problem status a route can answer with."""
+    found = set(route.problems)
+    if not route.public:
+        found |= {401, 503}
+    if route.body is not None:
+        found |= {400, 413, 415, 422}
+    if route.query:
+        found |= {422}
+    if "{name}" in route.path:
+        found |= {404}
+    return sorted(found)
+
+
+def _ref(tp: Any, components: dict[str, Any]) -> dict[str, Any]:
+    (schema,), found = msgspec.json.schema_components(
+        [tp], ref_template="#/components/schemas/{name}"
+    )
+    components.update(found)
+    return schema
+
+
+def build_openapi(routes: Sequence[Route], version: str) -> dict[str, Any]:
+    """The OpenAPI 3.1 document of ``routes``."""
+    components: dict[str, Any] = {}
+    problem = _ref(Problem, components)
+    paths: dict[str, dict[str, Any]] = {}
+    for route in routes:
+        op: dict[str, Any] = {
+            "operationId": f"{route.method.lower()}_{route.path.strip('/').replace('/', '_')}".replace(
+                "{", ""
+            ).replace("}", ""),
+            "summary": route.summary,
+            "responses": {},
         }
-    op.update(extra)
-    return op
-
-
-_SPEC_PROPERTIES: dict[str, Any] = {
-    "token": {"type": "string", "pattern": TOKEN_RE.pattern, "writeOnly": True},
-    "session": {"type": "string", "writeOnly": True, "description": "Telethon string session"},
-    "plugins": {"type": "array", "items": {"type": "string", "pattern": PLUGIN_RE.pattern}},
-    "settings": {"type": "object"},
-    "memory_limit_mb": {"type": "integer", "minimum": 128, "maximum": 65536},
-    "autostart": {"type": "boolean"},
-    "graceful_timeout_s": {"type": "number", "minimum": 1, "maximum": 60},
-    "subscribe": {"type": "array", "items": {"type": "string"}},
-    "telegram": {
-        "type": "object",
-        "properties": {
-            "api_id": {"type": "integer", "minimum": 1},
-            "api_hash": {"type": "string"},
-            "server": {
-                "type": ["object", "null"],
-                "properties": {
-                    "host": {"type": "string"},
-                    "port": {"type": "integer"},
-                    "dc_id": {"type": "integer"},
-                    "public_key": {"type": "string"},
-                },
-            },
-        },
-    },
-    "health": {"type": "object"},
-}
-
-OPENAPI: dict[str, Any] = {
-    "openapi": "3.1.0",
-    "info": {"title": "tgfleet", "version": "1"},
-    "components": {
-        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
-        "schemas": {
-            "Problem": {
-                "type": "object",
-                "properties": {
-                    "type": {"type": "string"},
-                    "title": {"type": "string"},
-                    "status": {"type": "integer"},
-                    "detail": {"type": "string"},
-                    "errors": {
-                        "type": "array",
-                        "items": {
-                            "type": "object",
-                            "properties": {
-                                "field": {"type": "string"},
-                                "message": {"type": "string"},
-                            },
-                        },
-                    },
-                },
-            },
-            "BotCreate": {
-                "type": "object",
-                "additionalProperties": False,
-                "required": ["name"],
-                "properties": {
-                    "name": {"type": "string", "pattern": NAME_RE.pattern},
-                    **_SPEC_PROPERTIES,
-                },
-            },
-            "BotPatch": {
-                "type": "object",
-                "additionalProperties": False,
-                "properties": _SPEC_PROPERTIES,
-            },
-            "Bot": {
-                "type": "object",
-                "properties": {
-                    "name": {"type": "string"},
-                    "state": {
-                        "enum": [
-                            "configuring",
-                            "starting",
-                            "running",
-                            "stopping",
-                            "stopped",
-                            "failed",
-                            "destroyed",
-                        ]
-                    },
-                    "desired": {"enum": ["running", "stopped"]},
-                    "since": {"type": "string", "format": "date-time"},
-                    "reason": {"type": "string"},
-                    "pid": {"type": ["integer", "null"]},
-                    "uptime_s": {"type": ["number", "null"]},
-                    "restarts": {"type": "integer"},
-                    "rss_mb": {"type": ["number", "null"]},
-                    "telegram": {
-                        "type": "object",
-                        "properties": {
-                            "connected": {"type": "boolean"},
-                            "last_update_age_s": {"type": ["number", "null"]},
-                        },
-                    },
-                    "spec": {"type": "object"},
-                },
-            },
-        },
-    },
-    "security": [{"bearer": []}],
-    "paths": {
-        "/healthz": {
-            "get": {
-                "summary": "Liveness (no token needed)",
-                "security": [],
-                "responses": {"200": {"description": "OK"}},
+        ok: dict[str, Any] = {"description": "OK"}
+        if route.answer is not None:
+            ok["content"] = {route.media_type: {"schema": _ref(route.answer, components)}}
+        elif route.media_type != "application/json":
+            ok["content"] = {route.media_type: {"schema": {"type": "string"}}}
+        op["responses"][str(route.status)] = ok
+        for status in problems_of(route):
+            answer: dict[str, Any] = {
+                "description": PROBLEM_TEXT[status],
+                "content": {"application/problem+json": {"schema": problem}},
             }
-        },
-        "/metrics": {
-            "get": {"summary": "Prometheus metrics", "responses": {"200": {"description": "text"}}}
-        },
-        "/api/v1/status": {
-            "get": {"summary": "Fleet summary", "responses": {"200": {"description": "OK"}}}
-        },
-        "/api/v1/bots": {
-            "get": {"summary": "List bots", "responses": {"200": {"description": "OK"}}},
-            "post": _op("Create a bot (starts it unless autostart is false)", "201", "BotCreate"),
-        },
-        "/api/v1/bots/{name}": {
-            "parameters": [_NAME],
-            "get": _op("One bot"),
-            "patch": _op(
-                "Change a bot's spec (restarts that bot alone); null resets a field",
-                body="BotPatch",
-            ),
-            "delete": _op(
-                "Destroy a bot: stop it, remove its watcher, files and private dir; keep its events"
-            ),
-        },
-        **{
-            f"/api/v1/bots/{{name}}/{op}": {
-                "parameters": [_NAME],
-                "post": _op(f"{op.capitalize()} a bot"),
+            if status == 401:
+                answer["headers"] = {"WWW-Authenticate": {"schema": {"type": "string"}}}
+            op["responses"][str(status)] = answer
+        if route.public:
+            op["security"] = []
+        parameters = []
+        if "{name}" in route.path:
+            parameters.append(
+                {
+                    "name": "name",
+                    "in": "path",
+                    "required": True,
+                    "schema": {"type": "string", "pattern": NAME_PATTERN},
+                }
+            )
+        for query in route.query:
+            parameters.append(
+                {
+                    "name": query.name,
+                    "in": "query",
+                    "required": False,
+                    "description": query.description,
+                    "schema": query.schema(),
+                }
+            )
+        if parameters:
+            op["parameters"] = parameters
+        if route.body is not None:
+            op["requestBody"] = {
+                "required": True,
+                "content": {"application/json": {"schema": _ref(route.body, components)}},
             }
-            for op in ("start", "stop", "restart")
+        paths.setdefault(route.path, {})[route.method.lower()] = op
+    # Named for what they are, whether or not a route refers to them.
+    for tp in (NewBot, BotPatch, FleetDefaults):
+        _ref(tp, components)
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "tgfleet",
+            "version": version,
+            "description": "Run and keep alive a fleet of Telegram bots.",
         },
-        "/api/v1/bots/{name}/events": {
-            "parameters": [_NAME],
-            "get": {
-                "summary": "A bot's events (?after=ID&limit=N)",
-                "responses": {"200": {"description": "OK"}},
-            },
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "schemas": components,
         },
-        "/api/v1/bots/{name}/logs": {
-            "parameters": [_NAME],
-            "get": {
-                "summary": "Tail of a bot's log (?stream=out|err&lines=N)",
-                "responses": {"200": {"description": "OK"}},
-            },
-        },
-        "/api/v1/events": {
-            "get": {
-                "summary": "Server-sent events: every event as it happens",
-                "responses": {"200": {"description": "text/event-stream"}},
-            },
-            "post": {
-                "summary": "Publish {topic, data} on the bus",
-                "responses": {"201": {"description": "Created"}},
-            },
-        },
-        "/api/v1/defaults": {
-            "get": {"summary": "Fleet defaults", "responses": {"200": {"description": "OK"}}},
-            "put": {
-                "summary": "Replace fleet defaults (bots re-render)",
-                "responses": {"200": {"description": "OK"}},
-            },
-        },
-        "/api/v1/tokens": {
-            "get": {
-                "summary": "API tokens (no secrets)",
-                "responses": {"200": {"description": "OK"}},
-            },
-            "post": {
-                "summary": "Create a token {name}; the secret is shown once",
-                "responses": {"201": {"description": "Created"}},
-            },
-        },
-        "/api/v1/tokens/{name}": {
-            "delete": {"summary": "Revoke a token", "responses": {"200": {"description": "OK"}}}
-        },
-    },
-}
+        "security": [{"bearer": []}],
+        "paths": paths,
+    }

@@ -28,7 +28,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from botrunner import protocol
+from botspec import protocol
 from controller.bus import BusServer
 
 pytestmark = pytest.mark.integration

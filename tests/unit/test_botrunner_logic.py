@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 from typing import Any
 
@@ -10,8 +11,7 @@ import pytest
 from telethon import TelegramClient, errors, events
 from telethon.sessions import StringSession
 
-from botrunner import protocol
-from botrunner.config import PluginRef, parse_config
+from botrunner.config import PluginRef
 from botrunner.health import Clock, Counters, TelegramStatus
 from botrunner.plugin_host import PluginFailed, PluginHost
 from botrunner.plugins.echo import reply_text
@@ -24,6 +24,8 @@ from botrunner.telegram import (
     retry_delay_s,
     session_owner,
 )
+from botspec import protocol
+from botspec.config import parse
 
 # ---------------------------------------------------------------- classify
 
@@ -158,7 +160,7 @@ def _config(**changes: Any) -> Any:
         "subscribe": ["orders"],
     }
     raw.update(changes)
-    return parse_config(raw)
+    return parse(json.dumps(raw).encode())
 
 
 def test_session_owner_changes_with_the_token_not_with_settings() -> None:

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from botrunner import protocol
-from botrunner.protocol import (
+from botspec import protocol
+from botspec.protocol import (
     Event,
     Fatal,
     FatalInfo,

@@ -16,8 +16,8 @@ import pytest
 import zmq
 import zmq.asyncio
 
-from botrunner import protocol
 from botrunner.bus import BusClient
+from botspec import protocol
 from controller.bus import BusServer
 
 ENV = {"pid": 1, "generation": 2, "ts": 1_700_000_000.0}

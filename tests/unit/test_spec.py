@@ -130,7 +130,7 @@ def test_token_replaces_session() -> None:
 
 def test_defaults_refuse_secrets() -> None:
     with pytest.raises(InvalidSpec) as exc:
-        validate_defaults({"token": TOKEN})
+        validate_defaults({"token": TOKEN}, {})
     assert "token" in fields_of(exc)
 
 
@@ -142,17 +142,18 @@ def test_effective_merges_bot_over_defaults_over_builtins() -> None:
     }
     own = {"token": TOKEN, "telegram": {"api_id": 7}, "settings": {"b": 2}}
     spec = effective(own, defaults)
-    assert spec.api_id == 7
-    assert spec.api_hash == "h"
+    assert spec.telegram.api_id == 7
+    assert spec.telegram.api_hash == "h"
     assert spec.memory_limit_mb == 300
     assert spec.settings == {"a": 1, "b": 2}
     assert spec.autostart is True
 
 
 def test_public_view_hides_secrets() -> None:
-    view = public_view({"token": TOKEN, "settings": {}})
+    view = public_view({"token": TOKEN, "settings": {}, "telegram": {"api_id": 5, "api_hash": "h"}})
     assert "token" not in view
     assert view["credential"] == "token"
+    assert view["telegram"] == {"api_id": 5}
 
 
 @pytest.mark.parametrize(
@@ -164,7 +165,8 @@ def test_public_view_hides_secrets() -> None:
             "-----BEGIN RSA PUBLIC KEY-----\nAAAA\n-----END RSA PUBLIC KEY-----\n",
             "content is not PKCS#1",
         ),
-        ("-----BEGIN RSA PUBLIC KEY-----\nAAAA\n", "markers or its base64"),
+        ("-----BEGIN RSA PUBLIC KEY-----\nAAAA\n", "end marker"),
+        ("-----BEGIN RSA PUBLIC KEY-----\n!!\n-----END RSA PUBLIC KEY-----\n", "base64"),
     ],
 )
 def test_server_public_key_is_checked_as_telethon_loads_it(pem: str, fragment: str) -> None:
@@ -184,3 +186,68 @@ def test_a_real_key_passes() -> None:
     pem = rsa.newkeys(512)[0].save_pkcs1().decode()
     server = {"host": "127.0.0.1", "port": 8711, "dc_id": 2, "public_key": pem}
     validate_create({"name": "shop", "token": TOKEN, "telegram": {"server": server}})
+
+
+def test_defaults_keep_the_write_only_api_hash_unless_it_is_removed() -> None:
+    current = {"telegram": {"api_id": 5, "api_hash": "h"}}
+    assert validate_defaults({"telegram": {"api_id": 6}}, current) == {
+        "telegram": {"api_id": 6, "api_hash": "h"}
+    }
+    assert validate_defaults({"telegram": {"api_id": 6, "api_hash": None}}, current) == {
+        "telegram": {"api_id": 6, "api_hash": None}
+    }
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"health": None}, "health"),
+        ({"memory_limit_mb": None}, "memory_limit_mb"),
+        ({"health": {"bogus": 1}}, "health.bogus"),
+        ({"health": {"probe_interval_s": 0.49}}, "health.probe_interval_s"),
+        ({"health": {"probe_interval_s": 300.01}}, "health.probe_interval_s"),
+        ({"memory_limit_mb": 127}, "memory_limit_mb"),
+        ({"memory_limit_mb": 65537}, "memory_limit_mb"),
+        ({"memory_limit_mb": 256.5}, "memory_limit_mb"),
+        ({"graceful_timeout_s": 60.001}, "graceful_timeout_s"),
+        ({"subscribe": ["ok", "not ok"]}, "subscribe[1]"),
+        ({"plugins": ["a:b"] * 33}, "plugins"),
+        (
+            {"telegram": {"server": {"host": "h", "port": 1, "dc_id": 1001, "public_key": "x"}}},
+            "telegram.server.dc_id",
+        ),
+    ],
+)
+def test_defaults_refuse_each_wrong_field_by_name(body: dict[str, Any], field: str) -> None:
+    with pytest.raises(InvalidSpec) as exc:
+        validate_defaults(body, {})
+    assert field in fields_of(exc), fields_of(exc)
+
+
+def test_every_wrong_field_is_named_at_once() -> None:
+    with pytest.raises(InvalidSpec) as exc:
+        validate_create(
+            {
+                "name": "Bad Name",
+                "token": "nope",
+                "memory_limit_mb": "lots",
+                "health": {"bogus": 1, "max_restarts": 0.5, "probe_timeout_s": -1},
+                "telegram": {"api_id": "x"},
+            }
+        )
+    assert set(fields_of(exc)) >= {
+        "name",
+        "token",
+        "memory_limit_mb",
+        "health.bogus",
+        "health.max_restarts",
+        "health.probe_timeout_s",
+        "telegram.api_id",
+    }
+
+
+@pytest.mark.parametrize("name", ["bot\u00e9", "bot\x00", "bot\n", "b\u200bot", "\uff22\uff2f\uff34", "bot\t"])
+def test_unicode_and_control_characters_in_names_are_refused(name: str) -> None:
+    with pytest.raises(InvalidSpec) as exc:
+        validate_create({"name": name, "token": TOKEN})
+    assert "name" in fields_of(exc)

@@ -1,0 +1,76 @@
+"""What importing costs each kind of tgfleet process: import time and resident memory.
+
+Run: .venv/bin/python bench/imports.py [--runs N]
+
+Each entry is a fresh interpreter that imports what that process imports at
+start (the controller's app, a bot's runner, the CLI's entry point), then reports
+its VmRSS. Time is the wall time of the whole interpreter (start, imports, exit),
+median of --runs, with a bare interpreter's time shown for reference. Also the
+cost of the validation library alone (msgspec), to compare with pydantic when
+it happens to be installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import statistics
+import subprocess
+import sys
+import time
+
+PROCESSES = {
+    "bare python": "pass",
+    "controller (controller.app)": "import controller.app",
+    "bot (botrunner.runner)": "import botrunner.runner",
+    "bot config parse (botspec)": "import botspec.config",
+    "CLI (controller.cli)": "import controller.cli",
+    "msgspec alone": "import msgspec",
+    "pydantic alone": "import pydantic",
+}
+
+REPORT_RSS = (
+    "\nfor _line in open('/proc/self/status'):\n"
+    "    if _line.startswith('VmRSS:'):\n"
+    "        print(int(_line.split()[1]))\n"
+)
+
+
+def available(code: str) -> bool:
+    module = code.removeprefix("import ").strip()
+    if code == "pass":
+        return True
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ImportError:
+        return False
+
+
+def measure(code: str, runs: int) -> tuple[float, float]:
+    """(median wall ms, RSS MB) of a fresh interpreter running ``code``."""
+    walls = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        subprocess.run([sys.executable, "-c", code], check=True)
+        walls.append((time.perf_counter() - started) * 1000)
+    out = subprocess.run(
+        [sys.executable, "-c", code + REPORT_RSS], check=True, capture_output=True, text=True
+    ).stdout
+    return statistics.median(walls), int(out.split()[-1]) / 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--runs", type=int, default=7)
+    args = parser.parse_args()
+    print(f"{'process':32s} {'wall ms':>8s} {'RSS MB':>7s}")
+    for label, code in PROCESSES.items():
+        if not available(code):
+            print(f"{label:32s} {'(not installed)':>16s}")
+            continue
+        wall, rss = measure(code, args.runs)
+        print(f"{label:32s} {wall:8.0f} {rss:7.1f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,197 @@
+"""What the HTTP API answers and the small bodies it takes, declared as Structs.
+
+The bot spec itself is ``botspec.spec``; these are the API's own documents. The
+OpenAPI document (controller/openapi.py) is generated from them and from the
+route table, and schemathesis checks every answer against it. Views are not
+closed (no ``forbid_unknown_fields``): a newer controller may add keys.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta, Struct
+
+from botspec.spec import CREDENTIALS, Name, NewBot, Topic
+from botspec.validate import struct_of
+
+State = Literal["configuring", "starting", "running", "stopping", "stopped", "failed", "destroyed"]
+Timestamp = Annotated[
+    str, Meta(description="ISO 8601 date-time", extra_json_schema={"format": "date-time"})
+]
+
+
+class FieldProblem(Struct, frozen=True):
+    field: Annotated[str, Meta(description="Dotted path of the refused field ('' for the body).")]
+    message: str
+
+
+class Problem(Struct, frozen=True, omit_defaults=True):
+    """An RFC 9457 problem document: every error the API gives."""
+
+    type: str
+    title: str
+    status: int
+    detail: str
+    errors: list[FieldProblem] = []
+
+
+class TelegramView(Struct, frozen=True):
+    connected: bool
+    last_update_age_s: float | None
+    last_error: str | None
+    disconnected_since: float | None
+    flood_wait_until: float | None
+
+
+class FailureView(Struct, frozen=True):
+    kind: str
+    reason: str
+    since: Timestamp | None
+
+
+class LastFailureView(Struct, frozen=True):
+    kind: str
+    reason: str
+    at: Timestamp | None
+
+
+class HealthView(Struct, frozen=True):
+    status: Literal["healthy", "failing", "backoff", "failed", "unknown"]
+    failure: FailureView | None
+    last_failure: LastFailureView | None
+    next_restart_at: Timestamp | None
+    restart_attempt: int
+    flood_wait_until: Timestamp | None
+    heartbeat_age_s: float | None
+    heartbeats_missed: int
+    max_heartbeat_gap_s: float | None
+
+
+class BotView(Struct, frozen=True):
+    """A bot as the API shows it: desired and actual state, health, its spec without secrets."""
+
+    name: Name
+    state: State
+    health: HealthView
+    desired: Literal["running", "stopped"]
+    since: Timestamp
+    reason: str
+    pid: int | None
+    uptime_s: float | None
+    restarts: int
+    rss_mb: float | None
+    telegram: TelegramView
+    generation: int
+    watcher: str
+    spec: Annotated[
+        dict[str, Any],
+        Meta(description="The bot's own spec (fleet defaults not merged), secrets left out."),
+    ]
+
+
+class BotList(Struct, frozen=True):
+    bots: list[BotView]
+
+
+class Destroyed(Struct, frozen=True):
+    name: Name
+    state: Literal["destroyed"]
+
+
+class EventView(Struct, frozen=True):
+    id: int
+    at: Timestamp
+    bot: str | None
+    kind: str
+    actor: str
+    from_state: str | None
+    to_state: str | None
+    reason: str
+    data: dict[str, Any]
+
+
+class EventList(Struct, frozen=True):
+    events: list[EventView]
+
+
+class LogTail(Struct, frozen=True):
+    name: Name
+    stream: Literal["out", "err"]
+    path: str
+    lines: list[str]
+
+
+class NewToken(Struct, frozen=True, forbid_unknown_fields=True):
+    """Creates an API token."""
+
+    name: Name
+
+
+class TokenView(Struct, frozen=True):
+    name: str
+    created_at: Timestamp
+    revoked_at: Timestamp | None
+
+
+class CreatedToken(TokenView, frozen=True):
+    token: Annotated[str, Meta(description="The secret: shown this once only.")]
+
+
+class TokenList(Struct, frozen=True):
+    tokens: list[TokenView]
+
+
+class Publish(Struct, frozen=True, forbid_unknown_fields=True):
+    """An event to publish on the bus."""
+
+    topic: Topic
+    data: Any = None
+
+
+class ControllerView(Struct, frozen=True):
+    pid: int
+    rss_mb: float | None
+
+
+class Status(Struct, frozen=True):
+    bots: int
+    states: dict[str, int]
+    telegram_connected: int
+    controller: ControllerView
+    database: str
+    reconcile_error: str | None
+
+
+class Liveness(Struct, frozen=True):
+    status: Literal["ok"]
+
+
+Defaults = Annotated[
+    dict[str, Any],
+    Meta(description="The fleet defaults (see FleetDefaults), secrets left out."),
+]
+
+
+def _patch_of(struct: type[Struct], name: str, *, top: bool) -> type[Struct]:
+    """A JSON merge patch (RFC 7396) of ``struct``: every field optional, null removes it.
+
+    Nested objects are patches themselves. Credentials cannot be null (replace one
+    by setting the other)."""
+    fields: list[tuple[str, Any, Any]] = []
+    for field in msgspec.structs.fields(struct):
+        if top and field.name == "name":
+            continue
+        tp = field.type
+        nested = struct_of(tp)
+        if nested is not None:
+            tp = _patch_of(nested, f"{nested.__name__}Patch", top=False)
+        if not (top and field.name in CREDENTIALS):
+            tp = tp | None
+        fields.append((field.name, tp | msgspec.UnsetType, msgspec.UNSET))
+    return msgspec.defstruct(name, fields, frozen=True, forbid_unknown_fields=True, kw_only=True)
+
+
+#: The body of PATCH /bots/{name}, derived from the spec's declaration.
+BotPatch = _patch_of(NewBot, "BotPatch", top=True)
