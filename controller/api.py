@@ -37,7 +37,7 @@ from controller.errors import (
 from controller.fleet import Fleet
 from controller.home import Home
 from controller.openapi import Query, Route, build_openapi
-from controller.spec import public_defaults
+from controller.spec import public_defaults, storable_problems
 from controller.store import EventRow, PgStore, TokenRow
 from controller.views import metrics_text
 
@@ -173,6 +173,7 @@ def checked(struct: type[Any], body: object, detail: str) -> dict[str, Any]:
             f"{detail}: the body must be a JSON object", [FieldError("", "must be an object")]
         )
     check_struct(struct, body, errors)
+    errors.extend(storable_problems(body))
     if errors:
         raise InvalidSpec(
             f"{detail}: " + "; ".join(f"{e.field}: {e.message}" for e in errors), errors

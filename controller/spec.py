@@ -101,11 +101,38 @@ def _beyond_types(spec: Mapping[str, Any], errors: list[FieldError]) -> None:
         errors.append(FieldError(field, problem))
 
 
+def storable_problems(value: object, path: str = "") -> list[FieldError]:
+    """Strings PostgreSQL cannot store in JSONB or text: NUL characters, and unpaired
+    surrogates (JSON allows "\\ud800"; UTF-8 has no encoding for it)."""
+    found: list[FieldError] = []
+    if isinstance(value, str):
+        if "\x00" in value:
+            found.append(FieldError(path, "must not contain the NUL character (\\u0000)"))
+        else:
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                found.append(FieldError(path, "must not contain an unpaired surrogate"))
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            where = f"{path}.{key}" if path else str(key)
+            if storable_problems(key):
+                found.append(
+                    FieldError(where, "a key must not contain NUL or an unpaired surrogate")
+                )
+            found.extend(storable_problems(item, where))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            found.extend(storable_problems(item, f"{path}[{index}]"))
+    return found
+
+
 def _check_spec(
     struct: type[msgspec.Struct], body: Mapping[str, Any], errors: list[FieldError]
 ) -> None:
     check_struct(struct, body, errors)
     _beyond_types(body, errors)
+    errors.extend(e for e in storable_problems(body) if e not in errors)
 
 
 def _object(body: object, errors: list[FieldError]) -> dict[str, Any]:

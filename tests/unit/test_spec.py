@@ -246,8 +246,25 @@ def test_every_wrong_field_is_named_at_once() -> None:
     }
 
 
-@pytest.mark.parametrize("name", ["bot\u00e9", "bot\x00", "bot\n", "b\u200bot", "\uff22\uff2f\uff34", "bot\t"])
+@pytest.mark.parametrize(
+    "name", ["bot\u00e9", "bot\x00", "bot\n", "b\u200bot", "\uff22\uff2f\uff34", "bot\t"]
+)
 def test_unicode_and_control_characters_in_names_are_refused(name: str) -> None:
     with pytest.raises(InvalidSpec) as exc:
         validate_create({"name": name, "token": TOKEN})
     assert "name" in fields_of(exc)
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"name": "shop", "token": TOKEN, "settings": {"a": "x\x00y"}}, "settings.a"),
+        ({"name": "shop", "token": TOKEN, "settings": {"k\x00": 1}}, "settings.k\x00"),
+        ({"name": "shop", "token": TOKEN, "settings": {"a": ["\ud800"]}}, "settings.a[0]"),
+        ({"name": "shop", "session": "abc\x00"}, "session"),
+    ],
+)
+def test_what_postgresql_cannot_store_is_refused(body: dict[str, Any], field: str) -> None:
+    with pytest.raises(InvalidSpec) as exc:
+        validate_create(body)
+    assert field in fields_of(exc), fields_of(exc)
