@@ -482,7 +482,7 @@ def token_revoke(
 
 
 def _mount_sandbox() -> None:
-    from controller.sandbox.cli import app as sandbox_app
+    from tgsandbox.cli import app as sandbox_app
 
     app.add_typer(sandbox_app, name="sandbox", help="The local Telegram (MTProto sandbox).")
 
