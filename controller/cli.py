@@ -493,7 +493,12 @@ def token_revoke(
 def sandbox(ctx: typer.Context) -> None:
     """The local Telegram (MTProto sandbox): serve it, or drive a running one (see --help)."""
     # Imported only here: the sandbox's code (Telethon, aiohttp, cryptography) would
-    # cost every other command its import time.
+    # cost every other command its import time, and it is an optional extra.
+    import tgsandbox
+
+    problem = tgsandbox.requirements_problem()
+    if problem is not None:
+        fail(problem)
     from tgsandbox.cli import app as sandbox_app
 
     sandbox_app(args=ctx.args, prog_name=ctx.command_path)

@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -52,3 +53,20 @@ def test_sandbox_arguments_and_help_are_the_sandbox_cli_s() -> None:
     assert outcome.exit_code == 0, outcome.output
     assert "tgfleet sandbox fault" in outcome.output
     assert "--seconds" in outcome.output
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["sandbox", "bot", "list"], ["sandbox"], ["up", "--demo", "--home", "{home}"]],
+)
+def test_without_the_sandbox_extra_sandbox_commands_say_what_to_install(
+    args: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "cryptography", None)  # as if not installed
+    home = tmp_path / "home"
+    outcome = CliRunner().invoke(app, [a.format(home=home) for a in args])
+    assert outcome.exit_code == 1
+    assert outcome.output.count("\n") == 1, outcome.output
+    assert "cryptography" in outcome.output
+    assert "pip install 'tgfleet[sandbox]'" in outcome.output
+    assert not home.exists()  # `up --demo` stopped before it made anything
