@@ -31,7 +31,7 @@ def classify(proc: psutil.Process) -> str:
         return "controller"
     if "-m botrunner" in cmd:
         return "bots"
-    if "controller.sandbox" in cmd:
+    if "tgsandbox" in cmd:
         return "sandbox"
     if "postgres" in proc.name() or "postgres" in cmd:
         return "postgres"

@@ -21,7 +21,7 @@ from pathlib import Path
 import psutil
 from _fleet import Sandbox, short_tmpdir
 
-from controller.sandbox.admin_client import AdminClient, AdminError
+from tgsandbox.admin_client import AdminClient, AdminError
 
 
 def rss_mb(pid: int) -> float:

@@ -481,13 +481,27 @@ def token_revoke(
     show(result, as_json, f"revoked {name}")
 
 
-def _mount_sandbox() -> None:
-    from controller.sandbox.cli import app as sandbox_app
-
-    app.add_typer(sandbox_app, name="sandbox", help="The local Telegram (MTProto sandbox).")
+# ---------------------------------------------------------------- sandbox
 
 
-_mount_sandbox()
+@app.command(
+    "sandbox",
+    # Every argument, --help included, belongs to the sandbox's own CLI.
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    add_help_option=False,
+)
+def sandbox(ctx: typer.Context) -> None:
+    """The local Telegram (MTProto sandbox): serve it, or drive a running one (see --help)."""
+    # Imported only here: the sandbox's code (Telethon, aiohttp, cryptography) would
+    # cost every other command its import time, and it is an optional extra.
+    import tgsandbox
+
+    problem = tgsandbox.requirements_problem()
+    if problem is not None:
+        fail(problem)
+    from tgsandbox.cli import app as sandbox_app
+
+    sandbox_app(args=ctx.args, prog_name=ctx.command_path)
 
 
 def main() -> None:

@@ -82,7 +82,7 @@ class LogRotation:
 
 @dataclass(frozen=True)
 class SandboxWatcher:
-    """The local Telegram (``python -m controller.sandbox serve``) as a watcher."""
+    """The local Telegram (``python -m tgsandbox serve``) as a watcher."""
 
     listen: str
     admin_listen: str
@@ -221,7 +221,7 @@ def render_circus_ini(
     if sandbox is not None:
         out, err = _logs(home, "sandbox")
         sandbox_argv = [
-            *("-m", "controller.sandbox", "serve"),
+            *("-m", "tgsandbox", "serve"),
             *("--listen", sandbox.listen, "--admin-listen", sandbox.admin_listen),
             *("--data", str(sandbox.data_dir)),
         ]

@@ -77,6 +77,13 @@ def prepare(options: UpOptions) -> ControllerSettings:
     parse_hostport(options.listen, "--listen")
     if options.webhook_url and not options.webhook_url.startswith(("http://", "https://")):
         raise UpError(f"TGFLEET_WEBHOOK_URL must be an http(s) URL, not {options.webhook_url!r}")
+    if options.demo:
+        # The sandbox is an optional extra; without it its watcher would crash-loop.
+        import tgsandbox  # its package alone: no Telethon, no cryptography
+
+        problem = tgsandbox.requirements_problem()
+        if problem is not None:
+            raise UpError(f"--demo runs the local Telegram: {problem}")
     home.make_dirs()
     if asyncio.run(_circus_answers(home.circus_endpoint)):
         raise UpError(

@@ -157,7 +157,7 @@ class Sandbox:
             [
                 sys.executable,
                 "-m",
-                "controller.sandbox",
+                "tgsandbox",
                 "serve",
                 "--listen",
                 f"127.0.0.1:{port}",

@@ -2,7 +2,7 @@
 
 Without Telegram: a port that accepts and stays silent (connect must time out,
 heartbeats must say disconnected, nothing may hang), a refused port, broken
-configs and plugins. With the local sandbox (controller/sandbox), when it is
+configs and plugins. With the local sandbox (tgsandbox), when it is
 usable: ready, heartbeats, an echo reply to a simulated user, a rejected token.
 """
 
@@ -329,7 +329,7 @@ def sandbox_usable() -> str | None:
     """Why the sandbox cannot be used here, or None."""
     package = Path(__file__).resolve().parents[2] / "controller" / "sandbox"
     if not (package / "__main__.py").exists():
-        return "the sandbox (controller/sandbox) is not there"
+        return "the sandbox (tgsandbox) is not there"
     return None
 
 
@@ -344,7 +344,7 @@ def unique(prefix: str) -> str:
 async def test_echo_bot_against_the_sandbox(
     home: Path, bus: BusServer, start_bot: Any, sandbox: Any
 ) -> None:
-    from controller.sandbox.admin_client import AdminClient
+    from tgsandbox.admin_client import AdminClient
 
     name = unique("echo")
     async with AdminClient(sandbox.admin) as admin:
@@ -439,7 +439,7 @@ async def start_echo_bot(
 async def test_a_blackhole_is_reported_then_recovered_from(
     home: Path, bus: BusServer, start_bot: Any, sandbox: Any
 ) -> None:
-    from controller.sandbox.admin_client import AdminClient
+    from tgsandbox.admin_client import AdminClient
 
     async with AdminClient(sandbox.admin) as admin:
         created, bot = await start_echo_bot(home, start_bot, sandbox, admin)
@@ -470,7 +470,7 @@ async def test_a_blackhole_is_reported_then_recovered_from(
 async def test_a_flood_wait_in_a_handler_is_counted_and_reported(
     home: Path, bus: BusServer, start_bot: Any, sandbox: Any
 ) -> None:
-    from controller.sandbox.admin_client import AdminClient
+    from tgsandbox.admin_client import AdminClient
 
     async with AdminClient(sandbox.admin) as admin:
         created, bot = await start_echo_bot(home, start_bot, sandbox, admin)
@@ -488,7 +488,7 @@ async def test_a_flood_wait_in_a_handler_is_counted_and_reported(
 async def test_revoked_credentials_while_running_are_fatal(
     home: Path, bus: BusServer, start_bot: Any, sandbox: Any
 ) -> None:
-    from controller.sandbox.admin_client import AdminClient
+    from tgsandbox.admin_client import AdminClient
 
     async with AdminClient(sandbox.admin) as admin:
         created, bot = await start_echo_bot(home, start_bot, sandbox, admin)
@@ -521,7 +521,7 @@ def setup(client, ctx):
 async def test_sigterm_lets_a_running_handler_finish(
     home: Path, bus: BusServer, start_bot: Any, sandbox: Any
 ) -> None:
-    from controller.sandbox.admin_client import AdminClient
+    from tgsandbox.admin_client import AdminClient
 
     plugins = home / "plugins"
     plugins.mkdir()
@@ -555,7 +555,7 @@ async def test_sigterm_lets_a_running_handler_finish(
 async def test_a_restarted_bot_answers_what_came_while_it_was_down(
     home: Path, bus: BusServer, start_bot: Any, sandbox: Any
 ) -> None:
-    from controller.sandbox.admin_client import AdminClient
+    from tgsandbox.admin_client import AdminClient
 
     async with AdminClient(sandbox.admin) as admin:
         created = await admin.create_bot(unique("r"))

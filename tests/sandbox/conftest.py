@@ -14,9 +14,9 @@ from telethon import TelegramClient
 from telethon.network import ConnectionTcpFull
 from telethon.sessions import MemorySession
 
-from controller.sandbox.admin_client import AdminClient
-from controller.sandbox.server import ServerConfig
-from controller.sandbox.service import Address, Sandbox
+from tgsandbox.admin_client import AdminClient
+from tgsandbox.server import ServerConfig
+from tgsandbox.service import Address, Sandbox
 
 ClientFactory = Callable[..., Awaitable[TelegramClient]]
 

@@ -7,8 +7,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from controller.sandbox.admin_client import AdminClient
-from controller.sandbox.service import Sandbox
+from tgsandbox.admin_client import AdminClient
+from tgsandbox.service import Sandbox
 
 
 async def raw(tg: Sandbox, method: str, path: str, **kwargs: Any) -> tuple[int, str, Any]:

@@ -13,8 +13,8 @@ import pytest
 from telethon import TelegramClient, errors
 from telethon.tl.tlobject import TLRequest
 
-from controller.sandbox.admin_client import AdminClient
-from controller.sandbox.service import Sandbox
+from tgsandbox.admin_client import AdminClient
+from tgsandbox.service import Sandbox
 
 from .conftest import ClientFactory, make_client, start_sandbox
 

@@ -14,8 +14,8 @@ from telethon import TelegramClient, errors, events, functions
 from telethon.network import ConnectionTcpAbridged, ConnectionTcpFull, ConnectionTcpIntermediate
 from telethon.sessions import StringSession
 
-from controller.sandbox.admin_client import AdminClient
-from controller.sandbox.service import Sandbox
+from tgsandbox.admin_client import AdminClient
+from tgsandbox.service import Sandbox
 
 from .conftest import ClientFactory, eventually, make_client, start_sandbox
 
@@ -140,7 +140,7 @@ async def test_serve_and_cli_as_a_newcomer_uses_them(
     serve = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "controller.sandbox",
+        "tgsandbox",
         "serve",
         "--listen",
         f"127.0.0.1:{port}",
@@ -195,7 +195,7 @@ async def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[s
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "controller.sandbox",
+        "tgsandbox",
         *args,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

@@ -10,9 +10,9 @@ from telethon import TelegramClient, errors, events, functions, types
 from telethon.sessions import StringSession
 from typer.testing import CliRunner
 
-from controller.sandbox import cli
-from controller.sandbox.admin_client import AdminClient, AdminError
-from controller.sandbox.service import Sandbox
+from tgsandbox import cli
+from tgsandbox.admin_client import AdminClient, AdminError
+from tgsandbox.service import Sandbox
 
 from .conftest import ClientFactory, eventually, make_client
 

@@ -7,8 +7,8 @@ import asyncio
 import pytest
 from telethon import TelegramClient, errors, events, functions, types
 
-from controller.sandbox.admin_client import AdminClient
-from controller.sandbox.service import Sandbox
+from tgsandbox.admin_client import AdminClient
+from tgsandbox.service import Sandbox
 
 from .conftest import ClientFactory, make_client
 

@@ -10,10 +10,10 @@ import pytest
 from telethon.crypto import AES
 from telethon.crypto import AuthKey as TelethonAuthKey
 
-from controller.sandbox import envelope
-from controller.sandbox.crypto import DH_G, DH_PRIME, AuthKey, ige_decrypt, ige_encrypt
-from controller.sandbox.envelope import EnvelopeError, Item, MsgIdClock
-from controller.sandbox.faults import (
+from tgsandbox import envelope
+from tgsandbox.crypto import DH_G, DH_PRIME, AuthKey, ige_decrypt, ige_encrypt
+from tgsandbox.envelope import EnvelopeError, Item, MsgIdClock
+from tgsandbox.faults import (
     ALL,
     Effect,
     Fault,
@@ -22,15 +22,15 @@ from controller.sandbox.faults import (
     InvalidFault,
     Scope,
 )
-from controller.sandbox.handshake import _is_prime
-from controller.sandbox.transport import (
+from tgsandbox.handshake import _is_prime
+from tgsandbox.transport import (
     AbridgedCodec,
     FrameError,
     FullCodec,
     IntermediateCodec,
     detect,
 )
-from controller.sandbox.world import bot_username, login_code_for
+from tgsandbox.world import bot_username, login_code_for
 
 
 @pytest.mark.parametrize("size", [16, 32, 256, 1024])

@@ -7,8 +7,8 @@ from pathlib import Path
 
 from telethon import TelegramClient, events
 
-from controller.sandbox.admin_client import AdminClient
-from controller.sandbox.service import Sandbox
+from tgsandbox.admin_client import AdminClient
+from tgsandbox.service import Sandbox
 
 from .conftest import ClientFactory, eventually, make_client
 

@@ -1,8 +1,13 @@
 """The CLI's own logic (everything it does over HTTP is tested end to end)."""
 
-import pytest
+import subprocess
+import sys
+from pathlib import Path
 
-from controller.cli import new_lines, parse_settings
+import pytest
+from typer.testing import CliRunner
+
+from controller.cli import app, new_lines, parse_settings
 
 
 @pytest.mark.parametrize(
@@ -29,3 +34,39 @@ def test_settings_values_are_json_when_they_can_be() -> None:
         "l": [1],
         "s": "a=b",
     }
+
+
+def test_the_cli_does_without_the_sandbox_until_a_sandbox_command_runs() -> None:
+    # A fresh interpreter: this one has imported everything the other tests use.
+    heavy = ["tgsandbox", "telethon", "aiohttp", "cryptography"]
+    probe = (
+        "import sys, controller.cli; print(' '.join(m for m in sys.argv[1:] if m in sys.modules))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe, *heavy], capture_output=True, text=True, check=True
+    )
+    assert done.stdout.split() == []
+
+
+def test_sandbox_arguments_and_help_are_the_sandbox_cli_s() -> None:
+    outcome = CliRunner().invoke(app, ["sandbox", "fault", "--help"], prog_name="tgfleet")
+    assert outcome.exit_code == 0, outcome.output
+    assert "tgfleet sandbox fault" in outcome.output
+    assert "--seconds" in outcome.output
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["sandbox", "bot", "list"], ["sandbox"], ["up", "--demo", "--home", "{home}"]],
+)
+def test_without_the_sandbox_extra_sandbox_commands_say_what_to_install(
+    args: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "cryptography", None)  # as if not installed
+    home = tmp_path / "home"
+    outcome = CliRunner().invoke(app, [a.format(home=home) for a in args])
+    assert outcome.exit_code == 1
+    assert outcome.output.count("\n") == 1, outcome.output
+    assert "cryptography" in outcome.output
+    assert "pip install 'tgfleet[sandbox]'" in outcome.output
+    assert not home.exists()  # `up --demo` stopped before it made anything

@@ -224,7 +224,7 @@ def test_circus_ini_every_field() -> None:
     assert int(postgres["priority"]) > int(parsed["watcher:sandbox"]["priority"])
     assert int(parsed["watcher:sandbox"]["priority"]) > int(controller["priority"])
     assert parsed["watcher:sandbox"]["args"] == (
-        "-m controller.sandbox serve --listen 127.0.0.1:8711 --admin-listen 127.0.0.1:8712 "
+        "-m tgsandbox serve --listen 127.0.0.1:8711 --admin-listen 127.0.0.1:8712 "
         "--data /srv/fleet/sandbox"
     )
 

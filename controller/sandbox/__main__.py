@@ -1,5 +1,0 @@
-"""``python -m controller.sandbox serve --listen H:P --admin-listen H:P --data DIR``."""
-
-from .cli import app
-
-app(prog_name="python -m controller.sandbox")
