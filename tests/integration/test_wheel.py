@@ -59,6 +59,16 @@ def package_data() -> set[str]:
     return found
 
 
+def package_modules(source: Path) -> set[str]:
+    """Every module of every top-level package in ``source`` (a package left out of
+    pyproject's packages.find would be missing from the wheel)."""
+    return {
+        path.relative_to(source).as_posix()
+        for init in source.glob("*/__init__.py")
+        for path in init.parent.rglob("*.py")
+    }
+
+
 def run(command: list[str], cwd: Path) -> None:
     done = subprocess.run(
         command, cwd=cwd, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S, check=False
@@ -132,7 +142,9 @@ def test_a_wheel_installed_in_a_fresh_venv_runs_the_fleet_away_from_the_checkout
     wheel = build_wheel(scratch)
     with zipfile.ZipFile(wheel) as archive:
         shipped = set(archive.namelist())
-    missing = package_data() - shipped
+    modules = package_modules(scratch / "src")
+    assert "botrunner/__main__.py" in modules and "controller/__main__.py" in modules
+    missing = (package_data() | modules) - shipped
     assert not missing, f"{wheel.name} lacks {sorted(missing)}"
 
     venv = scratch / "venv"
