@@ -12,7 +12,7 @@ import os
 import re
 import secrets
 from collections.abc import Awaitable, Callable
-from pathlib import Path
+from importlib import resources
 from typing import Any
 
 from aiohttp import web
@@ -51,7 +51,7 @@ PUBLISH: web.AppKey[Callable[[str, protocol.Event], None]] = web.AppKey("publish
 
 # The dashboard page holds no data (it reads the API with the user's token).
 OPEN_PATHS = frozenset({"/healthz", "/"})
-DASHBOARD = Path(__file__).resolve().parent.parent / "templates" / "dashboard.html"
+DASHBOARD = resources.files("controller") / "templates" / "dashboard.html"
 MAX_BODY_BYTES = 256 * 1024
 MAX_LOG_LINES = 5000
 NAME_RE = re.compile(NAME_PATTERN)
@@ -396,8 +396,9 @@ async def status(request: web.Request) -> web.Response:
     )
 
 
-async def dashboard(request: web.Request) -> web.FileResponse:
-    return web.FileResponse(DASHBOARD, headers={"Content-Type": "text/html; charset=utf-8"})
+async def dashboard(request: web.Request) -> web.Response:
+    # Package data, not necessarily a file on disk (a zipped install): read, not sendfile.
+    return web.Response(body=DASHBOARD.read_bytes(), content_type="text/html", charset="utf-8")
 
 
 async def openapi(request: web.Request) -> web.Response:

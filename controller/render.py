@@ -15,6 +15,7 @@ import shlex
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 import jinja2
@@ -22,7 +23,9 @@ import jinja2
 from controller.home import Home
 from controller.pg import PgWatcher
 
-_REPO_ROOT = Path(__file__).resolve().parent.parent
+# Package data (controller/templates/), read through importlib.resources so that
+# an installed wheel renders the same files as a checkout.
+TEMPLATES = resources.files("controller") / "templates"
 CIRCUS_TEMPLATE = "circus.ini.j2"
 WATCHER_TEMPLATE = "watcher.ini.j2"
 
@@ -140,9 +143,15 @@ class _Watcher:
     gid: str | None = None
 
 
+def _template_source(name: str) -> str | None:
+    """A shipped template's text; None (jinja2: TemplateNotFound) when there is none."""
+    template = TEMPLATES / name
+    return template.read_text(encoding="utf-8") if template.is_file() else None
+
+
 def _environment() -> jinja2.Environment:
     return jinja2.Environment(
-        loader=jinja2.FileSystemLoader([_REPO_ROOT, _REPO_ROOT / "templates"]),
+        loader=jinja2.FunctionLoader(_template_source),
         autoescape=False,
         undefined=jinja2.StrictUndefined,
         finalize=ini_value,  # every {{ … }} is checked: no way to forget it

@@ -17,7 +17,6 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 from controller.circus import CircusClient, SupervisorError
 from controller.home import Home
@@ -47,16 +46,6 @@ class UpOptions:
     sandbox_listen: str = DEFAULT_SANDBOX_LISTEN
     sandbox_admin: str = DEFAULT_SANDBOX_ADMIN
     webhook_url: str | None = None
-
-
-def _bin(name: str) -> str:
-    """An executable next to this interpreter (the venv's circusd)."""
-    path = Path(sys.executable).parent / name
-    if not path.exists():
-        raise UpError(
-            f"{path} is missing: install tgfleet into this environment (pip install -e .)"
-        )
-    return str(path)
 
 
 async def _circus_answers(endpoint: str) -> bool:
@@ -143,7 +132,9 @@ def run(
     home = options.home
     circusd_log = open(home.logs_dir / "circusd.log", "ab")  # noqa: SIM115 - lives as long as circusd
     circusd = subprocess.Popen(
-        [_bin("circusd"), "--log-output", "-", str(home.circus_ini)],
+        # circusd as a module of this interpreter, not the script next to it: a
+        # --user or system-wide install puts scripts elsewhere than sys.executable.
+        [sys.executable, "-m", "circus.circusd", "--log-output", "-", str(home.circus_ini)],
         stdout=circusd_log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
