@@ -12,9 +12,22 @@ import time
 # kernel's start time of the process where /proc has it, else from here.
 STARTED_MONOTONIC = time.monotonic()
 
+import signal  # noqa: E402
+import sys  # noqa: E402
+from types import FrameType  # noqa: E402
+
+
+def _stop_before_serving(signum: int, frame: FrameType | None) -> None:
+    """SIGTERM while the bot still imports (Telethon takes ~0.4 s, more on a busy host):
+    nothing to drain yet, so a clean exit (0) rather than death by signal (-15).
+    The runner installs its graceful handler once it serves."""
+    raise SystemExit(0)
+
+
+signal.signal(signal.SIGTERM, _stop_before_serving)
+
 import asyncio  # noqa: E402
 import logging  # noqa: E402
-import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from botrunner import ExitCode  # noqa: E402
