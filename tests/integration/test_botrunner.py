@@ -327,7 +327,7 @@ async def test_a_plugin_whose_setup_raises_is_fatal_without_touching_telegram(
 
 def sandbox_usable() -> str | None:
     """Why the sandbox cannot be used here, or None."""
-    package = Path(__file__).resolve().parents[2] / "controller" / "sandbox"
+    package = Path(__file__).resolve().parents[2] / "tgsandbox"
     if not (package / "__main__.py").exists():
         return "the sandbox (tgsandbox) is not there"
     return None
