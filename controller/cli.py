@@ -141,7 +141,13 @@ def up(
     """Run the fleet in the foreground: circusd, PostgreSQL, controller, bots. Ctrl-C stops it all."""
     from controller import up as up_module
     from controller.pg import EmbeddedPgError
-    from controller.settings import SettingsError
+    from controller.settings import (
+        DEFAULT_DATABASE_TIMEOUT_S,
+        DEFAULT_EVENT_RETENTION_COUNT,
+        DEFAULT_EVENT_RETENTION_DAYS,
+        SettingsError,
+        env_number,
+    )
 
     try:
         resolved = Home.resolve(home)
@@ -153,6 +159,17 @@ def up(
             sandbox_listen=os.environ.get("TGFLEET_SANDBOX_LISTEN", DEFAULT_SANDBOX_LISTEN),
             sandbox_admin=os.environ.get("TGFLEET_SANDBOX_ADMIN", DEFAULT_SANDBOX_ADMIN),
             webhook_url=os.environ.get("TGFLEET_WEBHOOK_URL") or None,
+            database_timeout_s=env_number(
+                os.environ, "TGFLEET_DATABASE_TIMEOUT_S", DEFAULT_DATABASE_TIMEOUT_S
+            ),
+            event_retention_days=env_number(
+                os.environ, "TGFLEET_EVENT_RETENTION_DAYS", DEFAULT_EVENT_RETENTION_DAYS
+            ),
+            event_retention_count=int(
+                env_number(
+                    os.environ, "TGFLEET_EVENT_RETENTION_COUNT", DEFAULT_EVENT_RETENTION_COUNT
+                )
+            ),
         )
 
         def on_ready(settings: ControllerSettings) -> None:

@@ -427,6 +427,34 @@ class Fleet:
             self.database = None
 
 
+def postgres_processes(fleet: Fleet) -> list[psutil.Process]:
+    """The embedded PostgreSQL of ``fleet``: its postmaster and every backend."""
+    pid = int(fleet.circusctl("list", "postgres").replace(",", " ").split()[0])
+    master = psutil.Process(pid)
+    return [master, *master.children(recursive=True)]
+
+
+@contextlib.contextmanager
+def stalled_postgres(fleet: Fleet) -> Iterator[list[psutil.Process]]:
+    """The embedded PostgreSQL stopped (SIGSTOP), postmaster and backends: a database
+    host that stops answering. Every process is continued on the way out, whatever happens."""
+    stopped: list[psutil.Process] = []
+    try:
+        master, *_ = postgres_processes(fleet)
+        # The postmaster first: stopped, it forks no backend we would miss.
+        master.send_signal(signal.SIGSTOP)
+        stopped.append(master)
+        for backend in master.children(recursive=True):
+            backend.send_signal(signal.SIGSTOP)
+            stopped.append(backend)
+        assert len(stopped) > 1, "no backend to stop: the controller holds no connection?"
+        yield stopped
+    finally:
+        for proc in reversed(stopped):
+            with contextlib.suppress(psutil.Error):
+                proc.send_signal(signal.SIGCONT)
+
+
 @contextlib.contextmanager
 def running_fleet(
     root: Path, sandbox: Sandbox | None, *extra: str, env: dict[str, str] | None = None
