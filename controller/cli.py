@@ -438,6 +438,18 @@ def bots_events(
 # ----------------------------------------------------------------- status
 
 
+def database_line(database: dict[str, Any]) -> str:
+    """`database: reachable`, or since when it is not and what waits for it."""
+    queued = f"; {database['writes_queued']} writes queued" if database["writes_queued"] else ""
+    dropped = f", {database['writes_dropped']} dropped" if database["writes_dropped"] else ""
+    if database["reachable"]:
+        return f"database: reachable{queued}{dropped}"
+    return (
+        f"database: UNREACHABLE since {database['unreachable_since']} "
+        f"({database['error']}); answers are stale{queued}{dropped}"
+    )
+
+
 @app.command()
 def status(
     home: HomeOpt = None, api: ApiOpt = None, token: TokenOpt = None, as_json: JsonOpt = False
@@ -450,6 +462,7 @@ def status(
         f"bots: {summary['bots']} ({states}); Telegram connected: {summary['telegram_connected']}",
         f"controller: pid {summary['controller']['pid']}, {summary['controller']['rss_mb']} MB",
     ]
+    text.append(database_line(summary["database"]))
     if summary.get("reconcile_error"):
         text.append(f"last reconcile error: {summary['reconcile_error']}")
     if listing["bots"]:

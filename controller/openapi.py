@@ -17,6 +17,7 @@ _ERRORS = {
         "401": "Missing, unknown or revoked bearer token",
         "404": "No such bot or endpoint",
         "409": "Conflict with the current state (e.g. a taken name)",
+        "412": "If-Match names no current ETag of the bot: read it again",
         "422": "Invalid input: `errors` names each field and why",
         "503": "PostgreSQL or circusd unavailable",
     }.items()
@@ -141,6 +142,9 @@ OPENAPI: dict[str, Any] = {
                         },
                     },
                     "spec": {"type": "object"},
+                    "version": {"type": "integer", "description": "its ETag is this, quoted"},
+                    "stale": {"type": "boolean", "description": "PostgreSQL away: from memory"},
+                    "as_of": {"type": "string", "format": "date-time"},
                 },
             },
         },
@@ -154,11 +158,21 @@ OPENAPI: dict[str, Any] = {
                 "responses": {"200": {"description": "OK"}},
             }
         },
+        "/readyz": {
+            "get": {
+                "summary": "Readiness: 503 while PostgreSQL is unreachable (since when)",
+                "security": [],
+                "responses": {"200": {"description": "OK"}, "503": _ERRORS["503"]},
+            }
+        },
         "/metrics": {
             "get": {"summary": "Prometheus metrics", "responses": {"200": {"description": "text"}}}
         },
         "/api/v1/status": {
-            "get": {"summary": "Fleet summary", "responses": {"200": {"description": "OK"}}}
+            "get": {
+                "summary": "Fleet summary; `database`: reachable, unreachable_since, writes queued",
+                "responses": {"200": {"description": "OK"}},
+            }
         },
         "/api/v1/bots": {
             "get": {"summary": "List bots", "responses": {"200": {"description": "OK"}}},
@@ -166,10 +180,12 @@ OPENAPI: dict[str, Any] = {
         },
         "/api/v1/bots/{name}": {
             "parameters": [_NAME],
-            "get": _op("One bot"),
+            "get": _op("One bot (ETag: the version of its spec)"),
             "patch": _op(
-                "Change a bot's spec (restarts that bot alone); null resets a field",
+                "Change a bot's spec (restarts that bot alone); null resets a field; "
+                "If-Match: one of its ETags, else 412",
                 body="BotPatch",
+                parameters=[{"name": "If-Match", "in": "header", "schema": {"type": "string"}}],
             ),
             "delete": _op(
                 "Destroy a bot: stop it, remove its watcher, files and private dir; keep its events"

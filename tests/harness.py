@@ -427,6 +427,34 @@ class Fleet:
             self.database = None
 
 
+@dataclass(frozen=True)
+class Answer:
+    method: str
+    path: str
+    status: int
+    took_s: float
+    body: Any
+    content_type: str
+
+
+def timed(fleet: Fleet, method: str, path: str, body: object | None = None) -> Answer:
+    """One request as a user makes it; its status, body and how long it took to answer."""
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(f"http://{fleet.listen}{path}", data=data, method=method)
+    request.add_header("Authorization", f"Bearer {fleet.home.admin_token.read_text().strip()}")
+    if data is not None:
+        request.add_header("Content-Type", "application/json")
+    started = time.monotonic()
+    try:
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            status, raw, kind = answer.status, answer.read(), answer.headers.get_content_type()
+    except urllib.error.HTTPError as exc:
+        status, raw, kind = exc.code, exc.read(), exc.headers.get_content_type()
+    took = time.monotonic() - started
+    parsed = json.loads(raw) if kind.endswith("json") and raw else raw.decode()
+    return Answer(method, path, status, took, parsed, kind)
+
+
 def postgres_processes(fleet: Fleet) -> list[psutil.Process]:
     """The embedded PostgreSQL of ``fleet``: its postmaster and every backend."""
     pid = int(fleet.circusctl("list", "postgres").replace(",", " ").split()[0])

@@ -4,51 +4,19 @@ within 2 s, health acts at once, and every event noted meanwhile is written afte
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import time
-import urllib.error
-import urllib.request
-from dataclasses import dataclass
 from typing import Any
 
 import drills
 import pytest
-from harness import Fleet, Sandbox, echo_spec, stalled_postgres, wait_for
+from harness import Answer, Fleet, Sandbox, echo_spec, stalled_postgres, timed, wait_for
 
 pytestmark = pytest.mark.integration
 
 STALL_S = 20.0
 ANSWER_WITHIN_S = 2.0
-
-
-@dataclass(frozen=True)
-class Answer:
-    method: str
-    path: str
-    status: int
-    took_s: float
-    body: Any
-    content_type: str
-
-
-def timed(fleet: Fleet, method: str, path: str, body: object | None = None) -> Answer:
-    """One request as a user makes it; its status, body and how long it took to answer."""
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(f"http://{fleet.listen}{path}", data=data, method=method)
-    request.add_header("Authorization", f"Bearer {fleet.home.admin_token.read_text().strip()}")
-    if data is not None:
-        request.add_header("Content-Type", "application/json")
-    started = time.monotonic()
-    try:
-        with urllib.request.urlopen(request, timeout=30) as answer:
-            status, raw, kind = answer.status, answer.read(), answer.headers.get_content_type()
-    except urllib.error.HTTPError as exc:
-        status, raw, kind = exc.code, exc.read(), exc.headers.get_content_type()
-    took = time.monotonic() - started
-    parsed = json.loads(raw) if kind.endswith("json") and raw else raw.decode()
-    return Answer(method, path, status, took, parsed, kind)
 
 
 def test_a_stalled_database_freezes_nothing(fleet: Fleet, sandbox: Sandbox) -> None:
