@@ -16,7 +16,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -203,6 +203,7 @@ class Fleet:
         self.files = files
         self.live: dict[str, LiveProcess] = {}
         self._lock = asyncio.Lock()
+        self._acted = 0  # times the lock was released: reads older than that are stale
         self._nudge = asyncio.Event()
         self._listeners: set[EventListener] = set()
         self._publish = publish
@@ -472,8 +473,13 @@ class Fleet:
         Health runs on the last rows read when PostgreSQL does not answer; the pass
         then raises StoreUnavailable (after acting), so the loop says so.
         """
+        seen = self._acted
         fresh = await self._read_desired()
-        async with self._lock:
+        async with self._acting():
+            if fresh and self._acted != seen:
+                # Someone acted between our read and now (a destroy, another pass):
+                # what we read may be gone, and acting on it would bring it back.
+                fresh = await self._read_desired()
             status = await self._status()
             if fresh:
                 try:
@@ -485,6 +491,15 @@ class Fleet:
         if not fresh:
             raise StoreUnavailable(self.store.unreachable_detail())
         await self._after_pass()
+
+    @contextlib.asynccontextmanager
+    async def _acting(self) -> AsyncIterator[None]:
+        """The fleet lock, held by whoever acts on circusd and the files; counted."""
+        async with self._lock:
+            try:
+                yield
+            finally:
+                self._acted += 1
 
     async def _read_desired(self) -> bool:
         """Write what waits, then read the bots and defaults; False if PostgreSQL is away."""
@@ -810,7 +825,7 @@ class Fleet:
 
     async def start(self, name: str, actor: str) -> BotRow:
         self._require_database()
-        async with self._lock:
+        async with self._acting():
             row = await self.store.get_bot(name)
             if row.desired != "running":
                 await self.store.set_desired(name, "running", actor, "start requested")
@@ -827,7 +842,7 @@ class Fleet:
 
     async def stop(self, name: str, actor: str) -> BotRow:
         self._require_database()
-        async with self._lock:
+        async with self._acting():
             row = await self.store.get_bot(name)
             if row.desired != "stopped":
                 await self.store.set_desired(name, "stopped", actor, "stop requested")
@@ -843,7 +858,7 @@ class Fleet:
         row = await self.store.get_bot(name)
         if row.state is BotState.FAILED or row.desired != "running":
             return await self.start(name, actor)
-        async with self._lock:
+        async with self._acting():
             row = await self.store.get_bot(name)
             if can(row.state, Trigger.RESPAWN):
                 self._expect_exit(name)
@@ -859,7 +874,7 @@ class Fleet:
     async def destroy(self, name: str, actor: str) -> None:
         """Stop the bot, remove its watcher, files and private dir; keep its events."""
         self._require_database()
-        async with self._lock:
+        async with self._acting():
             row = await self.store.get_bot(name)
             if row.desired != "stopped":
                 await self.store.set_desired(name, "stopped", actor, "destroy requested")
