@@ -12,6 +12,7 @@ import os
 import re
 import secrets
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from importlib import resources
 from typing import Any
 
@@ -27,6 +28,7 @@ from controller.errors import (
     FieldError,
     InvalidSpec,
     NotFound,
+    PreconditionFailed,
     Problem,
     StoreUnavailable,
     TgfleetError,
@@ -34,11 +36,11 @@ from controller.errors import (
     Unauthorized,
     UnsupportedMediaType,
 )
-from controller.fleet import Fleet
+from controller.fleet import Fleet, etag
 from controller.home import Home
 from controller.openapi import Query, Route, build_openapi
 from controller.spec import public_defaults, storable_problems
-from controller.store import EventRow, PgStore, TokenRow
+from controller.store import BotRow, EventRow, PgStore, TokenRow, patience
 from controller.views import metrics_text
 
 log = logging.getLogger("tgfleet.api")
@@ -50,11 +52,15 @@ TOKENS: web.AppKey[dict[str, str]] = web.AppKey("tokens", dict)
 PUBLISH: web.AppKey[Callable[[str, protocol.Event], None]] = web.AppKey("publish")
 
 # The dashboard page holds no data (it reads the API with the user's token).
-OPEN_PATHS = frozenset({"/healthz", "/"})
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/"})
 DASHBOARD = resources.files("controller") / "templates" / "dashboard.html"
 MAX_BODY_BYTES = 256 * 1024
 MAX_LOG_LINES = 5000
 NAME_RE = re.compile(NAME_PATTERN)
+#: The share of the database timeout a request gives PostgreSQL; the rest is for
+#: answering, so that every request answers within the timeout.
+DATABASE_SHARE = 0.75
+ENTITY_TAG_RE = re.compile(r'^"(\d{1,18})"$')
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -99,6 +105,13 @@ async def problems(request: web.Request, handler: Handler) -> web.StreamResponse
         elif exc.status == 413:
             detail = f"the body is over {MAX_BODY_BYTES} bytes"
         return problem_response(Problem(exc.status, exc.reason, detail or exc.reason), headers)
+
+
+@web.middleware
+async def database_patience(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """A request waits for PostgreSQL a share of the timeout, then answers from memory or 503."""
+    with patience(request.app[STORE].timeout_s * DATABASE_SHARE):
+        return await handler(request)
 
 
 @web.middleware
@@ -196,20 +209,46 @@ async def create_bot(request: web.Request) -> web.Response:
     body = await read_json(request)
     fleet = request.app[FLEET]
     row = await fleet.create(body, request["actor"])
-    response = ok(fleet.view(row), status=201)
+    response = bot_response(fleet, row, status=201)
     response.headers["Location"] = f"/api/v1/bots/{row.name}"
     return response
 
 
+def bot_response(fleet: Fleet, row: BotRow, status: int = 200) -> web.Response:
+    """A bot, with its ETag (the version of its spec)."""
+    response = ok(fleet.view(row), status=status)
+    response.headers["ETag"] = etag(row)
+    return response
+
+
 async def get_bot(request: web.Request) -> web.Response:
-    return ok(await request.app[FLEET].get(bot_name(request)))
+    fleet = request.app[FLEET]
+    row, stale = await fleet.get_row(bot_name(request))
+    response = ok({**fleet.view(row), **fleet.stale_marks()} if stale else fleet.view(row))
+    response.headers["ETag"] = etag(row)
+    return response
+
+
+def if_match(request: web.Request) -> frozenset[int] | None:
+    """The versions an If-Match header accepts; None without one (or with ``*``)."""
+    header = request.headers.get("If-Match")
+    if header is None or header.strip() == "*":
+        return None
+    versions = set()
+    for tag in header.split(","):
+        found = ENTITY_TAG_RE.fullmatch(tag.strip())
+        if found is None:  # a weak or foreign tag never matches (RFC 9110 13.1.1)
+            raise PreconditionFailed(f"If-Match {tag.strip()} is no ETag of this bot")
+        versions.add(int(found.group(1)))
+    return frozenset(versions)
 
 
 async def patch_bot(request: web.Request) -> web.Response:
     name = bot_name(request)
+    expected = if_match(request)
     body = await read_json(request)
     fleet = request.app[FLEET]
-    return ok(fleet.view(await fleet.update(name, body, request["actor"])))
+    return bot_response(fleet, await fleet.update(name, body, request["actor"], expected))
 
 
 async def delete_bot(request: web.Request) -> web.Response:
@@ -223,7 +262,7 @@ def lifecycle(op: str) -> Handler:
         name = bot_name(request)
         fleet = request.app[FLEET]
         action = {"start": fleet.start, "stop": fleet.stop, "restart": fleet.restart}[op]
-        return ok(fleet.view(await action(name, request["actor"])))
+        return bot_response(fleet, await action(name, request["actor"]))
 
     return handler
 
@@ -242,7 +281,7 @@ async def bot_events(request: web.Request) -> web.Response:
 
 async def bot_logs(request: web.Request) -> web.Response:
     name = bot_name(request)
-    await request.app[STORE].get_bot(name)
+    await request.app[FLEET].get_row(name)  # 404 for unknown names (from memory if need be)
     stream = request.query.get("stream", "err")
     if stream not in ("out", "err"):
         raise InvalidSpec(
@@ -294,8 +333,8 @@ async def event_stream(request: web.Request) -> web.StreamResponse:
                 continue
             payload = json.dumps(row.to_json())
             await response.write(f"id: {row.id}\nevent: {row.kind}\ndata: {payload}\n\n".encode())
-    except (ConnectionResetError, asyncio.CancelledError):
-        pass
+    except ConnectionResetError:
+        pass  # the client went away: the stream is over (a cancellation goes on up)
     finally:
         unsubscribe()
     return response
@@ -375,7 +414,36 @@ async def revoke_token(request: web.Request) -> web.Response:
 
 
 async def healthz(request: web.Request) -> web.Response:
+    """Liveness: the controller answers (whatever the database does)."""
     return ok({"status": "ok"})
+
+
+def database_view(fleet: Fleet, store: PgStore) -> dict[str, Any]:
+    since = store.unreachable_since
+    return {
+        "reachable": since is None,
+        "unreachable_since": None
+        if since is None
+        else datetime.fromtimestamp(since, UTC).isoformat(),
+        "error": store.unreachable_error,
+        "timeout_s": store.timeout_s,
+        "writes_queued": len(fleet.outbox),
+        "writes_dropped": fleet.outbox.dropped,
+    }
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Readiness: 200 while PostgreSQL answers; 503 saying since when it does not."""
+    store = request.app[STORE]
+    database = database_view(request.app[FLEET], store)
+    if database["reachable"]:
+        return ok({"status": "ready", "database": database})
+    problem = Problem(503, "Not ready", store.unreachable_detail(), StoreUnavailable.type_)
+    return web.Response(
+        status=503,
+        text=json.dumps({**problem.to_json(), "database": database}),
+        content_type="application/problem+json",
+    )
 
 
 async def status(request: web.Request) -> web.Response:
@@ -390,7 +458,7 @@ async def status(request: web.Request) -> web.Response:
             "states": counts,
             "telegram_connected": sum(1 for b in bots if b["telegram"]["connected"]),
             "controller": {"pid": os.getpid(), "rss_mb": procinfo.rss_mb()},
-            "database": "unavailable" if fleet.database_error else "ok",
+            "database": database_view(fleet, request.app[STORE]),
             "reconcile_error": fleet.last_pass_error,
         }
     )
@@ -429,6 +497,15 @@ ROUTES: tuple[Route, ...] = (
         schemas.Liveness,
         public=True,
     ),
+    Route(
+        "GET",
+        "/readyz",
+        readyz,
+        "Readiness: 200 while PostgreSQL answers, else 503 saying since when",
+        schemas.Readiness,
+        public=True,
+        problems=(503,),
+    ),
     Route("GET", "/openapi.json", openapi, "This document", dict[str, Any], public=True),
     Route("GET", "/metrics", metrics, "Prometheus metrics", media_type="text/plain"),
     Route("GET", "/api/v1/openapi.json", openapi, "This document", dict[str, Any], public=True),
@@ -444,7 +521,7 @@ ROUTES: tuple[Route, ...] = (
         body=NewBot,
         problems=(409,),
     ),
-    Route("GET", "/api/v1/bots/{name}", get_bot, "One bot", schemas.BotView),
+    Route("GET", "/api/v1/bots/{name}", get_bot, "One bot", schemas.BotView, etag=True),
     Route(
         "PATCH",
         "/api/v1/bots/{name}",
@@ -453,6 +530,7 @@ ROUTES: tuple[Route, ...] = (
         "its process restarts only if what it sees changed",
         schemas.BotView,
         body=schemas.BotPatch,
+        etag=True,
     ),
     Route(
         "DELETE",
@@ -555,7 +633,9 @@ def build_app(
     home: Home,
     publish: Callable[[str, protocol.Event], None],
 ) -> web.Application:
-    app = web.Application(middlewares=[problems, bearer_auth], client_max_size=MAX_BODY_BYTES)
+    app = web.Application(
+        middlewares=[problems, database_patience, bearer_auth], client_max_size=MAX_BODY_BYTES
+    )
     app[FLEET] = fleet
     app[STORE] = store
     app[HOME] = home

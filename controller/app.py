@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import sys
+import urllib.parse
 from typing import Any
 
 import aiohttp
@@ -27,7 +28,7 @@ from controller.errors import StoreUnavailable
 from controller.fleet import Fleet, Webhook
 from controller.home import Home
 from controller.render import write_atomic
-from controller.settings import ControllerSettings, parse_hostport
+from controller.settings import DEFAULT_DATABASE_TIMEOUT_S, ControllerSettings, parse_hostport
 from controller.store import PgStore
 
 log = logging.getLogger("tgfleet.controller")
@@ -35,13 +36,15 @@ log = logging.getLogger("tgfleet.controller")
 DATABASE_WAIT_S = 60.0
 
 
-async def connect_store(dsn: str, stopping: asyncio.Event) -> PgStore:
+async def connect_store(
+    dsn: str, stopping: asyncio.Event, query_timeout: float = DEFAULT_DATABASE_TIMEOUT_S
+) -> PgStore:
     """Connect, retrying while PostgreSQL is starting (it is a sibling watcher)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + DATABASE_WAIT_S
     while True:
         try:
-            return await PgStore.connect(dsn, timeout=5)
+            return await PgStore.connect(dsn, timeout=5, query_timeout=query_timeout)
         except StoreUnavailable as exc:
             if loop.time() > deadline or stopping.is_set():
                 raise
@@ -56,7 +59,7 @@ async def ensure_admin_token(home: Home, store: PgStore) -> None:
         token = path.read_text(encoding="utf-8").strip()
     else:
         token = new_token()
-        write_atomic(path, token + "\n", 0o600)
+        await asyncio.to_thread(write_atomic, path, token + "\n", 0o600)
     await store.ensure_token("admin", hash_token(token))
 
 
@@ -72,11 +75,22 @@ async def watch_circus(home: Home, fleet: Fleet) -> None:
         fleet.on_circus_event(event)
 
 
+def redact_url(url: str) -> str:
+    """A URL fit for a log: scheme, host and port; path, query and credentials often
+    hold the webhook's secret."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or "?"
+    port = f":{parts.port}" if parts.port else ""
+    hidden = "/…" if parts.path not in ("", "/") or parts.query else ""
+    return f"{parts.scheme}://{host}{port}{hidden}"
+
+
 def webhook_poster(settings: ControllerSettings) -> Webhook | None:
     """POST a JSON body to the admin webhook, if one is configured."""
     url = settings.webhook_url
     if not url:
         return None
+    shown = redact_url(url)
 
     async def post(body: dict[str, Any]) -> None:
         timeout = aiohttp.ClientTimeout(total=10)
@@ -86,9 +100,10 @@ def webhook_poster(settings: ControllerSettings) -> Webhook | None:
                 session.post(url, json=body) as answer,
             ):
                 if answer.status >= 400:
-                    log.warning("webhook %s answered %d", url, answer.status)
+                    log.warning("webhook %s answered %d", shown, answer.status)
         except (aiohttp.ClientError, TimeoutError) as exc:
-            log.warning("webhook %s failed: %s", url, exc)
+            # aiohttp's messages may quote the whole URL: name the kind of failure only.
+            log.warning("webhook %s failed: %s", shown, type(exc).__name__)
 
     return post
 
@@ -107,7 +122,7 @@ async def serve(home: Home) -> int:
         loop.add_signal_handler(signum, stopping.set)
 
     # -- startup
-    store = await connect_store(settings.database_url, stopping)
+    store = await connect_store(settings.database_url, stopping, settings.database_timeout_s)
     applied = await store.migrate()
     if applied:
         log.info("applied migrations: %s", ", ".join(applied))
@@ -121,7 +136,16 @@ async def serve(home: Home) -> int:
             if name != event.bot:
                 bus.send(name, event)
 
-    fleet = Fleet(store, supervisor, files, publish=fan_out, webhook=webhook_poster(settings))
+    fleet = Fleet(
+        store,
+        supervisor,
+        files,
+        publish=fan_out,
+        webhook=webhook_poster(settings),
+        outbox_limit=settings.outbox_limit,
+        event_retention_s=settings.event_retention_days * 86400.0,
+        event_retention_count=settings.event_retention_count,
+    )
     await fleet.load()
 
     app = build_app(fleet, store, home, fan_out)

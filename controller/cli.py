@@ -141,7 +141,13 @@ def up(
     """Run the fleet in the foreground: circusd, PostgreSQL, controller, bots. Ctrl-C stops it all."""
     from controller import up as up_module
     from controller.pg import EmbeddedPgError
-    from controller.settings import SettingsError
+    from controller.settings import (
+        DEFAULT_DATABASE_TIMEOUT_S,
+        DEFAULT_EVENT_RETENTION_COUNT,
+        DEFAULT_EVENT_RETENTION_DAYS,
+        SettingsError,
+        env_number,
+    )
 
     try:
         resolved = Home.resolve(home)
@@ -153,6 +159,17 @@ def up(
             sandbox_listen=os.environ.get("TGFLEET_SANDBOX_LISTEN", DEFAULT_SANDBOX_LISTEN),
             sandbox_admin=os.environ.get("TGFLEET_SANDBOX_ADMIN", DEFAULT_SANDBOX_ADMIN),
             webhook_url=os.environ.get("TGFLEET_WEBHOOK_URL") or None,
+            database_timeout_s=env_number(
+                os.environ, "TGFLEET_DATABASE_TIMEOUT_S", DEFAULT_DATABASE_TIMEOUT_S
+            ),
+            event_retention_days=env_number(
+                os.environ, "TGFLEET_EVENT_RETENTION_DAYS", DEFAULT_EVENT_RETENTION_DAYS
+            ),
+            event_retention_count=int(
+                env_number(
+                    os.environ, "TGFLEET_EVENT_RETENTION_COUNT", DEFAULT_EVENT_RETENTION_COUNT
+                )
+            ),
         )
 
         def on_ready(settings: ControllerSettings) -> None:
@@ -421,6 +438,18 @@ def bots_events(
 # ----------------------------------------------------------------- status
 
 
+def database_line(database: dict[str, Any]) -> str:
+    """`database: reachable`, or since when it is not and what waits for it."""
+    queued = f"; {database['writes_queued']} writes queued" if database["writes_queued"] else ""
+    dropped = f", {database['writes_dropped']} dropped" if database["writes_dropped"] else ""
+    if database["reachable"]:
+        return f"database: reachable{queued}{dropped}"
+    return (
+        f"database: UNREACHABLE since {database['unreachable_since']} "
+        f"({database['error']}); answers are stale{queued}{dropped}"
+    )
+
+
 @app.command()
 def status(
     home: HomeOpt = None, api: ApiOpt = None, token: TokenOpt = None, as_json: JsonOpt = False
@@ -433,6 +462,7 @@ def status(
         f"bots: {summary['bots']} ({states}); Telegram connected: {summary['telegram_connected']}",
         f"controller: pid {summary['controller']['pid']}, {summary['controller']['rss_mb']} MB",
     ]
+    text.append(database_line(summary["database"]))
     if summary.get("reconcile_error"):
         text.append(f"last reconcile error: {summary['reconcile_error']}")
     if listing["bots"]:

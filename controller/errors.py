@@ -74,6 +74,24 @@ class Conflict(TgfleetError):
     type_ = "https://tgfleet.dev/problems/conflict"
 
 
+class PreconditionFailed(TgfleetError):
+    """An If-Match that no longer matches: the bot changed since the client read it."""
+
+    status = 412
+    title = "Precondition failed"
+    type_ = "https://tgfleet.dev/problems/precondition-failed"
+
+
+class VersionMismatch(Conflict):
+    """A bot's spec changed between the read an update was made from and its write."""
+
+    def __init__(self, name: str, expected: int, current: int) -> None:
+        super().__init__(f"{name} is at version {current}, not {expected}")
+        self.name = name
+        self.expected = expected
+        self.current = current
+
+
 class Unauthorized(TgfleetError):
     status = 401
     title = "Unauthorized"

@@ -3,6 +3,10 @@
 Operations change desired state in PostgreSQL, then run a reconcile pass; the
 loop runs passes on a timer and whenever a bot says something that matters.
 Bus messages update an in-memory view of each bot's live process.
+
+A stalled or lost PostgreSQL freezes nothing: health and everything that talks to
+circusd act on the last rows read and on what they see; what they want written
+waits in a bounded outbox and is written, in order, when the database answers.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -22,7 +26,13 @@ import asyncpg
 from botspec import procinfo, protocol
 from controller.botfiles import BotFiles
 from controller.circus import Supervisor, SupervisorError, WatcherEvent, WatcherNotFound
-from controller.errors import StoreUnavailable, SupervisorUnavailable, TgfleetError
+from controller.errors import (
+    PreconditionFailed,
+    StoreUnavailable,
+    SupervisorUnavailable,
+    TgfleetError,
+    VersionMismatch,
+)
 from controller.health import (
     Exit,
     Fail,
@@ -34,6 +44,7 @@ from controller.health import (
     Vitals,
     assess,
 )
+from controller.outbox import DEFAULT_LIMIT, Outbox
 from controller.reconcile import (
     Action,
     Live,
@@ -64,6 +75,14 @@ from controller.store import BotRow, EventRow, PgStore
 log = logging.getLogger("tgfleet.fleet")
 
 RECONCILE_INTERVAL_S = 1.0
+#: How often the writer retries the outbox, and pings a database that is away.
+WRITER_INTERVAL_S = 0.5
+#: How often old events are pruned.
+PRUNE_INTERVAL_S = 600.0
+#: A queued write that lands later than this after it was noted says so (``delayed``).
+DELAYED_AFTER_S = 1.0
+#: Tries of an update that lost a race with another update of the same bot.
+UPDATE_TRIES = 5
 #: A heartbeat later than this many intervals counts as missed.
 MISSED_HEARTBEAT_FACTOR = 2.0
 #: Exits this long after the controller stopped or restarted a bot are its own doing.
@@ -82,6 +101,43 @@ Webhook = Callable[[dict[str, Any]], Awaitable[None]]
 
 def watcher_name(bot: str) -> str:
     return f"bot-{bot}"
+
+
+def etag(row: BotRow) -> str:
+    """The ETag of a bot: the version of its spec (an If-Match names it)."""
+    return f'"{row.version}"'
+
+
+def _stamp(at: float | None) -> str | None:
+    return datetime.fromtimestamp(at, UTC).isoformat() if at is not None else None
+
+
+@dataclass(frozen=True)
+class PendingEvent:
+    """An event noted by health or the bus, waiting in the outbox."""
+
+    bot: str | None
+    kind: str
+    actor: str
+    reason: str
+    data: Mapping[str, Any]
+    noted_at: float
+
+
+@dataclass(frozen=True)
+class PendingTransition:
+    """A state change health already acted on (in circusd), waiting in the outbox."""
+
+    name: str
+    trigger: Trigger
+    actor: str
+    reason: str
+    data: Mapping[str, Any]
+    noted_at: float
+    count_restart: bool = False
+
+
+Pending = PendingEvent | PendingTransition
 
 
 @dataclass
@@ -139,12 +195,16 @@ class Fleet:
         *,
         publish: Callable[[str, protocol.Event], None] | None = None,
         webhook: Webhook | None = None,
+        outbox_limit: int = DEFAULT_LIMIT,
+        event_retention_s: float = 30 * 86400.0,
+        event_retention_count: int = 100_000,
     ) -> None:
         self.store = store
         self.supervisor = supervisor
         self.files = files
         self.live: dict[str, LiveProcess] = {}
         self._lock = asyncio.Lock()
+        self._acted = 0  # times the lock was released: reads older than that are stale
         self._nudge = asyncio.Event()
         self._listeners: set[EventListener] = set()
         self._publish = publish
@@ -152,6 +212,7 @@ class Fleet:
         self._tasks: set[asyncio.Task[None]] = set()
         self.last_pass_error: str | None = None
         self._subscriptions: dict[str, tuple[str, ...]] = {}
+        self._specs: dict[str, EffectiveSpec] = {}
         # Health: records (also in PostgreSQL), policies, and what circusd told us.
         self.health: dict[str, HealthRecord] = {}
         self._saved_health: dict[str, HealthRecord] = {}
@@ -164,8 +225,12 @@ class Fleet:
         self._seeded = False
         # The last rows read, so health acts (and reads answer) while PostgreSQL is away.
         self.rows: list[BotRow] | None = None
-        self.database_error: str | None = None
-        self._outbox: list[tuple[str | None, str, str, str, dict[str, Any]]] = []
+        self.rows_at: float | None = None  # wall time they were read
+        self.defaults: dict[str, Any] | None = None
+        self.outbox: Outbox[Pending] = Outbox(outbox_limit)
+        self._wake_writer = asyncio.Event()
+        self._event_retention = (event_retention_s, event_retention_count)
+        self._next_prune = 0.0  # monotonic; the first pass prunes
 
     async def load(self) -> None:
         """Read what must survive a controller restart (health records, backoffs)."""
@@ -242,7 +307,19 @@ class Fleet:
             current.fatal_kind = message.kind
             self._nudge.set()
         elif isinstance(message, protocol.Event):
-            self._spawn_task(self._bus_event(message), f"bus event from {message.bot}")
+            # Delivered at once; persisted (and streamed) when PostgreSQL takes it.
+            self._queue(
+                PendingEvent(
+                    message.bot,
+                    "bus",
+                    f"bot:{message.bot}",
+                    message.topic,
+                    {"data": message.data},
+                    time.time(),
+                )
+            )
+            if self._publish is not None:
+                self._publish(message.topic, message)
 
     def on_circus_event(self, event: WatcherEvent) -> None:
         """circusd saw a bot's process spawn or end (its pub/sub channel)."""
@@ -271,14 +348,6 @@ class Fleet:
         until = time.monotonic() + within_s + EXPECTED_EXIT_MARGIN_S
         self._expect_exit_until[name] = max(self._expect_exit_until.get(name, 0.0), until)
 
-    async def _bus_event(self, message: protocol.Event) -> None:
-        row = await self.store.add_event(
-            message.bot, "bus", f"bot:{message.bot}", message.topic, {"data": message.data}
-        )
-        self._emit(row)
-        if self._publish is not None:
-            self._publish(message.topic, message)
-
     def subscribers(self, topic: str) -> list[str]:
         """Bots whose spec subscribes them to ``topic`` (as of the last pass)."""
         return [name for name, topics in self._subscriptions.items() if topic in topics]
@@ -300,19 +369,88 @@ class Fleet:
         self._emit(row)
         return row
 
-    async def note(
+    def note(
         self, bot: str | None, kind: str, actor: str, reason: str, data: Mapping[str, Any]
     ) -> None:
-        """An event that must not be lost while PostgreSQL is away: kept until it is back."""
+        """An event written without waiting: queued, written in order when PostgreSQL takes it."""
+        self._queue(PendingEvent(bot, kind, actor, reason, dict(data), time.time()))
+
+    # ------------------------------------------------------------ the outbox
+
+    def _queue(self, write: Pending) -> None:
+        self.outbox.put(write)
+        self._wake_writer.set()
+
+    async def _drain(self) -> None:
+        """Write what waits in the outbox, in order (StoreUnavailable: it keeps waiting)."""
+        await self.outbox.drain(self._write_pending)
+
+    async def _write_pending(self, write: Pending) -> None:
+        late = time.time() - write.noted_at > DELAYED_AFTER_S
+        extra = {"delayed": True, "noted_at": _stamp(write.noted_at)} if late else {}
         try:
-            await self.record(bot, kind, actor, reason, data)
+            if isinstance(write, PendingEvent):
+                row = await self.store.add_event(
+                    write.bot, write.kind, write.actor, write.reason, {**write.data, **extra}
+                )
+                self._emit(row)
+                return
+            current = await self.store.get_bot(write.name)
+            if can(current.state, write.trigger):
+                await self._transition(
+                    write.name, write.trigger, write.reason, write.actor, {**write.data, **extra}
+                )
+                if write.count_restart:
+                    await self.store.count_restart(write.name)
+            else:  # overtaken meanwhile: keep what health did as an event
+                self._emit(
+                    await self.store.add_event(
+                        write.name,
+                        "health",
+                        write.actor,
+                        f"{write.reason} (state left {current.state}: a {write.trigger} "
+                        "does not apply to it)",
+                        {**write.data, **extra},
+                    )
+                )
         except StoreUnavailable:
-            self._outbox.append((bot, kind, actor, reason, dict(data)))
+            raise  # it stays first in line
+        except (TgfleetError, asyncpg.PostgresError) as exc:
+            # The database answered no (the bot is gone, a state moved under us): a retry
+            # would get the same answer and hold up everything behind it.
+            log.warning("dropped a queued write %r: %s", write, exc)
+
+    async def _keep_writing(self, stopping: asyncio.Event) -> None:
+        """Drain the outbox as writes come; while PostgreSQL is away, ping it until it answers."""
+        while not stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake_writer.wait(), WRITER_INTERVAL_S)
+            self._wake_writer.clear()
+            if not self.store.reachable:
+                try:
+                    await self.store.ping()
+                except StoreUnavailable:
+                    continue
+                self._nudge.set()  # back: a full pass at once
+            try:
+                await self._drain()
+            except StoreUnavailable as exc:
+                log.info("outbox: %d writes wait: %s", len(self.outbox), exc)
 
     # ---------------------------------------------------------- reconciling
 
     async def run(self, stopping: asyncio.Event) -> None:
-        """Reconcile every second, and at once when nudged, until ``stopping`` is set."""
+        """Reconcile every second, and at once when nudged, until ``stopping`` is set;
+        meanwhile, write what the outbox holds."""
+        writer = asyncio.create_task(self._keep_writing(stopping), name="outbox writer")
+        try:
+            await self._reconcile_until(stopping)
+        finally:
+            writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await writer
+
+    async def _reconcile_until(self, stopping: asyncio.Event) -> None:
         while not stopping.is_set():
             try:
                 await self.reconcile()
@@ -331,30 +469,60 @@ class Fleet:
                     waiter.cancel()
 
     async def reconcile(self) -> None:
-        async with self._lock:
-            await self._reconcile_locked()
+        """One pass: read desired state, converge circusd to it, assess health.
 
-    async def _reconcile_locked(self) -> None:
+        Health runs on the last rows read when PostgreSQL does not answer; the pass
+        then raises StoreUnavailable (after acting), so the loop says so.
+        """
+        seen = self._acted
+        fresh = await self._read_desired()
+        async with self._acting():
+            if fresh and self._acted != seen:
+                # Someone acted between our read and now (a destroy, another pass):
+                # what we read may be gone, and acting on it would bring it back.
+                fresh = await self._read_desired()
+            status = await self._status()
+            if fresh:
+                try:
+                    await self._converge(status)
+                except StoreUnavailable:
+                    fresh = False
+            assert self.rows is not None
+            await self._check_health(self.rows, status)
+        if not fresh:
+            raise StoreUnavailable(self.store.unreachable_detail())
+        await self._after_pass()
+
+    @contextlib.asynccontextmanager
+    async def _acting(self) -> AsyncIterator[None]:
+        """The fleet lock, held by whoever acts on circusd and the files; counted."""
+        async with self._lock:
+            try:
+                yield
+            finally:
+                self._acted += 1
+
+    async def _read_desired(self) -> bool:
+        """Write what waits, then read the bots and defaults; False if PostgreSQL is away."""
         try:
+            await self._drain()  # what happened first is written first
             rows = await self.store.list_bots()
             defaults = await self.store.get_defaults()
-            await self._flush_outbox()
         except StoreUnavailable:
             if self.rows is None:
                 raise
-            # PostgreSQL is away: bots keep running and health keeps acting on what
-            # it sees (circusd needs no database); the rest waits for it to return.
-            self.database_error = "PostgreSQL is unavailable"
-            status = await self._status()
-            await self._check_health(self.rows, status)
-            raise
-        self.database_error = None
-        self.rows = rows
+            return False
+        self.rows, self.rows_at, self.defaults = rows, time.time(), defaults
         specs = {row.name: effective(row.spec, defaults) for row in rows}
+        self._specs = specs
         self._subscriptions = {name: spec.subscribe for name, spec in specs.items()}
         self._policies = {name: spec.health for name, spec in specs.items()}
         self._intervals = {name: spec.health.heartbeat_interval_s for name, spec in specs.items()}
-        status = await self._status()
+        self._forget_all_but({row.name for row in rows})
+        return True
+
+    async def _converge(self, status: Mapping[str, str]) -> None:
+        rows = self.rows or []
         if not self._seeded:
             await self._seed_live(rows, status)
         observations = [self._observe(row, status) for row in rows]
@@ -363,23 +531,55 @@ class Fleet:
         orphans = sorted((loaded | set(self.files.on_disk())) - known)
         actions = plan(observations, orphans)
         if actions:
-            await self._apply(actions, {row.name: row for row in rows}, specs)
-            rows = self.rows = await self.store.list_bots()
-        await self._check_health(rows, status)
+            await self._apply(actions, {row.name: row for row in rows}, self._specs)
+            self.rows, self.rows_at = await self.store.list_bots(), time.time()
+
+    async def _after_pass(self) -> None:
+        """Keep changed health records, write what health noted, prune old events."""
+        try:
+            for name, record in list(self.health.items()):
+                if self._saved_health.get(name) != record:
+                    await self.store.save_health(name, record.to_json())
+                    self._saved_health[name] = record
+            await self._drain()
+            if time.monotonic() >= self._next_prune:
+                self._next_prune = time.monotonic() + PRUNE_INTERVAL_S
+                age_s, count = self._event_retention
+                pruned = await self.store.prune_events(age_s, count)
+                if pruned:
+                    log.info("pruned %d old events", pruned)
+        except StoreUnavailable as exc:
+            log.info("after the pass: %s (the next pass tries again)", exc)
+
+    def _forget(self, name: str) -> None:
+        """Drop everything kept in memory about a bot (it was destroyed)."""
+        for per_bot in self._per_bot():
+            per_bot.pop(name, None)
+
+    def _forget_all_but(self, known: set[str]) -> None:
+        """Per-bot memory holds only bots that exist (another controller may destroy one)."""
+        for per_bot in self._per_bot():
+            for name in [n for n in per_bot if n not in known]:
+                del per_bot[name]
+
+    def _per_bot(self) -> list[dict[str, Any]]:
+        return [
+            self.live,
+            self.health,
+            self._saved_health,
+            self._policies,
+            self._intervals,
+            self._exits,
+            self._expect_exit_until,
+            self._spawned_at,
+            self._subscriptions,
+        ]
 
     async def _status(self) -> dict[str, str]:
         try:
             return await self.supervisor.status()
         except SupervisorError as exc:
             raise SupervisorUnavailable(f"circusd did not answer: {exc}") from exc
-
-    async def _flush_outbox(self) -> None:
-        """Write the events noted while PostgreSQL was away, in order."""
-        while self._outbox:
-            bot, kind, actor, reason, data = self._outbox[0]
-            row = await self.store.add_event(bot, kind, actor, reason, {**data, "delayed": True})
-            self._outbox.pop(0)
-            self._emit(row)
 
     async def _seed_live(self, rows: list[BotRow], status: Mapping[str, str]) -> None:
         """After a controller (re)start, learn the running bots' pids from circusd at
@@ -437,7 +637,10 @@ class Fleet:
                 spec = specs[action.name]
                 if self.files.rendered(row.name) is not None:
                     self._expect_exit(row.name, spec.graceful_timeout_s)  # reload restarts it
-                self.files.write(row.name, row.generation, spec, action.autostart)
+                # fsync: off the event loop
+                await asyncio.to_thread(
+                    self.files.write, row.name, row.generation, spec, action.autostart
+                )
             elif isinstance(action, StartWatcher):
                 await self.supervisor.start(watcher_name(action.name))
             elif isinstance(action, StopWatcher):
@@ -479,15 +682,12 @@ class Fleet:
             record, actions = assess(vitals, record, policy, now, random.uniform(-0.2, 0.2))
             self.health[row.name] = record
             for action in actions:
-                await self._apply_health(action)
-            if self._saved_health.get(row.name) != record:
-                with contextlib.suppress(StoreUnavailable):  # saved on a later pass
-                    await self.store.save_health(row.name, record.to_json())
-                    self._saved_health[row.name] = record
+                await self._apply_health(row, action)
 
-    async def _apply_health(self, action: Note | Restart | Fail) -> None:
+    async def _apply_health(self, row: BotRow, action: Note | Restart | Fail) -> None:
+        """Act in circusd at once; what is to be written waits in the outbox."""
         if isinstance(action, Note):
-            await self.record(
+            self.note(
                 action.name,
                 "health",
                 "health",
@@ -498,34 +698,35 @@ class Fleet:
             name = action.name
             self._expect_exit(name)
             self.live.pop(name, None)
-            reason = f"{action.kind}: {action.reason}"
-            # Act first: circusd needs no database, the record can wait for it.
             self._spawned_at[name] = time.time()
             if action.kill:
                 await self.supervisor.kill(watcher_name(name))
             else:
                 await self.supervisor.restart(watcher_name(name))
-            try:
-                row = await self.store.get_bot(name)
-                if can(row.state, Trigger.RESPAWN):
-                    await self._transition(
-                        name, Trigger.RESPAWN, reason, "health", {"failure": action.kind}
-                    )
-                    await self.store.count_restart(name)
-            except StoreUnavailable:
-                await self.note(
-                    name, "health", "health", f"restarted: {reason}", {"failure": action.kind}
+            self._queue(
+                PendingTransition(
+                    name,
+                    Trigger.RESPAWN,
+                    "health",
+                    f"{action.kind}: {action.reason}",
+                    {"failure": action.kind},
+                    time.time(),
+                    count_restart=True,
                 )
+            )
         elif isinstance(action, Fail):
-            try:
-                row = await self.store.get_bot(action.name)
-            except StoreUnavailable:
-                return  # the process keeps exiting: the next exits bring this back
             if can(row.state, Trigger.FAIL):
-                await self._transition(
-                    action.name, Trigger.FAIL, action.reason, "health", {"failure": action.kind}
-                )
                 await self._failed(action.name, action.kind, action.reason)
+                self._queue(
+                    PendingTransition(
+                        action.name,
+                        Trigger.FAIL,
+                        "health",
+                        action.reason,
+                        {"failure": action.kind},
+                        time.time(),
+                    )
+                )
             self._nudge.set()  # the next pass stops its watcher
 
     async def _failed(self, name: str, kind: str, reason: str) -> None:
@@ -550,15 +751,21 @@ class Fleet:
     ) -> BotRow:
         row = await self.store.get_bot(name)
         new_state = transition(row.state, trigger)
-        updated, event = await self.store.set_state(name, new_state, actor, reason, data)
+        updated, event = await self.store.set_state(name, row.state, new_state, actor, reason, data)
         self._emit(event)
         log.info("%s: %s -> %s (%s)", name, row.state, new_state, reason)
         return updated
 
     # ------------------------------------------------------------ operations
 
+    def _require_database(self) -> None:
+        """Writes answer 503 at once while PostgreSQL is known to be away."""
+        if not self.store.reachable:
+            raise StoreUnavailable(self.store.unreachable_detail())
+
     async def create(self, body: object, actor: str) -> BotRow:
         name, own = validate_create(body)
+        self._require_database()
         spec = effective(own, await self.store.get_defaults())
         check_runnable(spec)
         desired = "running" if spec.autostart else "stopped"
@@ -566,20 +773,41 @@ class Fleet:
         await self._reconcile_quietly()
         return await self.store.get_bot(name)
 
-    async def update(self, name: str, body: object, actor: str) -> BotRow:
-        """Change a bot's spec; its process restarts only if what it sees changed."""
-        row = await self.store.get_bot(name)
-        own = validate_patch(row.spec, body)
-        defaults = await self.store.get_defaults()
-        new = effective(own, defaults)
-        check_runnable(new)
-        restart = process_view(new) != process_view(effective(row.spec, defaults))
-        await self.store.update_spec(name, own, actor, restart)
+    async def update(
+        self, name: str, body: object, actor: str, if_match: frozenset[int] | None = None
+    ) -> BotRow:
+        """Change a bot's spec; its process restarts only if what it sees changed.
+
+        The patch is merged into the spec as stored and written only if nobody changed
+        it meanwhile (its version); a lost race merges again. With ``if_match``, the
+        spec must still be at one of those versions (PreconditionFailed otherwise).
+        """
+        self._require_database()
+        for _ in range(UPDATE_TRIES):
+            row = await self.store.get_bot(name)
+            if if_match is not None and row.version not in if_match:
+                raise PreconditionFailed(
+                    f"{name} is at version {row.version} (ETag {etag(row)}): read it again"
+                )
+            own = validate_patch(row.spec, body)
+            defaults = await self.store.get_defaults()
+            new = effective(own, defaults)
+            check_runnable(new)
+            restart = process_view(new) != process_view(effective(row.spec, defaults))
+            try:
+                await self.store.update_spec(name, own, actor, restart, row.version)
+                break
+            except VersionMismatch as exc:
+                if if_match is not None:
+                    raise PreconditionFailed(f"{exc}: read it again") from exc
+        else:
+            raise StoreUnavailable(f"{name} kept changing under {UPDATE_TRIES} updates: retry")
         await self._reconcile_quietly()
         return await self.store.get_bot(name)
 
     async def set_defaults(self, body: object, actor: str) -> dict[str, Any]:
         """Replace the fleet defaults; restart the bots whose processes see a change."""
+        self._require_database()
         old = await self.store.get_defaults()
         value = validate_defaults(body, old)
         rows = await self.store.list_bots()
@@ -594,7 +822,8 @@ class Fleet:
         return await self.store.get_defaults()
 
     async def start(self, name: str, actor: str) -> BotRow:
-        async with self._lock:
+        self._require_database()
+        async with self._acting():
             row = await self.store.get_bot(name)
             if row.desired != "running":
                 await self.store.set_desired(name, "running", actor, "start requested")
@@ -610,7 +839,8 @@ class Fleet:
         return await self.store.get_bot(name)
 
     async def stop(self, name: str, actor: str) -> BotRow:
-        async with self._lock:
+        self._require_database()
+        async with self._acting():
             row = await self.store.get_bot(name)
             if row.desired != "stopped":
                 await self.store.set_desired(name, "stopped", actor, "stop requested")
@@ -622,10 +852,11 @@ class Fleet:
         return await self.store.get_bot(name)
 
     async def restart(self, name: str, actor: str) -> BotRow:
+        self._require_database()
         row = await self.store.get_bot(name)
         if row.state is BotState.FAILED or row.desired != "running":
             return await self.start(name, actor)
-        async with self._lock:
+        async with self._acting():
             row = await self.store.get_bot(name)
             if can(row.state, Trigger.RESPAWN):
                 self._expect_exit(name)
@@ -640,7 +871,8 @@ class Fleet:
 
     async def destroy(self, name: str, actor: str) -> None:
         """Stop the bot, remove its watcher, files and private dir; keep its events."""
-        async with self._lock:
+        self._require_database()
+        async with self._acting():
             row = await self.store.get_bot(name)
             if row.desired != "stopped":
                 await self.store.set_desired(name, "stopped", actor, "destroy requested")
@@ -654,16 +886,18 @@ class Fleet:
             await self.supervisor.reloadconfig()
             if can(row.state, Trigger.STOPPED):
                 await self._transition(name, Trigger.STOPPED, "process stopped", actor)
-            self.files.remove_private(name)
-            self.live.pop(name, None)
-            self.health.pop(name, None)
-            self._saved_health.pop(name, None)
+            await asyncio.to_thread(self.files.remove_private, name)
             self._emit(await self.store.delete_bot(name, actor, "destroy requested"))
+            self._forget(name)
 
     async def _reconcile_quietly(self) -> None:
         """Run a pass for an operation; circusd trouble becomes a 503, the loop retries."""
         try:
             await self.reconcile()
+        except StoreUnavailable:
+            # The change is stored (the write before this pass succeeded); the loop
+            # converges once the database answers again.
+            log.warning("a pass after an operation found PostgreSQL away; the loop retries")
         except SupervisorError as exc:
             raise SupervisorUnavailable(f"circusd did not answer: {exc}") from exc
 
@@ -702,6 +936,7 @@ class Fleet:
             "rss_mb": rss,
             "telegram": telegram,
             "generation": row.generation,
+            "version": row.version,
             "watcher": watcher_name(row.name),
             "spec": public_view(row.spec),
         }
@@ -709,9 +944,7 @@ class Fleet:
     def _health_view(self, row: BotRow, live: LiveProcess | None) -> dict[str, Any]:
         record = self.health.get(row.name, HealthRecord())
 
-        def stamp(at: float | None) -> str | None:
-            return datetime.fromtimestamp(at, UTC).isoformat() if at is not None else None
-
+        stamp = _stamp
         if row.state is BotState.FAILED:
             status = "failed"
         elif record.failure_kind is not None:
@@ -747,14 +980,23 @@ class Fleet:
             "max_heartbeat_gap_s": round(live.max_gap_s, 2) if live is not None else None,
         }
 
-    async def get(self, name: str) -> dict[str, Any]:
+    def stale_marks(self) -> dict[str, Any]:
+        """What marks an answer made from memory: the rows are as of their last read."""
+        return {"stale": True, "as_of": _stamp(self.rows_at)}
+
+    async def get_row(self, name: str) -> tuple[BotRow, bool]:
+        """A bot's row, and whether it is stale (PostgreSQL away: as last read)."""
         try:
-            return self.view(await self.store.get_bot(name))
+            return await self.store.get_bot(name), False
         except StoreUnavailable:
             cached = next((r for r in self.rows or () if r.name == name), None)
             if cached is None:
                 raise
-            return {**self.view(cached), "stale": True}
+            return cached, True
+
+    async def get(self, name: str) -> dict[str, Any]:
+        row, stale = await self.get_row(name)
+        return {**self.view(row), **self.stale_marks()} if stale else self.view(row)
 
     async def list(self) -> list[dict[str, Any]]:
         """Every bot; while PostgreSQL is away, as last read (each marked stale)."""
@@ -763,5 +1005,5 @@ class Fleet:
         except StoreUnavailable:
             if self.rows is None:
                 raise
-            return [{**self.view(row), "stale": True} for row in self.rows]
+            return [{**self.view(row), **self.stale_marks()} for row in self.rows]
         return [self.view(row) for row in rows]

@@ -65,6 +65,7 @@ class Route:
     public: bool = False  # no token needed
     query: tuple[Query, ...] = ()
     media_type: str = "application/json"  # of the 2xx answer
+    etag: bool = False  # the answer carries an ETag; a write honours If-Match (412)
 
 
 def problems_of(route: Route) -> list[int]:
@@ -78,6 +79,8 @@ def problems_of(route: Route) -> list[int]:
         found |= {422}
     if "{name}" in route.path:
         found |= {404}
+    if route.etag and route.body is not None:
+        found |= {412}
     return sorted(found)
 
 
@@ -107,6 +110,10 @@ def build_openapi(routes: Sequence[Route], version: str) -> dict[str, Any]:
             ok["content"] = {route.media_type: {"schema": _ref(route.answer, components)}}
         elif route.media_type != "application/json":
             ok["content"] = {route.media_type: {"schema": {"type": "string"}}}
+        if route.etag:
+            ok["headers"] = {
+                "ETag": {"description": "The bot's version", "schema": {"type": "string"}}
+            }
         op["responses"][str(route.status)] = ok
         for status in problems_of(route):
             answer: dict[str, Any] = {
@@ -126,6 +133,16 @@ def build_openapi(routes: Sequence[Route], version: str) -> dict[str, Any]:
                     "in": "path",
                     "required": True,
                     "schema": {"type": "string", "pattern": NAME_PATTERN},
+                }
+            )
+        if route.etag and route.body is not None:
+            parameters.append(
+                {
+                    "name": "If-Match",
+                    "in": "header",
+                    "required": False,
+                    "description": "Change only if the bot is still at this ETag (412 if not).",
+                    "schema": {"type": "string"},
                 }
             )
         for query in route.query:

@@ -84,11 +84,16 @@ class BotView(Struct, frozen=True):
     rss_mb: float | None
     telegram: TelegramView
     generation: int
+    version: Annotated[int, Meta(description="The spec's version; the ETag names it.")]
     watcher: str
     spec: Annotated[
         dict[str, Any],
         Meta(description="The bot's own spec (fleet defaults not merged), secrets left out."),
     ]
+    stale: Annotated[
+        bool, Meta(description="Present while PostgreSQL is away: answered from memory.")
+    ] = False
+    as_of: Timestamp | None = None
 
 
 class BotList(Struct, frozen=True):
@@ -155,13 +160,29 @@ class ControllerView(Struct, frozen=True):
     rss_mb: float | None
 
 
+class DatabaseView(Struct, frozen=True):
+    """Whether PostgreSQL answers, and what waits for it."""
+
+    reachable: bool
+    unreachable_since: Timestamp | None
+    error: str | None
+    timeout_s: float
+    writes_queued: int
+    writes_dropped: int
+
+
 class Status(Struct, frozen=True):
     bots: int
     states: dict[str, int]
     telegram_connected: int
     controller: ControllerView
-    database: str
+    database: DatabaseView
     reconcile_error: str | None
+
+
+class Readiness(Struct, frozen=True):
+    status: Literal["ready"]
+    database: DatabaseView
 
 
 class Liveness(Struct, frozen=True):

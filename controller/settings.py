@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -12,6 +13,10 @@ from controller.render import write_atomic
 DEFAULT_LISTEN = "127.0.0.1:8710"
 DEFAULT_SANDBOX_LISTEN = "127.0.0.1:8711"
 DEFAULT_SANDBOX_ADMIN = "127.0.0.1:8712"
+DEFAULT_DATABASE_TIMEOUT_S = 2.0
+DEFAULT_EVENT_RETENTION_DAYS = 30.0
+DEFAULT_EVENT_RETENTION_COUNT = 100_000
+DEFAULT_OUTBOX_LIMIT = 10_000
 
 
 class SettingsError(ValueError):
@@ -26,6 +31,17 @@ def parse_hostport(value: str, what: str) -> tuple[str, int]:
     return host.strip("[]"), int(port_text)
 
 
+def env_number(environ: Mapping[str, str], key: str, default: float) -> float:
+    """A number from the environment (``default`` when unset); SettingsError when not one."""
+    raw = environ.get(key, "").strip()
+    if not raw:
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise SettingsError(f"{key} must be a number, not {raw!r}") from None
+
+
 @dataclass(frozen=True)
 class ControllerSettings:
     listen: str
@@ -34,6 +50,13 @@ class ControllerSettings:
     sandbox_listen: str | None = None
     sandbox_admin: str | None = None
     webhook_url: str | None = None  # POSTed a JSON body when a bot is given up on (failed)
+    # The bound on every query and pool acquire; the API answers within it.
+    database_timeout_s: float = DEFAULT_DATABASE_TIMEOUT_S
+    # Events older than this, or beyond the newest count, are pruned.
+    event_retention_days: float = DEFAULT_EVENT_RETENTION_DAYS
+    event_retention_count: int = DEFAULT_EVENT_RETENTION_COUNT
+    # Writes queued while PostgreSQL is away; beyond it the oldest are dropped.
+    outbox_limit: int = DEFAULT_OUTBOX_LIMIT
 
     def save(self, home: Home) -> None:
         write_atomic(home.controller_json, json.dumps(asdict(self), indent=2) + "\n", 0o600)
@@ -54,4 +77,22 @@ class ControllerSettings:
         except TypeError as exc:
             raise SettingsError(f"{path}: {exc}") from exc
         parse_hostport(settings.listen, "listen")
+        settings.check()
         return settings
+
+    def check(self) -> None:
+        """SettingsError naming the first value out of its range."""
+        if not 0.1 <= self.database_timeout_s <= 60:
+            raise SettingsError(
+                f"database_timeout_s must be from 0.1 to 60 seconds, not {self.database_timeout_s}"
+            )
+        if not self.event_retention_days > 0:
+            raise SettingsError(
+                f"event_retention_days must be above 0, not {self.event_retention_days}"
+            )
+        if self.event_retention_count < 1:
+            raise SettingsError(
+                f"event_retention_count must be at least 1, not {self.event_retention_count}"
+            )
+        if self.outbox_limit < 1:
+            raise SettingsError(f"outbox_limit must be at least 1, not {self.outbox_limit}")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from enum import StrEnum
 
+from controller.errors import Conflict
+
 
 class BotState(StrEnum):
     CONFIGURING = "configuring"
@@ -29,7 +31,9 @@ class Trigger(StrEnum):
     DESTROY = "destroy"
 
 
-class InvalidTransition(Exception):
+class InvalidTransition(Conflict):
+    """The table has no such edge: asked of the API, a 409 problem."""
+
     def __init__(self, state: BotState, trigger: Trigger) -> None:
         super().__init__(f"a bot that is {state} cannot {trigger.replace('_', ' ')}")
         self.state = state

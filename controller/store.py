@@ -2,19 +2,47 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
 import inspect
 import json
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from importlib import resources
 from typing import Any, ParamSpec, Protocol, TypeVar
 
 import asyncpg
 
-from controller.errors import BotNotFound, Conflict, NotFound, StoreUnavailable
+from controller.errors import BotNotFound, Conflict, NotFound, StoreUnavailable, VersionMismatch
 from controller.states import BotState
+
+log = logging.getLogger("tgfleet.store")
+
+#: The default bound on every query and pool acquire (the setting `database_timeout_s`).
+DEFAULT_TIMEOUT_S = 2.0
+#: Migrations run once at startup and may rewrite tables: they get longer.
+MIGRATE_TIMEOUT_S = 120.0
+#: Events deleted per statement when pruning (each statement stays short).
+PRUNE_BATCH = 5000
+
+# How long the current caller waits per call, when it is in a hurry (the API sets it).
+_patience: ContextVar[float | None] = ContextVar("tgfleet_database_patience", default=None)
+
+
+@contextlib.contextmanager
+def patience(seconds: float) -> Iterator[None]:
+    """Within this block, a store call waits at most ``seconds`` (never more than the timeout)."""
+    token = _patience.set(seconds)
+    try:
+        yield
+    finally:
+        _patience.reset(token)
+
 
 # One number for every tgfleet controller: only one applies migrations at a time.
 _MIGRATION_LOCK = 0x7467666C  # "tgfl"
@@ -32,6 +60,7 @@ class BotRow:
     restarts: int
     created_at: datetime
     updated_at: datetime
+    version: int = 1  # bumped by every spec change (the API's ETag)
 
 
 @dataclass(frozen=True)
@@ -77,11 +106,17 @@ class Store(Protocol):
         self, name: str, spec: Mapping[str, Any], desired: str, actor: str
     ) -> BotRow: ...
     async def update_spec(
-        self, name: str, spec: Mapping[str, Any], actor: str, restart: bool
+        self, name: str, spec: Mapping[str, Any], actor: str, restart: bool, version: int
     ) -> BotRow: ...
     async def set_desired(self, name: str, desired: str, actor: str, reason: str) -> BotRow: ...
     async def set_state(
-        self, name: str, state: BotState, actor: str, reason: str, data: Mapping[str, Any] | None
+        self,
+        name: str,
+        expected: BotState,
+        state: BotState,
+        actor: str,
+        reason: str,
+        data: Mapping[str, Any] | None,
     ) -> tuple[BotRow, EventRow]: ...
     async def count_restart(self, name: str) -> None: ...
     async def delete_bot(self, name: str, actor: str, reason: str) -> EventRow: ...
@@ -89,6 +124,7 @@ class Store(Protocol):
         self, bot: str | None, kind: str, actor: str, reason: str, data: Mapping[str, Any]
     ) -> EventRow: ...
     async def events(self, bot: str | None, after_id: int, limit: int) -> list[EventRow]: ...
+    async def prune_events(self, max_age_s: float, max_count: int) -> int: ...
     async def get_defaults(self) -> dict[str, Any]: ...
     async def set_defaults(
         self, value: Mapping[str, Any], actor: str, restart: Sequence[str]
@@ -113,6 +149,7 @@ def _bot(row: asyncpg.Record) -> BotRow:
         restarts=row["restarts"],
         created_at=row["created_at"],
         updated_at=row["updated_at"],
+        version=row["version"],
     )
 
 
@@ -165,58 +202,157 @@ _UNAVAILABLE = (
 
 P = ParamSpec("P")
 R = TypeVar("R")
+T = TypeVar("T")
 
 
-def _unavailable_is_503(method: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
-    """Translate a lost database into StoreUnavailable (the API answers 503)."""
+def _guarded(name: str, method: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+    """Bound a store call in time; translate a lost or stalled database into StoreUnavailable.
+
+    While the database is known unreachable, calls fail at once (only ``ping`` tries
+    it), so that nobody queues up behind a stalled server.
+    """
+    probing = name == "ping"
 
     @functools.wraps(method)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        store = args[0]
+        assert isinstance(store, PgStore)
+        if store.unreachable_since is not None and not probing:
+            raise StoreUnavailable(store.unreachable_detail())
+        limit = store.call_timeout(MIGRATE_TIMEOUT_S if name == "migrate" else None)
         try:
-            return await method(*args, **kwargs)
+            async with asyncio.timeout(limit):
+                return await method(*args, **kwargs)
+        except TimeoutError as exc:
+            store.mark_unreachable(f"no answer within {limit:g} s")
+            raise StoreUnavailable(store.unreachable_detail()) from exc
         except _UNAVAILABLE as exc:
-            raise StoreUnavailable(
-                f"PostgreSQL is unavailable: {exc or type(exc).__name__}"
-            ) from exc
+            store.mark_unreachable(str(exc) or type(exc).__name__)
+            raise StoreUnavailable(store.unreachable_detail()) from exc
 
     return wrapper
 
 
 def _translating(cls: type[T]) -> type[T]:
     for name, member in list(vars(cls).items()):
-        if inspect.iscoroutinefunction(member) and not name.startswith("_") and name != "connect":
-            setattr(cls, name, _unavailable_is_503(member))
+        public = not name.startswith("_") and name not in ("connect", "close")
+        if inspect.iscoroutinefunction(member) and public:
+            setattr(cls, name, _guarded(name, member))
     return cls
-
-
-T = TypeVar("T")
 
 
 @_translating
 class PgStore:
     """The Store on PostgreSQL through an asyncpg pool (a lost database: StoreUnavailable)."""
 
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
         self._pool = pool
+        self.timeout_s = timeout_s
+        #: Wall time since when the database has not answered; None while it does.
+        self.unreachable_since: float | None = None
+        self.unreachable_error: str | None = None
 
     @classmethod
-    async def connect(cls, dsn: str, *, timeout: float = 10.0) -> PgStore:
+    async def connect(
+        cls, dsn: str, *, timeout: float = 10.0, query_timeout: float = DEFAULT_TIMEOUT_S
+    ) -> PgStore:
+        """A pool on ``dsn``: ``timeout`` to connect, ``query_timeout`` for every query."""
         try:
             pool = await asyncpg.create_pool(
-                dsn, min_size=1, max_size=4, timeout=timeout, init=_init_connection
+                dsn,
+                min_size=1,
+                max_size=4,
+                timeout=timeout,  # asyncpg's pool `timeout` is the connect timeout
+                command_timeout=query_timeout,  # the default timeout of every query
+                init=_init_connection,
             )
-        except (OSError, asyncpg.PostgresError) as exc:
+        except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
             raise StoreUnavailable(f"cannot connect to PostgreSQL: {exc}") from exc
-        return cls(pool)
+        return cls(pool, query_timeout)
 
     async def close(self) -> None:
-        await self._pool.close()
+        try:
+            await asyncio.wait_for(self._pool.close(), self.timeout_s)
+        except TimeoutError:
+            self._pool.terminate()  # a stalled server cannot say goodbye
+
+    # ------------------------------------------------------- reachability
+
+    def call_timeout(self, longer: float | None = None) -> float:
+        """How long this call may wait: the timeout, or less when the caller is in a hurry."""
+        hurry = _patience.get()
+        limit = longer if longer is not None else self.timeout_s
+        return limit if hurry is None else min(limit, hurry)
+
+    def mark_unreachable(self, error: str) -> None:
+        if self.unreachable_since is None:
+            self.unreachable_since = time.time()
+            log.warning("PostgreSQL unreachable: %s", error)
+        self.unreachable_error = error
+
+    def unreachable_detail(self) -> str:
+        since = self.unreachable_since or time.time()
+        at = datetime.fromtimestamp(since, UTC).isoformat(timespec="seconds")
+        return f"PostgreSQL unreachable since {at}: {self.unreachable_error}"
+
+    @property
+    def reachable(self) -> bool:
+        return self.unreachable_since is None
+
+    async def ping(self) -> None:
+        """Try the database even while it is known unreachable; it is reachable again if so."""
+        async with self._connection() as conn:
+            await conn.fetchval("SELECT 1")
+        if self.unreachable_since is not None:
+            log.info("PostgreSQL answers again after %.1f s", time.time() - self.unreachable_since)
+        self.unreachable_since = None
+        self.unreachable_error = None
+
+    @contextlib.asynccontextmanager
+    async def _connection(self) -> AsyncIterator[asyncpg.Connection]:
+        """A pooled connection; one whose query was cut short is closed, never reused.
+
+        A query cancelled on a stalled server leaves its connection waiting for the
+        cancel request's answer; terminating it frees the pool at once, and new
+        connections are made when the server answers again.
+        """
+        conn = await self._pool.acquire()
+        try:
+            yield conn
+        except (asyncio.CancelledError, *_UNAVAILABLE):
+            conn.terminate()
+            raise
+        finally:
+            # Shielded inside asyncpg; a reset that does not come back closes the connection.
+            await self._pool.release(conn, timeout=self.timeout_s)
+
+    async def _fetch(self, query: str, *args: Any) -> list[asyncpg.Record]:
+        async with self._connection() as conn:
+            rows: list[asyncpg.Record] = await conn.fetch(query, *args)
+            return rows
+
+    async def _fetchrow(self, query: str, *args: Any) -> asyncpg.Record | None:
+        async with self._connection() as conn:
+            return await conn.fetchrow(query, *args)
+
+    async def _fetchval(self, query: str, *args: Any) -> Any:
+        async with self._connection() as conn:
+            return await conn.fetchval(query, *args)
+
+    async def _execute(self, query: str, *args: Any) -> str:
+        async with self._connection() as conn:
+            status: str = await conn.execute(query, *args)
+            return status
+
+    # ------------------------------------------------------------- schema
 
     async def migrate(self) -> list[str]:
         """Apply the migrations not yet applied, each in its own transaction; their names."""
         applied: list[str] = []
-        async with self._pool.acquire() as conn:
-            await conn.execute("SELECT pg_advisory_lock($1)", _MIGRATION_LOCK)
+        async with self._connection() as conn:
+            await conn.execute(
+                "SELECT pg_advisory_lock($1)", _MIGRATION_LOCK, timeout=MIGRATE_TIMEOUT_S
+            )
             try:
                 await conn.execute(
                     """CREATE TABLE IF NOT EXISTS schema_migrations (
@@ -230,7 +366,7 @@ class PgStore:
                     if version in done:
                         continue
                     async with conn.transaction():
-                        await conn.execute(sql)
+                        await conn.execute(sql, timeout=MIGRATE_TIMEOUT_S)
                         await conn.execute(
                             "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
                             version,
@@ -242,11 +378,11 @@ class PgStore:
         return applied
 
     async def list_bots(self) -> list[BotRow]:
-        rows = await self._pool.fetch("SELECT * FROM bots ORDER BY name")
+        rows = await self._fetch("SELECT * FROM bots ORDER BY name")
         return [_bot(r) for r in rows]
 
     async def get_bot(self, name: str) -> BotRow:
-        row = await self._pool.fetchrow("SELECT * FROM bots WHERE name = $1", name)
+        row = await self._fetchrow("SELECT * FROM bots WHERE name = $1", name)
         if row is None:
             raise BotNotFound(name)
         return _bot(row)
@@ -254,7 +390,7 @@ class PgStore:
     async def create_bot(
         self, name: str, spec: Mapping[str, Any], desired: str, actor: str
     ) -> BotRow:
-        async with self._pool.acquire() as conn, conn.transaction():
+        async with self._connection() as conn, conn.transaction():
             row = await conn.fetchrow(
                 """INSERT INTO bots (name, spec, desired, state) VALUES ($1, $2, $3, $4)
                    ON CONFLICT (name) DO NOTHING RETURNING *""",
@@ -271,19 +407,25 @@ class PgStore:
         return _bot(row)
 
     async def update_spec(
-        self, name: str, spec: Mapping[str, Any], actor: str, restart: bool
+        self, name: str, spec: Mapping[str, Any], actor: str, restart: bool, version: int
     ) -> BotRow:
-        """Store a bot's new spec; a new generation (its process restarts) when ``restart``."""
-        async with self._pool.acquire() as conn, conn.transaction():
+        """Store a bot's new spec, made from its spec at ``version`` (VersionMismatch if it
+        changed since); a new generation (its process restarts) when ``restart``."""
+        async with self._connection() as conn, conn.transaction():
             row = await conn.fetchrow(
-                """UPDATE bots SET spec = $2, generation = generation + $3, updated_at = now()
-                   WHERE name = $1 RETURNING *""",
+                """UPDATE bots SET spec = $2, generation = generation + $3,
+                          version = version + 1, updated_at = now()
+                   WHERE name = $1 AND version = $4 RETURNING *""",
                 name,
                 dict(spec),
                 1 if restart else 0,
+                version,
             )
             if row is None:
-                raise BotNotFound(name)
+                current = await conn.fetchval("SELECT version FROM bots WHERE name = $1", name)
+                if current is None:
+                    raise BotNotFound(name)
+                raise VersionMismatch(name, version, current)
             await conn.execute(
                 _INSERT_EVENT,
                 name,
@@ -292,12 +434,12 @@ class PgStore:
                 None,
                 None,
                 "spec changed" if restart else "spec changed; the process keeps running",
-                {"generation": row["generation"], "restart": restart},
+                {"generation": row["generation"], "restart": restart, "version": row["version"]},
             )
         return _bot(row)
 
     async def set_desired(self, name: str, desired: str, actor: str, reason: str) -> BotRow:
-        async with self._pool.acquire() as conn, conn.transaction():
+        async with self._connection() as conn, conn.transaction():
             row = await conn.fetchrow(
                 "UPDATE bots SET desired = $2, updated_at = now() WHERE name = $1 RETURNING *",
                 name,
@@ -313,29 +455,34 @@ class PgStore:
     async def set_state(
         self,
         name: str,
+        expected: BotState,
         state: BotState,
         actor: str,
         reason: str,
         data: Mapping[str, Any] | None = None,
     ) -> tuple[BotRow, EventRow]:
-        """Move a bot to ``state``; the bot's new row and the transition's event row."""
-        async with self._pool.acquire() as conn, conn.transaction():
-            old = await conn.fetchrow("SELECT state FROM bots WHERE name = $1 FOR UPDATE", name)
-            if old is None:
-                raise BotNotFound(name)
+        """Move a bot from ``expected`` to ``state`` (Conflict if it is no longer
+        ``expected``); the bot's new row and the transition's event row."""
+        async with self._connection() as conn, conn.transaction():
             row = await conn.fetchrow(
-                """UPDATE bots SET state = $2, state_since = now(), state_reason = $3,
-                   updated_at = now() WHERE name = $1 RETURNING *""",
+                """UPDATE bots SET state = $3, state_since = now(), state_reason = $4,
+                   updated_at = now() WHERE name = $1 AND state = $2 RETURNING *""",
                 name,
+                expected.value,
                 state.value,
                 reason,
             )
+            if row is None:
+                current = await conn.fetchval("SELECT state FROM bots WHERE name = $1", name)
+                if current is None:
+                    raise BotNotFound(name)
+                raise Conflict(f"{name} is {current} now, no longer {expected}")
             event = await conn.fetchrow(
                 _INSERT_EVENT,
                 name,
                 "transition",
                 actor,
-                old["state"],
+                expected.value,
                 state.value,
                 reason,
                 dict(data or {}),
@@ -343,11 +490,11 @@ class PgStore:
         return _bot(row), _event(event)
 
     async def count_restart(self, name: str) -> None:
-        await self._pool.execute("UPDATE bots SET restarts = restarts + 1 WHERE name = $1", name)
+        await self._execute("UPDATE bots SET restarts = restarts + 1 WHERE name = $1", name)
 
     async def delete_bot(self, name: str, actor: str, reason: str) -> EventRow:
         """Delete a bot (its events stay); the event row of its destruction."""
-        async with self._pool.acquire() as conn, conn.transaction():
+        async with self._connection() as conn, conn.transaction():
             old = await conn.fetchrow("DELETE FROM bots WHERE name = $1 RETURNING state", name)
             if old is None:
                 raise BotNotFound(name)
@@ -360,18 +507,16 @@ class PgStore:
     async def add_event(
         self, bot: str | None, kind: str, actor: str, reason: str, data: Mapping[str, Any]
     ) -> EventRow:
-        row = await self._pool.fetchrow(
-            _INSERT_EVENT, bot, kind, actor, None, None, reason, dict(data)
-        )
+        row = await self._fetchrow(_INSERT_EVENT, bot, kind, actor, None, None, reason, dict(data))
         return _event(row)
 
     async def events(self, bot: str | None, after_id: int = 0, limit: int = 100) -> list[EventRow]:
         if bot is None:
-            rows = await self._pool.fetch(
+            rows = await self._fetch(
                 "SELECT * FROM events WHERE id > $1 ORDER BY id LIMIT $2", after_id, limit
             )
         else:
-            rows = await self._pool.fetch(
+            rows = await self._fetch(
                 "SELECT * FROM events WHERE bot = $1 AND id > $2 ORDER BY id LIMIT $3",
                 bot,
                 after_id,
@@ -379,15 +524,36 @@ class PgStore:
             )
         return [_event(r) for r in rows]
 
+    async def prune_events(self, max_age_s: float, max_count: int) -> int:
+        """Delete events older than ``max_age_s`` or beyond the newest ``max_count``,
+        oldest first, a batch per statement; how many were deleted."""
+        async with self._connection() as conn:
+            by_age = await conn.execute(
+                """DELETE FROM events WHERE id IN (
+                       SELECT id FROM events WHERE at < now() - make_interval(secs => $1)
+                       ORDER BY id LIMIT $2)""",
+                max_age_s,
+                PRUNE_BATCH,
+            )
+            by_count = await conn.execute(
+                """DELETE FROM events WHERE id IN (
+                       SELECT id FROM events
+                       WHERE id < (SELECT id FROM events ORDER BY id DESC OFFSET $1 LIMIT 1)
+                       ORDER BY id LIMIT $2)""",
+                max_count - 1,
+                PRUNE_BATCH,
+            )
+        return int(by_age.split()[-1]) + int(by_count.split()[-1])
+
     async def get_defaults(self) -> dict[str, Any]:
-        value = await self._pool.fetchval("SELECT value FROM fleet_defaults")
+        value = await self._fetchval("SELECT value FROM fleet_defaults")
         return dict(value or {})
 
     async def set_defaults(
         self, value: Mapping[str, Any], actor: str, restart: Sequence[str]
     ) -> None:
         """Replace the fleet defaults; the bots in ``restart`` get a new generation."""
-        async with self._pool.acquire() as conn, conn.transaction():
+        async with self._connection() as conn, conn.transaction():
             await conn.execute("UPDATE fleet_defaults SET value = $1", dict(value))
             await conn.execute(
                 """UPDATE bots SET generation = generation + 1, updated_at = now()
@@ -406,12 +572,12 @@ class PgStore:
             )
 
     async def load_health(self) -> dict[str, dict[str, Any]]:
-        rows = await self._pool.fetch("SELECT name, record FROM bot_health")
+        rows = await self._fetch("SELECT name, record FROM bot_health")
         return {r["name"]: r["record"] for r in rows}
 
     async def save_health(self, name: str, record: Mapping[str, Any]) -> None:
         """Keep a bot's health record; nothing is kept for a bot that is gone."""
-        await self._pool.execute(
+        await self._execute(
             """INSERT INTO bot_health (name, record)
                SELECT $1, $2 WHERE EXISTS (SELECT 1 FROM bots WHERE name = $1)
                ON CONFLICT (name) DO UPDATE SET record = $2, updated_at = now()""",
@@ -420,7 +586,7 @@ class PgStore:
         )
 
     async def add_token(self, name: str, token_sha256: str) -> TokenRow:
-        row = await self._pool.fetchrow(
+        row = await self._fetchrow(
             """INSERT INTO api_tokens (name, token_sha256) VALUES ($1, $2)
                ON CONFLICT DO NOTHING RETURNING *""",
             name,
@@ -432,7 +598,7 @@ class PgStore:
 
     async def ensure_token(self, name: str, token_sha256: str) -> None:
         """Register a token known from disk (the admin token) if the database lacks it."""
-        await self._pool.execute(
+        await self._execute(
             """INSERT INTO api_tokens (name, token_sha256) VALUES ($1, $2)
                ON CONFLICT DO NOTHING""",
             name,
@@ -440,11 +606,11 @@ class PgStore:
         )
 
     async def list_tokens(self) -> list[TokenRow]:
-        rows = await self._pool.fetch("SELECT * FROM api_tokens ORDER BY id")
+        rows = await self._fetch("SELECT * FROM api_tokens ORDER BY id")
         return [_token(r) for r in rows]
 
     async def revoke_token(self, name: str) -> TokenRow:
-        row = await self._pool.fetchrow(
+        row = await self._fetchrow(
             """UPDATE api_tokens SET revoked_at = coalesce(revoked_at, now())
                WHERE name = $1 RETURNING *""",
             name,
@@ -454,7 +620,7 @@ class PgStore:
         return _token(row)
 
     async def token_name(self, token_sha256: str) -> str | None:
-        name: str | None = await self._pool.fetchval(
+        name: str | None = await self._fetchval(
             "SELECT name FROM api_tokens WHERE token_sha256 = $1 AND revoked_at IS NULL",
             token_sha256,
         )

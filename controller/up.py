@@ -23,9 +23,13 @@ from controller.home import Home
 from controller.pg import prepare_embedded_pg
 from controller.render import SandboxWatcher, render_circus_ini, write_atomic
 from controller.settings import (
+    DEFAULT_DATABASE_TIMEOUT_S,
+    DEFAULT_EVENT_RETENTION_COUNT,
+    DEFAULT_EVENT_RETENTION_DAYS,
     DEFAULT_SANDBOX_ADMIN,
     DEFAULT_SANDBOX_LISTEN,
     ControllerSettings,
+    SettingsError,
     parse_hostport,
 )
 
@@ -46,6 +50,9 @@ class UpOptions:
     sandbox_listen: str = DEFAULT_SANDBOX_LISTEN
     sandbox_admin: str = DEFAULT_SANDBOX_ADMIN
     webhook_url: str | None = None
+    database_timeout_s: float = DEFAULT_DATABASE_TIMEOUT_S
+    event_retention_days: float = DEFAULT_EVENT_RETENTION_DAYS
+    event_retention_count: int = DEFAULT_EVENT_RETENTION_COUNT
 
 
 async def _circus_answers(endpoint: str) -> bool:
@@ -103,7 +110,14 @@ def prepare(options: UpOptions) -> ControllerSettings:
         sandbox_listen=options.sandbox_listen if options.demo else None,
         sandbox_admin=options.sandbox_admin if options.demo else None,
         webhook_url=options.webhook_url,
+        database_timeout_s=options.database_timeout_s,
+        event_retention_days=options.event_retention_days,
+        event_retention_count=options.event_retention_count,
     )
+    try:
+        settings.check()
+    except SettingsError as exc:
+        raise UpError(str(exc)) from exc
     settings.save(home)
     return settings
 

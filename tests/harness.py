@@ -427,6 +427,62 @@ class Fleet:
             self.database = None
 
 
+@dataclass(frozen=True)
+class Answer:
+    method: str
+    path: str
+    status: int
+    took_s: float
+    body: Any
+    content_type: str
+
+
+def timed(fleet: Fleet, method: str, path: str, body: object | None = None) -> Answer:
+    """One request as a user makes it; its status, body and how long it took to answer."""
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(f"http://{fleet.listen}{path}", data=data, method=method)
+    request.add_header("Authorization", f"Bearer {fleet.home.admin_token.read_text().strip()}")
+    if data is not None:
+        request.add_header("Content-Type", "application/json")
+    started = time.monotonic()
+    try:
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            status, raw, kind = answer.status, answer.read(), answer.headers.get_content_type()
+    except urllib.error.HTTPError as exc:
+        status, raw, kind = exc.code, exc.read(), exc.headers.get_content_type()
+    took = time.monotonic() - started
+    parsed = json.loads(raw) if kind.endswith("json") and raw else raw.decode()
+    return Answer(method, path, status, took, parsed, kind)
+
+
+def postgres_processes(fleet: Fleet) -> list[psutil.Process]:
+    """The embedded PostgreSQL of ``fleet``: its postmaster and every backend."""
+    pid = int(fleet.circusctl("list", "postgres").replace(",", " ").split()[0])
+    master = psutil.Process(pid)
+    return [master, *master.children(recursive=True)]
+
+
+@contextlib.contextmanager
+def stalled_postgres(fleet: Fleet) -> Iterator[list[psutil.Process]]:
+    """The embedded PostgreSQL stopped (SIGSTOP), postmaster and backends: a database
+    host that stops answering. Every process is continued on the way out, whatever happens."""
+    stopped: list[psutil.Process] = []
+    try:
+        master, *_ = postgres_processes(fleet)
+        # The postmaster first: stopped, it forks no backend we would miss.
+        master.send_signal(signal.SIGSTOP)
+        stopped.append(master)
+        for backend in master.children(recursive=True):
+            backend.send_signal(signal.SIGSTOP)
+            stopped.append(backend)
+        assert len(stopped) > 1, "no backend to stop: the controller holds no connection?"
+        yield stopped
+    finally:
+        for proc in reversed(stopped):
+            with contextlib.suppress(psutil.Error):
+                proc.send_signal(signal.SIGCONT)
+
+
 @contextlib.contextmanager
 def running_fleet(
     root: Path, sandbox: Sandbox | None, *extra: str, env: dict[str, str] | None = None

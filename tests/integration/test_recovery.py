@@ -261,7 +261,7 @@ def test_postgresql_away_for_a_while(
     try:
         wait_for(
             "the controller to notice",
-            lambda: fleet.api("GET", "/api/v1/status")["database"] == "unavailable",
+            lambda: fleet.api("GET", "/api/v1/status")["database"]["reachable"] is False,
         )
         with pytest.raises(ApiError) as refused:
             fleet.api("POST", "/api/v1/bots", echo_spec("during-outage", "1:abc"))
@@ -279,7 +279,9 @@ def test_postgresql_away_for_a_while(
     finally:
         fleet.circusctl("start", "postgres")
     wait_for(
-        "the database back", lambda: fleet.api("GET", "/api/v1/status")["database"] == "ok", 60
+        "the database back",
+        lambda: fleet.api("GET", "/api/v1/status")["database"]["reachable"],
+        60,
     )
     hung = wait_for(
         "the events noted meanwhile",
