@@ -317,6 +317,15 @@ def test_metrics_openapi_dashboard_and_tokens(fleet: Fleet) -> None:
         ApiClient(f"http://{fleet.listen}", secret).request("GET", "/api/v1/bots")
     assert revoked.value.status == 401
     assert secret not in fleet.cli("token", "list", "--json").stdout
+    # With every other token revoked, the operator's is the last live one: revoking
+    # it would lock everyone out, so it is refused (409) and still works.
+    for token in fleet.api("GET", "/api/v1/tokens")["tokens"]:
+        if not token["revoked_at"] and token["name"] != "admin":
+            fleet.api("DELETE", f"/api/v1/tokens/{token['name']}")
+    with pytest.raises(ApiError) as last:
+        fleet.api("DELETE", "/api/v1/tokens/admin")
+    assert last.value.status == 409
+    assert fleet.api("GET", "/api/v1/tokens")["tokens"]
 
 
 def test_garbage_and_forged_bus_messages_are_ignored(fleet: Fleet, sandbox: Sandbox) -> None:
