@@ -92,6 +92,31 @@ def _ref(tp: Any, components: dict[str, Any]) -> dict[str, Any]:
     return schema
 
 
+def _operation_id(route: Route) -> str:
+    """``post_api_v1_bots_name_start`` for ``POST /api/v1/bots/{name}/start``."""
+    path = route.path.strip("/").replace("/", "_").replace("{", "").replace("}", "")
+    return f"{route.method.lower()}_{path or 'root'}"
+
+
+def _link_created(routes: Sequence[Route], paths: dict[str, dict[str, Any]]) -> None:
+    """OpenAPI links from each create (POST, 201, an answer with ``name``) to every
+    operation on what it created (``…/{name}…``), for clients and fuzzers to follow."""
+    for create in routes:
+        if create.method != "POST" or create.status != 201:
+            continue
+        item = f"{create.path}/{{name}}"
+        links = {
+            _operation_id(target): {
+                "operationId": _operation_id(target),
+                "parameters": {"name": "$response.body#/name"},
+            }
+            for target in routes
+            if target.path == item or target.path.startswith(f"{item}/")
+        }
+        if links:
+            paths[create.path]["post"]["responses"]["201"]["links"] = links
+
+
 def build_openapi(routes: Sequence[Route], version: str) -> dict[str, Any]:
     """The OpenAPI 3.1 document of ``routes``."""
     components: dict[str, Any] = {}
@@ -99,9 +124,7 @@ def build_openapi(routes: Sequence[Route], version: str) -> dict[str, Any]:
     paths: dict[str, dict[str, Any]] = {}
     for route in routes:
         op: dict[str, Any] = {
-            "operationId": f"{route.method.lower()}_{route.path.strip('/').replace('/', '_')}".replace(
-                "{", ""
-            ).replace("}", ""),
+            "operationId": _operation_id(route),
             "summary": route.summary,
             "responses": {},
         }
@@ -163,6 +186,7 @@ def build_openapi(routes: Sequence[Route], version: str) -> dict[str, Any]:
                 "content": {"application/json": {"schema": _ref(route.body, components)}},
             }
         paths.setdefault(route.path, {})[route.method.lower()] = op
+    _link_created(routes, paths)
     # Named for what they are, whether or not a route refers to them.
     for tp in (NewBot, BotPatch, FleetDefaults):
         _ref(tp, components)
