@@ -610,11 +610,23 @@ class PgStore:
         return [_token(r) for r in rows]
 
     async def revoke_token(self, name: str) -> TokenRow:
-        row = await self._fetchrow(
-            """UPDATE api_tokens SET revoked_at = coalesce(revoked_at, now())
-               WHERE name = $1 RETURNING *""",
-            name,
-        )
+        """Revoke a token; Conflict if it is the last live one (nobody could use the
+        API after it). The live tokens are locked, so two revocations at once cannot
+        both pass the check and leave none."""
+        async with self._connection() as conn, conn.transaction():
+            live = await conn.fetch(
+                "SELECT name FROM api_tokens WHERE revoked_at IS NULL ORDER BY name FOR UPDATE"
+            )
+            if [record["name"] for record in live] == [name]:
+                raise Conflict(
+                    f"{name!r} is the last token that can administer the fleet; "
+                    "create another before revoking it"
+                )
+            row = await conn.fetchrow(
+                """UPDATE api_tokens SET revoked_at = coalesce(revoked_at, now())
+                   WHERE name = $1 RETURNING *""",
+                name,
+            )
         if row is None:
             raise NotFound(f"no token named {name!r}")
         return _token(row)
