@@ -254,3 +254,8 @@ PROCESS_HEALTH_KEYS = tuple(f.name for f in msgspec.structs.fields(ProcessHealth
 CONTROLLER_HEALTH_KEYS = tuple(
     f.name for f in msgspec.structs.fields(Health) if f.name not in PROCESS_HEALTH_KEYS
 )
+
+
+def process_health(health: Health) -> ProcessHealth:
+    """The part of a bot's health settings that its own process reads."""
+    return ProcessHealth(**{key: getattr(health, key) for key in PROCESS_HEALTH_KEYS})

@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 from botspec.config import BotConfig, RuntimeTelegram, dump
-from botspec.spec import PROCESS_HEALTH_KEYS, ProcessHealth
+from botspec.spec import process_health
 from controller.home import Home
 from controller.reconcile import Rendered
 from controller.render import BotWatcher, render_watcher, write_atomic
@@ -37,7 +37,7 @@ def runtime_config(home: Home, name: str, generation: int, spec: EffectiveSpec) 
             api_hash=spec.telegram.api_hash,
             server=spec.telegram.server,
         ),
-        health=ProcessHealth(**{k: getattr(spec.health, k) for k in PROCESS_HEALTH_KEYS}),
+        health=process_health(spec.health),
         subscribe=spec.subscribe,
         graceful_timeout_s=spec.graceful_timeout_s,
     )

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import jinja2
 
+from botspec.spec import MIN_MEMORY_MB, NAME_PATTERN, FleetDefaults
 from controller.home import Home
 from controller.pg import PgWatcher
 
@@ -36,9 +37,10 @@ MIB = 1024 * 1024
 # (2 CPUs); at 96 MiB it could not start a thread, at 128 MiB it ran. Its
 # VmSize (RLIMIT_AS) was 596 MiB because every thread reserves a 64 MiB malloc
 # arena, so RLIMIT_AS would need ~600 MiB and grows with the CPU count.
-MIN_MEMORY_LIMIT_MB = 128
-DEFAULT_GRACEFUL_TIMEOUT_S = 5.0
-BOT_NAME = re.compile(r"^[a-z][a-z0-9-]{0,31}$")
+# That floor is the spec's own minimum of memory_limit_mb (botspec.spec).
+MIN_MEMORY_LIMIT_MB = MIN_MEMORY_MB
+DEFAULT_GRACEFUL_TIMEOUT_S = FleetDefaults().graceful_timeout_s
+BOT_NAME = re.compile(NAME_PATTERN)
 _ENV_KEY = re.compile(r"^[A-Z_][A-Z0-9_]*$")
 # A newline would start a new option; circus's parser cuts a value at a ";"
 # that follows whitespace (inline comment) and substitutes $(circus.x) and
@@ -106,7 +108,7 @@ class BotWatcher:
     generation: int = 0
 
     def __post_init__(self) -> None:
-        if not BOT_NAME.match(self.name):
+        if not BOT_NAME.fullmatch(self.name):
             raise InvalidWatcherValue(f"bot name {self.name!r} must match {BOT_NAME.pattern}")
         if self.memory_limit_mb < MIN_MEMORY_LIMIT_MB:
             raise InvalidWatcherValue(
