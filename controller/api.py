@@ -19,12 +19,10 @@ from typing import Any
 from aiohttp import web
 
 from botspec import procinfo, protocol
-from botspec.spec import NAME_PATTERN, FleetDefaults, NewBot
-from botspec.validate import check_struct
+from botspec.spec import NAME_PATTERN, FleetDefaults
 from controller import schemas
 from controller.errors import (
     BadRequest,
-    Conflict,
     FieldError,
     InvalidSpec,
     NotFound,
@@ -39,7 +37,7 @@ from controller.errors import (
 from controller.fleet import Fleet, etag
 from controller.home import Home
 from controller.openapi import Query, Route, build_openapi
-from controller.spec import public_defaults, storable_problems
+from controller.spec import NewBotBody, public_defaults, validate_body
 from controller.store import BotRow, EventRow, PgStore, TokenRow, patience
 from controller.views import metrics_text
 
@@ -178,22 +176,6 @@ def int_param(request: web.Request, key: str, default: int, low: int, high: int)
     return value
 
 
-def checked(struct: type[Any], body: object, detail: str) -> dict[str, Any]:
-    """``body`` as a JSON object that matches ``struct``, or InvalidSpec naming every bad field."""
-    errors: list[FieldError] = []
-    if not isinstance(body, dict):
-        raise InvalidSpec(
-            f"{detail}: the body must be a JSON object", [FieldError("", "must be an object")]
-        )
-    check_struct(struct, body, errors)
-    errors.extend(storable_problems(body))
-    if errors:
-        raise InvalidSpec(
-            f"{detail}: " + "; ".join(f"{e.field}: {e.message}" for e in errors), errors
-        )
-    return body
-
-
 def ok(body: object, status: int = 200) -> web.Response:
     return web.json_response(body, status=status)
 
@@ -214,9 +196,12 @@ async def create_bot(request: web.Request) -> web.Response:
     return response
 
 
-def bot_response(fleet: Fleet, row: BotRow, status: int = 200) -> web.Response:
-    """A bot, with its ETag (the version of its spec)."""
-    response = ok(fleet.view(row), status=status)
+def bot_response(
+    fleet: Fleet, row: BotRow, status: int = 200, *, stale: bool = False
+) -> web.Response:
+    """A bot, with its ETag (the version of its spec); marked stale when read from memory."""
+    view = fleet.view(row)
+    response = ok({**view, **fleet.stale_marks()} if stale else view, status=status)
     response.headers["ETag"] = etag(row)
     return response
 
@@ -224,9 +209,7 @@ def bot_response(fleet: Fleet, row: BotRow, status: int = 200) -> web.Response:
 async def get_bot(request: web.Request) -> web.Response:
     fleet = request.app[FLEET]
     row, stale = await fleet.get_row(bot_name(request))
-    response = ok({**fleet.view(row), **fleet.stale_marks()} if stale else fleet.view(row))
-    response.headers["ETag"] = etag(row)
-    return response
+    return bot_response(fleet, row, stale=stale)
 
 
 def if_match(request: web.Request) -> frozenset[int] | None:
@@ -342,7 +325,7 @@ async def event_stream(request: web.Request) -> web.StreamResponse:
 
 async def publish_event(request: web.Request) -> web.Response:
     body = await read_json(request)
-    fields = checked(schemas.Publish, body, "invalid event")
+    fields = validate_body(schemas.Publish, body, "invalid event")
     topic, data = fields["topic"], fields.get("data")
     fleet = request.app[FLEET]
     row = await fleet.record(None, "bus", request["actor"], str(topic), {"data": data})
@@ -386,7 +369,7 @@ async def list_tokens(request: web.Request) -> web.Response:
 
 async def create_token(request: web.Request) -> web.Response:
     body = await read_json(request)
-    name = checked(schemas.NewToken, body, "invalid token")["name"]
+    name = validate_body(schemas.NewToken, body, "invalid token")["name"]
     token = new_token()
     row = await request.app[STORE].add_token(name, hash_token(token))
     return ok({**token_json(row), "token": token}, status=201)
@@ -396,14 +379,7 @@ async def revoke_token(request: web.Request) -> web.Response:
     name = request.match_info["name"]
     if not NAME_RE.fullmatch(name):
         raise NotFound(f"no token named {name!r}")
-    store = request.app[STORE]
-    live = [row.name for row in await store.list_tokens() if row.revoked_at is None]
-    if live == [name]:
-        raise Conflict(
-            f"{name!r} is the last token that can administer the fleet; "
-            "create another before revoking it"
-        )
-    row = await store.revoke_token(name)
+    row = await request.app[STORE].revoke_token(name)
     known = request.app[TOKENS]
     for digest in [d for d, holder in known.items() if holder == name]:
         del known[digest]
@@ -518,7 +494,7 @@ ROUTES: tuple[Route, ...] = (
         "Create a bot (started unless autostart is false)",
         schemas.BotView,
         status=201,
-        body=NewBot,
+        body=NewBotBody,
         problems=(409,),
     ),
     Route("GET", "/api/v1/bots/{name}", get_bot, "One bot", schemas.BotView, etag=True),

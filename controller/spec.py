@@ -13,7 +13,7 @@ import ast
 import importlib.util
 import json
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 
@@ -22,17 +22,35 @@ from botspec.spec import (
     CREDENTIALS,
     DEFAULTABLE_FIELDS,
     MAX_SETTINGS_BYTES,
-    PROCESS_HEALTH_KEYS,
+    SECRET_PATHS,
     BotSpec,
     FleetDefaults,
     Health,
     NewBot,
+    process_health,
 )
 from botspec.validate import FieldError, check_struct, public_key_problem
 from controller.errors import InvalidSpec
 
 #: A bot's effective spec: its own fields over the fleet defaults over the built-ins.
 EffectiveSpec = BotSpec
+
+#: The body of a create, as OpenAPI states it: NewBot with exactly one credential
+#: (a string token, or a string session), which validate_create enforces.
+NewBotBody = Annotated[
+    NewBot,
+    msgspec.Meta(
+        extra_json_schema={
+            "oneOf": [
+                {
+                    "required": [given],
+                    "properties": {given: {"type": "string"}, other: {"type": "null"}},
+                }
+                for given, other in (CREDENTIALS, CREDENTIALS[::-1])
+            ]
+        }
+    ),
+]
 
 
 def _raise_if_any(errors: list[FieldError], detail: str) -> None:
@@ -142,6 +160,17 @@ def _object(body: object, errors: list[FieldError]) -> dict[str, Any]:
     return body
 
 
+def validate_body(struct: type[msgspec.Struct], body: object, detail: str) -> dict[str, Any]:
+    """``body`` as a JSON object that matches ``struct`` and PostgreSQL can store, or
+    InvalidSpec naming every bad field (the API's small bodies: tokens, events)."""
+    errors: list[FieldError] = []
+    fields = _object(body, errors)
+    check_struct(struct, fields, errors)
+    errors.extend(storable_problems(fields))
+    _raise_if_any(errors, detail)
+    return fields
+
+
 def validate_create(body: object) -> tuple[str, dict[str, Any]]:
     """The name and own spec of a bot to create, or InvalidSpec naming every bad field.
 
@@ -215,15 +244,26 @@ def validate_defaults(body: object, current: Mapping[str, Any]) -> dict[str, Any
     fields = dict(_object(body, errors))
     _check_spec(FleetDefaults, fields, errors)
     _raise_if_any(errors, "invalid defaults")
-    telegram, kept = fields.get("telegram"), current.get("telegram")
-    if (
-        isinstance(telegram, dict)
-        and isinstance(kept, dict)
-        and "api_hash" not in telegram
-        and kept.get("api_hash") is not None
-    ):
-        fields["telegram"] = {**telegram, "api_hash": kept["api_hash"]}
+    for path in SECRET_PATHS:
+        fields = _keep_left_out(fields, current, path.split("."))
     return fields
+
+
+def _keep_left_out(
+    new: dict[str, Any], current: Mapping[str, Any], path: list[str]
+) -> dict[str, Any]:
+    """``new`` with the secret at ``path`` taken from ``current`` where ``new`` has its
+    parent object but leaves the secret out (secrets are never shown, so a client
+    that read, edited and wrote back an object cannot have sent them)."""
+    key, *rest = path
+    if not rest:
+        if key not in new and current.get(key) is not None:
+            return {**new, key: current[key]}
+        return new
+    inner, kept = new.get(key), current.get(key)
+    if isinstance(inner, dict) and isinstance(kept, dict):
+        return {**new, key: _keep_left_out(inner, kept, rest)}
+    return new
 
 
 def _merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
@@ -246,24 +286,24 @@ def effective(own: Mapping[str, Any], fleet_defaults: Mapping[str, Any]) -> BotS
 def process_view(spec: BotSpec) -> BotSpec:
     """What of a spec the bot's process sees (its config file and watcher): a change
     here restarts it; the controller's own health settings do not."""
-    seen = Health(**{k: getattr(spec.health, k) for k in PROCESS_HEALTH_KEYS})
-    return msgspec.structs.replace(spec, health=seen)
+    seen = msgspec.structs.asdict(process_health(spec.health))
+    return msgspec.structs.replace(spec, health=Health(**seen))
 
 
-def runnable_errors(spec: BotSpec, prefix: str = "") -> list[FieldError]:
+def runnable_errors(spec: BotSpec) -> list[FieldError]:
     """Why a spec that validates field by field could not run (no api id anywhere, …)."""
     errors = []
     if spec.telegram.api_id is None:
         errors.append(
             FieldError(
-                f"{prefix}telegram.api_id",
+                "telegram.api_id",
                 "is required: set it on the bot or in the fleet defaults",
             )
         )
     if spec.telegram.api_hash is None:
         errors.append(
             FieldError(
-                f"{prefix}telegram.api_hash",
+                "telegram.api_hash",
                 "is required: set it on the bot or in the fleet defaults",
             )
         )
@@ -271,14 +311,12 @@ def runnable_errors(spec: BotSpec, prefix: str = "") -> list[FieldError]:
     if soft is not None and soft >= spec.memory_limit_mb:
         errors.append(
             FieldError(
-                f"{prefix}health.memory_soft_limit_mb",
+                "health.memory_soft_limit_mb",
                 f"must be below memory_limit_mb ({spec.memory_limit_mb}) to restart before the hard limit",
             )
         )
     if spec.health.backoff_cap_s < spec.health.backoff_base_s:
-        errors.append(
-            FieldError(f"{prefix}health.backoff_cap_s", "must not be below health.backoff_base_s")
-        )
+        errors.append(FieldError("health.backoff_cap_s", "must not be below health.backoff_base_s"))
     return errors
 
 
@@ -298,11 +336,18 @@ def check_defaults_keep_bots_runnable(
     _raise_if_any(errors, "these defaults would leave bots unable to run")
 
 
-def _without_secrets(value: Mapping[str, Any]) -> dict[str, Any]:
-    view = {k: v for k, v in value.items() if k not in CREDENTIALS}
-    telegram = view.get("telegram")
-    if isinstance(telegram, dict):
-        view["telegram"] = {k: v for k, v in telegram.items() if k != "api_hash"}
+def _without_secrets(
+    value: Mapping[str, Any], paths: list[list[str]] | None = None
+) -> dict[str, Any]:
+    """``value`` without any of the declared ``SECRET_PATHS``, at any depth."""
+    if paths is None:
+        paths = [path.split(".") for path in SECRET_PATHS]
+    view: dict[str, Any] = {}
+    for key, item in value.items():
+        below = [path[1:] for path in paths if path[0] == key]
+        if [] in below:
+            continue  # the key itself is a secret
+        view[key] = _without_secrets(item, below) if below and isinstance(item, dict) else item
     return view
 
 
