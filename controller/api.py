@@ -530,12 +530,13 @@ ROUTES: tuple[Route, ...] = (
         "GET",
         "/api/v1/bots/{name}/events",
         bot_events,
-        "A bot's events, oldest first",
+        "A bot's events, oldest first (served after it is destroyed too: its history)",
         schemas.EventList,
         query=(
             Query("after", "Only events after this id", 0, 2**62),
             Query("limit", "At most this many", 1, 1000),
         ),
+        outlives=True,
     ),
     Route(
         "GET",

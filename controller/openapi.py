@@ -66,6 +66,7 @@ class Route:
     query: tuple[Query, ...] = ()
     media_type: str = "application/json"  # of the 2xx answer
     etag: bool = False  # the answer carries an ETag; a write honours If-Match (412)
+    outlives: bool = False  # answers after what it is about was destroyed (its history)
 
 
 def problems_of(route: Route) -> list[int]:
@@ -100,7 +101,8 @@ def _operation_id(route: Route) -> str:
 
 def _link_created(routes: Sequence[Route], paths: dict[str, dict[str, Any]]) -> None:
     """OpenAPI links from each create (POST, 201, an answer with ``name``) to every
-    operation on what it created (``…/{name}…``), for clients and fuzzers to follow."""
+    operation on what it created (``…/{name}…``), for clients and fuzzers to follow;
+    not to those that outlive it (a destroyed bot's history is still served)."""
     for create in routes:
         if create.method != "POST" or create.status != 201:
             continue
@@ -111,7 +113,7 @@ def _link_created(routes: Sequence[Route], paths: dict[str, dict[str, Any]]) -> 
                 "parameters": {"name": "$response.body#/name"},
             }
             for target in routes
-            if target.path == item or target.path.startswith(f"{item}/")
+            if (target.path == item or target.path.startswith(f"{item}/")) and not target.outlives
         }
         if links:
             paths[create.path]["post"]["responses"]["201"]["links"] = links
