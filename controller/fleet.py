@@ -1,8 +1,12 @@
-"""The fleet: the controller's core, between the API, the store, circusd and the bus.
+"""The fleet: the controller's core roles, wired together, and the reconcile loop.
 
-Operations change desired state in PostgreSQL, then run a reconcile pass; the
-loop runs passes on a timer and whenever a bot says something that matters.
-Bus messages update an in-memory view of each bot's live process.
+The roles, each in its own module: the ``Observer`` (what the bots' processes
+show: bus messages, circusd events), the ``EventLog`` (every event a row,
+streamed; writes that may not wait go through its outbox), the ``Healer``
+(health's decisions, acted on), and the pure ``plan`` of the reconciler. Here:
+the loop that reads desired state from the ``Store``, converges circusd (the
+``Supervisor``) and the files to it and lets the healer act; the lifecycle
+operations the API calls; the views it answers with.
 
 A stalled or lost PostgreSQL freezes nothing: health and everything that talks to
 circusd act on the last rows read and on what they see; what they want written
@@ -15,10 +19,7 @@ import asyncio
 import contextlib
 import logging
 import random
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -26,6 +27,7 @@ import asyncpg
 from botspec import procinfo, protocol
 from controller.botfiles import BotFiles
 from controller.circus import Supervisor, SupervisorError, WatcherEvent, WatcherNotFound
+from controller.clock import Clock, SystemClock
 from controller.errors import (
     PreconditionFailed,
     StoreUnavailable,
@@ -33,21 +35,13 @@ from controller.errors import (
     TgfleetError,
     VersionMismatch,
 )
-from controller.health import (
-    Exit,
-    Fail,
-    FailureKind,
-    HealthPolicy,
-    HealthRecord,
-    Note,
-    Restart,
-    Vitals,
-    assess,
-)
+from controller.eventlog import EventListener, EventLog, Pending
+from controller.healer import Healer, watcher_name
+from controller.health import FailureKind
+from controller.observer import LiveProcess, Observer
 from controller.outbox import DEFAULT_LIMIT, Outbox
 from controller.reconcile import (
     Action,
-    Live,
     Observation,
     Reload,
     RemoveOrphan,
@@ -56,7 +50,6 @@ from controller.reconcile import (
     StopWatcher,
     Transition,
     plan,
-    should_run,
 )
 from controller.spec import (
     EffectiveSpec,
@@ -64,29 +57,26 @@ from controller.spec import (
     check_runnable,
     effective,
     process_view,
-    public_view,
     validate_create,
     validate_defaults,
     validate_patch,
 )
-from controller.states import BotState, Trigger, can, transition
-from controller.store import BotRow, EventRow, PgStore
+from controller.states import BotState, Trigger, can
+from controller.store import BotRow, EventRow, Store
+from controller.views import bot_view, stale_marks
+
+__all__ = ["Fleet", "LiveProcess", "Webhook", "etag", "watcher_name"]
 
 log = logging.getLogger("tgfleet.fleet")
 
 RECONCILE_INTERVAL_S = 1.0
-#: How often the writer retries the outbox, and pings a database that is away.
-WRITER_INTERVAL_S = 0.5
 #: How often old events are pruned.
 PRUNE_INTERVAL_S = 600.0
-#: A queued write that lands later than this after it was noted says so (``delayed``).
-DELAYED_AFTER_S = 1.0
 #: Tries of an update that lost a race with another update of the same bot.
 UPDATE_TRIES = 5
-#: A heartbeat later than this many intervals counts as missed.
-MISSED_HEARTBEAT_FACTOR = 2.0
-#: Exits this long after the controller stopped or restarted a bot are its own doing.
-EXPECTED_EXIT_MARGIN_S = 5.0
+#: Restarts of one failure streak are spread by ±this fraction (bots failing
+#: together do not come back together).
+JITTER = 0.2
 #: What a pass can run into and survive: the next pass tries again.
 PASS_ERRORS = (
     SupervisorError,
@@ -99,100 +89,21 @@ PASS_ERRORS = (
 Webhook = Callable[[dict[str, Any]], Awaitable[None]]
 
 
-def watcher_name(bot: str) -> str:
-    return f"bot-{bot}"
-
-
 def etag(row: BotRow) -> str:
     """The ETag of a bot: the version of its spec (an If-Match names it)."""
     return f'"{row.version}"'
 
 
-def _stamp(at: float | None) -> str | None:
-    return datetime.fromtimestamp(at, UTC).isoformat() if at is not None else None
-
-
-@dataclass(frozen=True)
-class PendingEvent:
-    """An event noted by health or the bus, waiting in the outbox."""
-
-    bot: str | None
-    kind: str
-    actor: str
-    reason: str
-    data: Mapping[str, Any]
-    noted_at: float
-
-
-@dataclass(frozen=True)
-class PendingTransition:
-    """A state change health already acted on (in circusd), waiting in the outbox."""
-
-    name: str
-    trigger: Trigger
-    actor: str
-    reason: str
-    data: Mapping[str, Any]
-    noted_at: float
-    count_restart: bool = False
-
-
-Pending = PendingEvent | PendingTransition
-
-
-@dataclass
-class LiveProcess:
-    """What we know of a bot's current process, from the bus (mutable, in memory only)."""
-
-    pid: int
-    generation: int
-    ready: bool = False
-    fatal: str | None = None
-    fatal_kind: str | None = None
-    replaced_pid: int | None = None
-    # From the latest ready or heartbeat, whichever came last.
-    telegram: dict[str, Any] = field(default_factory=lambda: {"connected": False})
-    rss_mb: float | None = None
-    last_beat_at: float | None = None  # wall time of the last ready/heartbeat
-    last_beat_mono: float | None = None
-    heartbeats_missed: int = 0
-    max_gap_s: float = 0.0
-
-    def beat(self, interval_s: float) -> None:
-        """A ready or heartbeat arrived: count a gap longer than expected as missed beats."""
-        now = time.monotonic()
-        if self.last_beat_mono is not None:
-            gap = now - self.last_beat_mono
-            self.max_gap_s = max(self.max_gap_s, gap)
-            if gap > interval_s * MISSED_HEARTBEAT_FACTOR:
-                self.heartbeats_missed += max(1, int(gap / interval_s) - 1)
-        self.last_beat_mono = now
-        self.last_beat_at = time.time()
-
-    def alive_now(self) -> bool:
-        return procinfo.pid_exists(self.pid)
-
-    def observed(self) -> Live:
-        return Live(
-            pid=self.pid,
-            generation=self.generation,
-            ready=self.ready,
-            alive=self.alive_now(),
-            replaced_pid=self.replaced_pid,
-            fatal=self.fatal,
-        )
-
-
-EventListener = Callable[[EventRow], None]
-
-
 class Fleet:
     def __init__(
         self,
-        store: PgStore,
+        store: Store,
         supervisor: Supervisor,
         files: BotFiles,
         *,
+        clock: Clock | None = None,
+        rng: random.Random | None = None,
+        pid_exists: Callable[[int], bool] = procinfo.pid_exists,
         publish: Callable[[str, protocol.Event], None] | None = None,
         webhook: Webhook | None = None,
         outbox_limit: int = DEFAULT_LIMIT,
@@ -202,41 +113,58 @@ class Fleet:
         self.store = store
         self.supervisor = supervisor
         self.files = files
-        self.live: dict[str, LiveProcess] = {}
-        self._lock = asyncio.Lock()
-        self._acted = 0  # times the lock was released: reads older than that are stale
+        self.clock: Clock = clock or SystemClock()
+        rng = rng or random.Random()
         self._nudge = asyncio.Event()
-        self._listeners: set[EventListener] = set()
         self._publish = publish
         self._webhook = webhook
+        self.events = EventLog(store, self.clock, outbox_limit)
+        self.observer = Observer(self.clock, self._nudge.set, self._bus_event, pid_exists)
+        self.healer = Healer(
+            supervisor,
+            self.observer,
+            self.events,
+            self.clock,
+            lambda: rng.uniform(-JITTER, JITTER),
+            nudge=self._nudge.set,
+            notify=self._notify,
+        )
+        self._lock = asyncio.Lock()
+        self._acted = 0  # times the lock was released: reads older than that are stale
         self._tasks: set[asyncio.Task[None]] = set()
         self.last_pass_error: str | None = None
         self._subscriptions: dict[str, tuple[str, ...]] = {}
         self._specs: dict[str, EffectiveSpec] = {}
-        # Health: records (also in PostgreSQL), policies, and what circusd told us.
-        self.health: dict[str, HealthRecord] = {}
-        self._saved_health: dict[str, HealthRecord] = {}
-        self._policies: dict[str, HealthPolicy] = {}
-        self._intervals: dict[str, float] = {}
-        self._exits: dict[str, list[Exit]] = {}
-        self._expect_exit_until: dict[str, float] = {}
-        self._spawned_at: dict[str, float] = {}
-        self._started_at = time.time()
         self._seeded = False
         # The last rows read, so health acts (and reads answer) while PostgreSQL is away.
         self.rows: list[BotRow] | None = None
         self.rows_at: float | None = None  # wall time they were read
         self.defaults: dict[str, Any] | None = None
-        self.outbox: Outbox[Pending] = Outbox(outbox_limit)
-        self._wake_writer = asyncio.Event()
         self._event_retention = (event_retention_s, event_retention_count)
         self._next_prune = 0.0  # monotonic; the first pass prunes
 
+    # The roles' faces that the API and app use.
+    @property
+    def outbox(self) -> Outbox[Pending]:
+        return self.events.outbox
+
+    def on_message(self, message: protocol.Message) -> None:
+        self.observer.on_message(message)
+
+    def on_circus_event(self, event: WatcherEvent) -> None:
+        self.observer.on_circus_event(event)
+
+    def subscribe(self, listener: EventListener) -> Callable[[], None]:
+        return self.events.subscribe(listener)
+
+    async def record(
+        self, bot: str | None, kind: str, actor: str, reason: str, data: Mapping[str, Any]
+    ) -> EventRow:
+        return await self.events.record(bot, kind, actor, reason, data)
+
     async def load(self) -> None:
         """Read what must survive a controller restart (health records, backoffs)."""
-        for name, raw in (await self.store.load_health()).items():
-            record = HealthRecord.from_json(raw)
-            self.health[name] = self._saved_health[name] = record
+        await self.healer.load(self.store)
 
     async def close(self) -> None:
         for task in list(self._tasks):
@@ -258,191 +186,31 @@ class Fleet:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    # ----------------------------------------------------------- the bus side
+    def _notify(self, body: dict[str, Any]) -> None:
+        """A bot was given up on: tell the admin webhook, without waiting for it."""
+        if self._webhook is not None:
+            self._spawn_task(self._webhook(body), f"webhook for {body['bot']}")
 
-    def on_message(self, message: protocol.Message) -> None:
-        """A decoded bus message from a bot (the bus already checked its sender)."""
-        if self.rows is not None and message.bot not in {row.name for row in self.rows}:
-            log.warning(
-                "bus: dropped a %s from %r, which is no bot of this fleet",
-                message.TYPE,
-                message.bot,
-            )
-            return
-        current = self.live.get(message.bot)
-        if isinstance(message, protocol.Ready | protocol.Heartbeat):
-            if current is None or current.pid != message.pid:
-                replaced = current.pid if current is not None else None
-                current = LiveProcess(message.pid, message.generation, replaced_pid=replaced)
-                self.live[message.bot] = current
-                self._nudge.set()
-            current.generation = message.generation
-            current.beat(self._intervals.get(message.bot, 2.0))
-            if isinstance(message, protocol.Ready):
-                current.ready = message.telegram.connected
-                current.telegram = {"connected": message.telegram.connected}
-                self._nudge.set()
-            else:
-                health = message.telegram
-                current.telegram = {
-                    "connected": health.connected,
-                    "last_update_age_s": health.last_update_age_s,
-                    "last_error": health.last_error,
-                    "disconnected_since": health.disconnected_since,
-                    "flood_wait_until": health.flood_wait_until,
-                }
-                current.rss_mb = message.rss_mb
-                if message.telegram.connected and not current.ready:
-                    current.ready = True
-                    self._nudge.set()
-                if message.fatal is not None and current.fatal is None:
-                    current.fatal = message.fatal.error
-                    current.fatal_kind = message.fatal.kind
-                    self._nudge.set()
-        elif isinstance(message, protocol.Fatal):
-            if current is None or current.pid != message.pid:
-                current = LiveProcess(message.pid, message.generation)
-                self.live[message.bot] = current
-            current.fatal = message.error
-            current.fatal_kind = message.kind
-            self._nudge.set()
-        elif isinstance(message, protocol.Event):
-            # Delivered at once; persisted (and streamed) when PostgreSQL takes it.
-            self._queue(
-                PendingEvent(
-                    message.bot,
-                    "bus",
-                    f"bot:{message.bot}",
-                    message.topic,
-                    {"data": message.data},
-                    time.time(),
-                )
-            )
-            if self._publish is not None:
-                self._publish(message.topic, message)
-
-    def on_circus_event(self, event: WatcherEvent) -> None:
-        """circusd saw a bot's process spawn or end (its pub/sub channel)."""
-        if not event.watcher.startswith("bot-"):
-            return
-        name = event.watcher.removeprefix("bot-")
-        raw_pid, raw_time = event.body.get("process_pid"), event.body.get("time")
-        pid = raw_pid if isinstance(raw_pid, int) else 0
-        at = float(raw_time) if isinstance(raw_time, int | float) else time.time()
-        if event.event == "spawn":
-            self._spawned_at[name] = at
-        elif event.event == "reap":
-            raw_code = event.body.get("exit_code")
-            code = raw_code if isinstance(raw_code, int) else -1
-            expected = self._expect_exit_until.get(name, 0.0) > time.monotonic()
-            if code != 0 and not expected:
-                self._exits.setdefault(name, []).append(Exit(at, pid, code))
-                log.info("%s: process %d exited with code %d", name, pid, code)
-            live = self.live.get(name)
-            if live is not None and live.pid == pid:
-                live.telegram = {**live.telegram, "connected": False}
-            self._nudge.set()
-
-    def _expect_exit(self, name: str, within_s: float = 10.0) -> None:
-        """The controller is about to stop or restart this bot: its exit is no crash."""
-        until = time.monotonic() + within_s + EXPECTED_EXIT_MARGIN_S
-        self._expect_exit_until[name] = max(self._expect_exit_until.get(name, 0.0), until)
+    def _bus_event(self, message: protocol.Event) -> None:
+        """A bot published an event: delivered at once, persisted when PostgreSQL takes it."""
+        self.events.note(
+            message.bot, "bus", f"bot:{message.bot}", message.topic, {"data": message.data}
+        )
+        if self._publish is not None:
+            self._publish(message.topic, message)
 
     def subscribers(self, topic: str) -> list[str]:
         """Bots whose spec subscribes them to ``topic`` (as of the last pass)."""
         return [name for name, topics in self._subscriptions.items() if topic in topics]
-
-    # ------------------------------------------------------------- listeners
-
-    def subscribe(self, listener: EventListener) -> Callable[[], None]:
-        self._listeners.add(listener)
-        return lambda: self._listeners.discard(listener)
-
-    def _emit(self, row: EventRow) -> None:
-        for listener in list(self._listeners):
-            listener(row)
-
-    async def record(
-        self, bot: str | None, kind: str, actor: str, reason: str, data: Mapping[str, Any]
-    ) -> EventRow:
-        row = await self.store.add_event(bot, kind, actor, reason, data)
-        self._emit(row)
-        return row
-
-    def note(
-        self, bot: str | None, kind: str, actor: str, reason: str, data: Mapping[str, Any]
-    ) -> None:
-        """An event written without waiting: queued, written in order when PostgreSQL takes it."""
-        self._queue(PendingEvent(bot, kind, actor, reason, dict(data), time.time()))
-
-    # ------------------------------------------------------------ the outbox
-
-    def _queue(self, write: Pending) -> None:
-        self.outbox.put(write)
-        self._wake_writer.set()
-
-    async def _drain(self) -> None:
-        """Write what waits in the outbox, in order (StoreUnavailable: it keeps waiting)."""
-        await self.outbox.drain(self._write_pending)
-
-    async def _write_pending(self, write: Pending) -> None:
-        late = time.time() - write.noted_at > DELAYED_AFTER_S
-        extra = {"delayed": True, "noted_at": _stamp(write.noted_at)} if late else {}
-        try:
-            if isinstance(write, PendingEvent):
-                row = await self.store.add_event(
-                    write.bot, write.kind, write.actor, write.reason, {**write.data, **extra}
-                )
-                self._emit(row)
-                return
-            current = await self.store.get_bot(write.name)
-            if can(current.state, write.trigger):
-                await self._transition(
-                    write.name, write.trigger, write.reason, write.actor, {**write.data, **extra}
-                )
-                if write.count_restart:
-                    await self.store.count_restart(write.name)
-            else:  # overtaken meanwhile: keep what health did as an event
-                self._emit(
-                    await self.store.add_event(
-                        write.name,
-                        "health",
-                        write.actor,
-                        f"{write.reason} (state left {current.state}: a {write.trigger} "
-                        "does not apply to it)",
-                        {**write.data, **extra},
-                    )
-                )
-        except StoreUnavailable:
-            raise  # it stays first in line
-        except (TgfleetError, asyncpg.PostgresError) as exc:
-            # The database answered no (the bot is gone, a state moved under us): a retry
-            # would get the same answer and hold up everything behind it.
-            log.warning("dropped a queued write %r: %s", write, exc)
-
-    async def _keep_writing(self, stopping: asyncio.Event) -> None:
-        """Drain the outbox as writes come; while PostgreSQL is away, ping it until it answers."""
-        while not stopping.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake_writer.wait(), WRITER_INTERVAL_S)
-            self._wake_writer.clear()
-            if not self.store.reachable:
-                try:
-                    await self.store.ping()
-                except StoreUnavailable:
-                    continue
-                self._nudge.set()  # back: a full pass at once
-            try:
-                await self._drain()
-            except StoreUnavailable as exc:
-                log.info("outbox: %d writes wait: %s", len(self.outbox), exc)
 
     # ---------------------------------------------------------- reconciling
 
     async def run(self, stopping: asyncio.Event) -> None:
         """Reconcile every second, and at once when nudged, until ``stopping`` is set;
         meanwhile, write what the outbox holds."""
-        writer = asyncio.create_task(self._keep_writing(stopping), name="outbox writer")
+        writer = asyncio.create_task(
+            self.events.keep_writing(stopping, self._nudge.set), name="outbox writer"
+        )
         try:
             await self._reconcile_until(stopping)
         finally:
@@ -488,7 +256,7 @@ class Fleet:
                 except StoreUnavailable:
                     fresh = False
             assert self.rows is not None
-            await self._check_health(self.rows, status)
+            await self.healer.check(self.rows, status)
         if not fresh:
             raise StoreUnavailable(self.store.unreachable_detail())
         await self._after_pass()
@@ -505,20 +273,23 @@ class Fleet:
     async def _read_desired(self) -> bool:
         """Write what waits, then read the bots and defaults; False if PostgreSQL is away."""
         try:
-            await self._drain()  # what happened first is written first
+            await self.events.drain()  # what happened first is written first
             rows = await self.store.list_bots()
             defaults = await self.store.get_defaults()
         except StoreUnavailable:
             if self.rows is None:
                 raise
             return False
-        self.rows, self.rows_at, self.defaults = rows, time.time(), defaults
+        self.rows, self.rows_at, self.defaults = rows, self.clock.wall(), defaults
         specs = {row.name: effective(row.spec, defaults) for row in rows}
         self._specs = specs
         self._subscriptions = {name: spec.subscribe for name, spec in specs.items()}
-        self._policies = {name: spec.health for name, spec in specs.items()}
-        self._intervals = {name: spec.health.heartbeat_interval_s for name, spec in specs.items()}
-        self._forget_all_but({row.name for row in rows})
+        self.healer.policies = {name: spec.health for name, spec in specs.items()}
+        self.observer.intervals = {
+            name: spec.health.heartbeat_interval_s for name, spec in specs.items()
+        }
+        self.observer.known = {row.name for row in rows}
+        self._forget_all_but(self.observer.known)
         return True
 
     async def _converge(self, status: Mapping[str, str]) -> None:
@@ -532,24 +303,24 @@ class Fleet:
         actions = plan(observations, orphans)
         if actions:
             await self._apply(actions, {row.name: row for row in rows}, self._specs)
-            self.rows, self.rows_at = await self.store.list_bots(), time.time()
+            self.rows, self.rows_at = await self.store.list_bots(), self.clock.wall()
 
     async def _after_pass(self) -> None:
         """Keep changed health records, write what health noted, prune old events."""
         try:
-            for name, record in list(self.health.items()):
-                if self._saved_health.get(name) != record:
-                    await self.store.save_health(name, record.to_json())
-                    self._saved_health[name] = record
-            await self._drain()
-            if time.monotonic() >= self._next_prune:
-                self._next_prune = time.monotonic() + PRUNE_INTERVAL_S
+            await self.healer.save(self.store)
+            await self.events.drain()
+            if self.clock.monotonic() >= self._next_prune:
+                self._next_prune = self.clock.monotonic() + PRUNE_INTERVAL_S
                 age_s, count = self._event_retention
                 pruned = await self.store.prune_events(age_s, count)
                 if pruned:
                     log.info("pruned %d old events", pruned)
         except StoreUnavailable as exc:
             log.info("after the pass: %s (the next pass tries again)", exc)
+
+    def _per_bot(self) -> list[dict[str, Any]]:
+        return [*self.observer.per_bot(), *self.healer.per_bot(), self._subscriptions]
 
     def _forget(self, name: str) -> None:
         """Drop everything kept in memory about a bot (it was destroyed)."""
@@ -562,19 +333,6 @@ class Fleet:
             for name in [n for n in per_bot if n not in known]:
                 del per_bot[name]
 
-    def _per_bot(self) -> list[dict[str, Any]]:
-        return [
-            self.live,
-            self.health,
-            self._saved_health,
-            self._policies,
-            self._intervals,
-            self._exits,
-            self._expect_exit_until,
-            self._spawned_at,
-            self._subscriptions,
-        ]
-
     async def _status(self) -> dict[str, str]:
         try:
             return await self.supervisor.status()
@@ -586,17 +344,16 @@ class Fleet:
         once instead of waiting for their next heartbeat."""
         for row in rows:
             name = watcher_name(row.name)
-            if row.name in self.live or status.get(name) != "active":
+            if row.name in self.observer.live or status.get(name) != "active":
                 continue
             with contextlib.suppress(SupervisorError):
                 pids = await self.supervisor.pids(name)
                 if pids:
                     # Its generation is unknown until it speaks; it is not ready either.
-                    self.live[row.name] = LiveProcess(pids[0], -1)
+                    self.observer.live[row.name] = LiveProcess(pids[0], -1)
         self._seeded = True
 
     def _observe(self, row: BotRow, status: Mapping[str, str]) -> Observation:
-        live = self.live.get(row.name)
         return Observation(
             name=row.name,
             desired=row.desired,
@@ -604,7 +361,7 @@ class Fleet:
             generation=row.generation,
             rendered=self.files.rendered(row.name),
             watcher=status.get(watcher_name(row.name)),
-            live=live.observed() if live is not None else None,
+            live=self.observer.observed(row.name),
         )
 
     async def _apply(
@@ -614,29 +371,30 @@ class Fleet:
             if isinstance(action, Transition):
                 data: dict[str, Any] = {}
                 if action.trigger is Trigger.FAIL:
-                    live = self.live.get(action.name)
+                    live = self.observer.live.get(action.name)
                     fatal_kind = live.fatal_kind if live is not None else None
                     data = {
                         "failure": "plugin" if fatal_kind == "plugin" else FailureKind.AUTH.value
                     }
-                await self._transition(
+                await self.events.transition(
                     action.name, action.trigger, action.reason, "reconciler", data
                 )
                 if action.trigger is Trigger.FAIL:
-                    await self._failed(action.name, str(data["failure"]), action.reason)
+                    self.healer.failed(action.name, str(data["failure"]), action.reason)
                 if action.counts_restart:
                     await self.store.count_restart(action.name)
                 if action.trigger in (Trigger.RESPAWN, Trigger.START):
-                    live = self.live.get(action.name)
-                    if live is not None and not live.alive_now():
-                        self.live.pop(action.name, None)
-                    elif live is not None:
+                    live = self.observer.alive(action.name)
+                    if live is None:
+                        self.observer.live.pop(action.name, None)
+                    else:
                         live.replaced_pid = None
             elif isinstance(action, Render):
                 row = rows[action.name]
                 spec = specs[action.name]
                 if self.files.rendered(row.name) is not None:
-                    self._expect_exit(row.name, spec.graceful_timeout_s)  # reload restarts it
+                    # reload restarts it
+                    self.observer.expect_exit(row.name, spec.graceful_timeout_s)
                 # fsync: off the event loop
                 await asyncio.to_thread(
                     self.files.write, row.name, row.generation, spec, action.autostart
@@ -644,117 +402,13 @@ class Fleet:
             elif isinstance(action, StartWatcher):
                 await self.supervisor.start(watcher_name(action.name))
             elif isinstance(action, StopWatcher):
-                self._expect_exit(action.name)
+                self.observer.expect_exit(action.name)
                 await self.supervisor.stop(watcher_name(action.name))
             elif isinstance(action, RemoveOrphan):
                 log.info("removing files of %s, which has no bot row", action.name)
                 self.files.remove_watcher(action.name)
             elif isinstance(action, Reload):
                 await self.supervisor.reloadconfig()
-
-    async def _check_health(self, rows: list[BotRow], status: Mapping[str, str]) -> None:
-        """Assess every bot that should be running; act; keep the records."""
-        now = time.time()
-        for row in rows:
-            exits = tuple(self._exits.pop(row.name, ()))
-            if row.state not in (BotState.STARTING, BotState.RUNNING) or not should_run(
-                row.desired, row.state
-            ):
-                continue
-            live = self.live.get(row.name)
-            telegram = live.telegram if live is not None else {}
-            since = max(
-                self._spawned_at.get(row.name, 0.0), self._started_at, row.state_since.timestamp()
-            )
-            vitals = Vitals(
-                name=row.name,
-                process_up=status.get(watcher_name(row.name)) == "active",
-                since=since,
-                last_heartbeat_at=live.last_beat_at if live is not None else None,
-                connected=bool(telegram.get("connected")),
-                disconnected_since=telegram.get("disconnected_since"),
-                rss_mb=live.rss_mb if live is not None else None,
-                flood_wait_until=telegram.get("flood_wait_until"),
-                exits=exits,
-            )
-            policy = self._policies.get(row.name, HealthPolicy())
-            record = self.health.get(row.name, HealthRecord())
-            record, actions = assess(vitals, record, policy, now, random.uniform(-0.2, 0.2))
-            self.health[row.name] = record
-            for action in actions:
-                await self._apply_health(row, action)
-
-    async def _apply_health(self, row: BotRow, action: Note | Restart | Fail) -> None:
-        """Act in circusd at once; what is to be written waits in the outbox."""
-        if isinstance(action, Note):
-            self.note(
-                action.name,
-                "health",
-                "health",
-                action.reason,
-                {"failure": action.kind, **action.data},
-            )
-        elif isinstance(action, Restart):
-            name = action.name
-            self._expect_exit(name)
-            self.live.pop(name, None)
-            self._spawned_at[name] = time.time()
-            if action.kill:
-                await self.supervisor.kill(watcher_name(name))
-            else:
-                await self.supervisor.restart(watcher_name(name))
-            self._queue(
-                PendingTransition(
-                    name,
-                    Trigger.RESPAWN,
-                    "health",
-                    f"{action.kind}: {action.reason}",
-                    {"failure": action.kind},
-                    time.time(),
-                    count_restart=True,
-                )
-            )
-        elif isinstance(action, Fail):
-            if can(row.state, Trigger.FAIL):
-                await self._failed(action.name, action.kind, action.reason)
-                self._queue(
-                    PendingTransition(
-                        action.name,
-                        Trigger.FAIL,
-                        "health",
-                        action.reason,
-                        {"failure": action.kind},
-                        time.time(),
-                    )
-                )
-            self._nudge.set()  # the next pass stops its watcher
-
-    async def _failed(self, name: str, kind: str, reason: str) -> None:
-        """A bot is given up on: remember why, tell the admin webhook."""
-        now = time.time()
-        record = self.health.get(name, HealthRecord())
-        self.health[name] = HealthRecord(
-            last_kind=kind, last_reason=reason, last_at=now, exits=record.exits
-        )
-        self._expect_exit(name)
-        if self._webhook is not None:
-            body = {"bot": name, "state": "failed", "failure": kind, "reason": reason, "at": now}
-            self._spawn_task(self._webhook(body), f"webhook for {name}")
-
-    async def _transition(
-        self,
-        name: str,
-        trigger: Trigger,
-        reason: str,
-        actor: str,
-        data: Mapping[str, Any] | None = None,
-    ) -> BotRow:
-        row = await self.store.get_bot(name)
-        new_state = transition(row.state, trigger)
-        updated, event = await self.store.set_state(name, row.state, new_state, actor, reason, data)
-        self._emit(event)
-        log.info("%s: %s -> %s (%s)", name, row.state, new_state, reason)
-        return updated
 
     # ------------------------------------------------------------ operations
 
@@ -828,13 +482,9 @@ class Fleet:
             if row.desired != "running":
                 await self.store.set_desired(name, "running", actor, "start requested")
             if row.state is BotState.FAILED:
-                self.live.pop(name, None)
-                last = self.health.get(name, HealthRecord())
-                # A new start is a new streak: no backoff, no exits counted against it.
-                self.health[name] = HealthRecord(
-                    last_kind=last.last_kind, last_reason=last.last_reason, last_at=last.last_at
-                )
-                await self._transition(name, Trigger.START, "start requested", actor)
+                self.observer.live.pop(name, None)
+                self.healer.new_streak(name)
+                await self.events.transition(name, Trigger.START, "start requested", actor)
         await self._reconcile_quietly()
         return await self.store.get_bot(name)
 
@@ -845,7 +495,7 @@ class Fleet:
             if row.desired != "stopped":
                 await self.store.set_desired(name, "stopped", actor, "stop requested")
             if row.state is BotState.FAILED:
-                await self._transition(name, Trigger.STOP, "stop requested", actor)
+                await self.events.transition(name, Trigger.STOP, "stop requested", actor)
         await self._reconcile_quietly()
         # A second pass records `stopped` once circusd says the watcher is down.
         await self._reconcile_quietly()
@@ -859,12 +509,12 @@ class Fleet:
         async with self._acting():
             row = await self.store.get_bot(name)
             if can(row.state, Trigger.RESPAWN):
-                self._expect_exit(name)
+                self.observer.expect_exit(name)
                 # Not loaded yet: the pass below renders and starts it.
                 with contextlib.suppress(WatcherNotFound):
                     await self.supervisor.restart(watcher_name(name))
-                self.live.pop(name, None)
-                await self._transition(name, Trigger.RESPAWN, "restart requested", actor)
+                self.observer.live.pop(name, None)
+                await self.events.transition(name, Trigger.RESPAWN, "restart requested", actor)
                 await self.store.count_restart(name)
         await self._reconcile_quietly()
         return await self.store.get_bot(name)
@@ -877,17 +527,17 @@ class Fleet:
             if row.desired != "stopped":
                 await self.store.set_desired(name, "stopped", actor, "destroy requested")
             if can(row.state, Trigger.STOP):
-                row = await self._transition(name, Trigger.STOP, "destroy requested", actor)
+                row = await self.events.transition(name, Trigger.STOP, "destroy requested", actor)
             status = await self.supervisor.status()
-            self._expect_exit(name)
+            self.observer.expect_exit(name)
             if status.get(watcher_name(name)) == "active":
                 await self.supervisor.stop(watcher_name(name))
             self.files.remove_watcher(name)
             await self.supervisor.reloadconfig()
             if can(row.state, Trigger.STOPPED):
-                await self._transition(name, Trigger.STOPPED, "process stopped", actor)
+                await self.events.transition(name, Trigger.STOPPED, "process stopped", actor)
             await asyncio.to_thread(self.files.remove_private, name)
-            self._emit(await self.store.delete_bot(name, actor, "destroy requested"))
+            self.events.emit(await self.store.delete_bot(name, actor, "destroy requested"))
             self._forget(name)
 
     async def _reconcile_quietly(self) -> None:
@@ -904,85 +554,17 @@ class Fleet:
     # ------------------------------------------------------------------ views
 
     def view(self, row: BotRow) -> dict[str, Any]:
-        live = self.live.get(row.name)
-        pid: int | None = None
-        uptime: float | None = None
-        rss: float | None = None
-        # Every key always there, whatever the bot last said.
-        telegram: dict[str, Any] = {
-            "connected": False,
-            "last_update_age_s": None,
-            "last_error": None,
-            "disconnected_since": None,
-            "flood_wait_until": None,
-        }
-        if live is not None and live.alive_now():
-            pid = live.pid
-            uptime = procinfo.age_s(pid)
-            rss = live.rss_mb
-            telegram = {**telegram, **live.telegram}
-        if row.state not in (BotState.RUNNING, BotState.STARTING):
-            telegram["connected"] = False
-        return {
-            "name": row.name,
-            "state": row.state.value,
-            "health": self._health_view(row, live),
-            "desired": row.desired,
-            "since": row.state_since.isoformat(),
-            "reason": row.state_reason,
-            "pid": pid,
-            "uptime_s": round(uptime, 1) if uptime is not None else None,
-            "restarts": row.restarts,
-            "rss_mb": rss,
-            "telegram": telegram,
-            "generation": row.generation,
-            "version": row.version,
-            "watcher": watcher_name(row.name),
-            "spec": public_view(row.spec),
-        }
-
-    def _health_view(self, row: BotRow, live: LiveProcess | None) -> dict[str, Any]:
-        record = self.health.get(row.name, HealthRecord())
-
-        stamp = _stamp
-        if row.state is BotState.FAILED:
-            status = "failed"
-        elif record.failure_kind is not None:
-            status = "backoff" if record.next_restart_at else "failing"
-        elif live is not None and live.telegram.get("connected"):
-            status = "healthy"
-        else:
-            status = "unknown"
-        flood = live.telegram.get("flood_wait_until") if live is not None else None
-        return {
-            "status": status,
-            "failure": None
-            if record.failure_kind is None
-            else {
-                "kind": record.failure_kind,
-                "reason": record.failure_reason,
-                "since": stamp(record.failure_at),
-            },
-            "last_failure": None
-            if record.last_kind is None
-            else {
-                "kind": record.last_kind,
-                "reason": record.last_reason,
-                "at": stamp(record.last_at),
-            },
-            "next_restart_at": stamp(record.next_restart_at),
-            "restart_attempt": record.attempt,
-            "flood_wait_until": stamp(flood) if isinstance(flood, int | float) else None,
-            "heartbeat_age_s": None
-            if live is None or live.last_beat_at is None
-            else round(max(0.0, time.time() - live.last_beat_at), 2),
-            "heartbeats_missed": live.heartbeats_missed if live is not None else 0,
-            "max_heartbeat_gap_s": round(live.max_gap_s, 2) if live is not None else None,
-        }
+        return bot_view(
+            row,
+            self.observer.alive(row.name),
+            self.observer.live.get(row.name),
+            self.healer.record(row.name),
+            self.clock.wall(),
+        )
 
     def stale_marks(self) -> dict[str, Any]:
         """What marks an answer made from memory: the rows are as of their last read."""
-        return {"stale": True, "as_of": _stamp(self.rows_at)}
+        return stale_marks(self.rows_at)
 
     async def get_row(self, name: str) -> tuple[BotRow, bool]:
         """A bot's row, and whether it is stale (PostgreSQL away: as last read)."""

@@ -100,6 +100,19 @@ class TokenRow:
 class Store(Protocol):
     """What the controller needs of its database."""
 
+    @property
+    def reachable(self) -> bool:
+        """False from the first call that found the database away until a ping answers."""
+        ...
+
+    async def ping(self) -> None:
+        """Try the database even while it is known away (StoreUnavailable if still so)."""
+        ...
+
+    def unreachable_detail(self) -> str:
+        """Why and since when the database is away, for a 503's detail."""
+        ...
+
     async def list_bots(self) -> list[BotRow]: ...
     async def get_bot(self, name: str) -> BotRow: ...
     async def create_bot(
