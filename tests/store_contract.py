@@ -1,0 +1,492 @@
+"""What a Store does, as its callers see it: one table of cases, run against both stores.
+
+tests/unit/test_memstore.py runs every case against ``InMemoryStore`` (milliseconds);
+tests/integration/test_store_pg.py runs the same cases against ``PgStore`` on a real
+PostgreSQL. A behaviour of PgStore that the fake does not copy fails one of the two.
+Each case gets a fresh, empty, migrated store.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import pytest
+
+import controller.memstore
+import controller.store
+from controller.errors import BotNotFound, Conflict, NotFound, VersionMismatch
+from controller.states import BotState
+from controller.store import BotRow, EventRow, Store
+
+
+@dataclass
+class Subject:
+    store: Store
+    #: Make every event stored so far older by this many seconds.
+    backdate_events: Callable[[float], Awaitable[None]]
+    #: What the store raises for a value its schema forbids (a check, JSON's NaN).
+    refused: tuple[type[Exception], ...]
+
+
+Case = Callable[[Subject], Awaitable[None]]
+CASES: list[Case] = []
+
+
+def case(function: Case) -> Case:
+    CASES.append(function)
+    return function
+
+
+SPEC: dict[str, Any] = {"kind": "echo", "settings": {"greeting": "hi"}}
+
+
+async def _bot_events(store: Store, name: str) -> list[EventRow]:
+    return await store.events(name, 0, 1000)
+
+
+async def _created(store: Store, name: str = "echo", spec: dict[str, Any] = SPEC) -> BotRow:
+    return await store.create_bot(name, spec, "running", "tester")
+
+
+# --------------------------------------------------------------------- bots
+
+
+@case
+async def create_makes_a_configuring_bot_and_a_created_event(s: Subject) -> None:
+    row = await s.store.create_bot("echo", SPEC, "running", "tester")
+    assert (row.name, row.spec, row.desired, row.state) == (
+        "echo",
+        SPEC,
+        "running",
+        BotState.CONFIGURING,
+    )
+    assert (row.generation, row.restarts, row.version, row.state_reason) == (1, 0, 1, "")
+    assert row.created_at.utcoffset() == timedelta(0)
+    # One transaction, one time.
+    assert row.created_at == row.updated_at == row.state_since
+    assert await s.store.get_bot("echo") == row
+    (event,) = await _bot_events(s.store, "echo")
+    assert (event.bot, event.kind, event.actor, event.from_state, event.to_state) == (
+        "echo",
+        "created",
+        "tester",
+        None,
+        "configuring",
+    )
+    assert (event.reason, event.data, event.at) == ("created", {}, row.created_at)
+
+
+@case
+async def create_refuses_a_taken_name(s: Subject) -> None:
+    first = await _created(s.store)
+    with pytest.raises(Conflict, match="'echo' already exists"):
+        await s.store.create_bot("echo", {"other": True}, "stopped", "tester")
+    assert await s.store.get_bot("echo") == first
+    assert [e.kind for e in await _bot_events(s.store, "echo")] == ["created"]
+
+
+@case
+async def create_refuses_what_the_schema_forbids(s: Subject) -> None:
+    for name, desired in [("Echo", "running"), ("9lives", "running"), ("x" * 33, "running")]:
+        with pytest.raises(s.refused):
+            await s.store.create_bot(name, SPEC, desired, "tester")
+    with pytest.raises(s.refused):
+        await s.store.create_bot("echo", SPEC, "paused", "tester")
+    with pytest.raises(s.refused):
+        await s.store.create_bot("echo", {"ratio": float("nan")}, "running", "tester")
+    assert await s.store.list_bots() == []
+    assert await s.store.events(None, 0, 100) == []
+    await _created(s.store, "a" + "-" * 31)  # the longest name, the widest character set
+    # The desired state is checked before the name is found taken.
+    with pytest.raises(s.refused):
+        await s.store.create_bot("a" + "-" * 31, SPEC, "paused", "tester")
+
+
+@case
+async def a_spec_comes_back_as_json_does(s: Subject) -> None:
+    spec: dict[str, Any] = {"bb": (1, 2), "a": {"zz": 1, "y": None}, "ccc": 1.5}
+    await s.store.create_bot("echo", spec, "running", "tester")
+    spec["a"]["zz"] = "changed by the caller afterwards"
+    row = await s.store.get_bot("echo")
+    assert row.spec == {"a": {"y": None, "zz": 1}, "bb": [1, 2], "ccc": 1.5}
+    # jsonb orders an object's keys: shorter first, then bytewise.
+    assert list(row.spec) == ["a", "bb", "ccc"] and list(row.spec["a"]) == ["y", "zz"]
+    row.spec["a"]["zz"] = "changed by a reader"
+    assert (await s.store.get_bot("echo")).spec["a"]["zz"] == 1
+
+
+@case
+async def bots_are_listed_by_name_and_a_missing_one_is_not_found(s: Subject) -> None:
+    for name in ("bravo", "alpha", "charlie2", "charlie"):
+        await _created(s.store, name)
+    assert [row.name for row in await s.store.list_bots()] == [
+        "alpha",
+        "bravo",
+        "charlie",
+        "charlie2",
+    ]
+    with pytest.raises(BotNotFound) as caught:
+        await s.store.get_bot("delta")
+    assert caught.value.name == "delta"
+
+
+@case
+async def update_spec_bumps_the_version_and_writes_an_updated_event(s: Subject) -> None:
+    created = await _created(s.store)
+    kept = await s.store.update_spec("echo", {"kind": "echo", "v": 2}, "alice", False, 1)
+    assert (kept.spec, kept.version, kept.generation) == ({"kind": "echo", "v": 2}, 2, 1)
+    assert kept.updated_at >= created.updated_at
+    assert (kept.state, kept.state_since, kept.created_at) == (
+        created.state,
+        created.state_since,
+        created.created_at,
+    )
+    restarted = await s.store.update_spec("echo", {"kind": "echo", "v": 3}, "bob", True, 2)
+    assert (restarted.version, restarted.generation) == (3, 2)
+    assert await s.store.get_bot("echo") == restarted
+    _, first, second = await _bot_events(s.store, "echo")
+    assert (first.kind, first.actor, first.reason, first.data) == (
+        "updated",
+        "alice",
+        "spec changed; the process keeps running",
+        {"generation": 1, "restart": False, "version": 2},
+    )
+    assert (second.kind, second.actor, second.reason, second.data) == (
+        "updated",
+        "bob",
+        "spec changed",
+        {"generation": 2, "restart": True, "version": 3},
+    )
+    assert (first.from_state, first.to_state) == (None, None)
+    assert second.at == restarted.updated_at
+
+
+@case
+async def update_spec_from_a_stale_version_changes_nothing(s: Subject) -> None:
+    await _created(s.store)
+    current = await s.store.update_spec("echo", {"v": 2}, "alice", True, 1)
+    with pytest.raises(VersionMismatch) as caught:
+        await s.store.update_spec("echo", {"v": "lost"}, "bob", True, 1)
+    assert (caught.value.name, caught.value.expected, caught.value.current) == ("echo", 1, 2)
+    assert isinstance(caught.value, Conflict)  # a 409 at the API edge
+    assert await s.store.get_bot("echo") == current
+    assert [e.actor for e in await _bot_events(s.store, "echo")] == ["tester", "alice"]
+    with pytest.raises(BotNotFound):
+        await s.store.update_spec("ghost", {"v": 1}, "alice", False, 1)
+
+
+@case
+async def set_desired_changes_only_desired_and_says_so(s: Subject) -> None:
+    created = await _created(s.store)
+    row = await s.store.set_desired("echo", "stopped", "alice", "stop requested")
+    assert row.desired == "stopped"
+    assert (row.version, row.generation, row.state, row.spec) == (1, 1, created.state, SPEC)
+    assert row.updated_at >= created.updated_at
+    event = (await _bot_events(s.store, "echo"))[-1]
+    assert (event.kind, event.actor, event.reason, event.data) == (
+        "desired",
+        "alice",
+        "stop requested",
+        {"desired": "stopped"},
+    )
+    with pytest.raises(s.refused):
+        await s.store.set_desired("echo", "paused", "alice", "nonsense")
+    assert (await s.store.get_bot("echo")).desired == "stopped"
+    with pytest.raises(BotNotFound):
+        await s.store.set_desired("ghost", "stopped", "alice", "stop requested")
+
+
+@case
+async def set_state_moves_from_the_expected_state_and_writes_a_transition(s: Subject) -> None:
+    created = await _created(s.store)
+    row, event = await s.store.set_state(
+        "echo", BotState.CONFIGURING, BotState.STARTING, "fleet", "files rendered", {"pid": 7}
+    )
+    assert (row.state, row.state_reason) == (BotState.STARTING, "files rendered")
+    assert row.state_since == row.updated_at == event.at
+    assert row.state_since >= created.state_since
+    assert (row.version, row.generation) == (1, 1)
+    assert await s.store.get_bot("echo") == row
+    assert (event.bot, event.kind, event.actor, event.from_state, event.to_state) == (
+        "echo",
+        "transition",
+        "fleet",
+        "configuring",
+        "starting",
+    )
+    assert (event.reason, event.data) == ("files rendered", {"pid": 7})
+    assert (await _bot_events(s.store, "echo"))[-1] == event
+    _, bare = await s.store.set_state(
+        "echo", BotState.STARTING, BotState.RUNNING, "fleet", "up", None
+    )
+    assert bare.data == {}
+
+
+@case
+async def set_state_from_a_state_the_bot_left_is_a_conflict(s: Subject) -> None:
+    await _created(s.store)
+    moved, _ = await s.store.set_state(
+        "echo", BotState.CONFIGURING, BotState.STARTING, "fleet", "rendered", None
+    )
+    with pytest.raises(Conflict, match="echo is starting now, no longer configuring"):
+        await s.store.set_state(
+            "echo", BotState.CONFIGURING, BotState.FAILED, "health", "late", None
+        )
+    assert await s.store.get_bot("echo") == moved
+    assert [e.to_state for e in await _bot_events(s.store, "echo")] == ["configuring", "starting"]
+    with pytest.raises(BotNotFound):
+        await s.store.set_state("ghost", BotState.RUNNING, BotState.FAILED, "health", "x", None)
+
+
+@case
+async def count_restart_adds_one_and_ignores_a_missing_bot(s: Subject) -> None:
+    created = await _created(s.store)
+    await s.store.count_restart("echo")
+    await s.store.count_restart("echo")
+    await s.store.count_restart("ghost")
+    row = await s.store.get_bot("echo")
+    assert row.restarts == 2
+    assert (row.updated_at, row.version, row.generation) == (created.updated_at, 1, 1)
+    assert len(await s.store.events(None, 0, 100)) == 1  # no event
+
+
+@case
+async def delete_keeps_the_history_and_forgets_the_bot(s: Subject) -> None:
+    await _created(s.store)
+    await s.store.set_state("echo", BotState.CONFIGURING, BotState.STOPPED, "fleet", "idle", None)
+    await s.store.save_health("echo", {"streak": 3})
+    event = await s.store.delete_bot("echo", "alice", "destroy requested")
+    assert (event.bot, event.kind, event.actor, event.from_state, event.to_state) == (
+        "echo",
+        "transition",
+        "alice",
+        "stopped",
+        "destroyed",
+    )
+    assert (event.reason, event.data) == ("destroy requested", {})
+    with pytest.raises(BotNotFound):
+        await s.store.get_bot("echo")
+    assert await s.store.list_bots() == []
+    assert await s.store.load_health() == {}
+    assert [e.to_state for e in await _bot_events(s.store, "echo")] == [
+        "configuring",
+        "stopped",
+        "destroyed",
+    ]
+    with pytest.raises(BotNotFound):
+        await s.store.delete_bot("echo", "alice", "again")
+    # The name is free again, for a bot that starts over.
+    again = await _created(s.store)
+    assert (again.generation, again.version, again.restarts) == (1, 1, 0)
+
+
+# ------------------------------------------------------------------- events
+
+
+@case
+async def events_are_read_in_order_after_an_id_by_bot_and_in_pages(s: Subject) -> None:
+    await _created(s.store, "alpha")
+    await _created(s.store, "bravo")
+    fleet_wide = await s.store.add_event(None, "webhook", "fleet", "sent", {"status": 200})
+    noted = await s.store.add_event("alpha", "health", "health", "slow", {"ms": [1, 2]})
+    assert (fleet_wide.bot, fleet_wide.kind, fleet_wide.from_state, fleet_wide.data) == (
+        None,
+        "webhook",
+        None,
+        {"status": 200},
+    )
+    assert (noted.actor, noted.reason, noted.data, noted.to_state) == (
+        "health",
+        "slow",
+        {"ms": [1, 2]},
+        None,
+    )
+    every = await s.store.events(None, 0, 100)
+    ids = [e.id for e in every]
+    assert ids == sorted(ids) and len(set(ids)) == 4
+    assert [(e.bot, e.kind) for e in every] == [
+        ("alpha", "created"),
+        ("bravo", "created"),
+        (None, "webhook"),
+        ("alpha", "health"),
+    ]
+    assert every[-2:] == [fleet_wide, noted]
+    assert [e.kind for e in await s.store.events("alpha", 0, 100)] == ["created", "health"]
+    assert await s.store.events(None, ids[1], 100) == every[2:]
+    assert await s.store.events(None, 0, 2) == every[:2]
+    assert await s.store.events("alpha", ids[0], 100) == [noted]
+    assert await s.store.events(None, ids[-1], 100) == []
+    assert await s.store.events("ghost", 0, 100) == []
+    later = await s.store.add_event("ghost", "note", "cli", "", {})  # no bot needed
+    assert later.id > ids[-1]
+
+
+@case
+async def pruning_by_count_keeps_the_newest(s: Subject) -> None:
+    written = [await s.store.add_event(None, "note", "t", str(n), {}) for n in range(10)]
+    assert await s.store.prune_events(3600, 20) == 0
+    assert await s.store.prune_events(3600, 3) == 7
+    assert await s.store.events(None, 0, 100) == written[-3:]
+    assert await s.store.prune_events(3600, 3) == 0
+    assert await s.store.prune_events(3600, 1) == 2
+    assert await s.store.events(None, 0, 100) == written[-1:]
+
+
+@case
+async def pruning_by_age_drops_the_old_then_counts_the_rest(s: Subject) -> None:
+    # Events are told apart by their reason: backdating rewrites their time.
+    for n in range(4):
+        await s.store.add_event("echo", "note", "t", f"old {n}", {})
+    await s.backdate_events(100)
+    for n in range(3):
+        await s.store.add_event("echo", "note", "t", f"new {n}", {})
+    assert await s.store.prune_events(101, 1000) == 0
+    assert await _reasons(s.store) == [
+        "old 0",
+        "old 1",
+        "old 2",
+        "old 3",
+        "new 0",
+        "new 1",
+        "new 2",
+    ]
+    assert await s.store.prune_events(50, 1000) == 4
+    assert await _reasons(s.store) == ["new 0", "new 1", "new 2"]
+    # Both at once: the old by age, then the oldest of the rest by count.
+    await s.store.add_event("echo", "note", "t", "older", {})
+    await s.backdate_events(100)
+    for n in range(3):
+        await s.store.add_event("echo", "note", "t", f"fresh {n}", {})
+    assert await s.store.prune_events(50, 2) == 4 + 1
+    assert await _reasons(s.store) == ["fresh 1", "fresh 2"]
+
+
+@case
+async def pruning_deletes_a_batch_of_each_kind_per_call(s: Subject) -> None:
+    for n in range(12):
+        await s.store.add_event(None, "note", "t", str(n), {})
+        if n == 5:
+            await s.backdate_events(100)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(controller.store, "PRUNE_BATCH", 2)
+        patch.setattr(controller.memstore, "PRUNE_BATCH", 2)
+        assert await s.store.prune_events(50, 3) == 2 + 2  # the 2 oldest by age, 2 by count
+        assert await _reasons(s.store) == [str(n) for n in range(4, 12)]
+        assert await s.store.prune_events(50, 3) == 2 + 2
+        assert await s.store.prune_events(50, 3) == 0 + 1
+        assert await _reasons(s.store) == ["9", "10", "11"]
+
+
+async def _reasons(store: Store) -> list[str]:
+    return [event.reason for event in await store.events(None, 0, 1000)]
+
+
+# ----------------------------------------------------------------- defaults
+
+
+@case
+async def defaults_replace_and_restart_only_the_bots_named(s: Subject) -> None:
+    assert await s.store.get_defaults() == {}
+    for name in ("alpha", "bravo", "charlie"):
+        await _created(s.store, name)
+    before = {row.name: row for row in await s.store.list_bots()}
+    await s.store.set_defaults({"telegram": {"api_id": 1}}, "alice", ["charlie", "alpha", "ghost"])
+    assert await s.store.get_defaults() == {"telegram": {"api_id": 1}}
+    after = {row.name: row for row in await s.store.list_bots()}
+    assert {name: row.generation for name, row in after.items()} == {
+        "alpha": 2,
+        "bravo": 1,
+        "charlie": 2,
+    }
+    assert after["bravo"] == before["bravo"]
+    assert after["alpha"].version == 1  # the bot's own spec did not change
+    assert after["alpha"].updated_at >= before["alpha"].updated_at
+    event = (await _all(s.store))[-1]
+    assert (event.bot, event.kind, event.actor, event.reason, event.data) == (
+        None,
+        "defaults",
+        "alice",
+        "fleet defaults changed",
+        {"restarted": ["alpha", "charlie", "ghost"]},
+    )
+    await s.store.set_defaults({"other": True}, "bob", [])
+    assert await s.store.get_defaults() == {"other": True}  # replaced, not merged
+    assert {row.name: row.generation for row in await s.store.list_bots()} == {
+        "alpha": 2,
+        "bravo": 1,
+        "charlie": 2,
+    }
+
+
+async def _all(store: Store) -> list[EventRow]:
+    return await store.events(None, 0, 10_000)
+
+
+# ------------------------------------------------------------------- health
+
+
+@case
+async def health_is_kept_per_existing_bot(s: Subject) -> None:
+    assert await s.store.load_health() == {}
+    await _created(s.store, "alpha")
+    await _created(s.store, "bravo")
+    await s.store.save_health("alpha", {"streak": 1, "backoff_s": 2.5})
+    await s.store.save_health("ghost", {"streak": 9})
+    await s.store.save_health("alpha", {"streak": 2})
+    await s.store.save_health("bravo", {"streak": 0})
+    assert await s.store.load_health() == {"alpha": {"streak": 2}, "bravo": {"streak": 0}}
+
+
+# ------------------------------------------------------------------- tokens
+
+
+@case
+async def tokens_are_added_listed_and_named_by_their_hash(s: Subject) -> None:
+    admin = await s.store.add_token("admin", "a" * 64)
+    ci = await s.store.add_token("ci", "c" * 64)
+    assert (admin.name, admin.revoked_at, ci.name) == ("admin", None, "ci")
+    assert ci.id > admin.id and ci.created_at >= admin.created_at
+    assert admin.created_at.utcoffset() == timedelta(0)
+    with pytest.raises(Conflict, match="'admin' already exists"):
+        await s.store.add_token("admin", "d" * 64)
+    with pytest.raises(Conflict):
+        await s.store.add_token("other", "c" * 64)  # the same token under another name
+    later = await s.store.add_token("later", "e" * 64)
+    assert later.id > ci.id
+    assert await s.store.list_tokens() == [admin, ci, later]
+    assert await s.store.token_name("c" * 64) == "ci"
+    assert await s.store.token_name("f" * 64) is None
+
+
+@case
+async def ensure_token_adds_only_what_is_missing(s: Subject) -> None:
+    await s.store.ensure_token("admin", "a" * 64)
+    await s.store.ensure_token("admin", "b" * 64)  # already there: kept as it was
+    (admin,) = await s.store.list_tokens()
+    assert admin.name == "admin"
+    assert await s.store.token_name("a" * 64) == "admin"
+    assert await s.store.token_name("b" * 64) is None
+
+
+@case
+async def revoking_stops_a_token_but_never_the_last_live_one(s: Subject) -> None:
+    await s.store.add_token("admin", "a" * 64)
+    await s.store.add_token("ci", "c" * 64)
+    revoked = await s.store.revoke_token("ci")
+    assert revoked.name == "ci" and revoked.revoked_at is not None
+    assert revoked.revoked_at >= revoked.created_at
+    assert await s.store.token_name("c" * 64) is None
+    # Revoking again keeps the first revocation's time.
+    assert await s.store.revoke_token("ci") == revoked
+    with pytest.raises(Conflict, match="'admin' is the last token"):
+        await s.store.revoke_token("admin")
+    assert await s.store.token_name("a" * 64) == "admin"
+    with pytest.raises(NotFound, match="no token named 'ghost'"):
+        await s.store.revoke_token("ghost")
+    assert [(t.name, t.revoked_at) for t in await s.store.list_tokens()] == [
+        ("admin", None),
+        ("ci", revoked.revoked_at),
+    ]
