@@ -9,7 +9,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import drills
-from harness import Fleet, Sandbox, echo_spec, free_port, running_fleet, short_tmpdir, wait_for
+from harness import (
+    Fleet,
+    Sandbox,
+    echo_spec,
+    free_port,
+    running_fleet,
+    short_tmpdir,
+    wait_for,
+    wait_for_async,
+)
 
 __all__ = [
     "Fleet",
@@ -21,6 +30,7 @@ __all__ = [
     "running_fleet",
     "short_tmpdir",
     "wait_for",
+    "wait_for_async",
 ]
 
 

@@ -19,7 +19,7 @@ from multiprocessing.synchronize import Event
 from pathlib import Path
 
 import psutil
-from _fleet import Sandbox, short_tmpdir
+from _fleet import Sandbox, short_tmpdir, wait_for_async
 
 from tgsandbox.admin_client import AdminClient, AdminError
 
@@ -29,15 +29,9 @@ def rss_mb(pid: int) -> float:
 
 
 async def wait_healthy(admin: AdminClient, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            await admin.health()
-            return
-        except AdminError:
-            if time.monotonic() > deadline:
-                raise
-            await asyncio.sleep(0.1)
+    await wait_for_async(
+        "the sandbox's admin API", admin.health, timeout, 0.1, ignoring=(AdminError,)
+    )
 
 
 async def run_bots(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import count
 from typing import Any
@@ -112,17 +113,30 @@ def untouched(fleet: Fleet, before: Snapshot) -> list[str]:
 
 def answered_in(sandbox: Sandbox, name: str, started: float, text: str, wait: float = 60) -> float:
     """Send ``text`` now; seconds from ``started`` until the bot's answer arrives."""
-    sent = sandbox.say("drill", username(name), text)
-    deadline = time.monotonic() + wait
-    while time.monotonic() < deadline:
-        reply = sandbox.reply(
-            "drill", username(name), sent, wait=min(10.0, deadline - time.monotonic())
-        )
-        if reply == text:
-            return time.monotonic() - started
-        if reply is not None:
-            sent += 1  # an answer to something else (e.g. a refused command): keep waiting
-    raise AssertionError(f"{name} did not answer {text!r} within {wait} s")
+    return _answer(sandbox, name, text, lambda reply: reply == text, wait) - started
+
+
+def _answer(
+    sandbox: Sandbox, name: str, text: str, wanted: Callable[[str], bool], wait: float
+) -> float:
+    """Send ``text``; the moment a reply that is ``wanted`` arrived (others are skipped:
+    e.g. the answer to a refused command)."""
+    seen = sandbox.say("drill", username(name), text)
+    skipped: list[str] = []
+
+    def arrived() -> float | None:
+        nonlocal seen
+        for message_id, reply in sandbox.replies("drill", username(name), seen, wait=5):
+            if wanted(reply):
+                return time.monotonic()
+            seen = max(seen, message_id)
+            skipped.append(reply)
+        return None
+
+    try:
+        return wait_for(f"{name} to answer {text!r}", arrived, wait, every=0, ignoring=())
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; other replies: {skipped[-5:]}") from None
 
 
 def events(fleet: Fleet, name: str) -> list[dict[str, Any]]:
@@ -163,14 +177,7 @@ def sigstop(fleet: Fleet, sandbox: Sandbox, name: str) -> float:
 
 def command(sandbox: Sandbox, name: str, text: str, answer_starts: str) -> float:
     """Send a chaos command; the moment its answer (sent just before it acts) arrived."""
-    seen = sandbox.say("drill", username(name), text)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        for message_id, reply in sandbox.replies("drill", username(name), seen, wait=10):
-            if reply.startswith(answer_starts):
-                return time.monotonic()
-            seen = max(seen, message_id)
-    raise AssertionError(f"{name} did not take {text!r}")
+    return _answer(sandbox, name, text, lambda reply: reply.startswith(answer_starts), 30)
 
 
 def cpu_spin(fleet: Fleet, sandbox: Sandbox, name: str) -> float:

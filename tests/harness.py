@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import http.server
+import inspect
 import json
 import os
 import signal
@@ -16,7 +18,7 @@ import threading
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -63,11 +65,76 @@ BIN = Path(sys.executable).parent
 T = TypeVar("T")
 
 
-def free_port() -> int:
+#: Where free_port() hands out ports: below the kernel's ephemeral range (32768-60999 on
+#: Linux), so a port bound to 0 anywhere (a client's source port, WebhookSink) never takes
+#: one of ours between our check and the bind of the process we give it to.
+PORT_RANGE = range(20000, 32000)
+#: Ports per pytest-xdist worker (gw0, gw1, ...); a run without xdist uses the last block.
+PORTS_PER_WORKER = 1000
+PORT_LOCKS = Path("/tmp/tgfleet-test-ports")  # one place for every run on the machine
+_reserved: dict[int, int] = {}  # port -> the fd of its lock file, held while we live
+_next_port: list[int] = []
+
+
+def _worker_block() -> range:
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    blocks = len(PORT_RANGE) // PORTS_PER_WORKER
+    index = int(worker[2:]) % (blocks - 1) if worker.startswith("gw") else blocks - 1
+    start = PORT_RANGE.start + index * PORTS_PER_WORKER
+    return range(start, start + PORTS_PER_WORKER)
+
+
+def _reserve(port: int) -> bool:
+    """Take the lock file of ``port`` (an flock, dropped by the kernel when we exit)."""
+    PORT_LOCKS.mkdir(mode=0o777, exist_ok=True)
+    fd = os.open(PORT_LOCKS / str(port), os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return False
+    _reserved[port] = fd
+    return True
+
+
+def _bindable(port: int) -> bool:
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that no other test process is given, and that is free now.
+
+    Binding port 0 and closing is not enough: two xdist workers (or two test runs on
+    one machine) can both be told the same port before either binds it. So:
+
+    - each xdist worker draws from its own block of PORT_RANGE (``PYTEST_XDIST_WORKER``
+      gwN takes block N; without xdist, the last block), walking it in order, so one
+      process never hands out a port twice;
+    - a port is handed out only with an exclusive flock on ``PORT_LOCKS/<port>``, held
+      for the life of this process: another run whose worker has the same name skips
+      it (the kernel drops the lock when we exit, however we exit);
+    - and only if it can be bound right now (nothing else listens on it).
+
+    PORT_RANGE lies below the ephemeral range, so the kernel gives none of these ports
+    to a socket bound to port 0 while the process we hand it to starts.
+    """
+    block = _worker_block()
+    if not _next_port:
+        _next_port.append(block.start)
+    for _ in range(len(block)):
+        port = _next_port[0]
+        _next_port[0] = block.start + (port + 1 - block.start) % len(block)
+        if port in _reserved or not _reserve(port):
+            continue
+        if _bindable(port):
+            return port
+        os.close(_reserved.pop(port))
+    raise AssertionError(f"no free port left in {block}")
 
 
 def short_tmpdir(prefix: str) -> Path:
@@ -77,21 +144,89 @@ def short_tmpdir(prefix: str) -> Path:
     return path
 
 
+#: What a poll may raise while the awaited thing is not there yet: it counts as "not yet".
+NOT_YET: tuple[type[BaseException], ...] = (ApiError, ApiUnreachable, OSError)
+
+
+def _timed_out(what: str, timeout: float, last: object) -> AssertionError:
+    return AssertionError(f"timed out after {timeout} s waiting for {what} (last seen: {last!r})")
+
+
 def wait_for(
-    what: str, check: Callable[[], T | None], timeout: float = 30.0, every: float = 0.05
+    what: str,
+    check: Callable[[], T | None],
+    timeout: float = 30.0,
+    every: float = 0.05,
+    *,
+    ignoring: tuple[type[BaseException], ...] = NOT_YET,
 ) -> T:
-    """Poll ``check`` until it returns something truthy; fail with ``what`` after ``timeout``."""
+    """Poll ``check`` until it returns something truthy, and return that: the one way
+    tests wait (never ``sleep(n)`` and hope).
+
+    ``check`` runs at once, then every ``every`` s; an exception of ``ignoring`` counts
+    as a falsy answer. After ``timeout`` s (keep it generous: a loaded machine is slow,
+    and a passing test does not wait it out) it fails with an AssertionError naming
+    ``what`` and the last value or exception ``check`` gave.
+    """
     deadline = time.monotonic() + timeout
     last: object = None
-    while time.monotonic() < deadline:
+    while True:
         try:
             value = check()
-        except (ApiError, ApiUnreachable, OSError) as exc:
+        except ignoring as exc:
             value, last = None, exc
+        else:
+            last = value
         if value:
             return value
+        if time.monotonic() >= deadline:
+            raise _timed_out(what, timeout, last)
         time.sleep(every)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what} (last: {last!r})")
+
+
+async def wait_for_async(
+    what: str,
+    check: Callable[[], T | Awaitable[T | None] | None],
+    timeout: float = 30.0,
+    every: float = 0.05,
+    *,
+    ignoring: tuple[type[BaseException], ...] = NOT_YET,
+) -> T:
+    """``wait_for`` for async tests, with the same semantics; ``check`` may be a plain
+    function or return an awaitable (an async function), and the loop keeps running
+    between polls."""
+    deadline = time.monotonic() + timeout
+    last: object = None
+    while True:
+        try:
+            value = check()
+            if inspect.isawaitable(value):
+                value = await value
+        except ignoring as exc:
+            value, last = None, exc
+        else:
+            last = value
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise _timed_out(what, timeout, last)
+        await asyncio.sleep(every)
+
+
+def holds_for(what: str, check: Callable[[], T | None], duration: float, every: float = 0.1) -> T:
+    """Poll ``check`` for ``duration`` s; it must be truthy every time (the last value is
+    returned). For "this does not happen": it fails at the first falsy value or error,
+    naming ``what`` and the value, instead of sleeping and looking once."""
+    deadline = time.monotonic() + duration
+    polls = 0
+    while True:
+        value = check()
+        polls += 1
+        if not value:
+            raise AssertionError(f"{what} stopped holding after {polls} polls: {value!r}")
+        if time.monotonic() >= deadline:
+            return value
+        time.sleep(every)
 
 
 def descendants(pid: int) -> list[psutil.Process]:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from harness import wait_for_async
 
 from controller.circus import CircusClient, CircusUnavailable
 from controller.home import Home
@@ -63,14 +64,11 @@ class Circusd:
             self.seen_pids.update(await self.client.pids(name))
 
     async def wait_for(
-        self, predicate: Callable[[], Awaitable[bool]], timeout_s: float = 10.0
+        self, what: str, predicate: Callable[[], Awaitable[bool]], timeout_s: float = 10.0
     ) -> float:
-        """Poll ``predicate`` until true; return the seconds it took."""
+        """Poll ``predicate`` until true (harness.wait_for_async); return the seconds it took."""
         started = time.monotonic()
-        while not await predicate():
-            if time.monotonic() - started > timeout_s:
-                raise AssertionError(f"condition not met within {timeout_s}s")
-            await asyncio.sleep(0.02)
+        await wait_for_async(what, predicate, timeout_s, 0.02, ignoring=())
         return time.monotonic() - started
 
     async def stop(self) -> None:
@@ -118,15 +116,21 @@ async def circusd_factory() -> AsyncIterator[Callable[[Home], Awaitable[Circusd]
         process = spawn_circusd(home)
         daemon = Circusd(home, process, CircusClient(home.circus_endpoint, timeout_s=5.0))
         started.append(daemon)
-        deadline = time.monotonic() + 10
-        while True:
+
+        async def answering() -> bool:
             try:
                 await CircusClient(home.circus_endpoint, timeout_s=0.5).list_watchers()
-                break
             except CircusUnavailable:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    text = (home.logs_dir / "circusd.log").read_text()
-                    raise AssertionError(f"circusd did not come up:\n{text}") from None
+                if process.poll() is not None:
+                    raise AssertionError(f"circusd exited with {process.returncode}") from None
+                return False
+            return True
+
+        try:
+            await wait_for_async("circusd to answer", answering, 10, 0.02, ignoring=())
+        except AssertionError as exc:
+            text = (home.logs_dir / "circusd.log").read_text()
+            raise AssertionError(f"circusd did not come up ({exc}):\n{text}") from None
         return daemon
 
     yield start

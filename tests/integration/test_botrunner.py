@@ -27,6 +27,7 @@ import psutil
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
+from harness import free_port, wait_for_async
 
 from botspec import protocol
 from controller.bus import BusServer
@@ -79,10 +80,7 @@ def silent_port() -> Iterator[int]:
 
 @pytest.fixture
 def refused_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port  # closed again: connecting to it is refused
+    return free_port()  # reserved for this test, never bound: connecting to it is refused
 
 
 def write_config(home: Path, name: str = "shop", **overrides: Any) -> Path:
@@ -123,34 +121,30 @@ class Bot:
         self.proc = proc
         self.bus = bus
         self.messages: list[protocol.Message] = []
-        self._arrived = asyncio.Event()
         self._pump = asyncio.create_task(self._collect())
 
     async def _collect(self) -> None:
         async for message in self.bus:
             self.messages.append(message)
-            self._arrived.set()
 
     async def expect(
         self, kind: type[M], check: Callable[[M], bool] = lambda _: True, timeout: float = 15.0
     ) -> M:
-        """The first message of ``kind`` that passes ``check``, waiting up to ``timeout``."""
-        deadline = time.monotonic() + timeout
-        seen = 0
-        while True:
-            for message in self.messages[seen:]:
-                if isinstance(message, kind) and check(message):
-                    return message
-            seen = len(self.messages)
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or self.proc.returncode is not None:
-                raise AssertionError(
-                    f"no {kind.__name__} passing the check within {timeout} s "
-                    f"(exit code {self.proc.returncode}); got: {self.messages[-5:]}"
-                )
-            self._arrived.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._arrived.wait(), min(remaining, 0.5))
+        """The first message of ``kind`` that passes ``check``, waiting up to ``timeout``
+        (failing at once if the bot exits first)."""
+
+        def arrived() -> M | None:
+            found = next((m for m in self.messages if isinstance(m, kind) and check(m)), None)
+            if found is None and self.proc.returncode is not None:
+                raise AssertionError(f"the bot exited with {self.proc.returncode}")
+            return found
+
+        try:
+            return await wait_for_async(
+                f"a {kind.__name__} passing the check", arrived, timeout, ignoring=()
+            )
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; got: {self.messages[-5:]}") from None
 
     async def stop(self, timeout: float = 6.0) -> int:
         self.proc.send_signal(signal.SIGTERM)

@@ -60,7 +60,10 @@ async def test_reloadconfig_touches_only_changed_watchers(
     circusd = await circusd_factory(home)
     client = circusd.client
 
-    await circusd.wait_for(lambda: _all_active(client, ["bot-keep", "bot-change", "bot-gone"]))
+    await circusd.wait_for(
+        "the three watchers active",
+        lambda: _all_active(client, ["bot-keep", "bot-change", "bot-gone"]),
+    )
     before = {name: await client.pids(name) for name in ("controller", "bot-keep", "bot-change")}
     await circusd.remember_pids()
     assert all(len(pids) == 1 for pids in before.values())
@@ -93,7 +96,10 @@ async def test_reloadconfig_touches_only_changed_watchers(
     assert "bot-gone" not in status
     # created after startup: circusd's own umask 077 applies
     assert stat.S_IMODE(os.stat(home.logs_dir / "bot-added.err.log").st_mode) == 0o600
-    await circusd.wait_for(lambda: _all_active(client, ["bot-keep", "bot-change", "bot-added"]))
+    await circusd.wait_for(
+        "kept, changed and added active",
+        lambda: _all_active(client, ["bot-keep", "bot-change", "bot-added"]),
+    )
     await circusd.remember_pids()
     assert await client.pids("bot-keep") == before["bot-keep"]
     assert await client.pids("controller") == before["controller"]
@@ -117,7 +123,7 @@ async def test_kill_9_respawns_within_check_delay(
     write_bot(home, BotWatcher("victim", autostart=True, memory_limit_mb=128), sleeper_in(home))
     circusd = await circusd_factory(home)
     client = circusd.client
-    await circusd.wait_for(lambda: _all_active(client, ["bot-victim"]))
+    await circusd.wait_for("the victim active", lambda: _all_active(client, ["bot-victim"]))
     await circusd.remember_pids()
 
     timings = []
@@ -125,7 +131,9 @@ async def test_kill_9_respawns_within_check_delay(
         (old,) = await client.pids("bot-victim")
         psutil.Process(old).kill()
         started = time.monotonic()
-        await circusd.wait_for(lambda old=old: _respawned(client, "bot-victim", old))
+        await circusd.wait_for(
+            "the victim respawned", lambda old=old: _respawned(client, "bot-victim", old)
+        )
         timings.append(time.monotonic() - started)
         await circusd.remember_pids()
     (pid,) = await client.pids("bot-victim")
@@ -152,7 +160,9 @@ async def test_busy_arbiter_errno_5_is_retried(short_home: Home, circusd_factory
     write_bot(home, BotWatcher("other", autostart=True, memory_limit_mb=128), sleeper_in(home))
     circusd = await circusd_factory(home)
     client = circusd.client
-    await circusd.wait_for(lambda: _all_active(client, ["bot-slow", "bot-other"]))
+    await circusd.wait_for(
+        "slow and other active", lambda: _all_active(client, ["bot-slow", "bot-other"])
+    )
     await circusd.remember_pids()
 
     started = time.monotonic()
@@ -169,7 +179,7 @@ async def test_busy_arbiter_errno_5_is_retried(short_home: Home, circusd_factory
     print(f"restart retried through a 2 s graceful stop: answered after {waited:.2f}s")
     assert 1.5 < waited < 5
     assert (await client.status())["bot-slow"] == "stopped"
-    await circusd.wait_for(lambda: _all_active(client, ["bot-other"]))
+    await circusd.wait_for("the other active", lambda: _all_active(client, ["bot-other"]))
     await circusd.remember_pids()
 
 

@@ -14,9 +14,10 @@ import psutil
 import pytest
 import zmq
 from drills import sandbox_name, username
-from harness import Fleet, Sandbox, echo_spec, wait_for
+from harness import Fleet, Sandbox, echo_spec, holds_for, wait_for
 
 from controller.client import ApiClient, ApiError
+from controller.fleet import RECONCILE_INTERVAL_S
 
 pytestmark = pytest.mark.integration
 
@@ -178,12 +179,18 @@ def test_rejected_token_fails_without_respawn_loop(fleet: Fleet, sandbox: Sandbo
     wait_for("its watcher stopped", lambda: circus_status(fleet)["bot-forged"] == "stopped")
     events = fleet.api("GET", "/api/v1/bots/forged/events")["events"]
     assert any("ACCESS_TOKEN_INVALID" in e["reason"] for e in events)
-    # Give a respawn loop every chance to show itself: the state stays, no process runs.
-    wait_for(
-        "three reconcile passes", lambda: fleet.api("GET", "/api/v1/status") and True, timeout=5
-    )
-    again = fleet.bot("forged")
-    assert again["state"] == "failed" and again["pid"] is None and again["restarts"] == 0
+    # Give a respawn loop every chance to show itself: watched through three reconcile
+    # passes and more, the state stays failed and no process runs, at every look.
+    controller = fleet.api("GET", "/api/v1/status")["controller"]["pid"]
+
+    def still_failed() -> dict[str, Any] | None:
+        bot = fleet.bot("forged")
+        quiet = bot["state"] == "failed" and bot["pid"] is None and bot["restarts"] == 0
+        return bot if quiet and circus_status(fleet)["bot-forged"] == "stopped" else None
+
+    holds_for("failed, stopped, never respawned", still_failed, 3 * RECONCILE_INTERVAL_S + 2)
+    status = fleet.api("GET", "/api/v1/status")
+    assert status["controller"]["pid"] == controller and status["reconcile_error"] is None
 
 
 def test_controller_kill_9_touches_no_bot(fleet: Fleet, sandbox: Sandbox) -> None:

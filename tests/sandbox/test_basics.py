@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from harness import free_port, wait_for_async
 from telethon import TelegramClient, errors, events, functions
 from telethon.network import ConnectionTcpAbridged, ConnectionTcpFull, ConnectionTcpIntermediate
 from telethon.sessions import StringSession
@@ -17,7 +18,7 @@ from telethon.sessions import StringSession
 from tgsandbox.admin_client import AdminClient
 from tgsandbox.service import Sandbox
 
-from .conftest import ClientFactory, eventually, make_client, start_sandbox
+from .conftest import ClientFactory, make_client, start_sandbox
 
 
 @pytest.mark.parametrize(
@@ -121,19 +122,10 @@ async def test_token_and_auth_key_survive_a_restart(tmp_path: Path) -> None:
         await second.stop()
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 async def test_serve_and_cli_as_a_newcomer_uses_them(
     tmp_path: Path, clients: list[TelegramClient]
 ) -> None:
-    port, admin_port = _free_port(), _free_port()
+    port, admin_port = free_port(), free_port()
     data = tmp_path / "served"
     env = {**os.environ, "TGFLEET_SANDBOX_ADMIN": f"127.0.0.1:{admin_port}"}
     env.pop("TGFLEET_SANDBOX_LISTEN", None)
@@ -160,7 +152,7 @@ async def test_serve_and_cli_as_a_newcomer_uses_them(
                 except Exception:
                     return False
 
-            await eventually(healthy, timeout=20, what="the served sandbox")
+            await wait_for_async("the served sandbox", healthy, timeout=20, ignoring=())
         created = await _cli(env, "bot", "create", "demo")
         assert created.returncode == 0, created.stderr
         token = created.stdout.strip()

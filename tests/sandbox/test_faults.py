@@ -6,6 +6,7 @@ import asyncio
 import time
 
 import pytest
+from harness import wait_for_async
 from telethon import TelegramClient, errors, events, functions, types
 from telethon.sessions import StringSession
 from typer.testing import CliRunner
@@ -14,7 +15,7 @@ from tgsandbox import cli
 from tgsandbox.admin_client import AdminClient, AdminError
 from tgsandbox.service import Sandbox
 
-from .conftest import ClientFactory, eventually, make_client
+from .conftest import ClientFactory, make_client
 
 
 def bot_connections(tg: Sandbox, bot_id: int) -> int:
@@ -93,7 +94,7 @@ async def test_close_drops_live_connections_and_telethon_reconnects(
         now = {id(c) for c in tg.server.connections if c.account_id == bot.id}
         return bool(now) and not now & before
 
-    await eventually(reconnected, what="Telethon's automatic reconnect")
+    await wait_for_async("Telethon's automatic reconnect", reconnected, timeout=10, ignoring=())
 
     @client.on(events.NewMessage(incoming=True))
     async def answer(event: events.NewMessage.Event) -> None:

@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+from harness import wait_for_async
 from telethon import TelegramClient, events
 
 from tgsandbox.admin_client import AdminClient
 from tgsandbox.service import Sandbox
 
-from .conftest import ClientFactory, eventually, make_client
+from .conftest import ClientFactory, make_client
 
 
 def record_texts(client: TelegramClient) -> list[str]:
@@ -30,20 +31,25 @@ async def test_reconnect_after_closed_connection_delivers_missed_messages(
     client = await bot_client(bot.token, retry_delay=1)
     texts = record_texts(client)
     await admin.send_as_user("erin", "away_bot", "before")
-    await eventually(lambda: texts == ["before"], what="the first message")
+    await wait_for_async("the first message", lambda: texts == ["before"], timeout=10, ignoring=())
 
     # Keep the bot out while the user writes, then let it back in.
     await admin.set_fault("away", "refuse")
     await admin.set_fault("away", "close")
-    await eventually(
+    await wait_for_async(
+        "the bot's connection to close",
         lambda: not any(c.account_id == bot.id and c.admitted for c in tg.server.connections),
-        what="the bot's connection to close",
+        timeout=10,
+        ignoring=(),
     )
     for text in ("one", "two", "three"):
         await admin.send_as_user("erin", "away_bot", text)
     await admin.clear_fault("away")
-    await eventually(
-        lambda: texts == ["before", "one", "two", "three"], timeout=20, what="missed messages"
+    await wait_for_async(
+        "missed messages",
+        lambda: texts == ["before", "one", "two", "three"],
+        timeout=20,
+        ignoring=(),
     )
 
 
@@ -57,7 +63,9 @@ async def test_restarted_bot_catches_up_from_its_session_file(
     texts = record_texts(first)
     await asyncio.wait_for(first.start(bot_token=bot.token), 20)  # type: ignore[arg-type]
     await admin.send_as_user("frank", "sleeper_bot", "while up")
-    await eventually(lambda: texts == ["while up"], what="the first message")
+    await wait_for_async(
+        "the first message", lambda: texts == ["while up"], timeout=10, ignoring=()
+    )
     await first.disconnect()
     clients.remove(first)  # one SQLite session file, one live client at a time
 
@@ -68,8 +76,11 @@ async def test_restarted_bot_catches_up_from_its_session_file(
     clients.append(second)
     missed = record_texts(second)
     await asyncio.wait_for(second.start(bot_token=bot.token), 20)  # type: ignore[arg-type]
-    await eventually(
-        lambda: missed == ["while down 1", "while down 2"], timeout=20, what="caught-up messages"
+    await wait_for_async(
+        "caught-up messages",
+        lambda: missed == ["while down 1", "while down 2"],
+        timeout=20,
+        ignoring=(),
     )
 
 
@@ -91,7 +102,9 @@ async def test_a_bot_that_never_received_anything_still_catches_up(
     clients.append(second)
     missed = record_texts(second)
     await asyncio.wait_for(second.start(bot_token=bot.token), 20)  # type: ignore[arg-type]
-    await eventually(lambda: missed == ["sent while down"], timeout=20, what="the missed message")
+    await wait_for_async(
+        "the missed message", lambda: missed == ["sent while down"], timeout=20, ignoring=()
+    )
 
 
 async def test_get_difference_returns_exactly_what_follows_a_pts(

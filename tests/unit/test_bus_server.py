@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import zmq
 import zmq.asyncio
+from harness import wait_for_async
 
 from botrunner.bus import BusClient
 from botspec import protocol
@@ -91,10 +92,7 @@ async def test_a_routing_id_that_is_not_utf8_is_dropped(server: BusServer) -> No
         assert isinstance(message, protocol.Stopping) and message.reason == "good"
         # two connections: the bad frame may be read before or after the good one
         waiting = asyncio.create_task(server.receive())
-        for _ in range(250):
-            if server.dropped_in:
-                break
-            await asyncio.sleep(0.02)
+        await wait_for_async("the bad frame dropped", lambda: server.dropped_in, 5, 0.02)
         waiting.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await waiting
@@ -119,10 +117,8 @@ async def test_round_trip_with_the_bot_client(server: BusServer) -> None:
             def delivered() -> bool:
                 return server.send("stock", received)
 
-            for _ in range(100):  # the ROUTER learns the new peer's id asynchronously
-                if delivered():
-                    break
-                await asyncio.sleep(0.02)
+            # the ROUTER learns the new peer's id asynchronously
+            await wait_for_async("the event sent to stock", delivered, 5, 0.02)
             event = await asyncio.wait_for(another.receive(), 5)
             assert (event.bot, event.source, event.topic) == ("stock", "shop", "orders")
         finally:
@@ -150,10 +146,7 @@ async def test_async_iteration_ends_when_closed(server: BusServer) -> None:
     peer = RawPeer(server.endpoint, b"shop")
     try:
         await peer.send(stopping("shop"))
-        for _ in range(250):
-            if received:
-                break
-            await asyncio.sleep(0.02)
+        await wait_for_async("the message iterated", lambda: received, 5, 0.02)
         assert len(received) == 1
         server.close()
         await asyncio.wait_for(consumer, 5)
