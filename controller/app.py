@@ -21,13 +21,13 @@ from aiohttp import web
 
 from botspec import protocol
 from controller.api import build_app, hash_token, new_token
+from controller.atomicfile import write_atomic
 from controller.botfiles import BotFiles
 from controller.bus import BusServer
 from controller.circus import CircusClient, watch_events
 from controller.errors import StoreUnavailable
 from controller.fleet import Fleet, Webhook
 from controller.home import Home
-from controller.render import write_atomic
 from controller.settings import DEFAULT_DATABASE_TIMEOUT_S, ControllerSettings, parse_hostport
 from controller.store import PgStore
 

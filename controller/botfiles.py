@@ -8,9 +8,10 @@ from pathlib import Path
 
 from botspec.config import BotConfig, RuntimeTelegram, dump
 from botspec.spec import process_health
+from controller.atomicfile import write_atomic
 from controller.home import Home
 from controller.reconcile import Rendered
-from controller.render import BotWatcher, render_watcher, write_atomic
+from controller.render import BotWatcher, render_watcher
 from controller.spec import EffectiveSpec
 
 _MARK = re.compile(r"^# tgfleet: generation=(\d+) autostart=(true|false)$", re.M)

@@ -7,8 +7,8 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from controller.atomicfile import write_atomic
 from controller.home import Home
-from controller.render import write_atomic
 
 DEFAULT_LISTEN = "127.0.0.1:8710"
 DEFAULT_SANDBOX_LISTEN = "127.0.0.1:8711"

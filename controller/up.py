@@ -18,10 +18,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from controller.atomicfile import write_atomic
 from controller.circus import CircusClient, SupervisorError
 from controller.home import Home
 from controller.pg import prepare_embedded_pg
-from controller.render import SandboxWatcher, render_circus_ini, write_atomic
+from controller.render import SandboxWatcher, render_circus_ini
 from controller.settings import (
     DEFAULT_DATABASE_TIMEOUT_S,
     DEFAULT_EVENT_RETENTION_COUNT,

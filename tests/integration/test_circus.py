@@ -21,9 +21,10 @@ from circus_fixtures import (  # noqa: F401  (fixtures; tests/integration is on 
     write_sleeper,
 )
 
+from controller.atomicfile import write_atomic
 from controller.circus import CircusClient, CircusError, WatcherNotFound
 from controller.home import Home
-from controller.render import BotWatcher, render_circus_ini, render_watcher, write_atomic
+from controller.render import BotWatcher, render_circus_ini, render_watcher
 
 pytestmark = pytest.mark.integration
 

@@ -21,9 +21,10 @@ from circus_fixtures import (  # noqa: F401  (fixtures; tests/integration is on 
     short_home,
 )
 
+from controller.atomicfile import write_atomic
 from controller.home import Home
 from controller.pg import PG_SYSTEM_USER, PgUnavailable, prepare_embedded_pg, wait_for_pg
-from controller.render import render_circus_ini, write_atomic
+from controller.render import render_circus_ini
 
 pytestmark = pytest.mark.integration
 
