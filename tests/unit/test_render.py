@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from circus.config import get_config
 
+from controller.atomicfile import write_atomic
 from controller.home import Home
 from controller.pg import PgWatcher
 from controller.render import (
@@ -20,7 +21,6 @@ from controller.render import (
     ini_value,
     render_circus_ini,
     render_watcher,
-    write_atomic,
 )
 
 HOME = Home(Path("/srv/fleet"))
