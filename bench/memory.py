@@ -25,6 +25,8 @@ def usage(proc: psutil.Process) -> tuple[float, float]:
 
 def classify(proc: psutil.Process) -> str:
     cmd = " ".join(proc.cmdline())
+    if "controller.upwait" in cmd or " up " in f"{cmd} ":
+        return "up"  # `tgfleet up`, resident while the fleet runs
     if "circusd" in cmd:
         return "circusd"
     if "-m controller serve" in cmd:
@@ -55,7 +57,13 @@ def main() -> None:
             for index in range(args.bots):
                 sandbox.cli("send", f"mem_{index}_bot", "hi", "--user", "bench", "--wait", "30")
             totals: dict[str, list[float]] = {}
-            procs = [*fleet.processes(), psutil.Process(sandbox.proc.pid)]
+            assert fleet.proc is not None
+            # Every process a user sees in ps: `tgfleet up` itself too, not only its children.
+            procs = [
+                psutil.Process(fleet.proc.pid),
+                *fleet.processes(),
+                psutil.Process(sandbox.proc.pid),
+            ]
             for proc in procs:
                 try:
                     rss, pss = usage(proc)
@@ -73,12 +81,13 @@ def main() -> None:
         f"machine: {os.cpu_count()} CPUs, {psutil.virtual_memory().total / 2**30:.0f} GiB; {args.bots} bots running"
     )
     print(f"{'part':<11}{'procs':>6}{'RSS MB':>10}{'PSS MB':>10}")
-    for kind in ("circusd", "controller", "postgres", "sandbox", "bots", "other"):
+    for kind in ("up", "circusd", "controller", "postgres", "sandbox", "bots", "other"):
         if kind in totals:
             count, rss, pss = totals[kind]
             print(f"{kind:<11}{int(count):>6}{rss:>10.1f}{pss:>10.1f}")
-    manager_rss = sum(totals[k][1] for k in ("circusd", "controller") if k in totals)
-    manager_pss = sum(totals[k][2] for k in ("circusd", "controller") if k in totals)
+    manager = ("up", "circusd", "controller")
+    manager_rss = sum(totals[k][1] for k in manager if k in totals)
+    manager_pss = sum(totals[k][2] for k in manager if k in totals)
     all_rss = sum(v[1] for v in totals.values())
     all_pss = sum(v[2] for v in totals.values())
     if "bots" in totals:
@@ -86,7 +95,8 @@ def main() -> None:
             f"per bot: RSS {totals['bots'][1] / totals['bots'][0]:.1f} MB, PSS {totals['bots'][2] / totals['bots'][0]:.1f} MB"
         )
     print(
-        f"manager (circusd + controller): RSS {manager_rss:.1f} MB, PSS {manager_pss:.1f} MB  [goal ≤ 80 MB]"
+        f"manager (tgfleet up + circusd + controller): RSS {manager_rss:.1f} MB, "
+        f"PSS {manager_pss:.1f} MB  [goal ≤ 80 MB; NF4 < 100 MB]"
     )
     print(f"whole system: RSS {all_rss:.1f} MB, PSS {all_pss:.1f} MB  [goal ≤ 1024 MB]")
 

@@ -168,6 +168,9 @@ def run(
     try:
         if _wait_for_api(settings, circusd, lambda: stop_requested):
             on_ready(settings)
+            if not stop_requested:
+                circusd_log.close()
+                _hand_over(circusd.pid, home)  # does not return
         while not stop_requested and circusd.poll() is None:
             time.sleep(0.2)
         if circusd.poll() is None:
@@ -190,6 +193,23 @@ def run(
         circusd_log.close()
     say("stopped")
     return 0
+
+
+def _hand_over(circusd_pid: int, home: Home) -> None:
+    """Become ``controller.upwait`` (same pid, circusd still our child): what waits for
+    circusd and stops it in order need not keep what preparing imported.
+
+    Ctrl-C is ignored across the exec (an ignored signal stays ignored through it,
+    a handled one would kill the new image before it installs its own handler):
+    one pressed in those milliseconds is lost, never the fleet orphaned."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(
+        sys.executable,
+        [sys.executable, "-m", "controller.upwait", str(circusd_pid), str(home.root)],
+    )
 
 
 def _wait_for_api(
