@@ -29,6 +29,25 @@ def rss_mb(pid: int | str = "self") -> float | None:
     return round(resident_pages * _PAGE_SIZE / (1024 * 1024), 1)
 
 
+def rss_bytes(pid: int | str) -> int | None:
+    """Resident set size in bytes; None when the process is gone."""
+    try:
+        with open(f"/proc/{pid}/statm", "rb") as statm:
+            return int(statm.read().split()[1]) * _PAGE_SIZE
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def cpu_seconds(pid: int | str) -> float | None:
+    """CPU time used so far (user + system), seconds; None when the process is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat_file:
+            fields = stat_file.read().rsplit(b")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS  # utime, stime
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def age_s(pid: int | str = "self") -> float | None:
     """Seconds since the kernel started the process; None when that cannot be read."""
     try:

@@ -21,6 +21,8 @@ from typing import Any, Protocol
 import zmq
 import zmq.asyncio
 
+from botspec import procinfo
+
 # circus/commands/errors.py
 ERRNO_MESSAGE_ERROR = 3
 ERRNO_COMMAND_ERROR = 5
@@ -71,7 +73,7 @@ class WatcherNotFound(CircusError):
 
 @dataclass(frozen=True)
 class ProcessStats:
-    """Resource use of one supervised process, read with psutil."""
+    """Resource use of one supervised process, read from /proc."""
 
     pid: int
     rss_bytes: int
@@ -228,27 +230,21 @@ class CircusClient:
     async def stats(self, name: str) -> dict[int, ProcessStats]:
         """RSS and CPU of the watcher's processes.
 
-        circusd's own ``stats`` answer formats memory as text ("63M"); psutil
-        on the pids gives exact numbers. A process that exits meanwhile is
-        left out.
+        circusd's own ``stats`` answer formats memory as text ("63M"); /proc gives
+        exact numbers. A process that exits meanwhile is left out.
         """
-        import psutil  # only here: the controller itself does without it (memory)
-
         result: dict[int, ProcessStats] = {}
+        now = time.time()
         for pid in await self.pids(name):
-            try:
-                process = psutil.Process(pid)
-                with process.oneshot():
-                    times = process.cpu_times()
-                    age = max(time.time() - process.create_time(), 1e-3)
-                    result[pid] = ProcessStats(
-                        pid=pid,
-                        rss_bytes=process.memory_info().rss,
-                        cpu_percent=100.0 * (times.user + times.system) / age,
-                        started_at=process.create_time(),
-                    )
-            except psutil.NoSuchProcess:  # exited between list and read: not ours to report
-                continue
+            rss, cpu, age = procinfo.rss_bytes(pid), procinfo.cpu_seconds(pid), procinfo.age_s(pid)
+            if rss is None or cpu is None or age is None:
+                continue  # exited between list and read: not ours to report
+            result[pid] = ProcessStats(
+                pid=pid,
+                rss_bytes=rss,
+                cpu_percent=100.0 * cpu / max(age, 1e-3),
+                started_at=now - age,
+            )
         return result
 
     async def quit(self) -> None:
