@@ -6,10 +6,12 @@ import json
 import os
 import sys
 import time
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, NoReturn
 
 import typer
 
+from controller.access import SCOPES, parse_duration
 from controller.client import ApiClient, ApiError, ApiUnreachable
 from controller.home import Home, HomeError
 from controller.settings import (
@@ -473,16 +475,39 @@ def status(
 # ----------------------------------------------------------------- tokens
 
 
+ScopeOpt = Annotated[
+    str,
+    typer.Option(
+        "--scope",
+        help="read (every GET), operate (also start/stop/restart/publish) or admin (everything).",
+    ),
+]
+
+
 @tokens.command("create")
 def token_create(
     name: str,
+    scope: ScopeOpt,
+    expires_in: Annotated[
+        str | None,
+        typer.Option("--expires-in", help="It stops working after this: 90s, 15m, 12h, 30d, 2w."),
+    ] = None,
     home: HomeOpt = None,
     api: ApiOpt = None,
     token: TokenOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """A new API token; its secret is printed once."""
-    result = call(home, api, token, "POST", "/api/v1/tokens", {"name": name})
+    if scope not in SCOPES:
+        fail(f"--scope must be one of {', '.join(SCOPES)}, not {scope!r}")
+    body: dict[str, Any] = {"name": name, "scope": scope}
+    if expires_in is not None:
+        try:
+            seconds = parse_duration(expires_in)
+        except ValueError as exc:
+            fail(f"--expires-in: {exc}")
+        body["expires_at"] = (datetime.now(UTC) + timedelta(seconds=seconds)).isoformat()
+    result = call(home, api, token, "POST", "/api/v1/tokens", body)
     show(result, as_json, result["token"])
 
 
@@ -490,12 +515,21 @@ def token_create(
 def token_list(
     home: HomeOpt = None, api: ApiOpt = None, token: TokenOpt = None, as_json: JsonOpt = False
 ) -> None:
-    """API tokens (names and dates, never secrets)."""
+    """API tokens (names, scopes and dates, never secrets)."""
     result = call(home, api, token, "GET", "/api/v1/tokens")
     rows = [
-        [t["name"], t["created_at"][:19], (t["revoked_at"] or "")[:19]] for t in result["tokens"]
+        [
+            t["name"],
+            t["scope"],
+            t["created_at"][:19],
+            (t["expires_at"] or "never")[:19],
+            (t["last_used_at"] or "never")[:16],
+            (t["revoked_at"] or "")[:19],
+        ]
+        for t in result["tokens"]
     ]
-    show(result, as_json, table(rows, ["NAME", "CREATED", "REVOKED"]))
+    header = ["NAME", "SCOPE", "CREATED", "EXPIRES", "LAST USED", "REVOKED"]
+    show(result, as_json, table(rows, header))
 
 
 @tokens.command("revoke")

@@ -22,10 +22,18 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
+from controller.access import SCOPES, Scope
 from controller.clock import Clock, SystemClock
 from controller.errors import BotNotFound, Conflict, NotFound, StoreUnavailable, VersionMismatch
 from controller.states import BotState
-from controller.store import DEFAULT_TIMEOUT_S, PRUNE_BATCH, BotRow, EventRow, TokenRow
+from controller.store import (
+    DEFAULT_TIMEOUT_S,
+    PRUNE_BATCH,
+    TOKEN_USE_RESOLUTION_S,
+    BotRow,
+    EventRow,
+    TokenRow,
+)
 
 log = logging.getLogger("tgfleet.store")
 
@@ -345,54 +353,73 @@ class InMemoryStore:
 
     # ------------------------------------------------------------ tokens
 
-    def _insert_token(self, name: str, token_sha256: str) -> TokenRow | None:
+    def _insert_token(
+        self, name: str, token_sha256: str, scope: Scope, expires_at: datetime | None
+    ) -> TokenRow | None:
         """INSERT … ON CONFLICT DO NOTHING: None when the name or the hash is taken."""
         token_id = next(self._token_ids)  # taken even when the insert does nothing
+        if scope not in SCOPES:
+            raise ValueError(f"scope must be one of {SCOPES}, not {scope!r}")
         if any(row.name == name or sha == token_sha256 for row, sha in self._tokens):
             return None
-        row = TokenRow(token_id, name, self._now(), None)
+        row = TokenRow(token_id, name, self._now(), None, scope, expires_at, None)
         self._tokens.append((row, token_sha256))
         return row
 
-    async def add_token(self, name: str, token_sha256: str) -> TokenRow:
+    async def add_token(
+        self, name: str, token_sha256: str, scope: Scope, expires_at: datetime | None
+    ) -> TokenRow:
         self._answer()
-        row = self._insert_token(name, token_sha256)
+        row = self._insert_token(name, token_sha256, scope, expires_at)
         if row is None:
             raise Conflict(f"a token named {name!r} already exists")
         return row
 
     async def ensure_token(self, name: str, token_sha256: str) -> None:
-        """Register a token known from disk (the admin token) if the store lacks it."""
+        """Register an admin token known from disk (<home>/admin.token) if the store
+        lacks it."""
         self._answer()
-        self._insert_token(name, token_sha256)
+        self._insert_token(name, token_sha256, "admin", None)
 
     async def list_tokens(self) -> list[TokenRow]:
         self._answer()
         return [row for row, _ in self._tokens]
 
     async def revoke_token(self, name: str) -> TokenRow:
-        """Revoke a token; Conflict if it is the last live one (nobody could use the
-        API after it)."""
+        """Revoke a token; Conflict if it is the last one that can administer the fleet
+        (admin scope, live, unexpired)."""
         self._answer()
-        live = [row.name for row, _ in self._tokens if row.revoked_at is None]
-        if live == [name]:
+        now = self._now()
+        admins = [row.name for row, _ in self._tokens if row.can_administer(now)]
+        if admins == [name]:
             raise Conflict(
                 f"{name!r} is the last token that can administer the fleet; "
-                "create another before revoking it"
+                "create another admin token before revoking it"
             )
         for index, (row, sha) in enumerate(self._tokens):
             if row.name == name:
                 if row.revoked_at is None:
-                    row = replace(row, revoked_at=self._now())
+                    row = replace(row, revoked_at=now)
                     self._tokens[index] = (row, sha)
                 return row
         raise NotFound(f"no token named {name!r}")
 
-    async def token_name(self, token_sha256: str) -> str | None:
+    async def use_token(self, token_sha256: str) -> TokenRow | None:
+        """The token with this hash (revoked or expired ones too), None if there is
+        none; a live, unexpired token's last use noted at most once per
+        TOKEN_USE_RESOLUTION_S."""
         self._answer()
-        for row, sha in self._tokens:
-            if sha == token_sha256 and row.revoked_at is None:
-                return row.name
+        now = self._now()
+        for index, (row, sha) in enumerate(self._tokens):
+            if sha != token_sha256:
+                continue
+            stale = row.last_used_at is None or row.last_used_at < now - timedelta(
+                seconds=TOKEN_USE_RESOLUTION_S
+            )
+            if row.revoked_at is None and not row.expired(now) and stale:
+                row = replace(row, last_used_at=now)
+                self._tokens[index] = (row, sha)
+            return row
         return None
 
 

@@ -18,6 +18,7 @@ from typing import Any, ParamSpec, Protocol, TypeVar
 
 import asyncpg
 
+from controller.access import Scope
 from controller.errors import BotNotFound, Conflict, NotFound, StoreUnavailable, VersionMismatch
 from controller.states import BotState
 
@@ -95,6 +96,20 @@ class TokenRow:
     name: str
     created_at: datetime
     revoked_at: datetime | None
+    scope: Scope
+    expires_at: datetime | None
+    last_used_at: datetime | None
+
+    def expired(self, now: datetime) -> bool:
+        return self.expires_at is not None and self.expires_at <= now
+
+    def can_administer(self, now: datetime) -> bool:
+        """Live, unexpired and of admin scope: it can still create and revoke tokens."""
+        return self.scope == "admin" and self.revoked_at is None and not self.expired(now)
+
+
+#: A token's last use is written at most this often (not a write per request).
+TOKEN_USE_RESOLUTION_S = 60
 
 
 class Store(Protocol):
@@ -145,11 +160,13 @@ class Store(Protocol):
     ) -> None: ...
     async def load_health(self) -> dict[str, dict[str, Any]]: ...
     async def save_health(self, name: str, record: Mapping[str, Any]) -> None: ...
-    async def add_token(self, name: str, token_sha256: str) -> TokenRow: ...
+    async def add_token(
+        self, name: str, token_sha256: str, scope: Scope, expires_at: datetime | None
+    ) -> TokenRow: ...
     async def ensure_token(self, name: str, token_sha256: str) -> None: ...
     async def list_tokens(self) -> list[TokenRow]: ...
     async def revoke_token(self, name: str) -> TokenRow: ...
-    async def token_name(self, token_sha256: str) -> str | None: ...
+    async def use_token(self, token_sha256: str) -> TokenRow | None: ...
 
 
 def _bot(row: asyncpg.Record) -> BotRow:
@@ -183,7 +200,15 @@ def _event(row: asyncpg.Record) -> EventRow:
 
 
 def _token(row: asyncpg.Record) -> TokenRow:
-    return TokenRow(row["id"], row["name"], row["created_at"], row["revoked_at"])
+    return TokenRow(
+        id=row["id"],
+        name=row["name"],
+        created_at=row["created_at"],
+        revoked_at=row["revoked_at"],
+        scope=row["scope"],
+        expires_at=row["expires_at"],
+        last_used_at=row["last_used_at"],
+    )
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
@@ -600,21 +625,26 @@ class PgStore:
             dict(record),
         )
 
-    async def add_token(self, name: str, token_sha256: str) -> TokenRow:
+    async def add_token(
+        self, name: str, token_sha256: str, scope: Scope, expires_at: datetime | None
+    ) -> TokenRow:
         row = await self._fetchrow(
-            """INSERT INTO api_tokens (name, token_sha256) VALUES ($1, $2)
-               ON CONFLICT DO NOTHING RETURNING *""",
+            """INSERT INTO api_tokens (name, token_sha256, scope, expires_at)
+               VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING RETURNING *""",
             name,
             token_sha256,
+            scope,
+            expires_at,
         )
         if row is None:
             raise Conflict(f"a token named {name!r} already exists")
         return _token(row)
 
     async def ensure_token(self, name: str, token_sha256: str) -> None:
-        """Register a token known from disk (the admin token) if the database lacks it."""
+        """Register an admin token known from disk (<home>/admin.token) if the database
+        lacks it."""
         await self._execute(
-            """INSERT INTO api_tokens (name, token_sha256) VALUES ($1, $2)
+            """INSERT INTO api_tokens (name, token_sha256, scope) VALUES ($1, $2, 'admin')
                ON CONFLICT DO NOTHING""",
             name,
             token_sha256,
@@ -625,17 +655,20 @@ class PgStore:
         return [_token(r) for r in rows]
 
     async def revoke_token(self, name: str) -> TokenRow:
-        """Revoke a token; Conflict if it is the last live one (nobody could use the
-        API after it). The live tokens are locked, so two revocations at once cannot
-        both pass the check and leave none."""
+        """Revoke a token; Conflict if it is the last one that can administer the fleet
+        (admin scope, live, unexpired: nobody could make or revoke tokens after it).
+        The live admin tokens are locked, so two revocations at once cannot both pass
+        the check and leave none."""
         async with self._connection() as conn, conn.transaction():
-            live = await conn.fetch(
-                "SELECT name FROM api_tokens WHERE revoked_at IS NULL ORDER BY name FOR UPDATE"
+            # A concurrent revocation's row is re-checked after it commits (FOR UPDATE).
+            admins = await conn.fetch(
+                """SELECT name FROM api_tokens WHERE revoked_at IS NULL AND scope = 'admin'
+                   AND (expires_at IS NULL OR expires_at > now()) ORDER BY name FOR UPDATE"""
             )
-            if [record["name"] for record in live] == [name]:
+            if [record["name"] for record in admins] == [name]:
                 raise Conflict(
                     f"{name!r} is the last token that can administer the fleet; "
-                    "create another before revoking it"
+                    "create another admin token before revoking it"
                 )
             row = await conn.fetchrow(
                 """UPDATE api_tokens SET revoked_at = coalesce(revoked_at, now())
@@ -646,9 +679,22 @@ class PgStore:
             raise NotFound(f"no token named {name!r}")
         return _token(row)
 
-    async def token_name(self, token_sha256: str) -> str | None:
-        name: str | None = await self._fetchval(
-            "SELECT name FROM api_tokens WHERE token_sha256 = $1 AND revoked_at IS NULL",
+    async def use_token(self, token_sha256: str) -> TokenRow | None:
+        """The token with this hash (revoked or expired ones too: the caller says why
+        it refuses), None if there is none. A live, unexpired token's last use is
+        noted, at most once per TOKEN_USE_RESOLUTION_S."""
+        row = await self._fetchrow(
+            """WITH hit AS (SELECT * FROM api_tokens WHERE token_sha256 = $1),
+               used AS (
+                   UPDATE api_tokens t SET last_used_at = now() FROM hit
+                   WHERE t.id = hit.id AND hit.revoked_at IS NULL
+                     AND (hit.expires_at IS NULL OR hit.expires_at > now())
+                     AND (hit.last_used_at IS NULL
+                          OR hit.last_used_at < now() - make_interval(secs => $2))
+                   RETURNING t.*)
+               SELECT * FROM used UNION ALL
+               SELECT * FROM hit WHERE NOT EXISTS (SELECT 1 FROM used)""",
             token_sha256,
+            float(TOKEN_USE_RESOLUTION_S),
         )
-        return name
+        return None if row is None else _token(row)
