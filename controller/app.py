@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import signal
+import ssl
 import sys
 import urllib.parse
 from typing import Any
@@ -28,7 +29,12 @@ from controller.errors import StoreUnavailable
 from controller.fleet import Fleet, Webhook
 from controller.home import Home
 from controller.render import write_atomic
-from controller.settings import DEFAULT_DATABASE_TIMEOUT_S, ControllerSettings, parse_hostport
+from controller.settings import (
+    DEFAULT_DATABASE_TIMEOUT_S,
+    ControllerSettings,
+    is_loopback,
+    parse_hostport,
+)
 from controller.store import PgStore
 
 log = logging.getLogger("tgfleet.controller")
@@ -61,6 +67,16 @@ async def ensure_admin_token(home: Home, store: PgStore) -> None:
         token = new_token()
         await asyncio.to_thread(write_atomic, path, token + "\n", 0o600)
     await store.ensure_token("admin", hash_token(token))
+
+
+def tls_context(settings: ControllerSettings) -> ssl.SSLContext | None:
+    """The API's TLS, when it has a certificate (required beyond loopback)."""
+    if not settings.tls_cert or not settings.tls_key:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(settings.tls_cert, settings.tls_key)
+    return context
 
 
 async def pump(bus: BusServer, fleet: Fleet) -> None:
@@ -152,9 +168,11 @@ async def serve(home: Home) -> int:
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
     host, port = parse_hostport(settings.listen, "listen")
-    site = web.TCPSite(runner, host, port, reuse_address=True)
+    site = web.TCPSite(runner, host, port, reuse_address=True, ssl_context=tls_context(settings))
     await site.start()
-    log.info("controller %d listening on http://%s:%d", os.getpid(), host, port)
+    log.info("controller %d listening on %s", os.getpid(), settings.api_url)
+    if not is_loopback(host) and not settings.tls_cert:
+        log.warning("the API is served in clear on %s (--insecure-listen)", settings.listen)
 
     watched = [
         asyncio.create_task(pump(bus, fleet), name="bus"),

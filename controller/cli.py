@@ -139,6 +139,18 @@ def up(
         str | None,
         typer.Option("--listen", help="API HOST:PORT (default $TGFLEET_LISTEN or 127.0.0.1:8710)."),
     ] = None,
+    tls_cert: Annotated[
+        str | None, typer.Option("--tls-cert", help="Serve the API over HTTPS with this PEM cert.")
+    ] = None,
+    tls_key: Annotated[
+        str | None, typer.Option("--tls-key", help="The private key (PEM) of --tls-cert.")
+    ] = None,
+    insecure_listen: Annotated[
+        bool,
+        typer.Option(
+            "--insecure-listen", help="Allow plain HTTP on a non-loopback --listen (not advised)."
+        ),
+    ] = False,
 ) -> None:
     """Run the fleet in the foreground: circusd, PostgreSQL, controller, bots. Ctrl-C stops it all."""
     from controller import up as up_module
@@ -172,7 +184,13 @@ def up(
                     os.environ, "TGFLEET_EVENT_RETENTION_COUNT", DEFAULT_EVENT_RETENTION_COUNT
                 )
             ),
+            tls_cert=os.path.abspath(tls_cert) if tls_cert else None,
+            tls_key=os.path.abspath(tls_key) if tls_key else None,
+            insecure_listen=insecure_listen,
         )
+        warning = up_module.insecure_listen_warning(options)
+        if warning is not None and insecure_listen:
+            typer.echo(warning, err=True)
 
         def on_ready(settings: ControllerSettings) -> None:
             bin_dir = os.path.dirname(sys.executable)
@@ -180,7 +198,7 @@ def up(
                 "\n".join(
                     [
                         f"tgfleet is up in {resolved.root}",
-                        f"  API:       http://{settings.listen}  (token in {resolved.admin_token})",
+                        f"  API:       {settings.api_url}  (token in {resolved.admin_token})",
                         f"  bots:      {bin_dir}/tgfleet bots list",
                         f"  circus:    {bin_dir}/circusctl --endpoint {resolved.circus_endpoint} status",
                         f"  logs:      {resolved.logs_dir}",
