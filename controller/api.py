@@ -487,6 +487,30 @@ async def revoke_token(request: web.Request) -> web.Response:
     return ok(token_json(row))
 
 
+async def rotate_secrets(request: web.Request) -> web.Response:
+    """Seal every stored secret with a new key (a key file) or with the first key of
+    TGFLEET_SECRET_KEY (the operator put a new one first), then drop the old ones."""
+    store, home = request.app[STORE], request.app[HOME]
+    box = store.secrets
+    if box.from_file:
+        # The file holds the new key and the old until every row is sealed again:
+        # a crash in between leaves a controller that still opens every row.
+        box = box.with_new_key()
+        await asyncio.to_thread(box.write, home)
+    rewritten = await store.seal_secrets(box, rotate=True)
+    store.secrets = box.newest_only()
+    if box.from_file:
+        await asyncio.to_thread(store.secrets.write, home)
+    await request.app[FLEET].record(
+        None,
+        "secrets",
+        request[ACTOR],
+        f"secrets sealed again with a new key ({rewritten} rows)",
+        {"rewritten": rewritten, "key_source": box.source},
+    )
+    return ok({"rewritten": rewritten, "key_source": box.source})
+
+
 # ---------------------------------------------------------------- the rest
 
 
@@ -714,6 +738,14 @@ ROUTES: tuple[Route, ...] = (
         "Revoke a token (not the last one that can administer the fleet)",
         schemas.TokenView,
         problems=(409,),
+        scope="admin",
+    ),
+    Route(
+        "POST",
+        "/api/v1/secrets/rotate",
+        rotate_secrets,
+        "Seal every stored secret (bot tokens, sessions, api_hash) with a new key",
+        schemas.Resealed,
         scope="admin",
     ),
 )

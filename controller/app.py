@@ -29,6 +29,7 @@ from controller.errors import StoreUnavailable
 from controller.fleet import Fleet, Webhook
 from controller.home import Home
 from controller.render import write_atomic
+from controller.secretbox import SecretBox
 from controller.settings import (
     DEFAULT_DATABASE_TIMEOUT_S,
     ControllerSettings,
@@ -43,14 +44,17 @@ DATABASE_WAIT_S = 60.0
 
 
 async def connect_store(
-    dsn: str, stopping: asyncio.Event, query_timeout: float = DEFAULT_DATABASE_TIMEOUT_S
+    dsn: str,
+    secrets: SecretBox,
+    stopping: asyncio.Event,
+    query_timeout: float = DEFAULT_DATABASE_TIMEOUT_S,
 ) -> PgStore:
     """Connect, retrying while PostgreSQL is starting (it is a sibling watcher)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + DATABASE_WAIT_S
     while True:
         try:
-            return await PgStore.connect(dsn, timeout=5, query_timeout=query_timeout)
+            return await PgStore.connect(dsn, secrets, timeout=5, query_timeout=query_timeout)
         except StoreUnavailable as exc:
             if loop.time() > deadline or stopping.is_set():
                 raise
@@ -138,10 +142,20 @@ async def serve(home: Home) -> int:
         loop.add_signal_handler(signum, stopping.set)
 
     # -- startup
-    store = await connect_store(settings.database_url, stopping, settings.database_timeout_s)
+    secrets = await asyncio.to_thread(SecretBox.load, home)
+    store = await connect_store(
+        settings.database_url, secrets, stopping, settings.database_timeout_s
+    )
     applied = await store.migrate()
     if applied:
         log.info("applied migrations: %s", ", ".join(applied))
+    # Secrets stored in clear by an older tgfleet are sealed now; sealed ones must open
+    # (SecretKeyError, saying which key, stops the start: better than bots without tokens).
+    sealed = await store.seal_secrets(secrets, rotate=False)
+    if sealed:
+        log.info(
+            "sealed the clear-text secrets of %d rows with the key from %s", sealed, secrets.source
+        )
     await ensure_admin_token(home, store)
     supervisor = CircusClient(home.circus_endpoint)
     bus = BusServer(home.bus_endpoint)

@@ -31,6 +31,8 @@ bots = typer.Typer(help="Create, change, start, stop and destroy bots.", no_args
 tokens = typer.Typer(help="API tokens.", no_args_is_help=True)
 app.add_typer(bots, name="bots")
 app.add_typer(tokens, name="token")
+secrets_app = typer.Typer(help="The key that seals secrets in the database.", no_args_is_help=True)
+app.add_typer(secrets_app, name="secret")
 
 HomeOpt = Annotated[
     str | None, typer.Option("--home", help="State dir (default $TGFLEET_HOME or ./.tgfleet).")
@@ -561,6 +563,20 @@ def token_revoke(
     """Revoke an API token."""
     result = call(home, api, token, "DELETE", f"/api/v1/tokens/{name}")
     show(result, as_json, f"revoked {name}")
+
+
+@secrets_app.command("rotate")
+def secret_rotate(
+    home: HomeOpt = None, api: ApiOpt = None, token: TokenOpt = None, as_json: JsonOpt = False
+) -> None:
+    """Seal every stored secret with a new key (<home>/secret.key), or with the first key
+    of TGFLEET_SECRET_KEY when the controller's key comes from there."""
+    result = call(home, api, token, "POST", "/api/v1/secrets/rotate")
+    show(
+        result,
+        as_json,
+        f"sealed {result['rewritten']} rows again; the key is in {result['key_source']}",
+    )
 
 
 # ---------------------------------------------------------------- sandbox

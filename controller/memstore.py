@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from controller.access import SCOPES, Scope
 from controller.clock import Clock, SystemClock
 from controller.errors import BotNotFound, Conflict, NotFound, StoreUnavailable, VersionMismatch
+from controller.secretbox import SecretBox, map_secrets, new_key
 from controller.states import BotState
 from controller.store import (
     DEFAULT_TIMEOUT_S,
@@ -66,8 +67,15 @@ class InMemoryStore:
     #: What a call sees while ``away`` (what PgStore reports for a stalled server).
     away_error = "no answer (the in-memory store is away)"
 
-    def __init__(self, clock: Clock | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+    def __init__(
+        self,
+        clock: Clock | None = None,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        secrets: SecretBox | None = None,
+    ) -> None:
         self.clock: Clock = clock or SystemClock()
+        #: Secrets are kept sealed here too, as PgStore keeps them (a fresh key if none).
+        self.secrets = secrets or SecretBox((new_key(),), "memory")
         self.timeout_s = timeout_s
         #: Set it to make every call fail with StoreUnavailable, as a stalled database.
         self.away = False
@@ -119,9 +127,8 @@ class InMemoryStore:
     def _now(self) -> datetime:
         return datetime.fromtimestamp(self.clock.wall(), UTC)
 
-    @staticmethod
-    def _out(row: BotRow) -> BotRow:
-        return replace(row, spec=_jsonb(row.spec))
+    def _out(self, row: BotRow) -> BotRow:
+        return replace(row, spec=self.secrets.open_all(_jsonb(row.spec)))
 
     def _bot(self, name: str) -> BotRow:
         try:
@@ -172,7 +179,7 @@ class InMemoryStore:
             raise ValueError(f"a bot name must match {_NAME.pattern}, not {name!r}")
         if desired not in _DESIRED:
             raise ValueError(f"desired must be one of {_DESIRED}, not {desired!r}")
-        stored = _jsonb(spec)
+        stored = self.secrets.seal_all(_jsonb(spec))
         if name in self._bots:
             raise Conflict(f"a bot named {name!r} already exists")
         now = self._now()
@@ -199,7 +206,7 @@ class InMemoryStore:
         """Store a bot's new spec, made from its spec at ``version`` (VersionMismatch if it
         changed since); a new generation (its process restarts) when ``restart``."""
         self._answer()
-        stored = _jsonb(spec)
+        stored = self.secrets.seal_all(_jsonb(spec))
         old = self._bot(name)
         if old.version != version:
             raise VersionMismatch(name, version, old.version)
@@ -314,14 +321,14 @@ class InMemoryStore:
 
     async def get_defaults(self) -> dict[str, Any]:
         self._answer()
-        return _jsonb(self._defaults)
+        return self.secrets.open_all(_jsonb(self._defaults))
 
     async def set_defaults(
         self, value: Mapping[str, Any], actor: str, restart: Sequence[str]
     ) -> None:
         """Replace the fleet defaults; the bots in ``restart`` get a new generation."""
         self._answer()
-        stored = _jsonb(value)
+        stored = self.secrets.seal_all(_jsonb(value))
         now = self._now()
         self._defaults = stored
         for name in set(restart) & self._bots.keys():
@@ -421,6 +428,33 @@ class InMemoryStore:
                 self._tokens[index] = (row, sha)
             return row
         return None
+
+    # ----------------------------------------------------------- secrets
+
+    def sealed_values(self) -> list[Any]:
+        """Every stored secret as it is kept (for tests: none may be clear)."""
+        found: list[Any] = []
+        for spec in [*(row.spec for row in self._bots.values()), self._defaults]:
+            map_secrets(spec, lambda value: found.append(value))
+        return found
+
+    async def seal_secrets(self, secrets: SecretBox, rotate: bool) -> int:
+        """Seal every stored secret with ``secrets`` (its newest key) and use it from now
+        on; how many rows were rewritten (clear ones sealed; sealed ones must open,
+        and are sealed again only when ``rotate``)."""
+        self._answer()
+        change = secrets.reseal_all if rotate else secrets.seal_all
+        bots, rewritten = {}, 0
+        for name, row in self._bots.items():
+            secrets.open_all(row.spec)
+            sealed = change(row.spec)
+            rewritten += sealed != row.spec
+            bots[name] = replace(row, spec=sealed)
+        secrets.open_all(self._defaults)
+        defaults = change(self._defaults)
+        rewritten += defaults != self._defaults
+        self._bots, self._defaults, self.secrets = bots, defaults, secrets
+        return rewritten
 
 
 if TYPE_CHECKING:

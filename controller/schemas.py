@@ -168,6 +168,13 @@ class TokenList(Struct, frozen=True):
     tokens: list[TokenView]
 
 
+class Resealed(Struct, frozen=True):
+    """What a rotation of the secret key did."""
+
+    rewritten: Annotated[int, Meta(description="Rows whose secrets were sealed again.")]
+    key_source: Annotated[str, Meta(description="<home>/secret.key or TGFLEET_SECRET_KEY.")]
+
+
 class Publish(Struct, frozen=True, forbid_unknown_fields=True):
     """An event to publish on the bus."""
 

@@ -20,6 +20,7 @@ import asyncpg
 
 from controller.access import Scope
 from controller.errors import BotNotFound, Conflict, NotFound, StoreUnavailable, VersionMismatch
+from controller.secretbox import SecretBox
 from controller.states import BotState
 
 log = logging.getLogger("tgfleet.store")
@@ -123,6 +124,8 @@ class Store(Protocol):
     unreachable_since: float | None
     #: What the last failed call saw; None while the database answers.
     unreachable_error: str | None
+    #: Seals the declared secrets of specs and defaults before they are stored.
+    secrets: SecretBox
 
     @property
     def reachable(self) -> bool: ...
@@ -167,12 +170,13 @@ class Store(Protocol):
     async def list_tokens(self) -> list[TokenRow]: ...
     async def revoke_token(self, name: str) -> TokenRow: ...
     async def use_token(self, token_sha256: str) -> TokenRow | None: ...
+    async def seal_secrets(self, secrets: SecretBox, rotate: bool) -> int: ...
 
 
-def _bot(row: asyncpg.Record) -> BotRow:
+def _bot(row: asyncpg.Record, secrets: SecretBox) -> BotRow:
     return BotRow(
         name=row["name"],
-        spec=row["spec"],
+        spec=secrets.open_all(row["spec"]),
         desired=row["desired"],
         state=BotState(row["state"]),
         state_since=row["state_since"],
@@ -285,8 +289,11 @@ def _translating(cls: type[T]) -> type[T]:
 class PgStore:
     """The Store on PostgreSQL through an asyncpg pool (a lost database: StoreUnavailable)."""
 
-    def __init__(self, pool: asyncpg.Pool, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+    def __init__(
+        self, pool: asyncpg.Pool, secrets: SecretBox, timeout_s: float = DEFAULT_TIMEOUT_S
+    ) -> None:
         self._pool = pool
+        self.secrets = secrets
         self.timeout_s = timeout_s
         #: Wall time since when the database has not answered; None while it does.
         self.unreachable_since: float | None = None
@@ -294,7 +301,12 @@ class PgStore:
 
     @classmethod
     async def connect(
-        cls, dsn: str, *, timeout: float = 10.0, query_timeout: float = DEFAULT_TIMEOUT_S
+        cls,
+        dsn: str,
+        secrets: SecretBox,
+        *,
+        timeout: float = 10.0,
+        query_timeout: float = DEFAULT_TIMEOUT_S,
     ) -> PgStore:
         """A pool on ``dsn``: ``timeout`` to connect, ``query_timeout`` for every query."""
         try:
@@ -308,7 +320,7 @@ class PgStore:
             )
         except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
             raise StoreUnavailable(f"cannot connect to PostgreSQL: {exc}") from exc
-        return cls(pool, query_timeout)
+        return cls(pool, secrets, query_timeout)
 
     async def close(self) -> None:
         try:
@@ -419,13 +431,13 @@ class PgStore:
 
     async def list_bots(self) -> list[BotRow]:
         rows = await self._fetch("SELECT * FROM bots ORDER BY name")
-        return [_bot(r) for r in rows]
+        return [_bot(r, self.secrets) for r in rows]
 
     async def get_bot(self, name: str) -> BotRow:
         row = await self._fetchrow("SELECT * FROM bots WHERE name = $1", name)
         if row is None:
             raise BotNotFound(name)
-        return _bot(row)
+        return _bot(row, self.secrets)
 
     async def create_bot(
         self, name: str, spec: Mapping[str, Any], desired: str, actor: str
@@ -435,7 +447,7 @@ class PgStore:
                 """INSERT INTO bots (name, spec, desired, state) VALUES ($1, $2, $3, $4)
                    ON CONFLICT (name) DO NOTHING RETURNING *""",
                 name,
-                dict(spec),
+                self.secrets.seal_all(spec),
                 desired,
                 BotState.CONFIGURING.value,
             )
@@ -444,7 +456,7 @@ class PgStore:
             await conn.execute(
                 _INSERT_EVENT, name, "created", actor, None, "configuring", "created", {}
             )
-        return _bot(row)
+        return _bot(row, self.secrets)
 
     async def update_spec(
         self, name: str, spec: Mapping[str, Any], actor: str, restart: bool, version: int
@@ -457,7 +469,7 @@ class PgStore:
                           version = version + 1, updated_at = now()
                    WHERE name = $1 AND version = $4 RETURNING *""",
                 name,
-                dict(spec),
+                self.secrets.seal_all(spec),
                 1 if restart else 0,
                 version,
             )
@@ -476,7 +488,7 @@ class PgStore:
                 "spec changed" if restart else "spec changed; the process keeps running",
                 {"generation": row["generation"], "restart": restart, "version": row["version"]},
             )
-        return _bot(row)
+        return _bot(row, self.secrets)
 
     async def set_desired(self, name: str, desired: str, actor: str, reason: str) -> BotRow:
         async with self._connection() as conn, conn.transaction():
@@ -490,7 +502,7 @@ class PgStore:
             await conn.execute(
                 _INSERT_EVENT, name, "desired", actor, None, None, reason, {"desired": desired}
             )
-        return _bot(row)
+        return _bot(row, self.secrets)
 
     async def set_state(
         self,
@@ -527,7 +539,7 @@ class PgStore:
                 reason,
                 dict(data or {}),
             )
-        return _bot(row), _event(event)
+        return _bot(row, self.secrets), _event(event)
 
     async def count_restart(self, name: str) -> None:
         await self._execute("UPDATE bots SET restarts = restarts + 1 WHERE name = $1", name)
@@ -587,14 +599,14 @@ class PgStore:
 
     async def get_defaults(self) -> dict[str, Any]:
         value = await self._fetchval("SELECT value FROM fleet_defaults")
-        return dict(value or {})
+        return self.secrets.open_all(value or {})
 
     async def set_defaults(
         self, value: Mapping[str, Any], actor: str, restart: Sequence[str]
     ) -> None:
         """Replace the fleet defaults; the bots in ``restart`` get a new generation."""
         async with self._connection() as conn, conn.transaction():
-            await conn.execute("UPDATE fleet_defaults SET value = $1", dict(value))
+            await conn.execute("UPDATE fleet_defaults SET value = $1", self.secrets.seal_all(value))
             await conn.execute(
                 """UPDATE bots SET generation = generation + 1, updated_at = now()
                    WHERE name = ANY($1::text[])""",
@@ -698,3 +710,29 @@ class PgStore:
             float(TOKEN_USE_RESOLUTION_S),
         )
         return None if row is None else _token(row)
+
+    async def seal_secrets(self, secrets: SecretBox, rotate: bool) -> int:
+        """Seal every stored secret with ``secrets`` (its newest key) and use it from now
+        on; how many rows were rewritten. Clear values (from before sealing) are sealed;
+        sealed ones must open (SecretKeyError if not) and are sealed again only when
+        ``rotate``. One transaction: a crash leaves the rows as they were."""
+        change = secrets.reseal_all if rotate else secrets.seal_all
+        rewritten = 0
+        async with self._connection() as conn, conn.transaction():
+            bots = await conn.fetch("SELECT name, spec FROM bots ORDER BY name FOR UPDATE")
+            for record in bots:
+                secrets.open_all(record["spec"])  # every key must still open
+                sealed = change(record["spec"])
+                if sealed != record["spec"]:
+                    await conn.execute(
+                        "UPDATE bots SET spec = $2 WHERE name = $1", record["name"], sealed
+                    )
+                    rewritten += 1
+            defaults = await conn.fetchval("SELECT value FROM fleet_defaults FOR UPDATE")
+            secrets.open_all(defaults)
+            sealed = change(defaults)
+            if sealed != defaults:
+                await conn.execute("UPDATE fleet_defaults SET value = $1", sealed)
+                rewritten += 1
+        self.secrets = secrets
+        return rewritten

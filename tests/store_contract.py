@@ -18,6 +18,7 @@ import pytest
 import controller.memstore
 import controller.store
 from controller.errors import BotNotFound, Conflict, NotFound, VersionMismatch
+from controller.secretbox import SecretKeyError
 from controller.states import BotState
 from controller.store import BotRow, EventRow, Store
 
@@ -29,6 +30,8 @@ class Subject:
     backdate_events: Callable[[float], Awaitable[None]]
     #: What the store raises for a value its schema forbids (a check, JSON's NaN).
     refused: tuple[type[Exception], ...]
+    #: What is kept of specs and defaults, as text (where no secret may be clear).
+    raw: Callable[[], Awaitable[list[object]]]
 
 
 Case = Callable[[Subject], Awaitable[None]]
@@ -538,3 +541,45 @@ async def revoking_stops_a_token_but_never_the_last_admin(s: Subject) -> None:
         ("old", True),
         ("admin2", True),
     ]
+
+
+# ------------------------------------------------------------------ secrets
+
+BOT_TOKEN = "123456:clear-token-text"
+API_HASH = "0123456789abcdef-clear-hash"
+
+
+@case
+async def secrets_are_kept_sealed_and_read_back_clear(s: Subject) -> None:
+    spec = {"token": BOT_TOKEN, "telegram": {"api_id": 1, "api_hash": API_HASH}}
+    created = await s.store.create_bot("echo", spec, "running", "tester")
+    assert created.spec == spec and (await s.store.get_bot("echo")).spec == spec
+    await s.store.set_defaults({"telegram": {"api_id": 2, "api_hash": API_HASH}}, "t", [])
+    assert (await s.store.get_defaults())["telegram"]["api_hash"] == API_HASH
+    updated = await s.store.update_spec("echo", {**spec, "session": "S" * 20}, "t", True, 1)
+    assert updated.spec["session"] == "S" * 20
+    kept = " ".join(map(str, await s.raw()))
+    assert "tgfleet-sealed:v1:" in kept
+    for secret in (BOT_TOKEN, API_HASH, "S" * 20):
+        assert secret not in kept
+
+
+@case
+async def a_new_key_seals_everything_again_and_the_old_one_is_not_needed(s: Subject) -> None:
+    spec = {"token": BOT_TOKEN, "telegram": {"api_id": 1, "api_hash": API_HASH}}
+    await s.store.create_bot("echo", spec, "running", "tester")
+    await s.store.set_defaults({"telegram": {"api_hash": API_HASH}}, "t", [])
+    before = await s.raw()
+    old = s.store.secrets
+    assert await s.store.seal_secrets(old, rotate=False) == 0  # nothing clear: untouched
+    assert await s.raw() == before
+    rotated = old.with_new_key()
+    assert await s.store.seal_secrets(rotated, rotate=True) == 2  # the bot and the defaults
+    s.store.secrets = rotated.newest_only()
+    assert (await s.store.get_bot("echo")).spec == spec
+    assert (await s.store.get_defaults())["telegram"]["api_hash"] == API_HASH
+    assert not set(map(str, await s.raw())) & set(map(str, before))
+    # The old key alone no longer opens what is stored.
+    s.store.secrets = old
+    with pytest.raises(SecretKeyError, match="does not open with the key from"):
+        await s.store.get_bot("echo")

@@ -122,7 +122,7 @@ async def test_a_read_token_may_read_but_not_write(api: Api) -> None:
     every_write = {
         (r.method, r.path.replace("{name}", "echo")) for r in ROUTES if r.method != "GET"
     }
-    assert every_write <= set(attempts) and len(attempts) == 11  # and GET /api/v1/tokens
+    assert every_write <= set(attempts) and len(attempts) == len(every_write) + 1  # GET tokens
     for method, path in attempts:
         answer = await api.call(method, path, TOKENS["viewer"], body={})
         assert_problem(answer, 403, "'viewer' has scope 'read'")
@@ -292,3 +292,18 @@ def test_not_durations(text: str) -> None:
 def test_token_like_query_strings() -> None:
     assert token_in_query({"Token": "x"}) and token_in_query({"q": "tgf_abc"})
     assert not token_in_query({"limit": "5", "after": "0"})
+
+
+async def test_rotating_the_key_keeps_every_secret_readable(api: Api, tmp_path: Path) -> None:
+    await api.store.set_defaults({"telegram": {"api_hash": "h" * 32}}, "t", [])
+    old = api.store.secrets
+    status, _, body = await api.call("POST", "/api/v1/secrets/rotate", TOKENS["ops"])
+    assert status == 403
+    status, _, body = await api.call("POST", "/api/v1/secrets/rotate", TOKENS["admin"])
+    assert status == 200 and body["rewritten"] == 2, body
+    keys = (tmp_path / "home" / "secret.key").read_text().split()
+    assert keys == list(api.store.secrets.keys) and keys[0] not in old.keys
+    assert (await api.store.get_bot("echo")).spec["token"] == "1:abc"
+    assert (await api.store.get_defaults())["telegram"]["api_hash"] == "h" * 32
+    (event,) = [e for e in await api.store.events(None, 0, 100) if e.kind == "secrets"]
+    assert event.actor == "api:admin"

@@ -4,6 +4,7 @@ also run against PgStore on PostgreSQL), its clock, and a database that goes awa
 from __future__ import annotations
 
 import inspect
+import json
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
@@ -22,7 +23,10 @@ def subject(store: InMemoryStore, clock: FakeClock) -> Subject:
     async def backdate(seconds: float) -> None:
         clock.advance(seconds)  # what is stored grows older as the clock moves on
 
-    return Subject(store, backdate, refused=(ValueError,))
+    async def stored() -> list[object]:
+        return [json.dumps(v) for v in store.sealed_values()]
+
+    return Subject(store, backdate, refused=(ValueError,), raw=stored)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.__name__ for c in CASES])
@@ -76,6 +80,7 @@ CALLS: dict[str, Callable[[Store], Awaitable[object]]] = {
     "list_tokens": lambda s: s.list_tokens(),
     "revoke_token": lambda s: s.revoke_token("admin"),
     "use_token": lambda s: s.use_token("a" * 64),
+    "seal_secrets": lambda s: s.seal_secrets(s.secrets, False),
 }
 
 
