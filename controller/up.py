@@ -103,6 +103,13 @@ def prepare(options: UpOptions) -> ControllerSettings:
     home = options.home
     home.check_socket_paths()
     check_listen(options)
+    if os.environ.get("TGFLEET_SECRET_KEY", "").strip():
+        # Its watchers get no secret in their env (`circusctl options` shows env).
+        raise UpError(
+            "TGFLEET_SECRET_KEY is read by the controller process, and `tgfleet up` passes "
+            f"no secret through a watcher's env: put the key(s) in {home.secret_key} (0600) "
+            "instead, or run the controller (`python -m controller serve`) under your own unit"
+        )
     if options.webhook_url and not options.webhook_url.startswith(("http://", "https://")):
         raise UpError(f"TGFLEET_WEBHOOK_URL must be an http(s) URL, not {options.webhook_url!r}")
     if options.demo:
