@@ -21,9 +21,17 @@ from aiohttp import web
 from botspec import procinfo, protocol
 from botspec.spec import NAME_PATTERN, FleetDefaults
 from controller import schemas
+from controller.access import (
+    AuthThrottle,
+    RefusalReason,
+    Refusals,
+    allows,
+    token_in_query,
+)
 from controller.errors import (
     BadRequest,
     FieldError,
+    Forbidden,
     InvalidSpec,
     NotFound,
     PreconditionFailed,
@@ -31,6 +39,7 @@ from controller.errors import (
     StoreUnavailable,
     TgfleetError,
     TooLarge,
+    TooManyRequests,
     Unauthorized,
     UnsupportedMediaType,
 )
@@ -38,15 +47,20 @@ from controller.fleet import Fleet, etag
 from controller.home import Home
 from controller.openapi import Query, Route, build_openapi
 from controller.spec import NewBotBody, public_defaults, validate_body
-from controller.store import BotRow, EventRow, PgStore, TokenRow, patience
+from controller.store import BotRow, EventRow, Store, TokenRow, patience
 from controller.views import metrics_text
 
 log = logging.getLogger("tgfleet.api")
 
 FLEET: web.AppKey[Fleet] = web.AppKey("fleet", Fleet)
-STORE: web.AppKey[PgStore] = web.AppKey("store", PgStore)
+STORE: web.AppKey[Store] = web.AppKey("store")
 HOME: web.AppKey[Home] = web.AppKey("home", Home)
-TOKENS: web.AppKey[dict[str, str]] = web.AppKey("tokens", dict)
+TOKENS: web.AppKey[dict[str, TokenRow]] = web.AppKey("tokens", dict)
+THROTTLE: web.AppKey[AuthThrottle] = web.AppKey("throttle", AuthThrottle)
+REFUSALS: web.AppKey[Refusals] = web.AppKey("refusals", Refusals)
+ROUTE_OF: web.AppKey[dict[tuple[str, str], Route]] = web.AppKey("route_of", dict)
+#: Who made a request: ``api:<token name>``, the actor of every event it writes.
+ACTOR: web.RequestKey[str] = web.RequestKey("actor", str)
 PUBLISH: web.AppKey[Callable[[str, protocol.Event], None]] = web.AppKey("publish")
 
 # The dashboard page holds no data (it reads the API with the user's token).
@@ -86,7 +100,11 @@ async def problems(request: web.Request, handler: Handler) -> web.StreamResponse
     try:
         return await handler(request)
     except TgfleetError as exc:
-        headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthorized) else None
+        headers = None
+        if isinstance(exc, Unauthorized):
+            headers = {"WWW-Authenticate": "Bearer"}
+        elif isinstance(exc, TooManyRequests):
+            headers = {"Retry-After": str(exc.retry_after_s)}
         return problem_response(
             Problem(exc.status, exc.title, exc.detail, exc.type_, exc.errors), headers
         )
@@ -113,28 +131,76 @@ async def database_patience(request: web.Request, handler: Handler) -> web.Strea
 
 
 @web.middleware
-async def bearer_auth(request: web.Request, handler: Handler) -> web.StreamResponse:
-    if request.path in OPEN_PATHS:
+async def access(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Who is asking, and may they: the bearer token, its scope against the route's
+    (from ROUTES), the throttle on failed attempts. Every refusal is counted."""
+    app = request.app
+    resource = request.match_info.route.resource  # None when no route matched (404, 405)
+    route = None if resource is None else app[ROUTE_OF].get((request.method, resource.canonical))
+    if request.path in OPEN_PATHS or (route is not None and route.public):
         return await handler(request)
+    refusals = app[REFUSALS]
+    if token_in_query(dict(request.query)):
+        refusals.count("token_in_query")
+        raise Unauthorized(
+            "a token in the query string leaks into logs, proxies and history: send it in "
+            "the 'Authorization: Bearer <token>' header (and revoke one sent this way)",
+            "token_in_query",
+        )
+    client = request.remote or "unknown"
+    now = datetime.now(UTC)
+    wait_s = app[THROTTLE].retry_after(client, now.timestamp())
+    if wait_s is not None:
+        refusals.count("rate_limited")
+        raise TooManyRequests(
+            f"too many failed authentications from {client}: try again in {wait_s} s", wait_s
+        )
     header = request.headers.get("Authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
+    scheme, _, presented = header.partition(" ")
+    if scheme.lower() != "bearer" or not presented.strip():
+        refusals.count("missing")
         raise Unauthorized("send 'Authorization: Bearer <token>' (see <home>/admin.token)")
-    digest = hash_token(token.strip())
-    known = request.app[TOKENS]
-    try:
-        name = await request.app[STORE].token_name(digest)
-    except StoreUnavailable:
-        # PostgreSQL is away: tokens seen valid still open reads (writes get 503 anyway).
-        name = known.get(digest)
-        if name is None:
-            raise
-    if name is None:
-        known.pop(digest, None)
-        raise Unauthorized("the bearer token is unknown or revoked")
-    known[digest] = name
-    request["actor"] = f"api:{name}"
+    row = await _token_of(app, hash_token(presented.strip()))
+    refused: tuple[RefusalReason, str] | None = None
+    if row is None:
+        refused = ("unknown", "the bearer token is unknown")
+    elif row.revoked_at is not None:
+        refused = ("revoked", f"the token {row.name!r} was revoked")
+    elif row.expired(now):
+        assert row.expires_at is not None
+        refused = ("expired", f"the token {row.name!r} expired at {row.expires_at.isoformat()}")
+    if refused is not None:
+        app[THROTTLE].failed(client, now.timestamp())
+        refusals.count(refused[0])
+        raise Unauthorized(refused[1], refused[0])
+    assert row is not None
+    needed = route.scope if route is not None else "read"
+    if not allows(row.scope, needed):
+        refusals.count("scope")
+        raise Forbidden(
+            f"the token {row.name!r} has scope {row.scope!r}; "
+            f"{request.method} {request.path} needs {needed!r}"
+        )
+    request[ACTOR] = f"api:{row.name}"
     return await handler(request)
+
+
+async def _token_of(app: web.Application, digest: str) -> TokenRow | None:
+    """The token with this hash; from memory while PostgreSQL is away (tokens seen
+    valid still open reads: writes get 503 anyway)."""
+    known = app[TOKENS]
+    try:
+        row = await app[STORE].use_token(digest)
+    except StoreUnavailable:
+        row = known.get(digest)
+        if row is None:
+            raise
+        return row
+    if row is None or row.revoked_at is not None:
+        known.pop(digest, None)
+    else:
+        known[digest] = row
+    return row
 
 
 async def read_json(request: web.Request) -> Any:
@@ -190,7 +256,7 @@ async def list_bots(request: web.Request) -> web.Response:
 async def create_bot(request: web.Request) -> web.Response:
     body = await read_json(request)
     fleet = request.app[FLEET]
-    row = await fleet.create(body, request["actor"])
+    row = await fleet.create(body, request[ACTOR])
     response = bot_response(fleet, row, status=201)
     response.headers["Location"] = f"/api/v1/bots/{row.name}"
     return response
@@ -231,12 +297,12 @@ async def patch_bot(request: web.Request) -> web.Response:
     expected = if_match(request)
     body = await read_json(request)
     fleet = request.app[FLEET]
-    return bot_response(fleet, await fleet.update(name, body, request["actor"], expected))
+    return bot_response(fleet, await fleet.update(name, body, request[ACTOR], expected))
 
 
 async def delete_bot(request: web.Request) -> web.Response:
     name = bot_name(request)
-    await request.app[FLEET].destroy(name, request["actor"])
+    await request.app[FLEET].destroy(name, request[ACTOR])
     return ok({"name": name, "state": "destroyed"})
 
 
@@ -245,7 +311,7 @@ def lifecycle(op: str) -> Handler:
         name = bot_name(request)
         fleet = request.app[FLEET]
         action = {"start": fleet.start, "stop": fleet.stop, "restart": fleet.restart}[op]
-        return bot_response(fleet, await action(name, request["actor"]))
+        return bot_response(fleet, await action(name, request[ACTOR]))
 
     return handler
 
@@ -328,7 +394,7 @@ async def publish_event(request: web.Request) -> web.Response:
     fields = validate_body(schemas.Publish, body, "invalid event")
     topic, data = fields["topic"], fields.get("data")
     fleet = request.app[FLEET]
-    row = await fleet.record(None, "bus", request["actor"], str(topic), {"data": data})
+    row = await fleet.record(None, "bus", request[ACTOR], str(topic), {"data": data})
     request.app[PUBLISH](
         str(topic),
         protocol.Event(
@@ -352,14 +418,21 @@ async def get_defaults(request: web.Request) -> web.Response:
 
 async def put_defaults(request: web.Request) -> web.Response:
     body = await read_json(request)
-    return ok(public_defaults(await request.app[FLEET].set_defaults(body, request["actor"])))
+    return ok(public_defaults(await request.app[FLEET].set_defaults(body, request[ACTOR])))
+
+
+def _stamp(at: datetime | None) -> str | None:
+    return at.isoformat() if at is not None else None
 
 
 def token_json(row: TokenRow) -> dict[str, Any]:
     return {
         "name": row.name,
+        "scope": row.scope,
         "created_at": row.created_at.isoformat(),
-        "revoked_at": row.revoked_at.isoformat() if row.revoked_at else None,
+        "expires_at": _stamp(row.expires_at),
+        "last_used_at": _stamp(row.last_used_at),
+        "revoked_at": _stamp(row.revoked_at),
     }
 
 
@@ -367,11 +440,36 @@ async def list_tokens(request: web.Request) -> web.Response:
     return ok({"tokens": [token_json(r) for r in await request.app[STORE].list_tokens()]})
 
 
+def expiry(value: object) -> datetime | None:
+    """A new token's ``expires_at``: a future ISO 8601 time with a zone, or None."""
+    if value is None:
+        return None
+    problem = "must be an ISO 8601 date-time with a time zone, in the future"
+    try:
+        at = datetime.fromisoformat(str(value))
+    except ValueError:
+        at = None
+    if at is None or at.tzinfo is None or at <= datetime.now(UTC):
+        raise InvalidSpec(
+            f"invalid token: expires_at: {problem}", [FieldError("expires_at", problem)]
+        )
+    return at
+
+
 async def create_token(request: web.Request) -> web.Response:
     body = await read_json(request)
-    name = validate_body(schemas.NewToken, body, "invalid token")["name"]
+    fields = validate_body(schemas.NewToken, body, "invalid token")
+    name, scope = fields["name"], fields["scope"]
+    expires_at = expiry(fields.get("expires_at"))
     token = new_token()
-    row = await request.app[STORE].add_token(name, hash_token(token))
+    row = await request.app[STORE].add_token(name, hash_token(token), scope, expires_at)
+    await request.app[FLEET].record(
+        None,
+        "token",
+        request[ACTOR],
+        f"token {name!r} created with scope {scope!r}",
+        {"token": name, "scope": scope, "expires_at": _stamp(expires_at)},
+    )
     return ok({**token_json(row), "token": token}, status=201)
 
 
@@ -381,9 +479,36 @@ async def revoke_token(request: web.Request) -> web.Response:
         raise NotFound(f"no token named {name!r}")
     row = await request.app[STORE].revoke_token(name)
     known = request.app[TOKENS]
-    for digest in [d for d, holder in known.items() if holder == name]:
+    for digest in [d for d, held in known.items() if held.name == name]:
         del known[digest]
+    await request.app[FLEET].record(
+        None, "token", request[ACTOR], f"token {name!r} revoked", {"token": name}
+    )
     return ok(token_json(row))
+
+
+async def rotate_secrets(request: web.Request) -> web.Response:
+    """Seal every stored secret with a new key (a key file) or with the first key of
+    TGFLEET_SECRET_KEY (the operator put a new one first), then drop the old ones."""
+    store, home = request.app[STORE], request.app[HOME]
+    box = store.secrets
+    if box.from_file:
+        # The file holds the new key and the old until every row is sealed again:
+        # a crash in between leaves a controller that still opens every row.
+        box = box.with_new_key()
+        await asyncio.to_thread(box.write, home)
+    rewritten = await store.seal_secrets(box, rotate=True)
+    store.secrets = box.newest_only()
+    if box.from_file:
+        await asyncio.to_thread(store.secrets.write, home)
+    await request.app[FLEET].record(
+        None,
+        "secrets",
+        request[ACTOR],
+        f"secrets sealed again with a new key ({rewritten} rows)",
+        {"rewritten": rewritten, "key_source": box.source},
+    )
+    return ok({"rewritten": rewritten, "key_source": box.source})
 
 
 # ---------------------------------------------------------------- the rest
@@ -394,7 +519,7 @@ async def healthz(request: web.Request) -> web.Response:
     return ok({"status": "ok"})
 
 
-def database_view(fleet: Fleet, store: PgStore) -> dict[str, Any]:
+def database_view(fleet: Fleet, store: Store) -> dict[str, Any]:
     since = store.unreachable_since
     return {
         "reachable": since is None,
@@ -451,7 +576,8 @@ async def openapi(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     bots = await request.app[FLEET].list()
-    return web.Response(text=metrics_text(bots), content_type="text/plain", charset="utf-8")
+    text = metrics_text(bots) + request.app[REFUSALS].metrics_text()
+    return web.Response(text=text, content_type="text/plain", charset="utf-8")
 
 
 _NAME_OPS = {"start": "Start", "stop": "Stop", "restart": "Restart"}
@@ -496,6 +622,7 @@ ROUTES: tuple[Route, ...] = (
         status=201,
         body=NewBotBody,
         problems=(409,),
+        scope="admin",
     ),
     Route("GET", "/api/v1/bots/{name}", get_bot, "One bot", schemas.BotView, etag=True),
     Route(
@@ -507,6 +634,7 @@ ROUTES: tuple[Route, ...] = (
         schemas.BotView,
         body=schemas.BotPatch,
         etag=True,
+        scope="admin",
     ),
     Route(
         "DELETE",
@@ -514,6 +642,7 @@ ROUTES: tuple[Route, ...] = (
         delete_bot,
         "Destroy a bot: stop it, remove its watcher, files and private dir; keep its events",
         schemas.Destroyed,
+        scope="admin",
     ),
     *(
         Route(
@@ -523,6 +652,7 @@ ROUTES: tuple[Route, ...] = (
             f"{verb} a bot",
             schemas.BotView,
             problems=(409,),
+            scope="operate",
         )
         for op, verb in _NAME_OPS.items()
     ),
@@ -564,6 +694,7 @@ ROUTES: tuple[Route, ...] = (
         schemas.EventView,
         status=201,
         body=schemas.Publish,
+        scope="operate",
     ),
     Route(
         "GET",
@@ -579,8 +710,16 @@ ROUTES: tuple[Route, ...] = (
         "Replace the fleet defaults; refused if a bot could no longer run",
         schemas.Defaults,
         body=FleetDefaults,
+        scope="admin",
     ),
-    Route("GET", "/api/v1/tokens", list_tokens, "API tokens (no secrets)", schemas.TokenList),
+    Route(
+        "GET",
+        "/api/v1/tokens",
+        list_tokens,
+        "API tokens (no secrets)",
+        schemas.TokenList,
+        scope="admin",
+    ),
     Route(
         "POST",
         "/api/v1/tokens",
@@ -590,6 +729,7 @@ ROUTES: tuple[Route, ...] = (
         status=201,
         body=schemas.NewToken,
         problems=(409,),
+        scope="admin",
     ),
     Route(
         "DELETE",
@@ -598,6 +738,15 @@ ROUTES: tuple[Route, ...] = (
         "Revoke a token (not the last one that can administer the fleet)",
         schemas.TokenView,
         problems=(409,),
+        scope="admin",
+    ),
+    Route(
+        "POST",
+        "/api/v1/secrets/rotate",
+        rotate_secrets,
+        "Seal every stored secret (bot tokens, sessions, api_hash) with a new key",
+        schemas.Resealed,
+        scope="admin",
     ),
 )
 
@@ -606,18 +755,23 @@ OPENAPI = build_openapi(ROUTES, importlib.metadata.version("tgfleet"))
 
 def build_app(
     fleet: Fleet,
-    store: PgStore,
+    store: Store,
     home: Home,
     publish: Callable[[str, protocol.Event], None],
+    throttle: AuthThrottle | None = None,
 ) -> web.Application:
     app = web.Application(
-        middlewares=[problems, database_patience, bearer_auth], client_max_size=MAX_BODY_BYTES
+        middlewares=[problems, database_patience, access], client_max_size=MAX_BODY_BYTES
     )
     app[FLEET] = fleet
     app[STORE] = store
     app[HOME] = home
     app[TOKENS] = {}
+    app[THROTTLE] = throttle or AuthThrottle()
+    app[REFUSALS] = Refusals()
     app[PUBLISH] = publish
+    app[ROUTE_OF] = {}
     for route in ROUTES:
-        app.router.add_route(route.method, route.path, route.handler)
+        added = app.router.add_route(route.method, route.path, route.handler)
+        app[ROUTE_OF][(route.method, added.resource.canonical)] = route  # type: ignore[union-attr]
     return app

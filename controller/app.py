@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import signal
+import ssl
 import sys
 import urllib.parse
 from typing import Any
@@ -28,7 +29,13 @@ from controller.circus import CircusClient, watch_events
 from controller.errors import StoreUnavailable
 from controller.fleet import Fleet, Webhook
 from controller.home import Home
-from controller.settings import DEFAULT_DATABASE_TIMEOUT_S, ControllerSettings, parse_hostport
+from controller.secretbox import SecretBox
+from controller.settings import (
+    DEFAULT_DATABASE_TIMEOUT_S,
+    ControllerSettings,
+    is_loopback,
+    parse_hostport,
+)
 from controller.store import PgStore
 
 log = logging.getLogger("tgfleet.controller")
@@ -37,14 +44,17 @@ DATABASE_WAIT_S = 60.0
 
 
 async def connect_store(
-    dsn: str, stopping: asyncio.Event, query_timeout: float = DEFAULT_DATABASE_TIMEOUT_S
+    dsn: str,
+    secrets: SecretBox,
+    stopping: asyncio.Event,
+    query_timeout: float = DEFAULT_DATABASE_TIMEOUT_S,
 ) -> PgStore:
     """Connect, retrying while PostgreSQL is starting (it is a sibling watcher)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + DATABASE_WAIT_S
     while True:
         try:
-            return await PgStore.connect(dsn, timeout=5, query_timeout=query_timeout)
+            return await PgStore.connect(dsn, secrets, timeout=5, query_timeout=query_timeout)
         except StoreUnavailable as exc:
             if loop.time() > deadline or stopping.is_set():
                 raise
@@ -61,6 +71,16 @@ async def ensure_admin_token(home: Home, store: PgStore) -> None:
         token = new_token()
         await asyncio.to_thread(write_atomic, path, token + "\n", 0o600)
     await store.ensure_token("admin", hash_token(token))
+
+
+def tls_context(settings: ControllerSettings) -> ssl.SSLContext | None:
+    """The API's TLS, when it has a certificate (required beyond loopback)."""
+    if not settings.tls_cert or not settings.tls_key:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(settings.tls_cert, settings.tls_key)
+    return context
 
 
 async def pump(bus: BusServer, fleet: Fleet) -> None:
@@ -122,10 +142,20 @@ async def serve(home: Home) -> int:
         loop.add_signal_handler(signum, stopping.set)
 
     # -- startup
-    store = await connect_store(settings.database_url, stopping, settings.database_timeout_s)
+    secrets = await asyncio.to_thread(SecretBox.load, home)
+    store = await connect_store(
+        settings.database_url, secrets, stopping, settings.database_timeout_s
+    )
     applied = await store.migrate()
     if applied:
         log.info("applied migrations: %s", ", ".join(applied))
+    # Secrets stored in clear by an older tgfleet are sealed now; sealed ones must open
+    # (SecretKeyError, saying which key, stops the start: better than bots without tokens).
+    sealed = await store.seal_secrets(secrets, rotate=False)
+    if sealed:
+        log.info(
+            "sealed the clear-text secrets of %d rows with the key from %s", sealed, secrets.source
+        )
     await ensure_admin_token(home, store)
     supervisor = CircusClient(home.circus_endpoint)
     bus = BusServer(home.bus_endpoint)
@@ -152,9 +182,11 @@ async def serve(home: Home) -> int:
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
     host, port = parse_hostport(settings.listen, "listen")
-    site = web.TCPSite(runner, host, port, reuse_address=True)
+    site = web.TCPSite(runner, host, port, reuse_address=True, ssl_context=tls_context(settings))
     await site.start()
-    log.info("controller %d listening on http://%s:%d", os.getpid(), host, port)
+    log.info("controller %d listening on %s", os.getpid(), settings.api_url)
+    if not is_loopback(host) and not settings.tls_cert:
+        log.warning("the API is served in clear on %s (--insecure-listen)", settings.listen)
 
     watched = [
         asyncio.create_task(pump(bus, fleet), name="bus"),

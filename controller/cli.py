@@ -6,10 +6,12 @@ import json
 import os
 import sys
 import time
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, NoReturn
 
 import typer
 
+from controller.access import SCOPES, parse_duration
 from controller.client import ApiClient, ApiError, ApiUnreachable
 from controller.home import Home, HomeError
 from controller.settings import (
@@ -29,6 +31,8 @@ bots = typer.Typer(help="Create, change, start, stop and destroy bots.", no_args
 tokens = typer.Typer(help="API tokens.", no_args_is_help=True)
 app.add_typer(bots, name="bots")
 app.add_typer(tokens, name="token")
+secrets_app = typer.Typer(help="The key that seals secrets in the database.", no_args_is_help=True)
+app.add_typer(secrets_app, name="secret")
 
 HomeOpt = Annotated[
     str | None, typer.Option("--home", help="State dir (default $TGFLEET_HOME or ./.tgfleet).")
@@ -137,6 +141,18 @@ def up(
         str | None,
         typer.Option("--listen", help="API HOST:PORT (default $TGFLEET_LISTEN or 127.0.0.1:8710)."),
     ] = None,
+    tls_cert: Annotated[
+        str | None, typer.Option("--tls-cert", help="Serve the API over HTTPS with this PEM cert.")
+    ] = None,
+    tls_key: Annotated[
+        str | None, typer.Option("--tls-key", help="The private key (PEM) of --tls-cert.")
+    ] = None,
+    insecure_listen: Annotated[
+        bool,
+        typer.Option(
+            "--insecure-listen", help="Allow plain HTTP on a non-loopback --listen (not advised)."
+        ),
+    ] = False,
 ) -> None:
     """Run the fleet in the foreground: circusd, PostgreSQL, controller, bots. Ctrl-C stops it all."""
     from controller import up as up_module
@@ -170,7 +186,13 @@ def up(
                     os.environ, "TGFLEET_EVENT_RETENTION_COUNT", DEFAULT_EVENT_RETENTION_COUNT
                 )
             ),
+            tls_cert=os.path.abspath(tls_cert) if tls_cert else None,
+            tls_key=os.path.abspath(tls_key) if tls_key else None,
+            insecure_listen=insecure_listen,
         )
+        warning = up_module.insecure_listen_warning(options)
+        if warning is not None and insecure_listen:
+            typer.echo(warning, err=True)
 
         def on_ready(settings: ControllerSettings) -> None:
             bin_dir = os.path.dirname(sys.executable)
@@ -178,7 +200,7 @@ def up(
                 "\n".join(
                     [
                         f"tgfleet is up in {resolved.root}",
-                        f"  API:       http://{settings.listen}  (token in {resolved.admin_token})",
+                        f"  API:       {settings.api_url}  (token in {resolved.admin_token})",
                         f"  bots:      {bin_dir}/tgfleet bots list",
                         f"  circus:    {bin_dir}/circusctl --endpoint {resolved.circus_endpoint} status",
                         f"  logs:      {resolved.logs_dir}",
@@ -473,16 +495,39 @@ def status(
 # ----------------------------------------------------------------- tokens
 
 
+ScopeOpt = Annotated[
+    str,
+    typer.Option(
+        "--scope",
+        help="read (every GET), operate (also start/stop/restart/publish) or admin (everything).",
+    ),
+]
+
+
 @tokens.command("create")
 def token_create(
     name: str,
+    scope: ScopeOpt,
+    expires_in: Annotated[
+        str | None,
+        typer.Option("--expires-in", help="It stops working after this: 90s, 15m, 12h, 30d, 2w."),
+    ] = None,
     home: HomeOpt = None,
     api: ApiOpt = None,
     token: TokenOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """A new API token; its secret is printed once."""
-    result = call(home, api, token, "POST", "/api/v1/tokens", {"name": name})
+    if scope not in SCOPES:
+        fail(f"--scope must be one of {', '.join(SCOPES)}, not {scope!r}")
+    body: dict[str, Any] = {"name": name, "scope": scope}
+    if expires_in is not None:
+        try:
+            seconds = parse_duration(expires_in)
+        except ValueError as exc:
+            fail(f"--expires-in: {exc}")
+        body["expires_at"] = (datetime.now(UTC) + timedelta(seconds=seconds)).isoformat()
+    result = call(home, api, token, "POST", "/api/v1/tokens", body)
     show(result, as_json, result["token"])
 
 
@@ -490,12 +535,21 @@ def token_create(
 def token_list(
     home: HomeOpt = None, api: ApiOpt = None, token: TokenOpt = None, as_json: JsonOpt = False
 ) -> None:
-    """API tokens (names and dates, never secrets)."""
+    """API tokens (names, scopes and dates, never secrets)."""
     result = call(home, api, token, "GET", "/api/v1/tokens")
     rows = [
-        [t["name"], t["created_at"][:19], (t["revoked_at"] or "")[:19]] for t in result["tokens"]
+        [
+            t["name"],
+            t["scope"],
+            t["created_at"][:19],
+            (t["expires_at"] or "never")[:19],
+            (t["last_used_at"] or "never")[:16],
+            (t["revoked_at"] or "")[:19],
+        ]
+        for t in result["tokens"]
     ]
-    show(result, as_json, table(rows, ["NAME", "CREATED", "REVOKED"]))
+    header = ["NAME", "SCOPE", "CREATED", "EXPIRES", "LAST USED", "REVOKED"]
+    show(result, as_json, table(rows, header))
 
 
 @tokens.command("revoke")
@@ -509,6 +563,20 @@ def token_revoke(
     """Revoke an API token."""
     result = call(home, api, token, "DELETE", f"/api/v1/tokens/{name}")
     show(result, as_json, f"revoked {name}")
+
+
+@secrets_app.command("rotate")
+def secret_rotate(
+    home: HomeOpt = None, api: ApiOpt = None, token: TokenOpt = None, as_json: JsonOpt = False
+) -> None:
+    """Seal every stored secret with a new key (<home>/secret.key), or with the first key
+    of TGFLEET_SECRET_KEY when the controller's key comes from there."""
+    result = call(home, api, token, "POST", "/api/v1/secrets/rotate")
+    show(
+        result,
+        as_json,
+        f"sealed {result['rewritten']} rows again; the key is in {result['key_source']}",
+    )
 
 
 # ---------------------------------------------------------------- sandbox

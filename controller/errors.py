@@ -93,9 +93,36 @@ class VersionMismatch(Conflict):
 
 
 class Unauthorized(TgfleetError):
+    """No token, or one that is unknown, revoked, expired or sent where it leaks."""
+
     status = 401
     title = "Unauthorized"
     type_ = "https://tgfleet.dev/problems/unauthorized"
+
+    def __init__(self, detail: str, reason: str = "missing") -> None:
+        super().__init__(detail)
+        #: Why, in one bounded word (the label of tgfleet_api_refusals_total).
+        self.reason = reason
+
+
+class Forbidden(TgfleetError):
+    """A valid token whose scope does not allow the operation."""
+
+    status = 403
+    title = "Forbidden"
+    type_ = "https://tgfleet.dev/problems/forbidden"
+
+
+class TooManyRequests(TgfleetError):
+    """Too many failed authentications from one client address."""
+
+    status = 429
+    title = "Too many requests"
+    type_ = "https://tgfleet.dev/problems/too-many-requests"
+
+    def __init__(self, detail: str, retry_after_s: int) -> None:
+        super().__init__(detail)
+        self.retry_after_s = retry_after_s
 
 
 class StoreUnavailable(TgfleetError):

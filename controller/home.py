@@ -45,6 +45,11 @@ class Home:
         return self.root / "admin.token"
 
     @property
+    def secret_key(self) -> Path:
+        """The key that seals secrets in the database (unless TGFLEET_SECRET_KEY is set)."""
+        return self.root / "secret.key"
+
+    @property
     def run_dir(self) -> Path:
         return self.root / "run"
 

@@ -22,10 +22,19 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
+from controller.access import SCOPES, Scope
 from controller.clock import Clock, SystemClock
 from controller.errors import BotNotFound, Conflict, NotFound, StoreUnavailable, VersionMismatch
+from controller.secretbox import SecretBox, map_secrets, new_key
 from controller.states import BotState
-from controller.store import DEFAULT_TIMEOUT_S, PRUNE_BATCH, BotRow, EventRow, TokenRow
+from controller.store import (
+    DEFAULT_TIMEOUT_S,
+    PRUNE_BATCH,
+    TOKEN_USE_RESOLUTION_S,
+    BotRow,
+    EventRow,
+    TokenRow,
+)
 
 log = logging.getLogger("tgfleet.store")
 
@@ -58,8 +67,15 @@ class InMemoryStore:
     #: What a call sees while ``away`` (what PgStore reports for a stalled server).
     away_error = "no answer (the in-memory store is away)"
 
-    def __init__(self, clock: Clock | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+    def __init__(
+        self,
+        clock: Clock | None = None,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        secrets: SecretBox | None = None,
+    ) -> None:
         self.clock: Clock = clock or SystemClock()
+        #: Secrets are kept sealed here too, as PgStore keeps them (a fresh key if none).
+        self.secrets = secrets or SecretBox((new_key(),), "memory")
         self.timeout_s = timeout_s
         #: Set it to make every call fail with StoreUnavailable, as a stalled database.
         self.away = False
@@ -111,9 +127,8 @@ class InMemoryStore:
     def _now(self) -> datetime:
         return datetime.fromtimestamp(self.clock.wall(), UTC)
 
-    @staticmethod
-    def _out(row: BotRow) -> BotRow:
-        return replace(row, spec=_jsonb(row.spec))
+    def _out(self, row: BotRow) -> BotRow:
+        return replace(row, spec=self.secrets.open_all(_jsonb(row.spec)))
 
     def _bot(self, name: str) -> BotRow:
         try:
@@ -164,7 +179,7 @@ class InMemoryStore:
             raise ValueError(f"a bot name must match {_NAME.pattern}, not {name!r}")
         if desired not in _DESIRED:
             raise ValueError(f"desired must be one of {_DESIRED}, not {desired!r}")
-        stored = _jsonb(spec)
+        stored = self.secrets.seal_all(_jsonb(spec))
         if name in self._bots:
             raise Conflict(f"a bot named {name!r} already exists")
         now = self._now()
@@ -191,7 +206,7 @@ class InMemoryStore:
         """Store a bot's new spec, made from its spec at ``version`` (VersionMismatch if it
         changed since); a new generation (its process restarts) when ``restart``."""
         self._answer()
-        stored = _jsonb(spec)
+        stored = self.secrets.seal_all(_jsonb(spec))
         old = self._bot(name)
         if old.version != version:
             raise VersionMismatch(name, version, old.version)
@@ -306,14 +321,14 @@ class InMemoryStore:
 
     async def get_defaults(self) -> dict[str, Any]:
         self._answer()
-        return _jsonb(self._defaults)
+        return self.secrets.open_all(_jsonb(self._defaults))
 
     async def set_defaults(
         self, value: Mapping[str, Any], actor: str, restart: Sequence[str]
     ) -> None:
         """Replace the fleet defaults; the bots in ``restart`` get a new generation."""
         self._answer()
-        stored = _jsonb(value)
+        stored = self.secrets.seal_all(_jsonb(value))
         now = self._now()
         self._defaults = stored
         for name in set(restart) & self._bots.keys():
@@ -345,55 +360,101 @@ class InMemoryStore:
 
     # ------------------------------------------------------------ tokens
 
-    def _insert_token(self, name: str, token_sha256: str) -> TokenRow | None:
+    def _insert_token(
+        self, name: str, token_sha256: str, scope: Scope, expires_at: datetime | None
+    ) -> TokenRow | None:
         """INSERT … ON CONFLICT DO NOTHING: None when the name or the hash is taken."""
         token_id = next(self._token_ids)  # taken even when the insert does nothing
+        if scope not in SCOPES:
+            raise ValueError(f"scope must be one of {SCOPES}, not {scope!r}")
         if any(row.name == name or sha == token_sha256 for row, sha in self._tokens):
             return None
-        row = TokenRow(token_id, name, self._now(), None)
+        row = TokenRow(token_id, name, self._now(), None, scope, expires_at, None)
         self._tokens.append((row, token_sha256))
         return row
 
-    async def add_token(self, name: str, token_sha256: str) -> TokenRow:
+    async def add_token(
+        self, name: str, token_sha256: str, scope: Scope, expires_at: datetime | None
+    ) -> TokenRow:
         self._answer()
-        row = self._insert_token(name, token_sha256)
+        row = self._insert_token(name, token_sha256, scope, expires_at)
         if row is None:
             raise Conflict(f"a token named {name!r} already exists")
         return row
 
     async def ensure_token(self, name: str, token_sha256: str) -> None:
-        """Register a token known from disk (the admin token) if the store lacks it."""
+        """Register an admin token known from disk (<home>/admin.token) if the store
+        lacks it."""
         self._answer()
-        self._insert_token(name, token_sha256)
+        self._insert_token(name, token_sha256, "admin", None)
 
     async def list_tokens(self) -> list[TokenRow]:
         self._answer()
         return [row for row, _ in self._tokens]
 
     async def revoke_token(self, name: str) -> TokenRow:
-        """Revoke a token; Conflict if it is the last live one (nobody could use the
-        API after it)."""
+        """Revoke a token; Conflict if it is the last one that can administer the fleet
+        (admin scope, live, unexpired)."""
         self._answer()
-        live = [row.name for row, _ in self._tokens if row.revoked_at is None]
-        if live == [name]:
+        now = self._now()
+        admins = [row.name for row, _ in self._tokens if row.can_administer(now)]
+        if admins == [name]:
             raise Conflict(
                 f"{name!r} is the last token that can administer the fleet; "
-                "create another before revoking it"
+                "create another admin token before revoking it"
             )
         for index, (row, sha) in enumerate(self._tokens):
             if row.name == name:
                 if row.revoked_at is None:
-                    row = replace(row, revoked_at=self._now())
+                    row = replace(row, revoked_at=now)
                     self._tokens[index] = (row, sha)
                 return row
         raise NotFound(f"no token named {name!r}")
 
-    async def token_name(self, token_sha256: str) -> str | None:
+    async def use_token(self, token_sha256: str) -> TokenRow | None:
+        """The token with this hash (revoked or expired ones too), None if there is
+        none; a live, unexpired token's last use noted at most once per
+        TOKEN_USE_RESOLUTION_S."""
         self._answer()
-        for row, sha in self._tokens:
-            if sha == token_sha256 and row.revoked_at is None:
-                return row.name
+        now = self._now()
+        for index, (row, sha) in enumerate(self._tokens):
+            if sha != token_sha256:
+                continue
+            stale = row.last_used_at is None or row.last_used_at < now - timedelta(
+                seconds=TOKEN_USE_RESOLUTION_S
+            )
+            if row.revoked_at is None and not row.expired(now) and stale:
+                row = replace(row, last_used_at=now)
+                self._tokens[index] = (row, sha)
+            return row
         return None
+
+    # ----------------------------------------------------------- secrets
+
+    def sealed_values(self) -> list[Any]:
+        """Every stored secret as it is kept (for tests: none may be clear)."""
+        found: list[Any] = []
+        for spec in [*(row.spec for row in self._bots.values()), self._defaults]:
+            map_secrets(spec, lambda value: found.append(value))
+        return found
+
+    async def seal_secrets(self, secrets: SecretBox, rotate: bool) -> int:
+        """Seal every stored secret with ``secrets`` (its newest key) and use it from now
+        on; how many rows were rewritten (clear ones sealed; sealed ones must open,
+        and are sealed again only when ``rotate``)."""
+        self._answer()
+        change = secrets.reseal_all if rotate else secrets.seal_all
+        bots, rewritten = {}, 0
+        for name, row in self._bots.items():
+            secrets.open_all(row.spec)
+            sealed = change(row.spec)
+            rewritten += sealed != row.spec
+            bots[name] = replace(row, spec=sealed)
+        secrets.open_all(self._defaults)
+        defaults = change(self._defaults)
+        rewritten += defaults != self._defaults
+        self._bots, self._defaults, self.secrets = bots, defaults, secrets
+        return rewritten
 
 
 if TYPE_CHECKING:

@@ -16,6 +16,7 @@ import msgspec
 from aiohttp import web
 
 from botspec.spec import NAME_PATTERN, FleetDefaults, NewBot
+from controller.access import Scope
 from controller.schemas import BotPatch, Problem
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -23,13 +24,14 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 PROBLEM_TEXT = {
     400: "The request cannot be read (malformed JSON, a bad query parameter)",
     401: "Missing, unknown or revoked bearer token",
-    403: "The token may not do this",
+    403: "The token's scope does not allow this",
     404: "No such bot or token",
     409: "Conflicts with the current state (a taken name, the last admin token)",
     412: "If-Match does not match the bot's current ETag",
     413: "The body is over the size limit",
     415: "The body is not application/json",
     422: "Invalid input: `errors` names each field and why",
+    429: "Too many failed authentications from this address: wait Retry-After seconds",
     503: "PostgreSQL or circusd unavailable",
 }
 
@@ -63,6 +65,7 @@ class Route:
     body: Any = None  # the request body's type, if it takes one
     problems: tuple[int, ...] = ()  # beyond those every route of its kind can give
     public: bool = False  # no token needed
+    scope: Scope = "read"  # what a token must allow (controller/access.py); unused if public
     query: tuple[Query, ...] = ()
     media_type: str = "application/json"  # of the 2xx answer
     etag: bool = False  # the answer carries an ETag; a write honours If-Match (412)
@@ -73,7 +76,9 @@ def problems_of(route: Route) -> list[int]:
     """Every problem status a route can answer with."""
     found = set(route.problems)
     if not route.public:
-        found |= {401, 503}
+        found |= {401, 429, 503}
+        if route.scope != "read":  # every token may read
+            found |= {403}
     if route.body is not None:
         found |= {400, 413, 415, 422}
     if route.query:
@@ -147,9 +152,18 @@ def build_openapi(routes: Sequence[Route], version: str) -> dict[str, Any]:
             }
             if status == 401:
                 answer["headers"] = {"WWW-Authenticate": {"schema": {"type": "string"}}}
+            elif status == 429:
+                answer["headers"] = {
+                    "Retry-After": {
+                        "description": "Seconds until this address may try again",
+                        "schema": {"type": "integer"},
+                    }
+                }
             op["responses"][str(status)] = answer
         if route.public:
             op["security"] = []
+        else:
+            op["x-tgfleet-scope"] = route.scope  # the least scope a token needs
         parameters = []
         if "{name}" in route.path:
             parameters.append(

@@ -15,6 +15,7 @@ from msgspec import Meta, Struct
 
 from botspec.spec import CREDENTIALS, Name, NewBot, Topic
 from botspec.validate import struct_of
+from controller.access import Scope
 
 State = Literal["configuring", "starting", "running", "stopping", "stopped", "failed", "destroyed"]
 Timestamp = Annotated[
@@ -128,15 +129,34 @@ class LogTail(Struct, frozen=True):
     lines: list[str]
 
 
+ScopeName = Annotated[
+    Scope,
+    Meta(
+        description="What the token may do: read (every GET), operate (also start, stop, "
+        "restart, publish), admin (also create, change, destroy, defaults, tokens)."
+    ),
+]
+
+
 class NewToken(Struct, frozen=True, forbid_unknown_fields=True):
     """Creates an API token."""
 
     name: Name
+    scope: ScopeName
+    expires_at: Annotated[
+        Timestamp | None,
+        Meta(description="When it stops working (with a time zone); never if null."),
+    ] = None
 
 
 class TokenView(Struct, frozen=True):
     name: str
+    scope: ScopeName
     created_at: Timestamp
+    expires_at: Timestamp | None
+    last_used_at: Annotated[
+        Timestamp | None, Meta(description="Last use, to the minute; null if never used.")
+    ]
     revoked_at: Timestamp | None
 
 
@@ -146,6 +166,13 @@ class CreatedToken(TokenView, frozen=True):
 
 class TokenList(Struct, frozen=True):
     tokens: list[TokenView]
+
+
+class Resealed(Struct, frozen=True):
+    """What a rotation of the secret key did."""
+
+    rewritten: Annotated[int, Meta(description="Rows whose secrets were sealed again.")]
+    key_source: Annotated[str, Meta(description="<home>/secret.key or TGFLEET_SECRET_KEY.")]
 
 
 class Publish(Struct, frozen=True, forbid_unknown_fields=True):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -21,6 +22,16 @@ DEFAULT_OUTBOX_LIMIT = 10_000
 
 class SettingsError(ValueError):
     pass
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a listen host is reachable from this machine only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name: it may resolve to anything
 
 
 def parse_hostport(value: str, what: str) -> tuple[str, int]:
@@ -57,6 +68,13 @@ class ControllerSettings:
     event_retention_count: int = DEFAULT_EVENT_RETENTION_COUNT
     # Writes queued while PostgreSQL is away; beyond it the oldest are dropped.
     outbox_limit: int = DEFAULT_OUTBOX_LIMIT
+    # The API's certificate and key (PEM): it then speaks HTTPS only.
+    tls_cert: str | None = None
+    tls_key: str | None = None
+
+    @property
+    def api_url(self) -> str:
+        return f"{'https' if self.tls_cert else 'http'}://{self.listen}"
 
     def save(self, home: Home) -> None:
         write_atomic(home.controller_json, json.dumps(asdict(self), indent=2) + "\n", 0o600)
@@ -82,6 +100,8 @@ class ControllerSettings:
 
     def check(self) -> None:
         """SettingsError naming the first value out of its range."""
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise SettingsError("--tls-cert and --tls-key go together")
         if not 0.1 <= self.database_timeout_s <= 60:
             raise SettingsError(
                 f"database_timeout_s must be from 0.1 to 60 seconds, not {self.database_timeout_s}"

@@ -18,7 +18,9 @@ from typing import Any, ParamSpec, Protocol, TypeVar
 
 import asyncpg
 
+from controller.access import Scope
 from controller.errors import BotNotFound, Conflict, NotFound, StoreUnavailable, VersionMismatch
+from controller.secretbox import SecretBox
 from controller.states import BotState
 
 log = logging.getLogger("tgfleet.store")
@@ -95,6 +97,20 @@ class TokenRow:
     name: str
     created_at: datetime
     revoked_at: datetime | None
+    scope: Scope
+    expires_at: datetime | None
+    last_used_at: datetime | None
+
+    def expired(self, now: datetime) -> bool:
+        return self.expires_at is not None and self.expires_at <= now
+
+    def can_administer(self, now: datetime) -> bool:
+        """Live, unexpired and of admin scope: it can still create and revoke tokens."""
+        return self.scope == "admin" and self.revoked_at is None and not self.expired(now)
+
+
+#: A token's last use is written at most this often (not a write per request).
+TOKEN_USE_RESOLUTION_S = 60
 
 
 class Store(Protocol):
@@ -108,6 +124,8 @@ class Store(Protocol):
     unreachable_since: float | None
     #: What the last failed call saw; None while the database answers.
     unreachable_error: str | None
+    #: Seals the declared secrets of specs and defaults before they are stored.
+    secrets: SecretBox
 
     @property
     def reachable(self) -> bool: ...
@@ -145,17 +163,20 @@ class Store(Protocol):
     ) -> None: ...
     async def load_health(self) -> dict[str, dict[str, Any]]: ...
     async def save_health(self, name: str, record: Mapping[str, Any]) -> None: ...
-    async def add_token(self, name: str, token_sha256: str) -> TokenRow: ...
+    async def add_token(
+        self, name: str, token_sha256: str, scope: Scope, expires_at: datetime | None
+    ) -> TokenRow: ...
     async def ensure_token(self, name: str, token_sha256: str) -> None: ...
     async def list_tokens(self) -> list[TokenRow]: ...
     async def revoke_token(self, name: str) -> TokenRow: ...
-    async def token_name(self, token_sha256: str) -> str | None: ...
+    async def use_token(self, token_sha256: str) -> TokenRow | None: ...
+    async def seal_secrets(self, secrets: SecretBox, rotate: bool) -> int: ...
 
 
-def _bot(row: asyncpg.Record) -> BotRow:
+def _bot(row: asyncpg.Record, secrets: SecretBox) -> BotRow:
     return BotRow(
         name=row["name"],
-        spec=row["spec"],
+        spec=secrets.open_all(row["spec"]),
         desired=row["desired"],
         state=BotState(row["state"]),
         state_since=row["state_since"],
@@ -183,7 +204,15 @@ def _event(row: asyncpg.Record) -> EventRow:
 
 
 def _token(row: asyncpg.Record) -> TokenRow:
-    return TokenRow(row["id"], row["name"], row["created_at"], row["revoked_at"])
+    return TokenRow(
+        id=row["id"],
+        name=row["name"],
+        created_at=row["created_at"],
+        revoked_at=row["revoked_at"],
+        scope=row["scope"],
+        expires_at=row["expires_at"],
+        last_used_at=row["last_used_at"],
+    )
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
@@ -260,8 +289,11 @@ def _translating(cls: type[T]) -> type[T]:
 class PgStore:
     """The Store on PostgreSQL through an asyncpg pool (a lost database: StoreUnavailable)."""
 
-    def __init__(self, pool: asyncpg.Pool, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+    def __init__(
+        self, pool: asyncpg.Pool, secrets: SecretBox, timeout_s: float = DEFAULT_TIMEOUT_S
+    ) -> None:
         self._pool = pool
+        self.secrets = secrets
         self.timeout_s = timeout_s
         #: Wall time since when the database has not answered; None while it does.
         self.unreachable_since: float | None = None
@@ -269,7 +301,12 @@ class PgStore:
 
     @classmethod
     async def connect(
-        cls, dsn: str, *, timeout: float = 10.0, query_timeout: float = DEFAULT_TIMEOUT_S
+        cls,
+        dsn: str,
+        secrets: SecretBox,
+        *,
+        timeout: float = 10.0,
+        query_timeout: float = DEFAULT_TIMEOUT_S,
     ) -> PgStore:
         """A pool on ``dsn``: ``timeout`` to connect, ``query_timeout`` for every query."""
         try:
@@ -283,7 +320,7 @@ class PgStore:
             )
         except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
             raise StoreUnavailable(f"cannot connect to PostgreSQL: {exc}") from exc
-        return cls(pool, query_timeout)
+        return cls(pool, secrets, query_timeout)
 
     async def close(self) -> None:
         try:
@@ -394,13 +431,13 @@ class PgStore:
 
     async def list_bots(self) -> list[BotRow]:
         rows = await self._fetch("SELECT * FROM bots ORDER BY name")
-        return [_bot(r) for r in rows]
+        return [_bot(r, self.secrets) for r in rows]
 
     async def get_bot(self, name: str) -> BotRow:
         row = await self._fetchrow("SELECT * FROM bots WHERE name = $1", name)
         if row is None:
             raise BotNotFound(name)
-        return _bot(row)
+        return _bot(row, self.secrets)
 
     async def create_bot(
         self, name: str, spec: Mapping[str, Any], desired: str, actor: str
@@ -410,7 +447,7 @@ class PgStore:
                 """INSERT INTO bots (name, spec, desired, state) VALUES ($1, $2, $3, $4)
                    ON CONFLICT (name) DO NOTHING RETURNING *""",
                 name,
-                dict(spec),
+                self.secrets.seal_all(spec),
                 desired,
                 BotState.CONFIGURING.value,
             )
@@ -419,7 +456,7 @@ class PgStore:
             await conn.execute(
                 _INSERT_EVENT, name, "created", actor, None, "configuring", "created", {}
             )
-        return _bot(row)
+        return _bot(row, self.secrets)
 
     async def update_spec(
         self, name: str, spec: Mapping[str, Any], actor: str, restart: bool, version: int
@@ -432,7 +469,7 @@ class PgStore:
                           version = version + 1, updated_at = now()
                    WHERE name = $1 AND version = $4 RETURNING *""",
                 name,
-                dict(spec),
+                self.secrets.seal_all(spec),
                 1 if restart else 0,
                 version,
             )
@@ -451,7 +488,7 @@ class PgStore:
                 "spec changed" if restart else "spec changed; the process keeps running",
                 {"generation": row["generation"], "restart": restart, "version": row["version"]},
             )
-        return _bot(row)
+        return _bot(row, self.secrets)
 
     async def set_desired(self, name: str, desired: str, actor: str, reason: str) -> BotRow:
         async with self._connection() as conn, conn.transaction():
@@ -465,7 +502,7 @@ class PgStore:
             await conn.execute(
                 _INSERT_EVENT, name, "desired", actor, None, None, reason, {"desired": desired}
             )
-        return _bot(row)
+        return _bot(row, self.secrets)
 
     async def set_state(
         self,
@@ -502,7 +539,7 @@ class PgStore:
                 reason,
                 dict(data or {}),
             )
-        return _bot(row), _event(event)
+        return _bot(row, self.secrets), _event(event)
 
     async def count_restart(self, name: str) -> None:
         await self._execute("UPDATE bots SET restarts = restarts + 1 WHERE name = $1", name)
@@ -562,14 +599,14 @@ class PgStore:
 
     async def get_defaults(self) -> dict[str, Any]:
         value = await self._fetchval("SELECT value FROM fleet_defaults")
-        return dict(value or {})
+        return self.secrets.open_all(value or {})
 
     async def set_defaults(
         self, value: Mapping[str, Any], actor: str, restart: Sequence[str]
     ) -> None:
         """Replace the fleet defaults; the bots in ``restart`` get a new generation."""
         async with self._connection() as conn, conn.transaction():
-            await conn.execute("UPDATE fleet_defaults SET value = $1", dict(value))
+            await conn.execute("UPDATE fleet_defaults SET value = $1", self.secrets.seal_all(value))
             await conn.execute(
                 """UPDATE bots SET generation = generation + 1, updated_at = now()
                    WHERE name = ANY($1::text[])""",
@@ -600,21 +637,26 @@ class PgStore:
             dict(record),
         )
 
-    async def add_token(self, name: str, token_sha256: str) -> TokenRow:
+    async def add_token(
+        self, name: str, token_sha256: str, scope: Scope, expires_at: datetime | None
+    ) -> TokenRow:
         row = await self._fetchrow(
-            """INSERT INTO api_tokens (name, token_sha256) VALUES ($1, $2)
-               ON CONFLICT DO NOTHING RETURNING *""",
+            """INSERT INTO api_tokens (name, token_sha256, scope, expires_at)
+               VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING RETURNING *""",
             name,
             token_sha256,
+            scope,
+            expires_at,
         )
         if row is None:
             raise Conflict(f"a token named {name!r} already exists")
         return _token(row)
 
     async def ensure_token(self, name: str, token_sha256: str) -> None:
-        """Register a token known from disk (the admin token) if the database lacks it."""
+        """Register an admin token known from disk (<home>/admin.token) if the database
+        lacks it."""
         await self._execute(
-            """INSERT INTO api_tokens (name, token_sha256) VALUES ($1, $2)
+            """INSERT INTO api_tokens (name, token_sha256, scope) VALUES ($1, $2, 'admin')
                ON CONFLICT DO NOTHING""",
             name,
             token_sha256,
@@ -625,17 +667,20 @@ class PgStore:
         return [_token(r) for r in rows]
 
     async def revoke_token(self, name: str) -> TokenRow:
-        """Revoke a token; Conflict if it is the last live one (nobody could use the
-        API after it). The live tokens are locked, so two revocations at once cannot
-        both pass the check and leave none."""
+        """Revoke a token; Conflict if it is the last one that can administer the fleet
+        (admin scope, live, unexpired: nobody could make or revoke tokens after it).
+        The live admin tokens are locked, so two revocations at once cannot both pass
+        the check and leave none."""
         async with self._connection() as conn, conn.transaction():
-            live = await conn.fetch(
-                "SELECT name FROM api_tokens WHERE revoked_at IS NULL ORDER BY name FOR UPDATE"
+            # A concurrent revocation's row is re-checked after it commits (FOR UPDATE).
+            admins = await conn.fetch(
+                """SELECT name FROM api_tokens WHERE revoked_at IS NULL AND scope = 'admin'
+                   AND (expires_at IS NULL OR expires_at > now()) ORDER BY name FOR UPDATE"""
             )
-            if [record["name"] for record in live] == [name]:
+            if [record["name"] for record in admins] == [name]:
                 raise Conflict(
                     f"{name!r} is the last token that can administer the fleet; "
-                    "create another before revoking it"
+                    "create another admin token before revoking it"
                 )
             row = await conn.fetchrow(
                 """UPDATE api_tokens SET revoked_at = coalesce(revoked_at, now())
@@ -646,9 +691,48 @@ class PgStore:
             raise NotFound(f"no token named {name!r}")
         return _token(row)
 
-    async def token_name(self, token_sha256: str) -> str | None:
-        name: str | None = await self._fetchval(
-            "SELECT name FROM api_tokens WHERE token_sha256 = $1 AND revoked_at IS NULL",
+    async def use_token(self, token_sha256: str) -> TokenRow | None:
+        """The token with this hash (revoked or expired ones too: the caller says why
+        it refuses), None if there is none. A live, unexpired token's last use is
+        noted, at most once per TOKEN_USE_RESOLUTION_S."""
+        row = await self._fetchrow(
+            """WITH hit AS (SELECT * FROM api_tokens WHERE token_sha256 = $1),
+               used AS (
+                   UPDATE api_tokens t SET last_used_at = now() FROM hit
+                   WHERE t.id = hit.id AND hit.revoked_at IS NULL
+                     AND (hit.expires_at IS NULL OR hit.expires_at > now())
+                     AND (hit.last_used_at IS NULL
+                          OR hit.last_used_at < now() - make_interval(secs => $2))
+                   RETURNING t.*)
+               SELECT * FROM used UNION ALL
+               SELECT * FROM hit WHERE NOT EXISTS (SELECT 1 FROM used)""",
             token_sha256,
+            float(TOKEN_USE_RESOLUTION_S),
         )
-        return name
+        return None if row is None else _token(row)
+
+    async def seal_secrets(self, secrets: SecretBox, rotate: bool) -> int:
+        """Seal every stored secret with ``secrets`` (its newest key) and use it from now
+        on; how many rows were rewritten. Clear values (from before sealing) are sealed;
+        sealed ones must open (SecretKeyError if not) and are sealed again only when
+        ``rotate``. One transaction: a crash leaves the rows as they were."""
+        change = secrets.reseal_all if rotate else secrets.seal_all
+        rewritten = 0
+        async with self._connection() as conn, conn.transaction():
+            bots = await conn.fetch("SELECT name, spec FROM bots ORDER BY name FOR UPDATE")
+            for record in bots:
+                secrets.open_all(record["spec"])  # every key must still open
+                sealed = change(record["spec"])
+                if sealed != record["spec"]:
+                    await conn.execute(
+                        "UPDATE bots SET spec = $2 WHERE name = $1", record["name"], sealed
+                    )
+                    rewritten += 1
+            defaults = await conn.fetchval("SELECT value FROM fleet_defaults FOR UPDATE")
+            secrets.open_all(defaults)
+            sealed = change(defaults)
+            if sealed != defaults:
+                await conn.execute("UPDATE fleet_defaults SET value = $1", sealed)
+                rewritten += 1
+        self.secrets = secrets
+        return rewritten

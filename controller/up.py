@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -31,6 +32,7 @@ from controller.settings import (
     DEFAULT_SANDBOX_LISTEN,
     ControllerSettings,
     SettingsError,
+    is_loopback,
     parse_hostport,
 )
 
@@ -54,6 +56,10 @@ class UpOptions:
     database_timeout_s: float = DEFAULT_DATABASE_TIMEOUT_S
     event_retention_days: float = DEFAULT_EVENT_RETENTION_DAYS
     event_retention_count: int = DEFAULT_EVENT_RETENTION_COUNT
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    # Serve plain HTTP on a non-loopback address anyway (tokens cross the network in clear).
+    insecure_listen: bool = False
 
 
 async def _circus_answers(endpoint: str) -> bool:
@@ -67,11 +73,44 @@ async def _circus_answers(endpoint: str) -> bool:
     return True
 
 
+def insecure_listen_warning(options: UpOptions) -> str | None:
+    """The warning `tgfleet up` prints when the API is served in clear beyond loopback."""
+    host, _ = parse_hostport(options.listen, "--listen")
+    if is_loopback(host) or options.tls_cert:
+        return None
+    return (
+        f"WARNING: the API listens on {options.listen} without TLS (--insecure-listen): "
+        "bearer tokens cross the network in clear text"
+    )
+
+
+def check_listen(options: UpOptions) -> None:
+    """The API stays on loopback unless it has TLS or is told to be insecure."""
+    host, _ = parse_hostport(options.listen, "--listen")
+    if (options.tls_cert is None) != (options.tls_key is None):
+        raise UpError("--tls-cert and --tls-key go together")
+    for path in (options.tls_cert, options.tls_key):
+        if path is not None and not os.path.isfile(path):
+            raise UpError(f"no such file: {path}")
+    if not is_loopback(host) and not options.tls_cert and not options.insecure_listen:
+        raise UpError(
+            f"--listen {options.listen} is reachable from other machines: give it TLS "
+            "(--tls-cert FILE --tls-key FILE), or say --insecure-listen to serve plain HTTP"
+        )
+
+
 def prepare(options: UpOptions) -> ControllerSettings:
     """Everything before circusd starts: dirs, embedded PostgreSQL, circus.ini, settings."""
     home = options.home
     home.check_socket_paths()
-    parse_hostport(options.listen, "--listen")
+    check_listen(options)
+    if os.environ.get("TGFLEET_SECRET_KEY", "").strip():
+        # Its watchers get no secret in their env (`circusctl options` shows env).
+        raise UpError(
+            "TGFLEET_SECRET_KEY is read by the controller process, and `tgfleet up` passes "
+            f"no secret through a watcher's env: put the key(s) in {home.secret_key} (0600) "
+            "instead, or run the controller (`python -m controller serve`) under your own unit"
+        )
     if options.webhook_url and not options.webhook_url.startswith(("http://", "https://")):
         raise UpError(f"TGFLEET_WEBHOOK_URL must be an http(s) URL, not {options.webhook_url!r}")
     if options.demo:
@@ -114,6 +153,8 @@ def prepare(options: UpOptions) -> ControllerSettings:
         database_timeout_s=options.database_timeout_s,
         event_retention_days=options.event_retention_days,
         event_retention_count=options.event_retention_count,
+        tls_cert=options.tls_cert,
+        tls_key=options.tls_key,
     )
     try:
         settings.check()
@@ -218,12 +259,13 @@ def _wait_for_api(
     import urllib.error
     import urllib.request
 
-    host, port = parse_hostport(settings.listen, "listen")
-    url = f"http://{host}:{port}/healthz"
+    url = f"{settings.api_url}/healthz"
+    # Liveness only (no token is sent): the certificate is checked by real clients.
+    context = ssl._create_unverified_context() if settings.tls_cert else None
     deadline = time.monotonic() + API_WAIT_S
     while time.monotonic() < deadline and not stopping() and circusd.poll() is None:
         try:
-            with urllib.request.urlopen(url, timeout=1) as answer:
+            with urllib.request.urlopen(url, timeout=1, context=context) as answer:
                 if answer.status == 200:
                     return True
         except (urllib.error.URLError, OSError):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -18,6 +18,7 @@ import pytest
 import controller.memstore
 import controller.store
 from controller.errors import BotNotFound, Conflict, NotFound, VersionMismatch
+from controller.secretbox import SecretKeyError
 from controller.states import BotState
 from controller.store import BotRow, EventRow, Store
 
@@ -29,6 +30,8 @@ class Subject:
     backdate_events: Callable[[float], Awaitable[None]]
     #: What the store raises for a value its schema forbids (a check, JSON's NaN).
     refused: tuple[type[Exception], ...]
+    #: What is kept of specs and defaults, as text (where no secret may be clear).
+    raw: Callable[[], Awaitable[list[object]]]
 
 
 Case = Callable[[Subject], Awaitable[None]]
@@ -442,51 +445,141 @@ async def health_is_kept_per_existing_bot(s: Subject) -> None:
 
 # ------------------------------------------------------------------- tokens
 
+# Expiry times either side of any clock a store runs on (the fake's is set by tests).
+LONG_AGO = datetime(2000, 1, 1, tzinfo=UTC)
+FAR_AHEAD = datetime(2100, 1, 1, tzinfo=UTC)
+
 
 @case
-async def tokens_are_added_listed_and_named_by_their_hash(s: Subject) -> None:
-    admin = await s.store.add_token("admin", "a" * 64)
-    ci = await s.store.add_token("ci", "c" * 64)
-    assert (admin.name, admin.revoked_at, ci.name) == ("admin", None, "ci")
+async def tokens_are_added_listed_and_found_by_their_hash(s: Subject) -> None:
+    admin = await s.store.add_token("admin", "a" * 64, "admin", None)
+    ci = await s.store.add_token("ci", "c" * 64, "operate", None)
+    assert (admin.name, admin.scope, admin.revoked_at, admin.last_used_at) == (
+        "admin",
+        "admin",
+        None,
+        None,
+    )
+    assert (ci.name, ci.scope, ci.expires_at) == ("ci", "operate", None)
     assert ci.id > admin.id and ci.created_at >= admin.created_at
     assert admin.created_at.utcoffset() == timedelta(0)
     with pytest.raises(Conflict, match="'admin' already exists"):
-        await s.store.add_token("admin", "d" * 64)
+        await s.store.add_token("admin", "d" * 64, "read", None)
     with pytest.raises(Conflict):
-        await s.store.add_token("other", "c" * 64)  # the same token under another name
-    later = await s.store.add_token("later", "e" * 64)
+        await s.store.add_token("other", "c" * 64, "read", None)  # the same token again
+    with pytest.raises(s.refused):
+        await s.store.add_token("bogus", "b" * 64, "root", None)  # type: ignore[arg-type]
+    later = await s.store.add_token("later", "e" * 64, "read", None)
     assert later.id > ci.id
     assert await s.store.list_tokens() == [admin, ci, later]
-    assert await s.store.token_name("c" * 64) == "ci"
-    assert await s.store.token_name("f" * 64) is None
+    found = await s.store.use_token("c" * 64)
+    assert found is not None and (found.name, found.scope) == ("ci", "operate")
+    assert await s.store.use_token("f" * 64) is None
 
 
 @case
-async def ensure_token_adds_only_what_is_missing(s: Subject) -> None:
+async def using_a_token_notes_its_last_use_once_a_minute(s: Subject) -> None:
+    await s.store.add_token("ci", "c" * 64, "read", None)
+    first = await s.store.use_token("c" * 64)
+    assert first is not None and first.last_used_at is not None
+    assert first.last_used_at >= first.created_at
+    again = await s.store.use_token("c" * 64)  # within the minute: not written again
+    assert again is not None and again.last_used_at == first.last_used_at
+    (listed,) = await s.store.list_tokens()
+    assert listed.last_used_at == first.last_used_at
+
+
+@case
+async def expired_and_revoked_tokens_are_found_but_not_marked_used(s: Subject) -> None:
+    past, future = LONG_AGO, FAR_AHEAD
+    await s.store.add_token("admin", "a" * 64, "admin", None)
+    old = await s.store.add_token("old", "o" * 64, "read", past)
+    soon = await s.store.add_token("soon", "s" * 64, "read", future)
+    assert old.expires_at == past and soon.expires_at == future
+    found = await s.store.use_token("o" * 64)
+    assert found is not None and found.expired(FAR_AHEAD - timedelta(days=1))
+    assert found.last_used_at is None
+    await s.store.revoke_token("soon")
+    gone = await s.store.use_token("s" * 64)
+    assert gone is not None and gone.revoked_at is not None and gone.last_used_at is None
+
+
+@case
+async def ensure_token_adds_an_admin_token_only_if_missing(s: Subject) -> None:
     await s.store.ensure_token("admin", "a" * 64)
     await s.store.ensure_token("admin", "b" * 64)  # already there: kept as it was
     (admin,) = await s.store.list_tokens()
-    assert admin.name == "admin"
-    assert await s.store.token_name("a" * 64) == "admin"
-    assert await s.store.token_name("b" * 64) is None
+    assert (admin.name, admin.scope, admin.expires_at) == ("admin", "admin", None)
+    assert await s.store.use_token("b" * 64) is None
 
 
 @case
-async def revoking_stops_a_token_but_never_the_last_live_one(s: Subject) -> None:
-    await s.store.add_token("admin", "a" * 64)
-    await s.store.add_token("ci", "c" * 64)
+async def revoking_stops_a_token_but_never_the_last_admin(s: Subject) -> None:
+    await s.store.add_token("admin", "a" * 64, "admin", None)
+    await s.store.add_token("ci", "c" * 64, "operate", None)
+    # Neither an operate token nor an expired admin token can administer the fleet.
+    await s.store.add_token("old", "o" * 64, "admin", LONG_AGO)
     revoked = await s.store.revoke_token("ci")
     assert revoked.name == "ci" and revoked.revoked_at is not None
     assert revoked.revoked_at >= revoked.created_at
-    assert await s.store.token_name("c" * 64) is None
     # Revoking again keeps the first revocation's time.
     assert await s.store.revoke_token("ci") == revoked
-    with pytest.raises(Conflict, match="'admin' is the last token"):
+    with pytest.raises(Conflict, match="'admin' is the last token that can administer"):
         await s.store.revoke_token("admin")
-    assert await s.store.token_name("a" * 64) == "admin"
+    found = await s.store.use_token("a" * 64)
+    assert found is not None and found.revoked_at is None
     with pytest.raises(NotFound, match="no token named 'ghost'"):
         await s.store.revoke_token("ghost")
-    assert [(t.name, t.revoked_at) for t in await s.store.list_tokens()] == [
-        ("admin", None),
-        ("ci", revoked.revoked_at),
+    # With a second admin token, the first can go; then the second is the last.
+    await s.store.add_token("admin2", "b" * 64, "admin", FAR_AHEAD)
+    await s.store.revoke_token("admin")
+    with pytest.raises(Conflict, match="'admin2' is the last token"):
+        await s.store.revoke_token("admin2")
+    assert [(t.name, t.revoked_at is None) for t in await s.store.list_tokens()] == [
+        ("admin", False),
+        ("ci", False),
+        ("old", True),
+        ("admin2", True),
     ]
+
+
+# ------------------------------------------------------------------ secrets
+
+BOT_TOKEN = "123456:clear-token-text"
+API_HASH = "0123456789abcdef-clear-hash"
+
+
+@case
+async def secrets_are_kept_sealed_and_read_back_clear(s: Subject) -> None:
+    spec = {"token": BOT_TOKEN, "telegram": {"api_id": 1, "api_hash": API_HASH}}
+    created = await s.store.create_bot("echo", spec, "running", "tester")
+    assert created.spec == spec and (await s.store.get_bot("echo")).spec == spec
+    await s.store.set_defaults({"telegram": {"api_id": 2, "api_hash": API_HASH}}, "t", [])
+    assert (await s.store.get_defaults())["telegram"]["api_hash"] == API_HASH
+    updated = await s.store.update_spec("echo", {**spec, "session": "S" * 20}, "t", True, 1)
+    assert updated.spec["session"] == "S" * 20
+    kept = " ".join(map(str, await s.raw()))
+    assert "tgfleet-sealed:v1:" in kept
+    for secret in (BOT_TOKEN, API_HASH, "S" * 20):
+        assert secret not in kept
+
+
+@case
+async def a_new_key_seals_everything_again_and_the_old_one_is_not_needed(s: Subject) -> None:
+    spec = {"token": BOT_TOKEN, "telegram": {"api_id": 1, "api_hash": API_HASH}}
+    await s.store.create_bot("echo", spec, "running", "tester")
+    await s.store.set_defaults({"telegram": {"api_hash": API_HASH}}, "t", [])
+    before = await s.raw()
+    old = s.store.secrets
+    assert await s.store.seal_secrets(old, rotate=False) == 0  # nothing clear: untouched
+    assert await s.raw() == before
+    rotated = old.with_new_key()
+    assert await s.store.seal_secrets(rotated, rotate=True) == 2  # the bot and the defaults
+    s.store.secrets = rotated.newest_only()
+    assert (await s.store.get_bot("echo")).spec == spec
+    assert (await s.store.get_defaults())["telegram"]["api_hash"] == API_HASH
+    assert not set(map(str, await s.raw())) & set(map(str, before))
+    # The old key alone no longer opens what is stored.
+    s.store.secrets = old
+    with pytest.raises(SecretKeyError, match="does not open with the key from"):
+        await s.store.get_bot("echo")

@@ -52,8 +52,9 @@ def main(report: Path, examples: str, public_key: str) -> int:
                 },
             },
         )
-        # A token of its own: the run may revoke what it creates, never the operator's.
-        token = fleet.api("POST", "/api/v1/tokens", {"name": "fuzz"})["token"]
+        # A token of its own, that may do everything the API offers: the run may
+        # revoke what it creates, never the operator's.
+        token = fleet.api("POST", "/api/v1/tokens", {"name": "fuzz", "scope": "admin"})["token"]
         command = [
             str(Path(sys.executable).parent / "schemathesis"),
             *("--config-file", str(HERE / "schemathesis.toml")),

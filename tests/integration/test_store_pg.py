@@ -14,6 +14,7 @@ import pytest
 from pg_fixtures import fresh_database, postgres  # noqa: F401  (fixtures)
 from store_contract import CASES, Case, Subject
 
+from controller.secretbox import SecretBox, new_key
 from controller.store import PgStore
 
 pytestmark = pytest.mark.integration
@@ -21,7 +22,7 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture
 async def pg_store(fresh_database: str) -> AsyncIterator[PgStore]:
-    store = await PgStore.connect(fresh_database)
+    store = await PgStore.connect(fresh_database, SecretBox((new_key(),), "test"))
     try:
         await store.migrate()
         yield store
@@ -38,4 +39,16 @@ async def test_contract(case: Case, pg_store: PgStore, fresh_database: str) -> N
         finally:
             await conn.close()
 
-    await case(Subject(pg_store, backdate, refused=(asyncpg.PostgresError,)))
+    async def stored_secrets() -> list[object]:
+        conn = await asyncpg.connect(fresh_database)
+        try:
+            found: list[object] = []
+            for text in await conn.fetch(
+                "SELECT spec::text AS t FROM bots UNION ALL SELECT value::text FROM fleet_defaults"
+            ):
+                found.append(text["t"])
+            return found
+        finally:
+            await conn.close()
+
+    await case(Subject(pg_store, backdate, refused=(asyncpg.PostgresError,), raw=stored_secrets))

@@ -4,6 +4,7 @@ also run against PgStore on PostgreSQL), its clock, and a database that goes awa
 from __future__ import annotations
 
 import inspect
+import json
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
@@ -22,7 +23,10 @@ def subject(store: InMemoryStore, clock: FakeClock) -> Subject:
     async def backdate(seconds: float) -> None:
         clock.advance(seconds)  # what is stored grows older as the clock moves on
 
-    return Subject(store, backdate, refused=(ValueError,))
+    async def stored() -> list[object]:
+        return [json.dumps(v) for v in store.sealed_values()]
+
+    return Subject(store, backdate, refused=(ValueError,), raw=stored)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.__name__ for c in CASES])
@@ -47,7 +51,7 @@ async def test_timestamps_come_from_the_clock() -> None:
     assert row.state_since == row.updated_at == event.at == at(1_800_000_007.25)
     assert row.created_at == created.created_at
     clock.advance(60)
-    token = await store.add_token("ci", "c" * 64)
+    token = await store.add_token("ci", "c" * 64, "read", None)
     assert token.created_at == at(1_800_000_067.25)
 
 
@@ -71,11 +75,12 @@ CALLS: dict[str, Callable[[Store], Awaitable[object]]] = {
     "set_defaults": lambda s: s.set_defaults({}, "t", ["echo"]),
     "load_health": lambda s: s.load_health(),
     "save_health": lambda s: s.save_health("echo", {}),
-    "add_token": lambda s: s.add_token("ci", "c" * 64),
+    "add_token": lambda s: s.add_token("ci", "c" * 64, "read", None),
     "ensure_token": lambda s: s.ensure_token("ci", "c" * 64),
     "list_tokens": lambda s: s.list_tokens(),
     "revoke_token": lambda s: s.revoke_token("admin"),
-    "token_name": lambda s: s.token_name("a" * 64),
+    "use_token": lambda s: s.use_token("a" * 64),
+    "seal_secrets": lambda s: s.seal_secrets(s.secrets, False),
 }
 
 
@@ -87,8 +92,8 @@ def test_the_table_covers_every_call_of_the_protocol() -> None:
 async def filled(clock: FakeClock) -> InMemoryStore:
     store = InMemoryStore(clock, timeout_s=1.5)
     await store.create_bot("echo", {"kind": "echo"}, "running", "t")
-    await store.add_token("admin", "a" * 64)
-    await store.add_token("second", "b" * 64)
+    await store.add_token("admin", "a" * 64, "admin", None)
+    await store.add_token("second", "b" * 64, "admin", None)
     return store
 
 

@@ -27,9 +27,11 @@ def test_the_sandbox_extra_is_what_tgsandbox_checks_for() -> None:
     assert names(extras["sandbox"]) == set(tgsandbox.REQUIRES)
 
 
-def test_the_sandbox_extra_is_not_in_the_base_install() -> None:
+def test_the_base_install_seals_secrets_and_the_extra_covers_the_sandbox() -> None:
     base = names(project()["project"]["dependencies"])
-    assert not base & set(tgsandbox.REQUIRES)
+    extra = names(project()["project"]["optional-dependencies"]["sandbox"])
+    assert "cryptography" in base  # controller/secretbox.py (Fernet)
+    assert set(tgsandbox.REQUIRES) <= base | extra
 
 
 def test_the_test_extra_brings_the_sandbox() -> None:

@@ -193,6 +193,7 @@ def test_circus_ini_every_field() -> None:
         "pubsub_endpoint": "ipc:///srv/fleet/run/circus-pubsub.sock",
         "umask": "077",
         "statsd": "false",
+        "multicast_endpoint": "",
         "pidfile": "/srv/fleet/run/circusd.pid",
         "check_delay": "0.5",
         "warmup_delay": "0",
@@ -269,6 +270,9 @@ def test_circus_itself_reads_what_we_render(tmp_path: Path) -> None:
     assert config["check_delay"] == 0.5
     assert config["umask"] == 0o077
     assert config["statsd"] is False
+    # Empty: circusd's controller then binds no UDP multicast socket (its default is
+    # udp://237.219.251.97:12027 on 0.0.0.0).
+    assert config["multicast_endpoint"] == ""
     watchers = {w["name"]: w for w in config["watchers"]}
     assert set(watchers) == {"controller", "postgres", "bot-shop"}
     bot = watchers["bot-shop"]

@@ -1,0 +1,112 @@
+"""Who may do what over the API: token scopes, the failed-authentication throttle,
+and the refusals counted for /metrics. Pure: no I/O, time passed in."""
+
+from __future__ import annotations
+
+import re
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from typing import Literal, get_args
+
+Scope = Literal["read", "operate", "admin"]
+#: Each scope allows what the ones before it allow: admin ⊃ operate ⊃ read.
+SCOPES: tuple[Scope, ...] = get_args(Scope)
+
+#: Why a request was refused: the bounded label set of tgfleet_api_refusals_total.
+RefusalReason = Literal[
+    "missing", "unknown", "revoked", "expired", "token_in_query", "scope", "rate_limited"
+]
+REFUSAL_REASONS: tuple[RefusalReason, ...] = get_args(RefusalReason)
+
+#: Query parameters that a client may have put a token in (refused: URLs leak into
+#: logs, proxies and shell history).
+TOKEN_QUERY_KEYS = frozenset({"token", "access_token", "api_token", "bearer", "authorization"})
+TOKEN_PREFIX = "tgf_"
+
+
+def allows(held: Scope, needed: Scope) -> bool:
+    """Whether a token of scope ``held`` may do what needs ``needed``."""
+    return SCOPES.index(held) >= SCOPES.index(needed)
+
+
+def token_in_query(query: dict[str, str]) -> bool:
+    """Whether a query string carries something that looks like an API token."""
+    return any(
+        key.lower() in TOKEN_QUERY_KEYS or value.startswith(TOKEN_PREFIX)
+        for key, value in query.items()
+    )
+
+
+_DURATION = re.compile(r"^(\d{1,7})([smhdw]?)$")
+_UNIT_S = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_duration(text: str) -> int:
+    """``90``, ``90s``, ``15m``, ``12h``, ``30d``, ``2w`` → seconds; ValueError otherwise."""
+    found = _DURATION.fullmatch(text.strip())
+    if found is None or int(found.group(1)) == 0:
+        raise ValueError(f"{text!r} is no duration: a positive number with s, m, h, d or w")
+    return int(found.group(1)) * _UNIT_S[found.group(2)]
+
+
+@dataclass
+class AuthThrottle:
+    """Failed authentications per client address, in a sliding window.
+
+    After ``limit`` failures within ``window_s``, that address is refused (429)
+    until the oldest of them leaves the window, whatever token it sends: a
+    guesser learns nothing more. Only presented-but-wrong tokens count (a missing
+    header guesses nothing). At most ``max_clients`` addresses are remembered
+    (the least recently failing are forgotten first), so memory stays bounded.
+    """
+
+    limit: int = 10
+    window_s: float = 60.0
+    max_clients: int = 10_000
+    _failures: OrderedDict[str, deque[float]] = field(default_factory=OrderedDict)
+
+    def _recent(self, client: str, now: float) -> deque[float]:
+        times = self._failures.get(client, deque())
+        while times and times[0] <= now - self.window_s:
+            times.popleft()
+        if not times:
+            self._failures.pop(client, None)
+        return times
+
+    def retry_after(self, client: str, now: float) -> int | None:
+        """Seconds until ``client`` may try again, or None if it may now."""
+        times = self._recent(client, now)
+        if len(times) < self.limit:
+            return None
+        return max(1, int(times[0] + self.window_s - now + 0.999))
+
+    def failed(self, client: str, now: float) -> None:
+        times = self._recent(client, now)
+        times.append(now)
+        self._failures[client] = times
+        self._failures.move_to_end(client)
+        while len(self._failures) > self.max_clients:
+            self._failures.popitem(last=False)
+
+
+@dataclass
+class Refusals:
+    """How many requests were refused, by reason (all reasons present, from 0)."""
+
+    counts: dict[RefusalReason, int] = field(
+        default_factory=lambda: dict.fromkeys(REFUSAL_REASONS, 0)
+    )
+
+    def count(self, reason: RefusalReason) -> None:
+        self.counts[reason] += 1
+
+    def metrics_text(self) -> str:
+        lines = [
+            "# HELP tgfleet_api_refusals_total API requests refused, by reason.",
+            "# TYPE tgfleet_api_refusals_total counter",
+        ]
+        lines += [
+            f'tgfleet_api_refusals_total{{reason="{reason}"}} {n}'
+            for reason, n in self.counts.items()
+        ]
+        return "\n".join(lines) + "\n"

@@ -1,0 +1,43 @@
+"""The secret box: its key sources and what it seals (the declared SECRET_PATHS only)."""
+
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+
+import pytest
+
+from controller.home import Home
+from controller.secretbox import SecretBox, SecretKeyError, is_sealed, new_key
+
+
+def test_a_key_file_is_made_private_on_first_start(tmp_path: Path) -> None:
+    home = Home(tmp_path)
+    box = SecretBox.load(home, {})
+    assert stat.S_IMODE(home.secret_key.stat().st_mode) == 0o600
+    assert SecretBox.load(home, {}).keys == box.keys and box.from_file
+
+
+def test_the_environment_wins_and_may_hold_several_keys(tmp_path: Path) -> None:
+    new, old = new_key(), new_key()
+    box = SecretBox.load(Home(tmp_path), {"TGFLEET_SECRET_KEY": f"{new},{old}"})
+    assert box.keys == (new, old) and not box.from_file
+    assert not Home(tmp_path).secret_key.exists()
+    sealed_by_old = SecretBox((old,), "x").seal("secret")
+    assert box.open(sealed_by_old) == "secret"
+    with pytest.raises(SecretKeyError, match="no Fernet key"):
+        SecretBox.load(Home(tmp_path), {"TGFLEET_SECRET_KEY": "not-a-key"})
+
+
+def test_only_the_declared_secrets_are_sealed() -> None:
+    box = SecretBox((new_key(),), "test")
+    spec = {"token": "1:a", "plugins": ["m:f"], "telegram": {"api_id": 5, "api_hash": "h"}}
+    sealed = box.seal_all(spec)
+    assert is_sealed(sealed["token"]) and is_sealed(sealed["telegram"]["api_hash"])
+    assert sealed["plugins"] == ["m:f"] and sealed["telegram"]["api_id"] == 5
+    assert spec["token"] == "1:a"  # the input is left alone
+    assert box.seal_all(sealed) == sealed  # sealed values are not sealed twice
+    assert box.open_all(sealed) == spec
+    assert box.open_all(spec) == spec  # clear text from before sealing reads as it is
+    with pytest.raises(SecretKeyError, match="does not open"):
+        SecretBox((new_key(),), "other").open_all(sealed)
