@@ -1,4 +1,9 @@
-"""The bot's end of the bus: a ZeroMQ DEALER whose routing id is the bot's name.
+"""The bot's end of the bus: a ZeroMQ DEALER, a CURVE client proving the bot's key.
+
+The controller knows the bot by the key it proves, not by its routing id: that
+is random per process, so that no other peer can guess it and take it over.
+The controller can send to the bot once the bot has said something (its first
+heartbeat, right after connecting).
 
 Sending never blocks the bot: the queue is short, sends are non-blocking, and
 ``ZMQ_IMMEDIATE`` keeps messages from queueing while the controller is away,
@@ -10,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 from typing import Any, cast
 
 import zmq
@@ -30,13 +36,18 @@ class BusClosed(Exception):
 class BusClient:
     """Send messages to the controller; receive the events addressed to this bot."""
 
-    def __init__(self, endpoint: str, bot_name: str) -> None:
+    def __init__(self, endpoint: str, bot_name: str, secret_key: str, server_key: str) -> None:
+        """``secret_key``: this bot's CURVE secret key; ``server_key``: the controller's
+        public key (both Z85, from the bot's config)."""
         self.endpoint = endpoint
         self.bot_name = bot_name
         self.dropped = 0
         self._context = zmq.asyncio.Context()
         self._socket: zmq.asyncio.Socket = self._context.socket(zmq.DEALER)
-        self._socket.setsockopt(zmq.ROUTING_ID, bot_name.encode())
+        self._socket.setsockopt(zmq.ROUTING_ID, f"{bot_name}/{secrets.token_hex(16)}".encode())
+        self._socket.setsockopt(zmq.CURVE_SECRETKEY, secret_key.encode())
+        self._socket.setsockopt(zmq.CURVE_PUBLICKEY, zmq.curve_public(secret_key.encode()))
+        self._socket.setsockopt(zmq.CURVE_SERVERKEY, server_key.encode())
         self._socket.setsockopt(zmq.SNDHWM, SEND_HWM)
         self._socket.setsockopt(zmq.RCVHWM, RECEIVE_HWM)
         self._socket.setsockopt(zmq.IMMEDIATE, 1)

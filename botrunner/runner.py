@@ -140,7 +140,9 @@ class Runner:
     async def _run(self) -> int:
         config = self.config
         ensure_data_dir(Path(config.data_dir))
-        self._bus = BusClient(config.bus_endpoint, config.name)
+        self._bus = BusClient(
+            config.bus_endpoint, config.name, config.bus_secret_key, config.bus_server_key
+        )
         self._host = PluginHost(config, self.counters, self.status, self._send_event)
         self._side.start("heartbeat", self._heartbeat_loop(self._bus))
         self._side.start("bus-receiver", self._receive_loop(self._bus, self._host))

@@ -32,6 +32,16 @@ from botspec.validate import FieldError, check_struct, public_key_problem
 
 MAX_CONFIG_BYTES = 1024 * 1024
 ENDPOINT_PATTERN = r"^(ipc|tcp)://\S+$"
+#: A CURVE key as ZeroMQ writes it: 32 bytes in Z85, 40 characters.
+CURVE_KEY_PATTERN = r"^[0-9a-zA-Z.:+=^!/*?&<>()\[\]{}@%$#-]{40}$"
+
+CurveKey = Annotated[
+    str,
+    Meta(
+        pattern=CURVE_KEY_PATTERN,
+        extra={"must": "must be a CURVE key: 40 characters of Z85"},
+    ),
+]
 
 
 class ConfigError(Exception):
@@ -59,6 +69,10 @@ class BotConfig(Struct, frozen=True, kw_only=True):
             extra={"must": "must be a ZeroMQ endpoint, ipc://… or tcp://…"},
         ),
     ]
+    # The bus is CURVE: this bot's own secret key (its public key derives from it)
+    # and the controller's public key. A new pair each time the file is written.
+    bus_secret_key: CurveKey
+    bus_server_key: CurveKey
     token: Token | None = None
     session: Session | None = None
     plugins: Plugins = ()

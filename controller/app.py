@@ -25,6 +25,7 @@ from controller.api import build_app, hash_token, new_token
 from controller.atomicfile import write_atomic
 from controller.botfiles import BotFiles
 from controller.bus import BusServer
+from controller.buskeys import BusKeys
 from controller.circus import CircusClient, watch_events
 from controller.errors import StoreUnavailable
 from controller.fleet import Fleet, Webhook
@@ -158,8 +159,9 @@ async def serve(home: Home) -> int:
         )
     await ensure_admin_token(home, store)
     supervisor = CircusClient(home.circus_endpoint)
-    bus = BusServer(home.bus_endpoint)
-    files = BotFiles(home, sys.executable)
+    bus_keys = BusKeys.open(home)
+    bus = BusServer(home.bus_endpoint, bus_keys)
+    files = BotFiles(home, sys.executable, bus_keys)
 
     def fan_out(topic: str, event: protocol.Event) -> None:
         for name in fleet.subscribers(topic):

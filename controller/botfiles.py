@@ -9,6 +9,7 @@ from pathlib import Path
 from botspec.config import BotConfig, RuntimeTelegram, dump
 from botspec.spec import process_health
 from controller.atomicfile import write_atomic
+from controller.buskeys import BusKeys, IssuedKey
 from controller.home import Home
 from controller.reconcile import Rendered
 from controller.render import BotWatcher, render_watcher
@@ -17,7 +18,9 @@ from controller.spec import EffectiveSpec
 _MARK = re.compile(r"^# tgfleet: generation=(\d+) autostart=(true|false)$", re.M)
 
 
-def runtime_config(home: Home, name: str, generation: int, spec: EffectiveSpec) -> BotConfig:
+def runtime_config(
+    home: Home, name: str, generation: int, spec: EffectiveSpec, bus_key: IssuedKey
+) -> BotConfig:
     """The bot process's config.json (declared in botspec.config).
 
     Refuses (ValueError) a spec without api_id/api_hash: check_runnable keeps
@@ -29,6 +32,8 @@ def runtime_config(home: Home, name: str, generation: int, spec: EffectiveSpec) 
         generation=generation,
         data_dir=str(home.bot_dir(name)),
         bus_endpoint=home.bus_endpoint,
+        bus_secret_key=bus_key.secret_key,
+        bus_server_key=bus_key.server_key,
         token=spec.token,
         session=spec.session,
         plugins=spec.plugins,
@@ -45,18 +50,21 @@ def runtime_config(home: Home, name: str, generation: int, spec: EffectiveSpec) 
 
 
 class BotFiles:
-    """Writes, reads back and removes what a bot needs on disk."""
+    """Writes, reads back and removes what a bot needs on disk, its bus key included."""
 
-    def __init__(self, home: Home, python: str) -> None:
+    def __init__(self, home: Home, python: str, keys: BusKeys) -> None:
         self.home = home
         self.python = python
+        self.keys = keys
         self._rendered: dict[str, Rendered] = {}
 
     def write(self, name: str, generation: int, spec: EffectiveSpec, autostart: bool) -> None:
         bot_dir = self.home.bot_dir(name)
         bot_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         bot_dir.chmod(0o700)
-        config = runtime_config(self.home, name, generation, spec)
+        # Each write gives the bot a new bus key pair (the keyring still accepts the
+        # previous one, for the process running until the reload restarts it).
+        config = runtime_config(self.home, name, generation, spec, self.keys.issue(name))
         write_atomic(self.home.bot_config(name), dump(config).decode(), 0o600)
         bot = BotWatcher(
             name=name,
@@ -71,7 +79,10 @@ class BotFiles:
         self._rendered[name] = Rendered(generation, autostart)
 
     def rendered(self, name: str) -> Rendered | None:
-        """What is on disk for this bot, read once and then remembered."""
+        """What is on disk for this bot, read once and then remembered; None also
+        when the bot has no bus key (files from before the bus had keys)."""
+        if not self.keys.has(name):
+            return None
         if name not in self._rendered:
             path = self.home.watcher_file(name)
             try:
@@ -92,6 +103,8 @@ class BotFiles:
         self._rendered.pop(name, None)
 
     def remove_private(self, name: str) -> None:
+        """The bot is destroyed: its dir and config go, and its bus keys are forgotten."""
+        self.keys.forget(name)
         path: Path = self.home.bot_dir(name)
         if path.exists():
             shutil.rmtree(path)

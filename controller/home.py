@@ -78,6 +78,19 @@ class Home:
         return f"ipc://{self.bus_socket}"
 
     @property
+    def bus_key(self) -> Path:
+        """The controller's CURVE key pair for the bus (0600)."""
+        return self.root / "bus.key"
+
+    @property
+    def bus_keys_dir(self) -> Path:
+        """The bots' CURVE public keys, one file per bot (0700, controller-owned)."""
+        return self.root / "bus-keys"
+
+    def bus_public_keys(self, name: str) -> Path:
+        return self.bus_keys_dir / f"{name}.json"
+
+    @property
     def bots_d(self) -> Path:
         return self.root / "bots.d"
 
@@ -138,6 +151,6 @@ class Home:
     def make_dirs(self) -> None:
         """Create the home and its private subdirs with their modes."""
         self.root.mkdir(parents=True, exist_ok=True)
-        for private in (self.run_dir, self.bots_dir, self.bots_d, self.logs_dir):
+        for private in (self.run_dir, self.bots_dir, self.bots_d, self.bus_keys_dir, self.logs_dir):
             private.mkdir(mode=0o700, exist_ok=True)
             private.chmod(0o700)

@@ -31,6 +31,8 @@ from harness import free_port, wait_for_async
 
 from botspec import protocol
 from controller.bus import BusServer
+from controller.buskeys import BusKeys
+from controller.home import Home
 
 pytestmark = pytest.mark.integration
 
@@ -62,9 +64,19 @@ def home() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
+_KEYRINGS: dict[Path, BusKeys] = {}
+
+
+def keyring(home: Path) -> BusKeys:
+    """The one keyring of a test's home, shared by its bus and the configs it writes."""
+    if home not in _KEYRINGS:
+        _KEYRINGS[home] = BusKeys.open(Home(home))
+    return _KEYRINGS[home]
+
+
 @pytest.fixture
 async def bus(home: Path) -> AsyncIterator[BusServer]:
-    server = BusServer(f"ipc://{home}/bus.sock")
+    server = BusServer(f"ipc://{home}/bus.sock", keyring(home))
     yield server
     server.close()
 
@@ -86,11 +98,14 @@ def refused_port() -> int:
 def write_config(home: Path, name: str = "shop", **overrides: Any) -> Path:
     data_dir = home / "bots" / name
     data_dir.mkdir(parents=True, mode=0o700)
+    bus_key = keyring(home).issue(name)
     config: dict[str, Any] = {
         "name": name,
         "generation": 1,
         "data_dir": str(data_dir),
         "bus_endpoint": f"ipc://{home}/bus.sock",
+        "bus_secret_key": bus_key.secret_key,
+        "bus_server_key": bus_key.server_key,
         "token": "1000001:secret",
         "session": None,
         "plugins": [ECHO],

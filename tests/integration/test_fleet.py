@@ -15,6 +15,7 @@ import pytest
 import zmq
 from drills import sandbox_name, username
 from harness import Fleet, Sandbox, echo_spec, holds_for, wait_for
+from zmq.utils.monitor import parse_monitor_message
 
 from controller.client import ApiClient, ApiError
 from controller.fleet import RECONCILE_INTERVAL_S
@@ -335,50 +336,110 @@ def test_metrics_openapi_dashboard_and_tokens(fleet: Fleet) -> None:
     assert fleet.api("GET", "/api/v1/tokens")["tokens"]
 
 
+def forged_heartbeat(bot: str, pid: int) -> bytes:
+    return json.dumps(
+        {
+            "v": 1,
+            "type": "heartbeat",
+            "bot": bot,
+            "pid": pid,
+            "generation": 1,
+            "ts": 0,
+            "seq": 1,
+            "uptime_s": 1,
+            "rss_mb": 1,
+            "handled": 0,
+            "handler_errors": 0,
+            "telegram": {
+                "connected": False,
+                "disconnected_since": 1.0,
+                "last_error": "forged",
+                "last_update_age_s": None,
+                "flood_wait_until": None,
+            },
+        }
+    ).encode()
+
+
+def forged_fatal(bot: str, pid: int) -> bytes:
+    return json.dumps(
+        {
+            "v": 1,
+            "type": "fatal",
+            "bot": bot,
+            "pid": pid,
+            "generation": 1,
+            "ts": 0,
+            "kind": "auth",
+            "error": "AUTH_KEY_UNREGISTERED",
+            "detail": "forged",
+        }
+    ).encode()
+
+
+def bus_key_of(fleet: Fleet, name: str) -> str:
+    """A bot's bus secret key, as a plugin of that bot could read it from its config."""
+    config = json.loads(fleet.home.bot_config(name).read_text())
+    return str(config["bus_secret_key"])
+
+
+class RoguePeer:
+    """A DEALER on the fleet's bus under any routing id, proving ``secret_key`` (a
+    bot's, or a made-up one) or no key at all; its monitor tells how the handshake went."""
+
+    def __init__(
+        self, context: zmq.Context[Any], fleet: Fleet, routing_id: str, secret_key: str | None
+    ) -> None:
+        self.socket = context.socket(zmq.DEALER)
+        self.socket.setsockopt(zmq.LINGER, 1000)
+        self.socket.setsockopt(zmq.ROUTING_ID, routing_id.encode())
+        if secret_key is not None:
+            server_key = json.loads(fleet.home.bus_key.read_text())["public_key"]
+            self.socket.setsockopt(zmq.CURVE_SECRETKEY, secret_key.encode())
+            self.socket.setsockopt(zmq.CURVE_PUBLICKEY, zmq.curve_public(secret_key.encode()))
+            self.socket.setsockopt(zmq.CURVE_SERVERKEY, server_key.encode())
+        self.monitor = self.socket.get_monitor_socket(
+            zmq.EVENT_HANDSHAKE_SUCCEEDED
+            | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+            | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+            | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+        )
+        self.socket.connect(fleet.home.bus_endpoint)
+
+    def handshake_succeeded(self) -> bool:
+        assert self.monitor.poll(30_000), "no handshake within 30 s"
+        return bool(
+            parse_monitor_message(self.monitor.recv_multipart())["event"]
+            == zmq.EVENT_HANDSHAKE_SUCCEEDED
+        )
+
+    def close(self) -> None:
+        self.socket.disable_monitor()
+        self.monitor.close()
+        self.socket.close()
+
+
 def test_garbage_and_forged_bus_messages_are_ignored(fleet: Fleet, sandbox: Sandbox) -> None:
+    # Sent over a connection that proved the honest bot's own key: what a broken or
+    # hostile plugin of that bot could send.
     name = new_bot(fleet, sandbox, "honest")
     controller = fleet.api("GET", "/api/v1/status")["controller"]["pid"]
     honest = fleet.bot(name)
-
-    def heartbeat(bot: str, pid: int) -> bytes:
-        return json.dumps(
-            {
-                "v": 1,
-                "type": "heartbeat",
-                "bot": bot,
-                "pid": pid,
-                "generation": 1,
-                "ts": 0,
-                "seq": 1,
-                "uptime_s": 1,
-                "rss_mb": 1,
-                "handled": 0,
-                "handler_errors": 0,
-                "telegram": {
-                    "connected": False,
-                    "disconnected_since": 1.0,
-                    "last_error": "forged",
-                    "last_update_age_s": None,
-                    "flood_wait_until": None,
-                },
-            }
-        ).encode()
+    key = bus_key_of(fleet, name)
 
     context = zmq.Context()
     try:
-        for identity, frames in [
-            (name, [b"\xff\x00 not json"]),  # malformed
-            (name, [b'{"v": 1, "type": "nonsense"}']),  # unknown type
-            (name, [heartbeat("other", 1)]),  # claims to be another bot
-            ("ghost", [heartbeat("ghost", 1)]),  # a peer that is no bot of the fleet
-            (name, [b"a", b"b", b"c"]),  # too many frames
+        for frames in [
+            [b"\xff\x00 not json"],  # malformed
+            [b'{"v": 1, "type": "nonsense"}'],  # unknown type
+            [forged_heartbeat("other", 1)],  # claims to be another bot
+            [forged_heartbeat("ghost", 1)],  # claims to be no bot of the fleet
+            [b"a", b"b", b"c"],  # too many frames
         ]:
-            sock = context.socket(zmq.DEALER)
-            sock.setsockopt(zmq.LINGER, 1000)
-            sock.setsockopt(zmq.ROUTING_ID, identity.encode())
-            sock.connect(fleet.home.bus_endpoint)
-            sock.send_multipart(frames)
-            sock.close()
+            peer = RoguePeer(context, fleet, name, key)
+            assert peer.handshake_succeeded()
+            peer.socket.send_multipart(frames)
+            peer.close()
     finally:
         context.term()
     # The controller lives on, and nothing it reports moved.
@@ -392,3 +453,52 @@ def test_garbage_and_forged_bus_messages_are_ignored(fleet: Fleet, sandbox: Sand
     with pytest.raises(ApiError) as ghost:
         fleet.bot("ghost")
     assert ghost.value.status == 404
+
+
+def test_a_rogue_peer_cannot_speak_as_a_bot(fleet: Fleet, sandbox: Sandbox) -> None:
+    # The exploit of issue 10: a DEALER naming itself after the victim sent a fatal
+    # (kind auth) in its name, and the controller failed and stopped the victim.
+    victim = new_bot(fleet, sandbox, "victim")
+    other = new_bot(fleet, sandbox, "other")
+    before = {name: fleet.bot(name)["pid"] for name in (victim, other)}
+    made_up = zmq.curve_keypair()[1].decode()
+    log_file = fleet.home.logs_dir / "controller.err.log"
+
+    context = zmq.Context()
+    try:
+        for secret_key, let_in in [
+            (None, False),
+            (made_up, False),
+            (bus_key_of(fleet, other), True),
+        ]:
+            rogue = RoguePeer(context, fleet, victim, secret_key)
+            try:
+                rogue.socket.send_multipart([forged_heartbeat(victim, before[victim])])
+                rogue.socket.send_multipart([forged_fatal(victim, before[victim])])
+                # No key, a made-up key: refused at the door. Another bot's key: let in as
+                # that bot, and what it says in the victim's name is dropped.
+                assert rogue.handshake_succeeded() is let_in
+            finally:
+                rogue.close()
+    finally:
+        context.term()
+    wait_for(
+        "the controller's log to show the drops",
+        lambda: log_file.read_text().count(f"from {other!r}: it says it is from {victim!r}") >= 2,
+    )
+    assert "refused a peer whose key" in log_file.read_text()
+    holds_for(
+        "both bots running, the same processes, nothing forged",
+        lambda: all(
+            (b := fleet.bot(name))["state"] == "running"
+            and b["pid"] == before[name]
+            and b["telegram"]["last_error"] != "forged"
+            for name in (victim, other)
+        ),
+        2 * RECONCILE_INTERVAL_S,
+    )
+    assert ask(sandbox, victim, "still here?") == "still here?"
+    states = [
+        e.get("to_state") for e in fleet.api("GET", f"/api/v1/bots/{victim}/events")["events"]
+    ]
+    assert "failed" not in states

@@ -154,6 +154,8 @@ def _config(**changes: Any) -> Any:
         "name": "shop",
         "data_dir": "/tmp/x",
         "bus_endpoint": "ipc:///tmp/x.sock",
+        "bus_secret_key": "7:OCF@KH7PLv1M$d[5Owsyfkip51r]eyEKM3]gd[",
+        "bus_server_key": "T:MSaAnV&im)8CVG^[f%*12h4016pQ]1&-@Vpu@z",
         "token": "1:a",
         "plugins": [],
         "telegram": {"api_id": 1, "api_hash": "h", "server": None},

@@ -17,6 +17,7 @@ import pytest
 
 from botspec import protocol
 from controller.botfiles import BotFiles
+from controller.buskeys import BusKeys
 from controller.circus import FakeSupervisor, WatcherEvent
 from controller.clock import FakeClock
 from controller.errors import StoreUnavailable
@@ -46,7 +47,7 @@ class History:
         return Fleet(
             self.store,
             self.circus,
-            BotFiles(self.home, sys.executable),
+            BotFiles(self.home, sys.executable, BusKeys.open(self.home)),
             clock=self.clock,
             rng=random.Random(7),
             pid_exists=self.pid_exists,
