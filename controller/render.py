@@ -20,7 +20,7 @@ from pathlib import Path
 
 import jinja2
 
-from botspec.spec import MIN_MEMORY_MB, NAME_PATTERN, FleetDefaults
+from botspec.spec import MIN_MEMORY_MB, NAME_PATTERN, FleetDefaults, Limits
 from controller.home import Home
 from controller.pg import PgWatcher
 
@@ -40,8 +40,10 @@ MIB = 1024 * 1024
 # That floor is the spec's own minimum of memory_limit_mb (botspec.spec).
 MIN_MEMORY_LIMIT_MB = MIN_MEMORY_MB
 DEFAULT_GRACEFUL_TIMEOUT_S = FleetDefaults().graceful_timeout_s
+DEFAULT_OPEN_FILES = Limits().open_files
 BOT_NAME = re.compile(NAME_PATTERN)
 _ENV_KEY = re.compile(r"^[A-Z_][A-Z0-9_]*$")
+_ACCOUNT = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")  # what useradd accepts, minus oddities
 # A newline would start a new option; circus's parser cuts a value at a ";"
 # that follows whitespace (inline comment) and substitutes $(circus.x) and
 # ((circus.x)) in watcher options; "%" would be interpolated by any stock
@@ -106,10 +108,23 @@ class BotWatcher:
     # In the env so that a new configuration changes the watcher: reloadconfig
     # then restarts that bot (config.json alone is invisible to circusd).
     generation: int = 0
+    open_files: int = DEFAULT_OPEN_FILES
+    # RLIMIT_NPROC counts every process of the user: None (not set) when the bot
+    # shares the fleet's user, where one bot's threads would starve another.
+    processes: int | None = None
+    user: str | None = None  # the bot's own system user; None: the fleet's user
+    group: str | None = None
 
     def __post_init__(self) -> None:
         if not BOT_NAME.fullmatch(self.name):
             raise InvalidWatcherValue(f"bot name {self.name!r} must match {BOT_NAME.pattern}")
+        if (self.user is None) != (self.group is None):
+            raise InvalidWatcherValue("a bot's user and group go together")
+        for account in (self.user, self.group):
+            if account is not None and not _ACCOUNT.fullmatch(account):
+                raise InvalidWatcherValue(f"{account!r} is not a user or group name")
+        if self.open_files < 1 or (self.processes is not None and self.processes < 1):
+            raise InvalidWatcherValue("open_files and processes must be positive")
         if self.memory_limit_mb < MIN_MEMORY_LIMIT_MB:
             raise InvalidWatcherValue(
                 f"memory_limit_mb {self.memory_limit_mb} is below {MIN_MEMORY_LIMIT_MB}: "
@@ -278,21 +293,32 @@ def render_circus_ini(
 
 
 def render_watcher(
-    home: Home, bot: BotWatcher, *, python: str, log: LogRotation = LogRotation()
+    home: Home,
+    bot: BotWatcher,
+    *,
+    python: str,
+    pythonpath: Sequence[str] = (),
+    log: LogRotation = LogRotation(),
 ) -> str:
     """The text of ``<home>/bots.d/<name>.ini``: the Circus watcher ``bot-<name>``.
 
     Its env is a fixed minimal set (no secrets: ``circusctl options`` shows
-    env); the bot reads its token/session from ``config.json``.
+    env), plus ``PYTHONPATH`` when ``pythonpath`` names plugin dirs; the bot
+    reads its token/session from ``config.json``.
     """
     if not os.path.isabs(python):
         raise InvalidWatcherValue(f"python {python!r} must be absolute (watchers get no PATH)")
+    for entry in pythonpath:
+        if not os.path.isabs(entry) or ":" in entry:
+            raise InvalidWatcherValue(f"plugin dir {entry!r} must be absolute, without ':'")
     out, err = _logs(home, bot.watcher_name)
     env = _base_env(home, home_env=home.bot_dir(bot.name))
     # Fewer malloc arenas: less address space and fragmentation per bot thread.
     env["MALLOC_ARENA_MAX"] = "2"
     env["TGFLEET_GENERATION"] = str(bot.generation)
     del env["TGFLEET_HOME"]  # a bot knows only its own config file
+    if pythonpath:
+        env["PYTHONPATH"] = ":".join(pythonpath)
     return _ENV.get_template(WATCHER_TEMPLATE).render(
         name=bot.name,
         watcher=bot.watcher_name,
@@ -303,6 +329,10 @@ def render_watcher(
         max_retry=bot.max_retry,
         graceful_timeout=float(bot.graceful_timeout_s),
         rlimit_data=bot.memory_limit_mb * MIB,
+        rlimit_nofile=bot.open_files,
+        rlimit_nproc=bot.processes,
+        user=bot.user,
+        group=bot.group,
         stdout_log=out,
         stderr_log=err,
         log=log,
@@ -310,14 +340,22 @@ def render_watcher(
     )
 
 
-def write_atomic(path: Path, text: str, mode: int = 0o600) -> bool:
+def write_atomic(
+    path: Path, text: str, mode: int = 0o600, owner: tuple[int, int] | None = None
+) -> bool:
     """Write ``text`` to ``path`` via a temp file and rename; False when unchanged.
 
     Readers (circusd's reloadconfig) see the old file or the new one, never a
-    half-written one. The temp file gets ``mode`` before any byte is written.
+    half-written one. The temp file gets ``mode`` (and ``owner``, uid and gid)
+    before any byte is written.
     """
     try:
-        if path.read_text() == text and (path.stat().st_mode & 0o777) == mode:
+        info = path.stat()
+        if (
+            path.read_text() == text
+            and (info.st_mode & 0o777) == mode
+            and (owner is None or (info.st_uid, info.st_gid) == owner)
+        ):
             return False
     except FileNotFoundError:
         pass
@@ -325,6 +363,8 @@ def write_atomic(path: Path, text: str, mode: int = 0o600) -> bool:
     tmp = Path(tmp_name)
     try:
         os.fchmod(fd, mode)
+        if owner is not None:
+            os.fchown(fd, *owner)
         with os.fdopen(fd, "w") as handle:
             handle.write(text)
             handle.flush()
