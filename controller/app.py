@@ -22,6 +22,7 @@ from aiohttp import web
 from botspec import protocol
 from controller.api import build_app, hash_token, new_token
 from controller.botfiles import BotFiles
+from controller.botusers import BotUsers
 from controller.bus import BusServer
 from controller.circus import CircusClient, watch_events
 from controller.errors import StoreUnavailable
@@ -129,7 +130,9 @@ async def serve(home: Home) -> int:
     await ensure_admin_token(home, store)
     supervisor = CircusClient(home.circus_endpoint)
     bus = BusServer(home.bus_endpoint)
-    files = BotFiles(home, sys.executable)
+    users = BotUsers(home)
+    users.share_socket(home.bus_socket)  # every bot's user connects to it; nobody else
+    files = BotFiles(home, sys.executable, users=users, plugin_path=settings.plugin_path)
 
     def fan_out(topic: str, event: protocol.Event) -> None:
         for name in fleet.subscribers(topic):

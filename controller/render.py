@@ -197,6 +197,13 @@ def _base_env(home: Home, *, home_env: Path) -> dict[str, str]:
     }
 
 
+def _pythonpath(dirs: Sequence[str]) -> str:
+    for entry in dirs:
+        if not os.path.isabs(entry) or ":" in entry:
+            raise InvalidWatcherValue(f"plugin dir {entry!r} must be absolute, without ':'")
+    return ":".join(dirs)
+
+
 def _logs(home: Home, watcher: str) -> tuple[Path, Path]:
     return home.watcher_log(watcher, "out"), home.watcher_log(watcher, "err")
 
@@ -210,6 +217,7 @@ def render_circus_ini(
     sandbox: SandboxWatcher | None,
     check_delay: float = 0.5,
     controller_argv: Sequence[str] | None = None,
+    plugin_path: Sequence[str] = (),
     log: LogRotation = LogRotation(),
 ) -> str:
     """The text of ``<home>/circus.ini``: circusd's endpoints and the fleet's own watchers.
@@ -217,6 +225,8 @@ def render_circus_ini(
     ``controller_argv`` replaces the controller's command line (tests run a
     stand-in); by default it is ``<python> -m controller serve --home <home>``.
     Bots are not here: circusd reads them from ``include_dir = <home>/bots.d``.
+    ``plugin_path`` goes on the controller's PYTHONPATH too: it checks that a
+    bot's plugins can be imported where the bot will look for them.
     """
     if not os.path.isabs(python):
         raise InvalidWatcherValue(f"python {python!r} must be absolute (watchers get no PATH)")
@@ -267,6 +277,8 @@ def render_circus_ini(
         )
     out, err = _logs(home, "controller")
     controller_env = _base_env(home, home_env=home.root) | {"TGFLEET_LISTEN": listen}
+    if plugin_path:
+        controller_env["PYTHONPATH"] = _pythonpath(plugin_path)
     watchers.append(
         _Watcher(
             name="controller",
@@ -308,9 +320,6 @@ def render_watcher(
     """
     if not os.path.isabs(python):
         raise InvalidWatcherValue(f"python {python!r} must be absolute (watchers get no PATH)")
-    for entry in pythonpath:
-        if not os.path.isabs(entry) or ":" in entry:
-            raise InvalidWatcherValue(f"plugin dir {entry!r} must be absolute, without ':'")
     out, err = _logs(home, bot.watcher_name)
     env = _base_env(home, home_env=home.bot_dir(bot.name))
     # Fewer malloc arenas: less address space and fragmentation per bot thread.
@@ -318,7 +327,7 @@ def render_watcher(
     env["TGFLEET_GENERATION"] = str(bot.generation)
     del env["TGFLEET_HOME"]  # a bot knows only its own config file
     if pythonpath:
-        env["PYTHONPATH"] = ":".join(pythonpath)
+        env["PYTHONPATH"] = _pythonpath(pythonpath)
     return _ENV.get_template(WATCHER_TEMPLATE).render(
         name=bot.name,
         watcher=bot.watcher_name,
