@@ -170,7 +170,8 @@ class BotUsers:
         """Let the fleet's bots connect to the unix socket ``path`` (0660, the fleet group)."""
         if not self.enabled:
             return
-        os.chown(path, 0, grp.getgrnam(self.fleet_group).gr_gid)
+        # ensure: a controller started on its own (no `tgfleet up` before it) works too
+        os.chown(path, 0, ensure_group(self.fleet_group).gr_gid)
         path.chmod(0o660)
 
     # --------------------------------------------------------------- per bot
