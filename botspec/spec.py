@@ -215,6 +215,26 @@ class Health(ProcessHealth, frozen=True, forbid_unknown_fields=True, kw_only=Tru
     ) = None
 
 
+class Limits(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Kernel limits on the bot's process (rlimits; core dumps are always off)."""
+
+    open_files: Annotated[
+        int,
+        Meta(ge=64, le=65536, description="Files and sockets open at once (RLIMIT_NOFILE)."),
+    ] = 1024
+    processes: Annotated[
+        int,
+        Meta(
+            ge=16,
+            le=4096,
+            description=(
+                "Processes and threads of the bot's user (RLIMIT_NPROC); applied only when "
+                "tgfleet runs as root, where each bot has a user of its own."
+            ),
+        ),
+    ] = 256
+
+
 class FleetDefaults(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """Every field a bot may leave to the fleet defaults, with its built-in default."""
 
@@ -228,6 +248,7 @@ class FleetDefaults(Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tru
     subscribe: Topics = ()
     telegram: Telegram = Telegram()
     health: Health = Health()
+    limits: Limits = Limits()
 
 
 class BotSpec(FleetDefaults, frozen=True, forbid_unknown_fields=True, kw_only=True):

@@ -24,6 +24,7 @@ from botspec import protocol
 from controller.api import build_app, hash_token, new_token
 from controller.atomicfile import write_atomic
 from controller.botfiles import BotFiles
+from controller.botusers import BotUsers
 from controller.bus import BusServer
 from controller.buskeys import BusKeys
 from controller.circus import CircusClient, watch_events
@@ -161,7 +162,9 @@ async def serve(home: Home) -> int:
     supervisor = CircusClient(home.circus_endpoint)
     bus_keys = BusKeys.open(home)
     bus = BusServer(home.bus_endpoint, bus_keys)
-    files = BotFiles(home, sys.executable, bus_keys)
+    users = BotUsers(home)
+    users.share_socket(home.bus_socket)  # every bot's user connects to it; nobody else
+    files = BotFiles(home, sys.executable, bus_keys, users=users, plugin_path=settings.plugin_path)
 
     def fan_out(topic: str, event: protocol.Event) -> None:
         for name in fleet.subscribers(topic):

@@ -7,14 +7,22 @@ import tempfile
 from pathlib import Path
 
 
-def write_atomic(path: Path, text: str, mode: int = 0o600) -> bool:
+def write_atomic(
+    path: Path, text: str, mode: int = 0o600, owner: tuple[int, int] | None = None
+) -> bool:
     """Write ``text`` to ``path`` via a temp file and rename; False when unchanged.
 
     Readers (circusd's reloadconfig) see the old file or the new one, never a
-    half-written one. The temp file gets ``mode`` before any byte is written.
+    half-written one. The temp file gets ``mode`` (and ``owner``, uid and gid)
+    before any byte is written.
     """
     try:
-        if path.read_text() == text and (path.stat().st_mode & 0o777) == mode:
+        info = path.stat()
+        if (
+            path.read_text() == text
+            and (info.st_mode & 0o777) == mode
+            and (owner is None or (info.st_uid, info.st_gid) == owner)
+        ):
             return False
     except FileNotFoundError:
         pass
@@ -22,6 +30,8 @@ def write_atomic(path: Path, text: str, mode: int = 0o600) -> bool:
     tmp = Path(tmp_name)
     try:
         os.fchmod(fd, mode)
+        if owner is not None:
+            os.fchown(fd, *owner)
         with os.fdopen(fd, "w") as handle:
             handle.write(text)
             handle.flush()

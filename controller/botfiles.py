@@ -2,20 +2,27 @@
 
 from __future__ import annotations
 
+import os
 import re
+import resource
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 from botspec.config import BotConfig, RuntimeTelegram, dump
 from botspec.spec import process_health
 from controller.atomicfile import write_atomic
+from controller.botusers import BotAccount, BotUsers
 from controller.buskeys import BusKeys, IssuedKey
 from controller.home import Home
 from controller.reconcile import Rendered
 from controller.render import BotWatcher, render_watcher
 from controller.spec import EffectiveSpec
 
-_MARK = re.compile(r"^# tgfleet: generation=(\d+) autostart=(true|false)$", re.M)
+# The user is in the mark so that a file rendered for another user (before an
+# upgrade that brought a user per bot) is rendered again, which restarts the bot.
+_MARK = re.compile(r"^# tgfleet: generation=(\d+) autostart=(true|false) user=(\S+)$", re.M)
+_FLEET_USER = "-"
 
 
 def runtime_config(
@@ -50,31 +57,54 @@ def runtime_config(
 
 
 class BotFiles:
-    """Writes, reads back and removes what a bot needs on disk, its bus key included."""
+    """Writes, reads back and removes what a bot needs on disk (its bus key included),
+    owned by the bot's user."""
 
-    def __init__(self, home: Home, python: str, keys: BusKeys) -> None:
+    def __init__(
+        self,
+        home: Home,
+        python: str,
+        keys: BusKeys,
+        *,
+        users: BotUsers | None = None,
+        plugin_path: Sequence[str] = (),
+    ) -> None:
         self.home = home
         self.python = python
         self.keys = keys
+        self.users = users if users is not None else BotUsers(home, enabled=False)
+        self.plugin_path = tuple(plugin_path)
         self._rendered: dict[str, Rendered] = {}
 
     def write(self, name: str, generation: int, spec: EffectiveSpec, autostart: bool) -> None:
+        account = self.users.ensure(name)
         bot_dir = self.home.bot_dir(name)
         bot_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         bot_dir.chmod(0o700)
+        owner = None
+        if account is not None:
+            owner = (account.uid, account.gid)
+            _own_tree(bot_dir, account)
         # Each write gives the bot a new bus key pair (the keyring still accepts the
         # previous one, for the process running until the reload restarts it).
         config = runtime_config(self.home, name, generation, spec, self.keys.issue(name))
-        write_atomic(self.home.bot_config(name), dump(config).decode(), 0o600)
+        write_atomic(self.home.bot_config(name), dump(config).decode(), 0o600, owner)
         bot = BotWatcher(
             name=name,
             autostart=autostart,
             memory_limit_mb=spec.memory_limit_mb,
             graceful_timeout_s=spec.graceful_timeout_s,
             generation=generation,
+            open_files=_open_files(spec.limits.open_files, as_root=account is not None),
+            processes=spec.limits.processes if account is not None else None,
+            user=account.user if account is not None else None,
+            group=account.group if account is not None else None,
         )
-        watcher = render_watcher(self.home, bot, python=self.python)
-        header = f"# tgfleet: generation={generation} autostart={str(autostart).lower()}\n"
+        watcher = render_watcher(self.home, bot, python=self.python, pythonpath=self.plugin_path)
+        user = account.user if account is not None else _FLEET_USER
+        header = (
+            f"# tgfleet: generation={generation} autostart={str(autostart).lower()} user={user}\n"
+        )
         write_atomic(self.home.watcher_file(name), header + watcher, 0o600)
         self._rendered[name] = Rendered(generation, autostart)
 
@@ -89,7 +119,8 @@ class BotFiles:
                 found = _MARK.search(path.read_text(encoding="utf-8"))
             except FileNotFoundError:
                 return None
-            if found is None or not self.home.bot_config(name).exists():
+            user = self.users.user_name(name) or _FLEET_USER
+            if found is None or found.group(3) != user or not self.home.bot_config(name).exists():
                 return None
             self._rendered[name] = Rendered(int(found.group(1)), found.group(2) == "true")
         return self._rendered[name]
@@ -103,8 +134,28 @@ class BotFiles:
         self._rendered.pop(name, None)
 
     def remove_private(self, name: str) -> None:
-        """The bot is destroyed: its dir and config go, and its bus keys are forgotten."""
+        """The bot is destroyed: its dir and config go, its bus keys are forgotten, and
+        its user: a later bot of that name inherits nothing."""
         self.keys.forget(name)
         path: Path = self.home.bot_dir(name)
         if path.exists():
             shutil.rmtree(path)
+        self.users.remove(name)
+
+
+def _own_tree(bot_dir: Path, account: BotAccount) -> None:
+    """Give the bot's dir and what is in it to its user (a dir written before the bot
+    had a user of its own holds root's files: its session among them)."""
+    for path in (bot_dir, *bot_dir.rglob("*")):
+        info = path.lstat()
+        if (info.st_uid, info.st_gid) != (account.uid, account.gid):
+            os.lchown(path, account.uid, account.gid)
+
+
+def _open_files(wanted: int, *, as_root: bool) -> int:
+    """RLIMIT_NOFILE for the bot: circusd (not root) cannot raise it past its own hard limit,
+    and would then fail to start the bot at all."""
+    if as_root:
+        return wanted
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)

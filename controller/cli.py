@@ -175,6 +175,9 @@ def up(
             sandbox_listen=os.environ.get("TGFLEET_SANDBOX_LISTEN", DEFAULT_SANDBOX_LISTEN),
             sandbox_admin=os.environ.get("TGFLEET_SANDBOX_ADMIN", DEFAULT_SANDBOX_ADMIN),
             webhook_url=os.environ.get("TGFLEET_WEBHOOK_URL") or None,
+            plugin_path=tuple(
+                entry for entry in os.environ.get("TGFLEET_PLUGIN_PATH", "").split(":") if entry
+            ),
             database_timeout_s=env_number(
                 os.environ, "TGFLEET_DATABASE_TIMEOUT_S", DEFAULT_DATABASE_TIMEOUT_S
             ),

@@ -16,7 +16,6 @@ import logging
 import os
 import pwd
 import shutil
-import stat
 import subprocess
 import time
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from pathlib import Path
 import asyncpg
 
 from controller.home import Home
+from controller.sysusers import SystemUserError, ensure_system_user, open_path_prefix, open_tree
 
 log = logging.getLogger(__name__)
 
@@ -83,61 +83,21 @@ def pgserver_bin_dir() -> Path:
     return bin_dir
 
 
-def _ensure_system_user(name: str) -> pwd.struct_passwd:
+def _pg_user() -> pwd.struct_passwd:
     try:
-        return pwd.getpwnam(name)
-    except KeyError:
-        pass
-    useradd = shutil.which("useradd")
-    if useradd is None:
-        raise EmbeddedPgError(f"running as root, user {name!r} is missing and there is no useradd")
-    result = subprocess.run(
-        [useradd, "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if result.returncode != 0:
-        raise EmbeddedPgError(f"useradd {name} failed: {result.stderr.strip()}")
-    log.info("created system user %s to run PostgreSQL (it refuses to run as root)", name)
-    return pwd.getpwnam(name)
-
-
-def _add_mode(path: Path, bits: int) -> bool:
-    mode = path.stat().st_mode
-    if mode & bits == bits:
-        return False
-    path.chmod(stat.S_IMODE(mode) | bits)
-    log.info("chmod %s: added %o so that %s can reach it", path, bits, PG_SYSTEM_USER)
-    return True
-
-
-def open_path_prefix(path: Path) -> list[Path]:
-    """Give others search (o+x, not read) on every ancestor of ``path``.
-
-    Returns the dirs whose mode changed.
-    """
-    return [parent for parent in path.parents if _add_mode(parent, stat.S_IXOTH)]
+        user, created = ensure_system_user(PG_SYSTEM_USER)
+    except SystemUserError as exc:
+        raise EmbeddedPgError(str(exc)) from exc
+    if created:
+        log.info(
+            "created system user %s to run PostgreSQL (it refuses to run as root)", user.pw_name
+        )
+    return user
 
 
 def _open_pginstall(bin_dir: Path) -> list[Path]:
     """Let another user read the PostgreSQL install and run its programs."""
-    install = bin_dir.parent
-    changed = open_path_prefix(install)
-    for root, dirs, files in os.walk(install):
-        root_path = Path(root)
-        if _add_mode(root_path, stat.S_IROTH | stat.S_IXOTH):
-            changed.append(root_path)
-        for file in files:
-            file_path = root_path / file
-            if file_path.is_symlink():
-                continue
-            executable = file_path.stat().st_mode & stat.S_IXUSR
-            bits = stat.S_IROTH | (stat.S_IXOTH if executable else 0)
-            if _add_mode(file_path, bits):
-                changed.append(file_path)
-        dirs.sort()
-    return changed
+    return open_tree(bin_dir.parent)
 
 
 def prepare_embedded_pg(home: Home) -> PgWatcher:
@@ -149,7 +109,7 @@ def prepare_embedded_pg(home: Home) -> PgWatcher:
     """
     bin_dir = pgserver_bin_dir()
     as_root = os.geteuid() == 0
-    user = _ensure_system_user(PG_SYSTEM_USER) if as_root else None
+    user = _pg_user() if as_root else None
 
     home.pg_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     home.pg_run.mkdir(exist_ok=True, mode=0o700)

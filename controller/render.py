@@ -19,7 +19,7 @@ from pathlib import Path
 
 import jinja2
 
-from botspec.spec import MIN_MEMORY_MB, NAME_PATTERN, FleetDefaults
+from botspec.spec import MIN_MEMORY_MB, NAME_PATTERN, FleetDefaults, Limits
 from controller.home import Home
 from controller.pg import PgWatcher
 
@@ -39,8 +39,10 @@ MIB = 1024 * 1024
 # That floor is the spec's own minimum of memory_limit_mb (botspec.spec).
 MIN_MEMORY_LIMIT_MB = MIN_MEMORY_MB
 DEFAULT_GRACEFUL_TIMEOUT_S = FleetDefaults().graceful_timeout_s
+DEFAULT_OPEN_FILES = Limits().open_files
 BOT_NAME = re.compile(NAME_PATTERN)
 _ENV_KEY = re.compile(r"^[A-Z_][A-Z0-9_]*$")
+_ACCOUNT = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")  # what useradd accepts, minus oddities
 # A newline would start a new option; circus's parser cuts a value at a ";"
 # that follows whitespace (inline comment) and substitutes $(circus.x) and
 # ((circus.x)) in watcher options; "%" would be interpolated by any stock
@@ -105,10 +107,23 @@ class BotWatcher:
     # In the env so that a new configuration changes the watcher: reloadconfig
     # then restarts that bot (config.json alone is invisible to circusd).
     generation: int = 0
+    open_files: int = DEFAULT_OPEN_FILES
+    # RLIMIT_NPROC counts every process of the user: None (not set) when the bot
+    # shares the fleet's user, where one bot's threads would starve another.
+    processes: int | None = None
+    user: str | None = None  # the bot's own system user; None: the fleet's user
+    group: str | None = None
 
     def __post_init__(self) -> None:
         if not BOT_NAME.fullmatch(self.name):
             raise InvalidWatcherValue(f"bot name {self.name!r} must match {BOT_NAME.pattern}")
+        if (self.user is None) != (self.group is None):
+            raise InvalidWatcherValue("a bot's user and group go together")
+        for account in (self.user, self.group):
+            if account is not None and not _ACCOUNT.fullmatch(account):
+                raise InvalidWatcherValue(f"{account!r} is not a user or group name")
+        if self.open_files < 1 or (self.processes is not None and self.processes < 1):
+            raise InvalidWatcherValue("open_files and processes must be positive")
         if self.memory_limit_mb < MIN_MEMORY_LIMIT_MB:
             raise InvalidWatcherValue(
                 f"memory_limit_mb {self.memory_limit_mb} is below {MIN_MEMORY_LIMIT_MB}: "
@@ -181,6 +196,13 @@ def _base_env(home: Home, *, home_env: Path) -> dict[str, str]:
     }
 
 
+def _pythonpath(dirs: Sequence[str]) -> str:
+    for entry in dirs:
+        if not os.path.isabs(entry) or ":" in entry:
+            raise InvalidWatcherValue(f"plugin dir {entry!r} must be absolute, without ':'")
+    return ":".join(dirs)
+
+
 def _logs(home: Home, watcher: str) -> tuple[Path, Path]:
     return home.watcher_log(watcher, "out"), home.watcher_log(watcher, "err")
 
@@ -194,6 +216,7 @@ def render_circus_ini(
     sandbox: SandboxWatcher | None,
     check_delay: float = 0.5,
     controller_argv: Sequence[str] | None = None,
+    plugin_path: Sequence[str] = (),
     log: LogRotation = LogRotation(),
 ) -> str:
     """The text of ``<home>/circus.ini``: circusd's endpoints and the fleet's own watchers.
@@ -201,6 +224,8 @@ def render_circus_ini(
     ``controller_argv`` replaces the controller's command line (tests run a
     stand-in); by default it is ``<python> -m controller serve --home <home>``.
     Bots are not here: circusd reads them from ``include_dir = <home>/bots.d``.
+    ``plugin_path`` goes on the controller's PYTHONPATH too: it checks that a
+    bot's plugins can be imported where the bot will look for them.
     """
     if not os.path.isabs(python):
         raise InvalidWatcherValue(f"python {python!r} must be absolute (watchers get no PATH)")
@@ -251,6 +276,8 @@ def render_circus_ini(
         )
     out, err = _logs(home, "controller")
     controller_env = _base_env(home, home_env=home.root) | {"TGFLEET_LISTEN": listen}
+    if plugin_path:
+        controller_env["PYTHONPATH"] = _pythonpath(plugin_path)
     watchers.append(
         _Watcher(
             name="controller",
@@ -277,12 +304,18 @@ def render_circus_ini(
 
 
 def render_watcher(
-    home: Home, bot: BotWatcher, *, python: str, log: LogRotation = LogRotation()
+    home: Home,
+    bot: BotWatcher,
+    *,
+    python: str,
+    pythonpath: Sequence[str] = (),
+    log: LogRotation = LogRotation(),
 ) -> str:
     """The text of ``<home>/bots.d/<name>.ini``: the Circus watcher ``bot-<name>``.
 
     Its env is a fixed minimal set (no secrets: ``circusctl options`` shows
-    env); the bot reads its token/session from ``config.json``.
+    env), plus ``PYTHONPATH`` when ``pythonpath`` names plugin dirs; the bot
+    reads its token/session from ``config.json``.
     """
     if not os.path.isabs(python):
         raise InvalidWatcherValue(f"python {python!r} must be absolute (watchers get no PATH)")
@@ -292,6 +325,8 @@ def render_watcher(
     env["MALLOC_ARENA_MAX"] = "2"
     env["TGFLEET_GENERATION"] = str(bot.generation)
     del env["TGFLEET_HOME"]  # a bot knows only its own config file
+    if pythonpath:
+        env["PYTHONPATH"] = _pythonpath(pythonpath)
     return _ENV.get_template(WATCHER_TEMPLATE).render(
         name=bot.name,
         watcher=bot.watcher_name,
@@ -302,6 +337,10 @@ def render_watcher(
         max_retry=bot.max_retry,
         graceful_timeout=float(bot.graceful_timeout_s),
         rlimit_data=bot.memory_limit_mb * MIB,
+        rlimit_nofile=bot.open_files,
+        rlimit_nproc=bot.processes,
+        user=bot.user,
+        group=bot.group,
         stdout_log=out,
         stderr_log=err,
         log=log,

@@ -61,6 +61,8 @@ class ControllerSettings:
     sandbox_listen: str | None = None
     sandbox_admin: str | None = None
     webhook_url: str | None = None  # POSTed a JSON body when a bot is given up on (failed)
+    # Dirs put on every bot's PYTHONPATH (plugins that are not installed in the venv).
+    plugin_path: tuple[str, ...] = ()
     # The bound on every query and pool acquire; the API answers within it.
     database_timeout_s: float = DEFAULT_DATABASE_TIMEOUT_S
     # Events older than this, or beyond the newest count, are pruned.
@@ -90,6 +92,8 @@ class ControllerSettings:
             raise SettingsError(f"{path} is not valid JSON: {exc}") from exc
         if not isinstance(raw, dict):
             raise SettingsError(f"{path} must hold a JSON object")
+        if isinstance(raw.get("plugin_path"), list):
+            raw["plugin_path"] = tuple(raw["plugin_path"])
         try:
             settings = cls(**raw)
         except TypeError as exc:
@@ -114,5 +118,8 @@ class ControllerSettings:
             raise SettingsError(
                 f"event_retention_count must be at least 1, not {self.event_retention_count}"
             )
+        for entry in self.plugin_path:
+            if not entry.startswith("/") or ":" in entry:
+                raise SettingsError(f"plugin dir {entry!r} must be an absolute path")
         if self.outbox_limit < 1:
             raise SettingsError(f"outbox_limit must be at least 1, not {self.outbox_limit}")

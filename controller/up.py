@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from controller.atomicfile import write_atomic
+from controller.botusers import BotUsers, bot_code_paths
 from controller.circus import CircusClient, SupervisorError
 from controller.home import Home
 from controller.pg import prepare_embedded_pg
@@ -35,6 +36,7 @@ from controller.settings import (
     is_loopback,
     parse_hostport,
 )
+from controller.sysusers import SystemUserError
 
 API_WAIT_S = 90.0
 STOP_WAIT_S = 60.0
@@ -53,6 +55,7 @@ class UpOptions:
     sandbox_listen: str = DEFAULT_SANDBOX_LISTEN
     sandbox_admin: str = DEFAULT_SANDBOX_ADMIN
     webhook_url: str | None = None
+    plugin_path: tuple[str, ...] = ()
     database_timeout_s: float = DEFAULT_DATABASE_TIMEOUT_S
     event_retention_days: float = DEFAULT_EVENT_RETENTION_DAYS
     event_retention_count: int = DEFAULT_EVENT_RETENTION_COUNT
@@ -133,13 +136,23 @@ def prepare(options: UpOptions) -> ControllerSettings:
     if not database_url:
         pg = prepare_embedded_pg(home)
         database_url = pg.dsn
+    try:
+        # As root: the bots' group, and the code every bot user must read (o+r, never o+w).
+        BotUsers(home).prepare(bot_code_paths(sys.executable, options.plugin_path))
+    except SystemUserError as exc:
+        raise UpError(f"cannot prepare the bots' users: {exc}") from exc
     sandbox = None
     if options.demo:
         parse_hostport(options.sandbox_listen, "--sandbox-listen")
         parse_hostport(options.sandbox_admin, "--sandbox-admin")
         sandbox = SandboxWatcher(options.sandbox_listen, options.sandbox_admin, home.sandbox_dir)
     text = render_circus_ini(
-        home, python=sys.executable, listen=options.listen, embedded_pg=pg, sandbox=sandbox
+        home,
+        python=sys.executable,
+        listen=options.listen,
+        embedded_pg=pg,
+        sandbox=sandbox,
+        plugin_path=options.plugin_path,
     )
     write_atomic(home.circus_ini, text, 0o600)
     write_atomic(home.circus_endpoint_file, home.circus_endpoint + "\n", 0o644)
@@ -150,6 +163,7 @@ def prepare(options: UpOptions) -> ControllerSettings:
         sandbox_listen=options.sandbox_listen if options.demo else None,
         sandbox_admin=options.sandbox_admin if options.demo else None,
         webhook_url=options.webhook_url,
+        plugin_path=options.plugin_path,
         database_timeout_s=options.database_timeout_s,
         event_retention_days=options.event_retention_days,
         event_retention_count=options.event_retention_count,

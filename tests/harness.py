@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 
 import psutil
 
+from controller.botusers import BotUsers
 from controller.client import ApiClient, ApiError, ApiUnreachable
 from controller.home import Home
 
@@ -552,11 +553,13 @@ class Fleet:
         return found
 
     def kill_leftovers(self) -> None:
-        """Kill whatever of this fleet still runs, and drop its external database."""
+        """Kill whatever of this fleet still runs, remove its bots' users (as root) and
+        drop its external database."""
         for proc in psutil.process_iter(["cmdline"]):
             if str(self.home.root) in " ".join(proc.info["cmdline"] or []):
                 with contextlib.suppress(psutil.Error):
                     proc.kill()
+        BotUsers(self.home).remove_all()
         if self.database is not None and EXTERNAL_DSN is not None:
             drop_database(EXTERNAL_DSN, self.database)
             self.database = None

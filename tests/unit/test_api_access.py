@@ -19,6 +19,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from controller.access import AuthThrottle, allows, parse_duration, token_in_query
 from controller.api import OPENAPI, ROUTES, THROTTLE, build_app, hash_token
 from controller.botfiles import BotFiles
+from controller.buskeys import BusKeys
 from controller.circus import FakeSupervisor
 from controller.fleet import Fleet
 from controller.home import Home
@@ -79,7 +80,11 @@ async def api(tmp_path: Path) -> AsyncIterator[Api]:
     home = Home(tmp_path / "home")
     for directory in (home.root, home.bots_d, home.bots_dir, home.logs_dir):
         directory.mkdir(parents=True, exist_ok=True)
-    fleet = Fleet(store, FakeSupervisor(bots_d=home.bots_d), BotFiles(home, sys.executable))
+    fleet = Fleet(
+        store,
+        FakeSupervisor(bots_d=home.bots_d),
+        BotFiles(home, sys.executable, BusKeys.open(home)),
+    )
     await store.ensure_token("admin", hash_token(TOKENS["admin"]))
     await store.add_token("ops", hash_token(TOKENS["ops"]), "operate", None)
     await store.add_token("viewer", hash_token(TOKENS["viewer"]), "read", None)

@@ -62,6 +62,8 @@ def test_bot_watcher_every_field() -> None:
         "stop_signal": "TERM",
         "graceful_timeout": "5.0",
         "rlimit_data": str(256 * 1024 * 1024),
+        "rlimit_nofile": "1024",
+        "rlimit_core": "0",
         "stdout_stream.class": "FileStream",
         "stdout_stream.filename": "/srv/fleet/logs/bot-shop.out.log",
         "stdout_stream.max_bytes": str(10 * 1024 * 1024),
@@ -88,6 +90,10 @@ def test_bot_watcher_every_field() -> None:
         (BotWatcher("a", autostart=True, memory_limit_mb=1024), "rlimit_data", "1073741824"),
         (BotWatcher("a", True, 128, graceful_timeout_s=12), "graceful_timeout", "12.0"),
         (BotWatcher("a", True, 128, max_retry=-1), "max_retry", "-1"),
+        (BotWatcher("a", True, 128, open_files=4096), "rlimit_nofile", "4096"),
+        (BotWatcher("a", True, 128, processes=64), "rlimit_nproc", "64"),
+        (BotWatcher("a", True, 128, user="tgf-0123", group="tgf-0123"), "uid", "tgf-0123"),
+        (BotWatcher("a", True, 128, user="tgf-0123", group="tgf-0123"), "gid", "tgf-0123"),
     ],
 )
 def test_bot_watcher_values(bot: BotWatcher, field: str, expected: str) -> None:
@@ -103,6 +109,9 @@ def test_bot_watcher_values(bot: BotWatcher, field: str, expected: str) -> None:
         lambda: BotWatcher("shop", True, MIN_MEMORY_LIMIT_MB - 1),
         lambda: BotWatcher("shop", True, 256, graceful_timeout_s=0),
         lambda: BotWatcher("shop", True, 256, max_retry=-2),
+        lambda: BotWatcher("shop", True, 256, user="tgf-0123"),
+        lambda: BotWatcher("shop", True, 256, open_files=0),
+        lambda: BotWatcher("shop", True, 256, user="tgf-x", group="tgf-x\nuid = root"),
     ],
 )
 def test_bot_watcher_refuses_bad_spec(make: object) -> None:
@@ -120,6 +129,10 @@ def test_no_secret_can_reach_the_watcher_file() -> None:
         "graceful_timeout_s",
         "max_retry",
         "generation",
+        "open_files",
+        "processes",
+        "user",
+        "group",
     }
     text = render_watcher(HOME, BotWatcher("shop", True, 256), python=PY)
     for word in ("token", "session", "api_hash", "secret", "TGFLEET_DATABASE_URL"):
@@ -264,7 +277,20 @@ def test_circus_itself_reads_what_we_render(tmp_path: Path) -> None:
     )
     write_atomic(
         home.watcher_file("shop"),
-        render_watcher(home, BotWatcher("shop", False, 200, graceful_timeout_s=3), python=PY),
+        render_watcher(
+            home,
+            BotWatcher(
+                "shop",
+                False,
+                200,
+                graceful_timeout_s=3,
+                processes=100,
+                user="nobody",
+                group="nogroup",
+            ),
+            python=PY,
+            pythonpath=["/srv/plugins"],
+        ),
     )
     config = get_config(str(home.circus_ini))
     assert config["check_delay"] == 0.5
@@ -276,7 +302,8 @@ def test_circus_itself_reads_what_we_render(tmp_path: Path) -> None:
     watchers = {w["name"]: w for w in config["watchers"]}
     assert set(watchers) == {"controller", "postgres", "bot-shop"}
     bot = watchers["bot-shop"]
-    assert bot["rlimits"] == {"data": 200 * 1024 * 1024}
+    assert bot["rlimits"] == {"data": 200 * 1024 * 1024, "nofile": 1024, "nproc": 100, "core": 0}
+    assert (bot["uid"], bot["gid"]) == ("nobody", "nogroup")
     assert bot["autostart"] is False
     assert bot["graceful_timeout"] == 3.0
     assert bot["copy_env"] is False
@@ -287,6 +314,7 @@ def test_circus_itself_reads_what_we_render(tmp_path: Path) -> None:
         "LANG": "C.UTF-8",
         "MALLOC_ARENA_MAX": "2",
         "PYTHONUNBUFFERED": "1",
+        "PYTHONPATH": "/srv/plugins",
         "TGFLEET_GENERATION": "0",
     }
     assert watchers["postgres"]["stop_signal"] == 2

@@ -1,0 +1,154 @@
+"""System users and groups, and what other users may reach on disk.
+
+The OS edge of running processes as users other than root: ``useradd`` /
+``userdel`` / ``groupadd``, and the chmods that let such a user reach code it
+must run. Used by the embedded PostgreSQL (its ``pgserver`` user) and by the
+bot users (``controller.botusers``). Nothing here decides *who* gets a user.
+"""
+
+from __future__ import annotations
+
+import grp
+import logging
+import os
+import pwd
+import shutil
+import stat
+import subprocess
+from collections.abc import Iterable
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+TOOL_TIMEOUT_S = 30.0
+
+
+class SystemUserError(Exception):
+    """A system user or group cannot be created or removed (no tool, tool failed)."""
+
+
+def _run(tool: str, *args: str) -> subprocess.CompletedProcess[str]:
+    path = shutil.which(tool) or next(
+        (p for p in (f"/usr/sbin/{tool}", f"/sbin/{tool}") if os.access(p, os.X_OK)), None
+    )
+    if path is None:
+        raise SystemUserError(f"running as root, {tool} is needed and missing")
+    try:
+        return subprocess.run(
+            [path, *args], capture_output=True, text=True, check=False, timeout=TOOL_TIMEOUT_S
+        )
+    except subprocess.TimeoutExpired as exc:
+        # useradd waits for /etc/passwd's lock; a stuck holder is an operator's problem.
+        raise SystemUserError(f"{tool} {' '.join(args)} took over {TOOL_TIMEOUT_S}s") from exc
+
+
+def ensure_group(name: str) -> grp.struct_group:
+    """The system group ``name``, created when missing."""
+    try:
+        return grp.getgrnam(name)
+    except KeyError:
+        pass
+    result = _run("groupadd", "--system", name)
+    # 9: created meanwhile by another process (two fleets starting at once)
+    if result.returncode not in (0, 9):
+        raise SystemUserError(f"groupadd {name} failed: {result.stderr.strip()}")
+    return grp.getgrnam(name)
+
+
+def ensure_system_user(
+    name: str, *, comment: str = "", groups: Iterable[str] = ()
+) -> tuple[pwd.struct_passwd, bool]:
+    """The system user ``name`` (no home, no login shell, a group of its own) and
+    whether it was created now. Supplementary ``groups`` must exist."""
+    try:
+        return pwd.getpwnam(name), False
+    except KeyError:
+        pass
+    extra = ",".join(groups)
+    result = _run(
+        "useradd",
+        "--system",
+        "--user-group",
+        "--no-create-home",
+        "--home-dir",
+        "/nonexistent",
+        "--shell",
+        "/usr/sbin/nologin",
+        *(("--comment", comment) if comment else ()),
+        *(("--groups", extra) if extra else ()),
+        name,
+    )
+    if result.returncode != 0:
+        raise SystemUserError(f"useradd {name} failed: {result.stderr.strip()}")
+    log.info("created system user %s", name)
+    return pwd.getpwnam(name), True
+
+
+def delete_system_user(name: str) -> bool:
+    """Remove the user ``name`` and its own group; False when there was none."""
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        return False
+    result = _run("userdel", name)
+    if result.returncode != 0:
+        raise SystemUserError(f"userdel {name} failed: {result.stderr.strip()}")
+    log.info("removed system user %s", name)
+    return True
+
+
+def delete_group(name: str) -> bool:
+    """Remove the group ``name``; False when there was none."""
+    try:
+        grp.getgrnam(name)
+    except KeyError:
+        return False
+    result = _run("groupdel", name)
+    if result.returncode != 0:
+        raise SystemUserError(f"groupdel {name} failed: {result.stderr.strip()}")
+    return True
+
+
+def _add_mode(path: Path, bits: int) -> bool:
+    mode = path.stat().st_mode
+    if mode & bits == bits:
+        return False
+    path.chmod(stat.S_IMODE(mode) | bits)
+    log.debug("chmod %s: added %o so that other users can reach it", path, bits)
+    return True
+
+
+def open_path_prefix(path: Path) -> list[Path]:
+    """Give others search (o+x, not read) on every ancestor of ``path``.
+
+    Returns the dirs whose mode changed.
+    """
+    return [parent for parent in path.parents if _add_mode(parent, stat.S_IXOTH)]
+
+
+def open_tree(root: Path) -> list[Path]:
+    """Let other users read the tree at ``root`` and run its programs (never write).
+
+    Adds o+x to its ancestors, o+rx to its dirs, o+r to its files (o+x too where the
+    owner may execute). Returns what changed. A file ``root`` opens only that file.
+    """
+    changed = open_path_prefix(root)
+    if not root.is_dir():
+        executable = root.stat().st_mode & stat.S_IXUSR
+        if _add_mode(root, stat.S_IROTH | (stat.S_IXOTH if executable else 0)):
+            changed.append(root)
+        return changed
+    for top, dirs, files in os.walk(root):
+        top_path = Path(top)
+        if _add_mode(top_path, stat.S_IROTH | stat.S_IXOTH):
+            changed.append(top_path)
+        for file in files:
+            file_path = top_path / file
+            if file_path.is_symlink():
+                continue
+            executable = file_path.stat().st_mode & stat.S_IXUSR
+            bits = stat.S_IROTH | (stat.S_IXOTH if executable else 0)
+            if _add_mode(file_path, bits):
+                changed.append(file_path)
+        dirs.sort()
+    return changed

@@ -1,0 +1,72 @@
+"""Bot users: their names, and what a removed user leaves behind (no useradd here)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from controller.botfiles import BotFiles
+from controller.botusers import BotUsers, bot_user_name, fleet_group_name
+from controller.buskeys import BusKeys
+from controller.home import Home
+from controller.reconcile import Rendered
+
+HOME = Home(Path("/srv/fleet"))
+
+
+def test_a_bot_user_name_fits_linux_whatever_the_bot_name() -> None:
+    longest = "a" * 32
+    assert len(bot_user_name(HOME, longest)) <= 32
+    assert len(fleet_group_name(HOME)) <= 32
+    assert bot_user_name(HOME, "shop") == bot_user_name(Home(Path("/srv/fleet")), "shop")
+
+
+def test_two_fleets_and_two_bots_never_share_a_user() -> None:
+    names = {
+        bot_user_name(home, bot)
+        for home in (HOME, Home(Path("/srv/other")))
+        for bot in ("shop", "shop-2", "a")
+    }
+    assert len(names) == 6
+    assert fleet_group_name(HOME) != fleet_group_name(Home(Path("/srv/other")))
+
+
+def test_not_root_means_no_user_at_all() -> None:
+    users = BotUsers(HOME, enabled=False)
+    assert users.user_name("shop") is None
+    assert users.ensure("shop") is None
+    users.remove("shop")  # nothing to do, nothing raised
+    assert users.remove_all() == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown needs root")
+def test_the_sweep_removes_only_what_the_user_owned(tmp_path: Path) -> None:
+    uid = 54321  # no such user needed: files can be owned by any uid
+    mine_file, mine_dir, theirs = tmp_path / "f", tmp_path / "d", tmp_path / "t"
+    mine_file.write_text("x")
+    mine_dir.mkdir()
+    (mine_dir / "inner").write_text("y")
+    theirs.write_text("z")
+    for path in (mine_file, mine_dir, mine_dir / "inner"):
+        os.lchown(path, uid, uid)
+    BotUsers(HOME, enabled=True, shared_writable=[tmp_path, tmp_path / "missing"])._sweep(uid)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t"]
+
+
+def test_a_watcher_rendered_for_another_user_is_rendered_again(tmp_path: Path) -> None:
+    """After an upgrade that brought a user per bot, every bot's watcher is rendered
+    again (which restarts it as its user): the file says who it was rendered for."""
+    home = Home(tmp_path)
+    home.make_dirs()
+    home.bot_dir("shop").mkdir()
+    home.bot_config("shop").write_text("{}")
+    home.watcher_file("shop").write_text("# tgfleet: generation=3 autostart=true user=-\n")
+    keys = BusKeys.open(home)
+    keys.issue("shop")  # the bot has its bus key: only the user decides here
+    assert BotFiles(home, "/usr/bin/python3", keys).rendered("shop") == Rendered(3, True)
+    as_root = BotFiles(home, "/usr/bin/python3", keys, users=BotUsers(home, enabled=True))
+    assert as_root.rendered("shop") is None
+    home.watcher_file("shop").write_text("# tgfleet: generation=3 autostart=true\n")  # before
+    assert BotFiles(home, "/usr/bin/python3", keys).rendered("shop") is None
