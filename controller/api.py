@@ -28,6 +28,7 @@ from controller.access import (
     allows,
     token_in_query,
 )
+from controller.circus import SupervisorError
 from controller.errors import (
     BadRequest,
     FieldError,
@@ -37,6 +38,7 @@ from controller.errors import (
     PreconditionFailed,
     Problem,
     StoreUnavailable,
+    SupervisorUnavailable,
     TgfleetError,
     TooLarge,
     TooManyRequests,
@@ -67,6 +69,8 @@ PUBLISH: web.AppKey[Callable[[str, protocol.Event], None]] = web.AppKey("publish
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/"})
 DASHBOARD = resources.files("controller") / "templates" / "dashboard.html"
 MAX_BODY_BYTES = 256 * 1024
+#: What a 503 for circusd asks to wait: about one bot's graceful stop.
+SUPERVISOR_RETRY_AFTER_S = 5
 MAX_LOG_LINES = 5000
 NAME_RE = re.compile(NAME_PATTERN)
 #: The share of the database timeout a request gives PostgreSQL; the rest is for
@@ -105,8 +109,18 @@ async def problems(request: web.Request, handler: Handler) -> web.StreamResponse
             headers = {"WWW-Authenticate": "Bearer"}
         elif isinstance(exc, TooManyRequests):
             headers = {"Retry-After": str(exc.retry_after_s)}
+        elif isinstance(exc, SupervisorUnavailable):
+            headers = {"Retry-After": str(SUPERVISOR_RETRY_AFTER_S)}
         return problem_response(
             Problem(exc.status, exc.title, exc.detail, exc.type_, exc.errors), headers
+        )
+    except SupervisorError as exc:
+        # An operation's own circusd command (restart, destroy) failed: circusd is busy
+        # (one bot's graceful stop holds its lock) or away. Not ours to hide; retry.
+        unavailable = SupervisorUnavailable(f"circusd did not take the command: {exc}")
+        return problem_response(
+            Problem(unavailable.status, unavailable.title, unavailable.detail, unavailable.type_),
+            {"Retry-After": str(SUPERVISOR_RETRY_AFTER_S)},
         )
     except web.HTTPException as exc:
         if exc.status < 400:

@@ -26,7 +26,13 @@ import asyncpg
 
 from botspec import procinfo, protocol
 from controller.botfiles import BotFiles
-from controller.circus import Supervisor, SupervisorError, WatcherEvent, WatcherNotFound
+from controller.circus import (
+    CircusError,
+    Supervisor,
+    SupervisorError,
+    WatcherEvent,
+    WatcherNotFound,
+)
 from controller.clock import Clock, SystemClock
 from controller.errors import (
     PreconditionFailed,
@@ -541,14 +547,18 @@ class Fleet:
             self._forget(name)
 
     async def _reconcile_quietly(self) -> None:
-        """Run a pass for an operation; circusd trouble becomes a 503, the loop retries."""
+        """Run a pass for an operation whose change is stored: a database away or a
+        circusd busy with another command (a bot's graceful stop holds its one lock)
+        only delays it, the loop converges; a circusd that does not answer is a 503."""
         try:
             await self.reconcile()
         except StoreUnavailable:
-            # The change is stored (the write before this pass succeeded); the loop
-            # converges once the database answers again.
             log.warning("a pass after an operation found PostgreSQL away; the loop retries")
-        except SupervisorError as exc:
+        except (SupervisorError, SupervisorUnavailable) as exc:
+            cause = exc if isinstance(exc, SupervisorError) else exc.__cause__
+            if isinstance(cause, CircusError) and cause.busy:
+                log.info("a pass after an operation found circusd busy; the loop retries")
+                return
             raise SupervisorUnavailable(f"circusd did not answer: {exc}") from exc
 
     # ------------------------------------------------------------------ views

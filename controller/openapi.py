@@ -159,6 +159,13 @@ def build_openapi(routes: Sequence[Route], version: str) -> dict[str, Any]:
                         "schema": {"type": "integer"},
                     }
                 }
+            elif status == 503:
+                answer["headers"] = {
+                    "Retry-After": {
+                        "description": "Seconds worth waiting (circusd busy or away)",
+                        "schema": {"type": "integer"},
+                    }
+                }
             op["responses"][str(status)] = answer
         if route.public:
             op["security"] = []
