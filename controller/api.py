@@ -163,12 +163,6 @@ async def access(request: web.Request, handler: Handler) -> web.StreamResponse:
         )
     client = request.remote or "unknown"
     now = datetime.now(UTC)
-    wait_s = app[THROTTLE].retry_after(client, now.timestamp())
-    if wait_s is not None:
-        refusals.count("rate_limited")
-        raise TooManyRequests(
-            f"too many failed authentications from {client}: try again in {wait_s} s", wait_s
-        )
     header = request.headers.get("Authorization", "")
     scheme, _, presented = header.partition(" ")
     if scheme.lower() != "bearer" or not presented.strip():
@@ -184,7 +178,17 @@ async def access(request: web.Request, handler: Handler) -> web.StreamResponse:
         assert row.expires_at is not None
         refused = ("expired", f"the token {row.name!r} expired at {row.expires_at.isoformat()}")
     if refused is not None:
+        # Failed authentication is what is throttled: past the limit, an address's wrong
+        # tokens get 429 instead of 401, while a valid token from it still works (every
+        # local client shares 127.0.0.1; tokens hold 256 random bits, guessing is moot).
+        wait_s = app[THROTTLE].retry_after(client, now.timestamp())
         app[THROTTLE].failed(client, now.timestamp())
+        if wait_s is not None:
+            refusals.count("rate_limited")
+            raise TooManyRequests(
+                f"too many failed authentications from {client}: try again in {wait_s} s",
+                wait_s,
+            )
         refusals.count(refused[0])
         raise Unauthorized(refused[1], refused[0])
     assert row is not None

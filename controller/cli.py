@@ -502,7 +502,8 @@ ScopeOpt = Annotated[
     str,
     typer.Option(
         "--scope",
-        help="read (every GET), operate (also start/stop/restart/publish) or admin (everything).",
+        help="read (every GET; the default: least privilege), operate (also "
+        "start/stop/restart/publish) or admin (everything).",
     ),
 ]
 
@@ -510,7 +511,7 @@ ScopeOpt = Annotated[
 @tokens.command("create")
 def token_create(
     name: str,
-    scope: ScopeOpt,
+    scope: ScopeOpt = "read",
     expires_in: Annotated[
         str | None,
         typer.Option("--expires-in", help="It stops working after this: 90s, 15m, 12h, 30d, 2w."),
