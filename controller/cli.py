@@ -158,6 +158,7 @@ def up(
     from controller import up as up_module
     from controller.pg import EmbeddedPgError
     from controller.settings import (
+        DEFAULT_AUTH_FAILURE_LIMIT,
         DEFAULT_DATABASE_TIMEOUT_S,
         DEFAULT_EVENT_RETENTION_COUNT,
         DEFAULT_EVENT_RETENTION_DAYS,
@@ -188,6 +189,9 @@ def up(
                 env_number(
                     os.environ, "TGFLEET_EVENT_RETENTION_COUNT", DEFAULT_EVENT_RETENTION_COUNT
                 )
+            ),
+            auth_failure_limit=int(
+                env_number(os.environ, "TGFLEET_AUTH_FAILURE_LIMIT", DEFAULT_AUTH_FAILURE_LIMIT)
             ),
             tls_cert=os.path.abspath(tls_cert) if tls_cert else None,
             tls_key=os.path.abspath(tls_key) if tls_key else None,

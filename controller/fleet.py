@@ -329,9 +329,12 @@ class Fleet:
         return [*self.observer.per_bot(), *self.healer.per_bot(), self._subscriptions]
 
     def _forget(self, name: str) -> None:
-        """Drop everything kept in memory about a bot (it was destroyed)."""
+        """Drop everything kept in memory about a bot (it was destroyed), its last read
+        row included: a stale answer (PostgreSQL slow or away) must not bring it back."""
         for per_bot in self._per_bot():
             per_bot.pop(name, None)
+        if self.rows is not None:
+            self.rows = [row for row in self.rows if row.name != name]
 
     def _forget_all_but(self, known: set[str]) -> None:
         """Per-bot memory holds only bots that exist (another controller may destroy one)."""

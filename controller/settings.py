@@ -17,6 +17,8 @@ DEFAULT_SANDBOX_ADMIN = "127.0.0.1:8712"
 DEFAULT_DATABASE_TIMEOUT_S = 2.0
 DEFAULT_EVENT_RETENTION_DAYS = 30.0
 DEFAULT_EVENT_RETENTION_COUNT = 100_000
+#: Wrong tokens from one address within a minute before its wrong tokens get 429.
+DEFAULT_AUTH_FAILURE_LIMIT = 10
 DEFAULT_OUTBOX_LIMIT = 10_000
 
 
@@ -68,6 +70,8 @@ class ControllerSettings:
     # Events older than this, or beyond the newest count, are pruned.
     event_retention_days: float = DEFAULT_EVENT_RETENTION_DAYS
     event_retention_count: int = DEFAULT_EVENT_RETENTION_COUNT
+    # Wrong tokens from one address within a minute; past it, its wrong tokens get 429.
+    auth_failure_limit: int = DEFAULT_AUTH_FAILURE_LIMIT
     # Writes queued while PostgreSQL is away; beyond it the oldest are dropped.
     outbox_limit: int = DEFAULT_OUTBOX_LIMIT
     # The API's certificate and key (PEM): it then speaks HTTPS only.
@@ -113,6 +117,10 @@ class ControllerSettings:
         if not self.event_retention_days > 0:
             raise SettingsError(
                 f"event_retention_days must be above 0, not {self.event_retention_days}"
+            )
+        if self.auth_failure_limit < 1:
+            raise SettingsError(
+                f"auth_failure_limit must be at least 1, not {self.auth_failure_limit}"
             )
         if self.event_retention_count < 1:
             raise SettingsError(

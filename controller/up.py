@@ -26,6 +26,7 @@ from controller.home import Home
 from controller.pg import prepare_embedded_pg
 from controller.render import SandboxWatcher, render_circus_ini
 from controller.settings import (
+    DEFAULT_AUTH_FAILURE_LIMIT,
     DEFAULT_DATABASE_TIMEOUT_S,
     DEFAULT_EVENT_RETENTION_COUNT,
     DEFAULT_EVENT_RETENTION_DAYS,
@@ -59,6 +60,7 @@ class UpOptions:
     database_timeout_s: float = DEFAULT_DATABASE_TIMEOUT_S
     event_retention_days: float = DEFAULT_EVENT_RETENTION_DAYS
     event_retention_count: int = DEFAULT_EVENT_RETENTION_COUNT
+    auth_failure_limit: int = DEFAULT_AUTH_FAILURE_LIMIT
     tls_cert: str | None = None
     tls_key: str | None = None
     # Serve plain HTTP on a non-loopback address anyway (tokens cross the network in clear).
@@ -167,6 +169,7 @@ def prepare(options: UpOptions) -> ControllerSettings:
         database_timeout_s=options.database_timeout_s,
         event_retention_days=options.event_retention_days,
         event_retention_count=options.event_retention_count,
+        auth_failure_limit=options.auth_failure_limit,
         tls_cert=options.tls_cert,
         tls_key=options.tls_key,
     )

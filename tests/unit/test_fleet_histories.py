@@ -201,3 +201,18 @@ async def test_a_restarted_controller_keeps_the_backoff_it_was_in(history: Histo
     h.fleet.observer.live["shop"].telegram["disconnected_since"] = h.clock.wall() - 10.5
     await h.run_pass()
     assert sum(1 for call in h.circus.calls if call == ("restart", "bot-shop")) == 2
+
+
+async def test_a_destroyed_bot_is_not_served_from_memory_while_postgresql_is_away(
+    history: History,
+) -> None:
+    h = history
+    await started(h, "shop")
+    await started(h, "stays")
+    await h.fleet.destroy("shop", "api:test")
+    h.store.away = True
+    assert [bot["name"] for bot in await h.fleet.list()] == ["stays"]
+    with pytest.raises(StoreUnavailable):
+        await h.fleet.get_row("shop")
+    row, stale = await h.fleet.get_row("stays")
+    assert (row.name, stale) == ("stays", True)
