@@ -335,14 +335,27 @@ def lifecycle(op: str) -> Handler:
 
 
 async def bot_events(request: web.Request) -> web.Response:
+    """A bot's events while it exists (its whole trail, destroyed or not: /history)."""
     name = bot_name(request)
-    store = request.app[STORE]
+    await request.app[FLEET].get_row(name)  # 404 for unknown and destroyed bots
+    return await _events(request, name)
+
+
+async def history(request: web.Request) -> web.Response:
+    """The audit trail: every event, or one bot's (``?bot=``), destroyed bots included."""
+    bot = request.query.get("bot")
+    if bot is not None and not NAME_RE.fullmatch(bot):
+        raise InvalidSpec(
+            f"query parameter 'bot' must match {NAME_PATTERN}",
+            [FieldError("bot", f"must match {NAME_PATTERN}")],
+        )
+    return await _events(request, bot)
+
+
+async def _events(request: web.Request, bot: str | None) -> web.Response:
     after = int_param(request, "after", 0, 0, 2**62)
     limit = int_param(request, "limit", 100, 1, 1000)
-    rows = await store.events(name, after, limit)
-    if not rows and after == 0:
-        # Unknown names answer 404, but a destroyed bot's history is still served.
-        await store.get_bot(name)
+    rows = await request.app[STORE].events(bot, after, limit)
     return ok({"events": [r.to_json() for r in rows]})
 
 
@@ -658,7 +671,8 @@ ROUTES: tuple[Route, ...] = (
         "DELETE",
         "/api/v1/bots/{name}",
         delete_bot,
-        "Destroy a bot: stop it, remove its watcher, files and private dir; keep its events",
+        "Destroy a bot: stop it, remove its watcher, files and private dir; its events stay "
+        "(GET /api/v1/history?bot=NAME)",
         schemas.Destroyed,
         scope="admin",
     ),
@@ -678,13 +692,24 @@ ROUTES: tuple[Route, ...] = (
         "GET",
         "/api/v1/bots/{name}/events",
         bot_events,
-        "A bot's events, oldest first (served after it is destroyed too: its history)",
+        "A bot's events, oldest first (a destroyed bot's: GET /api/v1/history)",
         schemas.EventList,
         query=(
             Query("after", "Only events after this id", 0, 2**62),
             Query("limit", "At most this many", 1, 1000),
         ),
-        outlives=True,
+    ),
+    Route(
+        "GET",
+        "/api/v1/history",
+        history,
+        "The audit trail, oldest first: every event, or one bot's, destroyed bots included",
+        schemas.EventList,
+        query=(
+            Query("bot", "Only this bot's events", pattern=NAME_PATTERN),
+            Query("after", "Only events after this id", 0, 2**62),
+            Query("limit", "At most this many", 1, 1000),
+        ),
     ),
     Route(
         "GET",

@@ -38,17 +38,21 @@ PROBLEM_TEXT = {
 
 @dataclass(frozen=True)
 class Query:
-    """A query parameter: an integer in a range, or one of some strings."""
+    """A query parameter: an integer in a range, one of some strings, or a string
+    matching a pattern."""
 
     name: str
     description: str
     minimum: int | None = None
     maximum: int | None = None
     choices: tuple[str, ...] = ()
+    pattern: str | None = None
 
     def schema(self) -> dict[str, Any]:
         if self.choices:
             return {"type": "string", "enum": list(self.choices)}
+        if self.pattern is not None:
+            return {"type": "string", "pattern": self.pattern}
         return {"type": "integer", "minimum": self.minimum, "maximum": self.maximum}
 
 
@@ -69,7 +73,6 @@ class Route:
     query: tuple[Query, ...] = ()
     media_type: str = "application/json"  # of the 2xx answer
     etag: bool = False  # the answer carries an ETag; a write honours If-Match (412)
-    outlives: bool = False  # answers after what it is about was destroyed (its history)
 
 
 def problems_of(route: Route) -> list[int]:
@@ -106,8 +109,7 @@ def _operation_id(route: Route) -> str:
 
 def _link_created(routes: Sequence[Route], paths: dict[str, dict[str, Any]]) -> None:
     """OpenAPI links from each create (POST, 201, an answer with ``name``) to every
-    operation on what it created (``…/{name}…``), for clients and fuzzers to follow;
-    not to those that outlive it (a destroyed bot's history is still served)."""
+    operation on what it created (``…/{name}…``), for clients and fuzzers to follow."""
     for create in routes:
         if create.method != "POST" or create.status != 201:
             continue
@@ -118,7 +120,7 @@ def _link_created(routes: Sequence[Route], paths: dict[str, dict[str, Any]]) -> 
                 "parameters": {"name": "$response.body#/name"},
             }
             for target in routes
-            if (target.path == item or target.path.startswith(f"{item}/")) and not target.outlives
+            if target.path == item or target.path.startswith(f"{item}/")
         }
         if links:
             paths[create.path]["post"]["responses"]["201"]["links"] = links

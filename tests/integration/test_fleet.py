@@ -167,7 +167,10 @@ def test_stop_start_restart_destroy(fleet: Fleet, sandbox: Sandbox) -> None:
     assert not fleet.home.bot_dir(name).exists()
     assert f"bot-{name}" not in circus_status(fleet)
     assert not psutil.pid_exists(third) or psutil.Process(third).status() == psutil.STATUS_ZOMBIE
-    history = fleet.api("GET", f"/api/v1/bots/{name}/events")["events"]
+    with pytest.raises(ApiError) as gone:
+        fleet.api("GET", f"/api/v1/bots/{name}/events")
+    assert gone.value.status == 404  # the bot is gone; its trail is in the history
+    history = fleet.api("GET", f"/api/v1/history?bot={name}")["events"]
     states = [e["to_state"] for e in history if e["kind"] == "transition"]
     assert states[-3:] == ["stopping", "stopped", "destroyed"]
     assert {"created", "desired"} <= {e["kind"] for e in history}
