@@ -95,7 +95,7 @@ class BotFiles:
             memory_limit_mb=spec.memory_limit_mb,
             graceful_timeout_s=spec.graceful_timeout_s,
             generation=generation,
-            open_files=_open_files(spec.limits.open_files, as_root=account is not None),
+            open_files=_open_files(spec.limits.open_files),
             processes=spec.limits.processes if account is not None else None,
             user=account.user if account is not None else None,
             group=account.group if account is not None else None,
@@ -152,10 +152,11 @@ def _own_tree(bot_dir: Path, account: BotAccount) -> None:
             os.lchown(path, account.uid, account.gid)
 
 
-def _open_files(wanted: int, *, as_root: bool) -> int:
-    """RLIMIT_NOFILE for the bot: circusd (not root) cannot raise it past its own hard limit,
-    and would then fail to start the bot at all."""
-    if as_root:
-        return wanted
+def _open_files(wanted: int) -> int:
+    """RLIMIT_NOFILE for the bot, capped at the fleet's own hard limit: past it circusd
+    fails in the child before exec, and in circus 0.19 that failed spawn also fails the
+    reloadconfig that started it, so every later pass of the whole fleet. Root is no
+    exception: without CAP_SYS_RESOURCE (a container, systemd's LimitNOFILE) it cannot
+    raise a hard limit either."""
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     return wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)

@@ -70,3 +70,16 @@ def test_a_watcher_rendered_for_another_user_is_rendered_again(tmp_path: Path) -
     assert as_root.rendered("shop") is None
     home.watcher_file("shop").write_text("# tgfleet: generation=3 autostart=true\n")  # before
     assert BotFiles(home, "/usr/bin/python3", keys).rendered("shop") is None
+
+
+def test_open_files_never_exceed_the_fleets_own_hard_limit() -> None:
+    import resource
+
+    from controller.botfiles import _open_files
+
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        assert _open_files(65536) == 65536
+    else:
+        assert _open_files(hard + 1) == hard
+        assert _open_files(64) == 64
