@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import grp
 import hashlib
+import json
 import logging
 import os
 import pwd
@@ -37,6 +38,7 @@ from pathlib import Path
 
 import psutil
 
+from controller.atomicfile import write_atomic
 from controller.home import Home
 from controller.sysusers import (
     SystemUserError,
@@ -126,6 +128,18 @@ def bot_code_paths(python: str, plugin_path: Sequence[str] = ()) -> list[Path]:
     return unique
 
 
+def code_fingerprint(code: Iterable[Path]) -> list[list[object]]:
+    """What changes when code is added or replaced under ``code``: each path's mtime and
+    those of the dirs right below it (an install or removal touches one of them)."""
+    found: list[list[object]] = []
+    for root in code:
+        entries = [root]
+        if root.is_dir():
+            entries += sorted(child for child in root.iterdir() if child.is_dir())
+        found += [[str(entry), entry.stat().st_mtime_ns] for entry in entries]
+    return found
+
+
 class BotUsers:
     """Makes, finds and removes the bots' users of one fleet; inert when not root."""
 
@@ -156,11 +170,18 @@ class BotUsers:
         if not self.enabled:
             return
         group = ensure_group(self.fleet_group)
-        opened = 0
-        for path in code:
-            opened += len(open_tree(path))
-        if opened:
-            log.info("opened %d paths of the bots' code to other users (read, not write)", opened)
+        code = list(code)
+        stamp = self.home.root / "code-opened.json"
+        seen = code_fingerprint(code)
+        try:
+            unchanged = json.loads(stamp.read_text()) == seen
+        except (OSError, ValueError):
+            unchanged = False
+        if not unchanged:  # walking the stdlib and site-packages takes seconds
+            opened = sum(len(open_tree(path)) for path in code)
+            if opened:
+                log.info("opened %d paths of the bots' code to other users (read only)", opened)
+            write_atomic(stamp, json.dumps(seen) + "\n", 0o600)
         open_path_prefix(self.home.bots_dir)
         for shared in (self.home.bots_dir, self.home.run_dir):
             os.chown(shared, 0, group.gr_gid)

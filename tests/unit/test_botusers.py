@@ -83,3 +83,16 @@ def test_open_files_never_exceed_the_fleets_own_hard_limit() -> None:
     else:
         assert _open_files(hard + 1) == hard
         assert _open_files(64) == 64
+
+
+def test_the_code_fingerprint_changes_when_code_is_added(tmp_path: Path) -> None:
+    import os
+
+    from controller.botusers import code_fingerprint
+
+    (tmp_path / "pkg").mkdir()
+    before = code_fingerprint([tmp_path])
+    assert code_fingerprint([tmp_path]) == before
+    (tmp_path / "newpkg").mkdir()  # an install adds a dir
+    os.utime(tmp_path, ns=(1, 1))  # whatever the clock's resolution
+    assert code_fingerprint([tmp_path]) != before
