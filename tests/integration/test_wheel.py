@@ -21,7 +21,9 @@ import psutil
 import pytest
 from harness import ROOT, descendants, free_port, short_tmpdir, wait_for
 
+from controller.botusers import BotUsers
 from controller.client import ApiClient, ApiError
+from controller.home import Home
 
 pytestmark = pytest.mark.integration
 
@@ -199,6 +201,8 @@ def test_a_wheel_installed_in_a_fresh_venv_runs_the_fleet_away_from_the_checkout
         except subprocess.TimeoutExpired:
             up.kill()
             code = up.wait()
+        # As root the fleet made its group (and its bots' users, none here): not ours to keep.
+        BotUsers(Home(home)).remove_all()
     assert code == 0, output.read_text()
     assert output.read_text().rstrip().endswith("stopped"), output.read_text()[-2000:]
     assert [p for p in fleet if p.is_running()] == []  # postgres backends included
