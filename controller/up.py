@@ -257,11 +257,10 @@ def _hand_over(circusd_pid: int, home: Home) -> None:
     """Become ``controller.upwait`` (same pid, circusd still our child): what waits for
     circusd and stops it in order need not keep what preparing imported.
 
-    Ctrl-C is ignored across the exec (an ignored signal stays ignored through it,
-    a handled one would kill the new image before it installs its own handler):
-    one pressed in those milliseconds is lost, never the fleet orphaned."""
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, signal.SIG_IGN)
+    Ctrl-C and SIGTERM are blocked across the exec: the mask and what is pending
+    survive it, and the waiter unblocks them once its handlers are in place, so one
+    sent in those milliseconds is delivered then, neither lost nor fatal."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
     sys.stdout.flush()
     sys.stderr.flush()
     os.execv(

@@ -57,6 +57,8 @@ def main(argv: list[str]) -> int:
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, request_stop)
+    # `tgfleet up` blocked them across the exec: one sent meanwhile is delivered now.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
     code = _exited(circusd)
     while code is None and not stop_requested:
         time.sleep(POLL_S)
