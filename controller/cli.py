@@ -286,10 +286,12 @@ def _spec_from_options(
                 f"{spec_file} must hold a JSON object", param_hint="--spec-file"
             )
         body.update(loaded)
+    if token_value == "-" and session == "-":
+        raise typer.BadParameter("only one of --token and --session can be read from stdin")
     if token_value is not None:
-        body["token"] = token_value
+        body["token"] = _from_stdin("--token") if token_value == "-" else token_value
     if session is not None:
-        body["session"] = session
+        body["session"] = _from_stdin("--session") if session == "-" else session
     if plugin:
         body["plugins"] = plugin
     if setting:
@@ -299,12 +301,26 @@ def _spec_from_options(
     return body
 
 
+def _from_stdin(option: str) -> str:
+    """A credential read from stdin (its first line): on the command line, every user
+    of the machine could read it in `ps` while the command runs."""
+    value = sys.stdin.readline().strip()
+    if not value:
+        raise typer.BadParameter("'-' reads it from stdin, which gave nothing", param_hint=option)
+    return value
+
+
 BotTokenOpt = Annotated[
     str | None,
-    typer.Option("--token", help="The bot's Telegram token (from @BotFather or the sandbox)."),
+    typer.Option(
+        "--token",
+        help="The bot's Telegram token (from @BotFather or the sandbox); '-' reads it from "
+        "stdin (on the command line, `ps` shows it to every user while the command runs).",
+    ),
 ]
 SessionOpt = Annotated[
-    str | None, typer.Option("--session", help="A Telethon string session (user account).")
+    str | None,
+    typer.Option("--session", help="A Telethon string session (user account); '-': stdin."),
 ]
 PluginOpt = Annotated[
     list[str] | None, typer.Option("--plugin", help="module:function (repeatable).")

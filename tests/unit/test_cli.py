@@ -1,5 +1,6 @@
 """The CLI's own logic (everything it does over HTTP is tested end to end)."""
 
+import io
 import subprocess
 import sys
 from pathlib import Path
@@ -7,7 +8,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from controller.cli import app, new_lines, parse_settings
+from controller.cli import _spec_from_options, app, new_lines, parse_settings
 
 
 @pytest.mark.parametrize(
@@ -70,3 +71,27 @@ def test_without_the_sandbox_extra_sandbox_commands_say_what_to_install(
     assert "cryptography" in outcome.output
     assert "pip install 'tgfleet[sandbox]'" in outcome.output
     assert not home.exists()  # `up --demo` stopped before it made anything
+
+
+def test_a_credential_given_as_dash_is_read_from_stdin(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "stdin", io.StringIO("123456:AAHsecret\n"))
+    assert _spec_from_options("-", None, None, None, None, None) == {"token": "123456:AAHsecret"}
+    monkeypatch.setattr(sys, "stdin", io.StringIO("1AbCdEf==\n"))
+    assert _spec_from_options(None, "-", None, None, None, None) == {"session": "1AbCdEf=="}
+
+
+@pytest.mark.parametrize(
+    ("token", "session", "stdin", "says"),
+    [
+        ("-", None, "", "stdin, which gave nothing"),
+        ("-", "-", "123456:AAHsecret\n", "only one of --token and --session"),
+    ],
+)
+def test_a_dash_without_a_credential_on_stdin_is_refused(
+    token: str | None, session: str | None, stdin: str, says: str, tmp_path: Path
+) -> None:
+    args = ["bots", "create", "shop", "--home", str(tmp_path / "home")]
+    args += [*(["--token", token] if token else []), *(["--session", session] if session else [])]
+    outcome = CliRunner().invoke(app, args, input=stdin)
+    assert outcome.exit_code == 2, outcome.output
+    assert says in outcome.output
