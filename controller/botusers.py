@@ -17,6 +17,10 @@ writable dirs (/tmp, /var/tmp, /dev/shm) is deleted, then ``userdel``; its priva
 dir goes with the bot. A later bot of the same name gets a new user (possibly the
 same recycled uid) that finds nothing of the old one there.
 
+The fleet's service user (``tgf-`` + 12 hex digits of SHA-256(home, "/service"),
+comment ``tgfleet service of <home>``) runs what needs no privilege and is no bot:
+the local Telegram of ``--demo``. It goes with the fleet's bot users.
+
 Not root: no user is created; every bot runs as the fleet's own user.
 """
 
@@ -95,6 +99,15 @@ def _comment_tail(home: Home) -> str:
 
 def _comment(home: Home, name: str) -> str:
     return _COMMENT_HEAD + name + _comment_tail(home)
+
+
+def service_user_name(home: Home) -> str:
+    """The fleet's service user: ``tgf-`` like a bot's, from a part no bot name can be."""
+    return BOT_USER_PREFIX + _digest(str(home.root), "/service")[:12]
+
+
+def _service_comment(home: Home) -> str:
+    return "tgfleet service" + _comment_tail(home)
 
 
 def bot_code_paths(python: str, plugin_path: Sequence[str] = ()) -> list[Path]:
@@ -195,6 +208,38 @@ class BotUsers:
         os.chown(path, 0, ensure_group(self.fleet_group).gr_gid)
         path.chmod(0o660)
 
+    def ensure_service(self) -> BotAccount | None:
+        """The fleet's service user, created when missing; None when not root. It runs
+        the fleet's own parts that need no privilege (the local Telegram), in no group
+        but its own: it cannot reach the bus nor any bot's dir."""
+        if not self.enabled:
+            return None
+        name, comment = service_user_name(self.home), _service_comment(self.home)
+        user, created = ensure_system_user(name, comment=comment)
+        if user.pw_gecos != comment:
+            raise BotUserError(
+                f"user {name} exists but is not the service user of {self.home.root} "
+                f"(its comment: {user.pw_gecos!r}); refusing to run anything as it"
+            )
+        if created:
+            log.info("the fleet's service user is the new user %s (uid %d)", name, user.pw_uid)
+        return BotAccount(name, grp.getgrgid(user.pw_gid).gr_name, user.pw_uid, user.pw_gid)
+
+    def remove_service(self) -> None:
+        """Remove the service user and whatever it left running or in the shared dirs."""
+        if not self.enabled:
+            return
+        name = service_user_name(self.home)
+        try:
+            user = pwd.getpwnam(name)
+        except KeyError:
+            return
+        if user.pw_gecos != _service_comment(self.home):
+            raise BotUserError(f"user {name} is not the service user of {self.home.root}")
+        self._kill_processes(user.pw_uid)
+        self._sweep(user.pw_uid)
+        delete_system_user(name)
+
     # --------------------------------------------------------------- per bot
 
     def ensure(self, name: str) -> BotAccount | None:
@@ -242,6 +287,9 @@ class BotUsers:
                 if bot_user_name(self.home, name) == entry.pw_name:
                     self.remove(name)
                     removed.append(entry.pw_name)
+            elif gecos == _service_comment(self.home):
+                self.remove_service()
+                removed.append(entry.pw_name)
         delete_group(self.fleet_group)
         return removed
 

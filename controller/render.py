@@ -93,6 +93,15 @@ class SandboxWatcher:
     listen: str
     admin_listen: str
     data_dir: Path
+    user: str | None = None  # the fleet's service user; None: the fleet's user
+    group: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.user is None) != (self.group is None):
+            raise InvalidWatcherValue("the sandbox's user and group go together")
+        for account in (self.user, self.group):
+            if account is not None and not _ACCOUNT.fullmatch(account):
+                raise InvalidWatcherValue(f"{account!r} is not a user or group name")
 
 
 @dataclass(frozen=True)
@@ -265,13 +274,15 @@ def render_circus_ini(
                 name="sandbox",
                 cmd=_command_line([python]),
                 args=_command_line(sandbox_argv),
-                working_dir=home.root,
+                working_dir=sandbox.data_dir,
                 priority=20,
                 stop_signal="TERM",
                 graceful_timeout=3.0,
                 stdout_log=out,
                 stderr_log=err,
-                env=_env_pairs(_base_env(home, home_env=home.root)),
+                env=_env_pairs(_base_env(home, home_env=sandbox.data_dir)),
+                uid=sandbox.user,
+                gid=sandbox.group,
             )
         )
     out, err = _logs(home, "controller")

@@ -18,9 +18,10 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from controller.atomicfile import write_atomic
-from controller.botusers import BotUsers, bot_code_paths
+from controller.botusers import BotAccount, BotUsers, bot_code_paths
 from controller.circus import CircusClient, SupervisorError
 from controller.home import Home
 from controller.pg import prepare_embedded_pg
@@ -138,16 +139,21 @@ def prepare(options: UpOptions) -> ControllerSettings:
     if not database_url:
         pg = prepare_embedded_pg(home)
         database_url = pg.dsn
+    users = BotUsers(home)
+    code = bot_code_paths(sys.executable, options.plugin_path)
+    if options.demo:
+        code.append(Path(str(tgsandbox.__file__)).parent)  # run by the service user
     try:
         # As root: the bots' group, and the code every bot user must read (o+r, never o+w).
-        BotUsers(home).prepare(bot_code_paths(sys.executable, options.plugin_path))
+        users.prepare(code)
+        service = users.ensure_service() if options.demo else None
     except SystemUserError as exc:
         raise UpError(f"cannot prepare the bots' users: {exc}") from exc
     sandbox = None
     if options.demo:
         parse_hostport(options.sandbox_listen, "--sandbox-listen")
         parse_hostport(options.sandbox_admin, "--sandbox-admin")
-        sandbox = SandboxWatcher(options.sandbox_listen, options.sandbox_admin, home.sandbox_dir)
+        sandbox = _sandbox_watcher(options, service)
     text = render_circus_ini(
         home,
         python=sys.executable,
@@ -179,6 +185,23 @@ def prepare(options: UpOptions) -> ControllerSettings:
         raise UpError(str(exc)) from exc
     settings.save(home)
     return settings
+
+
+def _sandbox_watcher(options: UpOptions, service: BotAccount | None) -> SandboxWatcher:
+    """The local Telegram's watcher; as root it runs as the fleet's service user, which
+    owns its data dir (0700: the sandbox's key and the tokens of its bots)."""
+    data = options.home.sandbox_dir
+    data.mkdir(mode=0o700, exist_ok=True)
+    data.chmod(0o700)
+    if service is None:
+        return SandboxWatcher(options.sandbox_listen, options.sandbox_admin, data)
+    # What an earlier run wrote as root (or as a service user since removed) is its now.
+    for top, dirs, files in os.walk(data):
+        for entry in (top, *(os.path.join(top, name) for name in (*dirs, *files))):
+            os.lchown(entry, service.uid, service.gid)
+    return SandboxWatcher(
+        options.sandbox_listen, options.sandbox_admin, data, service.user, service.group
+    )
 
 
 async def ordered_stop(home: Home, say: Callable[[str], None]) -> None:

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import pwd
 import shutil
+import stat
 import subprocess
 from collections.abc import Iterator
 
+import psutil
 import pytest
 from harness import BIN, Fleet, Sandbox, echo_spec, free_port, short_tmpdir, wait_for
+
+from controller.botusers import BotUsers, service_user_name
 
 pytestmark = pytest.mark.integration
 
@@ -81,6 +87,14 @@ def test_demo_runs_bots_that_answer_with_no_credentials(fresh: Fleet) -> None:
         assert {b["name"] for b in bots} == {"echo", "greeter", "parrot"}
         status = fleet.circusctl("status")
         assert "sandbox: active" in status
+        sandbox_pid = int(fleet.circusctl("list", "sandbox").replace(",", " ").split()[0])
+        if os.geteuid() == 0:
+            # As root, the local Telegram runs as the fleet's service user, which owns its data.
+            service = pwd.getpwnam(service_user_name(fleet.home))
+            assert psutil.Process(sandbox_pid).uids().real == service.pw_uid != 0
+            data = fleet.home.sandbox_dir.stat()
+            assert (data.st_uid, stat.S_IMODE(data.st_mode)) == (service.pw_uid, 0o700)
+            assert (fleet.home.sandbox_dir / "public.pem").stat().st_uid == service.pw_uid
         assert ("postgres: active" in status) == fleet.embedded_postgres
         reply = subprocess.run(
             [
@@ -107,3 +121,5 @@ def test_demo_runs_bots_that_answer_with_no_credentials(fresh: Fleet) -> None:
     finally:
         assert fleet.stop() == 0
     assert fleet.leftovers() == []
+    if os.geteuid() == 0:
+        assert service_user_name(fleet.home) in BotUsers(fleet.home).remove_all()

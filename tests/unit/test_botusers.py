@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from controller.botfiles import BotFiles
-from controller.botusers import BotUsers, bot_user_name, fleet_group_name
+from controller.botusers import BotUsers, bot_user_name, fleet_group_name, service_user_name
 from controller.buskeys import BusKeys
 from controller.home import Home
 from controller.reconcile import Rendered
@@ -33,10 +33,20 @@ def test_two_fleets_and_two_bots_never_share_a_user() -> None:
     assert fleet_group_name(HOME) != fleet_group_name(Home(Path("/srv/other")))
 
 
+def test_the_service_user_is_no_bots_and_no_other_fleets() -> None:
+    other = Home(Path("/srv/other"))
+    service = service_user_name(HOME)
+    assert service.startswith("tgf-") and len(service) <= 32  # the leftover checks see it
+    assert service != service_user_name(other)
+    assert service not in {bot_user_name(HOME, bot) for bot in ("service", "sandbox", "shop")}
+
+
 def test_not_root_means_no_user_at_all() -> None:
     users = BotUsers(HOME, enabled=False)
     assert users.user_name("shop") is None
     assert users.ensure("shop") is None
+    assert users.ensure_service() is None
+    users.remove_service()  # nothing to do, nothing raised
     users.remove("shop")  # nothing to do, nothing raised
     assert users.remove_all() == []
 

@@ -197,7 +197,9 @@ def test_circus_ini_every_field() -> None:
         python=PY,
         listen="127.0.0.1:8710",
         embedded_pg=PG,
-        sandbox=SandboxWatcher("127.0.0.1:8711", "127.0.0.1:8712", HOME.sandbox_dir),
+        sandbox=SandboxWatcher(
+            "127.0.0.1:8711", "127.0.0.1:8712", HOME.sandbox_dir, "tgf-5e41ce", "tgf-5e41ce"
+        ),
         check_delay=0.5,
     )
     parsed = parse(text)
@@ -241,6 +243,18 @@ def test_circus_ini_every_field() -> None:
         "-m tgsandbox serve --listen 127.0.0.1:8711 --admin-listen 127.0.0.1:8712 "
         "--data /srv/fleet/sandbox"
     )
+    sandbox = parsed["watcher:sandbox"]
+    assert (sandbox["uid"], sandbox["gid"]) == ("tgf-5e41ce", "tgf-5e41ce")
+    assert sandbox["working_dir"] == "/srv/fleet/sandbox"
+    assert parsed["env:sandbox"]["HOME"] == "/srv/fleet/sandbox"
+
+
+@pytest.mark.parametrize(
+    ("user", "group"), [("tgf-1", None), (None, "tgf-1"), ("tgf-1", "x\nuid = root"), ("0", "0")]
+)
+def test_sandbox_watcher_refuses_a_bad_account(user: str | None, group: str | None) -> None:
+    with pytest.raises(InvalidWatcherValue):
+        SandboxWatcher("127.0.0.1:1", "127.0.0.1:2", HOME.sandbox_dir, user, group)
 
 
 def test_circus_ini_without_pg_and_sandbox() -> None:
@@ -257,6 +271,14 @@ def test_circus_ini_without_pg_and_sandbox() -> None:
         sandbox=None,
     )
     assert "uid" not in parse(pg_no_root)["watcher:postgres"]
+    not_root = render_circus_ini(
+        HOME,
+        python=PY,
+        listen="x",
+        embedded_pg=None,
+        sandbox=SandboxWatcher("127.0.0.1:1", "127.0.0.1:2", HOME.sandbox_dir),
+    )
+    assert "uid" not in parse(not_root)["watcher:sandbox"]
 
 
 @pytest.mark.parametrize("check_delay", [0, 1.5, -1])
