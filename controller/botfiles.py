@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import resource
 import shutil
+import stat
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,6 +23,8 @@ from controller.spec import EffectiveSpec
 
 # The user is in the mark so that a file rendered for another user (before an
 # upgrade that brought a user per bot) is rendered again, which restarts the bot.
+log = logging.getLogger(__name__)
+
 _MARK = re.compile(r"^# tgfleet: generation=(\d+) autostart=(true|false) user=(\S+)$", re.M)
 _FLEET_USER = "-"
 
@@ -148,8 +152,14 @@ def _own_tree(bot_dir: Path, account: BotAccount) -> None:
     had a user of its own holds root's files: its session among them)."""
     for path in (bot_dir, *bot_dir.rglob("*")):
         info = path.lstat()
-        if (info.st_uid, info.st_gid) != (account.uid, account.gid):
-            os.lchown(path, account.uid, account.gid)
+        if (info.st_uid, info.st_gid) == (account.uid, account.gid):
+            continue
+        if not stat.S_ISDIR(info.st_mode) and info.st_nlink > 1:
+            # A second name of a file that lives elsewhere too: a bot that hard-linked
+            # /etc/shadow into its dir (fs.protected_hardlinks=0) would be given it.
+            log.warning("not giving %s to %s: it has %d links", path, account.user, info.st_nlink)
+            continue
+        os.lchown(path, account.uid, account.gid)
 
 
 def _open_files(wanted: int) -> int:

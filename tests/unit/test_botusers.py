@@ -7,8 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from controller.botfiles import BotFiles
-from controller.botusers import BotUsers, bot_user_name, fleet_group_name, service_user_name
+from controller.botfiles import BotFiles, _own_tree
+from controller.botusers import (
+    BotAccount,
+    BotUsers,
+    bot_user_name,
+    fleet_group_name,
+    service_user_name,
+)
 from controller.buskeys import BusKeys
 from controller.home import Home
 from controller.reconcile import Rendered
@@ -106,3 +112,26 @@ def test_the_code_fingerprint_changes_when_code_is_added(tmp_path: Path) -> None
     (tmp_path / "newpkg").mkdir()  # an install adds a dir
     os.utime(tmp_path, ns=(1, 1))  # whatever the clock's resolution
     assert code_fingerprint([tmp_path]) != before
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown to another user needs root")
+def test_a_bots_dir_is_given_to_its_user_but_never_a_hard_link(tmp_path: Path) -> None:
+    """A file with a second name elsewhere (a bot hard-linked /etc/shadow into its dir
+    where fs.protected_hardlinks is 0) stays whose it was: giving it to the bot would
+    give the bot that file."""
+    bot_dir = tmp_path / "bots" / "shop"
+    (bot_dir / "sub").mkdir(parents=True)
+    (bot_dir / "sub" / "telegram.session").write_text("written as root")
+    outside = tmp_path / "shadow"
+    outside.write_text("root's secret")
+    (bot_dir / "linked").hardlink_to(outside)
+    account = BotAccount("nobody", "nogroup", 65534, 65534)
+    _own_tree(bot_dir, account)
+    owners = {p.name: (p.stat().st_uid, p.stat().st_gid) for p in (bot_dir, *bot_dir.rglob("*"))}
+    assert owners == {
+        "shop": (65534, 65534),
+        "sub": (65534, 65534),
+        "telegram.session": (65534, 65534),
+        "linked": (0, 0),
+    }
+    assert (outside.stat().st_uid, outside.stat().st_gid) == (0, 0)
