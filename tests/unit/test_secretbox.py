@@ -41,3 +41,18 @@ def test_only_the_declared_secrets_are_sealed() -> None:
     assert box.open_all(spec) == spec  # clear text from before sealing reads as it is
     with pytest.raises(SecretKeyError, match="does not open"):
         SecretBox((new_key(),), "other").open_all(sealed)
+
+
+def test_tgfleet_up_refuses_the_key_in_its_env_and_makes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`tgfleet up` would have to hand the key to the controller's watcher through its
+    env, which `circusctl options controller` shows: it says where the key goes instead."""
+    from controller.up import UpError, UpOptions, prepare
+
+    monkeypatch.setenv("TGFLEET_SECRET_KEY", new_key())
+    home = Home(tmp_path / "home")
+    with pytest.raises(UpError, match="TGFLEET_SECRET_KEY") as refused:
+        prepare(UpOptions(home=home, listen="127.0.0.1:8710", demo=False, database_url=None))
+    assert str(home.secret_key) in str(refused.value)
+    assert not home.root.exists()
