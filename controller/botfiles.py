@@ -99,6 +99,7 @@ class BotFiles:
             memory_limit_mb=spec.memory_limit_mb,
             graceful_timeout_s=spec.graceful_timeout_s,
             generation=generation,
+            bus_key_id=self.keys.server_key_id,
             open_files=_open_files(spec.limits.open_files),
             processes=spec.limits.processes if account is not None else None,
             user=account.user if account is not None else None,

@@ -11,12 +11,17 @@ process that is still running when its config is rewritten (until the reload
 restarts it) may reconnect meanwhile, e.g. after a controller restart, and is
 the same bot. Destroying a bot forgets both; a recreated bot gets a new pair.
 
+The controller's own pair is rotated by deleting ``bus.key`` while the fleet is
+stopped: the next start makes a new pair and forgets every bot's keys, so every bot
+is written again with the new controller key and restarted.
+
 Writes come from the thread that writes a bot's files; lookups from the bus's
 authenticator on the event loop: each write swaps in a new lookup table whole.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import threading
@@ -92,6 +97,14 @@ class BusKeys:
             public, secret = zmq.curve_keypair()
             pair = {"public_key": public.decode(), "secret_key": secret.decode()}
             write_atomic(home.bus_key, json.dumps(pair) + "\n", 0o600)
+            # A new controller key (first start, or bus.key deleted to rotate it): the
+            # bots' configs name the old one, so every bot gets its files written again
+            # (a bot without keys is rendered anew) and, its watcher changed, restarts.
+            stale = sorted(home.bus_keys_dir.glob("*.json"))
+            for path in stale:
+                path.unlink()
+            if stale:
+                log.warning("bus: a new controller key; %d bots get new keys", len(stale))
         else:
             public = _key(data, "public_key", home.bus_key)
             secret = _key(data, "secret_key", home.bus_key)
@@ -112,6 +125,11 @@ class BusKeys:
             if pair.previous is not None:
                 owners[pair.previous] = name
         self._owners = owners  # one assignment: readers see the old table or the new one
+
+    @property
+    def server_key_id(self) -> str:
+        """A short fingerprint of the controller's public key (hex, safe in any file)."""
+        return hashlib.sha256(self.server_public_key).hexdigest()[:16]
 
     def bot_of(self, public_key: bytes) -> str | None:
         """The bot whose (Z85) public key this is, None for a key of no bot."""

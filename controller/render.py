@@ -116,6 +116,9 @@ class BotWatcher:
     # In the env so that a new configuration changes the watcher: reloadconfig
     # then restarts that bot (config.json alone is invisible to circusd).
     generation: int = 0
+    # The controller's bus key (a fingerprint): a new one restarts the bot, whose
+    # config then names it.
+    bus_key_id: str = ""
     open_files: int = DEFAULT_OPEN_FILES
     # RLIMIT_NPROC counts every process of the user: None (not set) when the bot
     # shares the fleet's user, where one bot's threads would starve another.
@@ -144,6 +147,8 @@ class BotWatcher:
             )
         if self.max_retry < -1:
             raise InvalidWatcherValue(f"max_retry {self.max_retry} must be >= -1")
+        if not re.fullmatch(r"[0-9a-f]{0,64}", self.bus_key_id):
+            raise InvalidWatcherValue(f"bus_key_id {self.bus_key_id!r} must be hex")
 
     @property
     def watcher_name(self) -> str:
@@ -335,6 +340,8 @@ def render_watcher(
     # Fewer malloc arenas: less address space and fragmentation per bot thread.
     env["MALLOC_ARENA_MAX"] = "2"
     env["TGFLEET_GENERATION"] = str(bot.generation)
+    if bot.bus_key_id:
+        env["TGFLEET_BUS_KEY_ID"] = bot.bus_key_id
     del env["TGFLEET_HOME"]  # a bot knows only its own config file
     if pythonpath:
         env["PYTHONPATH"] = _pythonpath(pythonpath)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pwd
 import shutil
 import stat
 import subprocess
 from collections.abc import Iterator
+from typing import Any
 
 import psutil
 import pytest
@@ -61,6 +63,38 @@ def test_ctrl_c_stops_everything_and_a_second_up_brings_bots_back(
     assert fleet.bot("parked")["state"] == "stopped"
     assert fleet.bot("parked")["pid"] is None
     assert sandbox.cli("send", "up_keep_bot", "again", "--user", "bob", "--wait", "20") == "again"
+    assert fleet.stop() == 0
+    assert fleet.leftovers() == []
+
+
+def test_a_deleted_bus_key_is_a_new_one_and_every_bot_speaks_with_it(
+    fresh: Fleet, sandbox: Sandbox
+) -> None:
+    """Rotating the controller's bus key: stop, delete bus.key, start. Every bot is
+    written again with the new key and restarted, and is heard on the bus again."""
+    fleet = fresh
+    fleet.start()
+    fleet.api("PUT", "/api/v1/defaults", {"telegram": sandbox.telegram_defaults()})
+    fleet.api("POST", "/api/v1/bots", echo_spec("keyed", sandbox.create_bot("up_keyed")))
+
+    def heard() -> dict[str, Any] | None:
+        bot = fleet.bot("keyed")
+        return bot if bot["pid"] and bot["health"]["heartbeat_age_s"] is not None else None
+
+    before = wait_for("keyed heard on the bus", heard, timeout=60)
+    old_key = json.loads(fleet.home.bus_key.read_text())["public_key"]
+    assert fleet.stop() == 0
+    fleet.home.bus_key.unlink()
+    fleet.start()
+    after = wait_for("keyed heard on the bus with the new key", heard, timeout=90)
+    new_key = json.loads(fleet.home.bus_key.read_text())["public_key"]
+    assert new_key != old_key
+    config = json.loads(fleet.home.bot_config("keyed").read_text())
+    assert config["bus_server_key"] == new_key
+    assert after["pid"] != before["pid"]
+    assert sandbox.cli("send", "up_keyed_bot", "rotated", "--user", "bob", "--wait", "20") == (
+        "rotated"
+    )
     assert fleet.stop() == 0
     assert fleet.leftovers() == []
 

@@ -50,3 +50,22 @@ def test_a_broken_controller_key_file_is_refused(tmp_path: Path) -> None:
     home.bus_key.write_text('{"public_key": "x", "secret_key": "y"}')
     with pytest.raises(BusKeyError, match="not a Z85 CURVE key"):
         BusKeys.open(home)
+
+
+def test_deleting_the_controller_key_rotates_it_and_forgets_every_bots(tmp_path: Path) -> None:
+    home = Home(tmp_path)
+    keys = BusKeys.open(home)
+    shop = zmq.curve_public(keys.issue("shop").secret_key.encode())
+    keys.issue("cafe")
+    home.bus_key.unlink()  # the fleet stopped: the operator rotates the key
+    rotated = BusKeys.open(home)
+    assert rotated.server_public_key != keys.server_public_key
+    assert rotated.server_key_id != keys.server_key_id
+    assert len(rotated.server_key_id) == 16
+    # Keys issued beside the old controller key open nothing, and every bot is
+    # written again (a bot without keys is not taken as rendered).
+    assert rotated.bot_of(shop) is None
+    assert not rotated.has("shop") and not rotated.has("cafe")
+    assert list(home.bus_keys_dir.iterdir()) == []
+    issued = rotated.issue("shop")
+    assert issued.server_key == rotated.server_public_key.decode()

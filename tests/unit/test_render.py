@@ -100,6 +100,17 @@ def test_bot_watcher_values(bot: BotWatcher, field: str, expected: str) -> None:
     assert watcher(bot)[field] == expected
 
 
+def test_a_new_controller_bus_key_changes_the_watcher() -> None:
+    """circusd restarts a bot whose watcher changed: the config it would read anew names
+    the new controller key."""
+    env = parse(render_watcher(HOME, BotWatcher("a", True, 128, bus_key_id="0a1b"), python=PY))
+    assert env["env:bot-a"]["TGFLEET_BUS_KEY_ID"] == "0a1b"
+    other = BotWatcher("a", True, 128, bus_key_id="2c3d")
+    assert render_watcher(HOME, other, python=PY) != render_watcher(
+        HOME, BotWatcher("a", True, 128, bus_key_id="0a1b"), python=PY
+    )
+
+
 @pytest.mark.parametrize(
     "make",
     [
@@ -112,6 +123,7 @@ def test_bot_watcher_values(bot: BotWatcher, field: str, expected: str) -> None:
         lambda: BotWatcher("shop", True, 256, user="tgf-0123"),
         lambda: BotWatcher("shop", True, 256, open_files=0),
         lambda: BotWatcher("shop", True, 256, user="tgf-x", group="tgf-x\nuid = root"),
+        lambda: BotWatcher("shop", True, 256, bus_key_id="$(circus.env.x)"),
     ],
 )
 def test_bot_watcher_refuses_bad_spec(make: object) -> None:
@@ -129,6 +141,7 @@ def test_no_secret_can_reach_the_watcher_file() -> None:
         "graceful_timeout_s",
         "max_retry",
         "generation",
+        "bus_key_id",
         "open_files",
         "processes",
         "user",
