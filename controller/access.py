@@ -3,10 +3,14 @@ and the refusals counted for /metrics. Pure: no I/O, time passed in."""
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections import OrderedDict, deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal, get_args
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 Scope = Literal["read", "operate", "admin"]
 #: Each scope allows what the ones before it allow: admin ⊃ operate ⊃ read.
@@ -49,6 +53,51 @@ def parse_duration(text: str) -> int:
     return int(found.group(1)) * _UNIT_S[found.group(2)]
 
 
+def trusted_networks(entries: Iterable[str]) -> tuple[IPNetwork, ...]:
+    """Addresses or networks (``10.0.0.5``, ``10.0.0.0/8``, ``::1``); ValueError naming
+    the first that is neither."""
+    networks = []
+    for entry in entries:
+        try:
+            networks.append(ipaddress.ip_network(entry.strip(), strict=False))
+        except ValueError:
+            raise ValueError(f"{entry!r} is not an IP address or network") from None
+    return tuple(networks)
+
+
+def _trusted(address: str, networks: tuple[IPNetwork, ...]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in network for network in networks)
+
+
+def client_address(
+    remote: str | None, forwarded_for: Iterable[str], proxies: tuple[IPNetwork, ...]
+) -> str:
+    """Who a request is from, for the throttle: the peer, unless the peer is a trusted
+    proxy; then the right-most ``X-Forwarded-For`` hop that no trusted proxy added.
+
+    Only hops added by proxies we trust are believed: whatever is left of them the
+    client wrote itself. A hop that is no IP address ends the walk (the proxy before
+    it is who we know of)."""
+    peer = remote or "unknown"
+    if not proxies or not _trusted(peer, proxies):
+        return peer
+    hops = [hop.strip() for header in forwarded_for for hop in header.split(",")]
+    client = peer
+    for hop in reversed(hops):
+        try:
+            ipaddress.ip_address(hop)
+        except ValueError:
+            return client
+        client = hop
+        if not _trusted(hop, proxies):
+            return client
+    return client
+
+
 @dataclass
 class AuthThrottle:
     """Failed authentications per client address, in a sliding window.
@@ -63,6 +112,8 @@ class AuthThrottle:
     limit: int = 10
     window_s: float = 60.0
     max_clients: int = 10_000
+    #: Reverse proxies whose X-Forwarded-For is believed (none: the peer is the client).
+    trusted_proxies: tuple[IPNetwork, ...] = ()
     _failures: OrderedDict[str, deque[float]] = field(default_factory=OrderedDict)
 
     def _recent(self, client: str, now: float) -> deque[float]:

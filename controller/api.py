@@ -26,6 +26,7 @@ from controller.access import (
     RefusalReason,
     Refusals,
     allows,
+    client_address,
     token_in_query,
 )
 from controller.circus import SupervisorError
@@ -161,7 +162,11 @@ async def access(request: web.Request, handler: Handler) -> web.StreamResponse:
             "the 'Authorization: Bearer <token>' header (and revoke one sent this way)",
             "token_in_query",
         )
-    client = request.remote or "unknown"
+    client = client_address(
+        request.remote,
+        request.headers.getall("X-Forwarded-For", []),
+        app[THROTTLE].trusted_proxies,
+    )
     now = datetime.now(UTC)
     header = request.headers.get("Authorization", "")
     scheme, _, presented = header.partition(" ")

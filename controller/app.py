@@ -21,7 +21,7 @@ import aiohttp
 from aiohttp import web
 
 from botspec import protocol
-from controller.access import AuthThrottle
+from controller.access import AuthThrottle, trusted_networks
 from controller.api import build_app, hash_token, new_token
 from controller.atomicfile import write_atomic
 from controller.botfiles import BotFiles
@@ -184,7 +184,11 @@ async def serve(home: Home) -> int:
     )
     await fleet.load()
 
-    app = build_app(fleet, store, home, fan_out, AuthThrottle(limit=settings.auth_failure_limit))
+    throttle = AuthThrottle(
+        limit=settings.auth_failure_limit,
+        trusted_proxies=trusted_networks(settings.trusted_proxies),
+    )
+    app = build_app(fleet, store, home, fan_out, throttle)
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
     host, port = parse_hostport(settings.listen, "listen")

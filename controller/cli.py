@@ -193,6 +193,9 @@ def up(
             auth_failure_limit=int(
                 env_number(os.environ, "TGFLEET_AUTH_FAILURE_LIMIT", DEFAULT_AUTH_FAILURE_LIMIT)
             ),
+            trusted_proxies=tuple(
+                e for e in os.environ.get("TGFLEET_TRUSTED_PROXIES", "").split(",") if e.strip()
+            ),
             tls_cert=os.path.abspath(tls_cert) if tls_cert else None,
             tls_key=os.path.abspath(tls_key) if tls_key else None,
             insecure_listen=insecure_listen,

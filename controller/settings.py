@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from controller.access import trusted_networks
 from controller.atomicfile import write_atomic
 from controller.home import Home
 
@@ -72,6 +73,9 @@ class ControllerSettings:
     event_retention_count: int = DEFAULT_EVENT_RETENTION_COUNT
     # Wrong tokens from one address within a minute; past it, its wrong tokens get 429.
     auth_failure_limit: int = DEFAULT_AUTH_FAILURE_LIMIT
+    # Reverse proxies (addresses or networks) whose X-Forwarded-For names the client
+    # that the throttle counts; none: the peer is the client.
+    trusted_proxies: tuple[str, ...] = ()
     # Writes queued while PostgreSQL is away; beyond it the oldest are dropped.
     outbox_limit: int = DEFAULT_OUTBOX_LIMIT
     # The API's certificate and key (PEM): it then speaks HTTPS only.
@@ -96,8 +100,9 @@ class ControllerSettings:
             raise SettingsError(f"{path} is not valid JSON: {exc}") from exc
         if not isinstance(raw, dict):
             raise SettingsError(f"{path} must hold a JSON object")
-        if isinstance(raw.get("plugin_path"), list):
-            raw["plugin_path"] = tuple(raw["plugin_path"])
+        for listed in ("plugin_path", "trusted_proxies"):
+            if isinstance(raw.get(listed), list):
+                raw[listed] = tuple(raw[listed])
         try:
             settings = cls(**raw)
         except TypeError as exc:
@@ -129,5 +134,9 @@ class ControllerSettings:
         for entry in self.plugin_path:
             if not entry.startswith("/") or ":" in entry:
                 raise SettingsError(f"plugin dir {entry!r} must be an absolute path")
+        try:
+            trusted_networks(self.trusted_proxies)
+        except ValueError as exc:
+            raise SettingsError(f"TGFLEET_TRUSTED_PROXIES: {exc}") from None
         if self.outbox_limit < 1:
             raise SettingsError(f"outbox_limit must be at least 1, not {self.outbox_limit}")

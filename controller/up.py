@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from controller.access import trusted_networks
 from controller.atomicfile import write_atomic
 from controller.botusers import BotAccount, BotUsers, bot_code_paths
 from controller.circus import CircusClient, SupervisorError
@@ -62,6 +63,7 @@ class UpOptions:
     event_retention_days: float = DEFAULT_EVENT_RETENTION_DAYS
     event_retention_count: int = DEFAULT_EVENT_RETENTION_COUNT
     auth_failure_limit: int = DEFAULT_AUTH_FAILURE_LIMIT
+    trusted_proxies: tuple[str, ...] = ()
     tls_cert: str | None = None
     tls_key: str | None = None
     # Serve plain HTTP on a non-loopback address anyway (tokens cross the network in clear).
@@ -110,6 +112,10 @@ def prepare(options: UpOptions) -> ControllerSettings:
     home = options.home
     home.check_socket_paths()
     check_listen(options)
+    try:
+        trusted_networks(options.trusted_proxies)
+    except ValueError as exc:
+        raise UpError(f"TGFLEET_TRUSTED_PROXIES: {exc}") from None
     if os.environ.get("TGFLEET_SECRET_KEY", "").strip():
         # Its watchers get no secret in their env (`circusctl options` shows env).
         raise UpError(
@@ -176,6 +182,7 @@ def prepare(options: UpOptions) -> ControllerSettings:
         event_retention_days=options.event_retention_days,
         event_retention_count=options.event_retention_count,
         auth_failure_limit=options.auth_failure_limit,
+        trusted_proxies=options.trusted_proxies,
         tls_cert=options.tls_cert,
         tls_key=options.tls_key,
     )

@@ -16,7 +16,14 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from controller.access import AuthThrottle, allows, parse_duration, token_in_query
+from controller.access import (
+    AuthThrottle,
+    allows,
+    client_address,
+    parse_duration,
+    token_in_query,
+    trusted_networks,
+)
 from controller.api import OPENAPI, ROUTES, THROTTLE, build_app, hash_token
 from controller.botfiles import BotFiles
 from controller.buskeys import BusKeys
@@ -41,9 +48,16 @@ class Api:
     store: InMemoryStore
 
     async def call(
-        self, method: str, path: str, token: str | None, body: object = None
+        self,
+        method: str,
+        path: str,
+        token: str | None,
+        body: object = None,
+        forwarded_for: str | None = None,
     ) -> tuple[int, dict[str, str], Any]:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
+        if forwarded_for is not None:
+            headers["X-Forwarded-For"] = forwarded_for
         kwargs: dict[str, Any] = {"headers": headers}
         if body is not None:
             kwargs["json"] = body
@@ -314,3 +328,60 @@ async def test_rotating_the_key_keeps_every_secret_readable(api: Api, tmp_path: 
     assert (await api.store.get_defaults())["telegram"]["api_hash"] == "h" * 32
     (event,) = [e for e in await api.store.events(None, 0, 100) if e.kind == "secrets"]
     assert event.actor == "api:admin"
+
+
+PROXIES = trusted_networks(["127.0.0.1", "10.0.0.0/8", "fd00::/8"])
+
+
+@pytest.mark.parametrize(
+    ("remote", "forwarded_for", "proxies", "client"),
+    [
+        # Off by default: the header is whatever the client wrote.
+        ("127.0.0.1", ["203.0.113.7"], (), "127.0.0.1"),
+        ("127.0.0.1", [], PROXIES, "127.0.0.1"),
+        ("127.0.0.1", ["203.0.113.7"], PROXIES, "203.0.113.7"),
+        # The client's own claim is left of the hop our proxy added: not believed.
+        ("127.0.0.1", ["198.51.100.1, 203.0.113.7"], PROXIES, "203.0.113.7"),
+        # Through two of our proxies; headers repeated are read in order.
+        ("127.0.0.1", ["198.51.100.1, 203.0.113.7, 10.1.2.3"], PROXIES, "203.0.113.7"),
+        ("127.0.0.1", ["198.51.100.1", "203.0.113.7, 10.1.2.3"], PROXIES, "203.0.113.7"),
+        ("fd00::1", ["2001:db8::5"], PROXIES, "2001:db8::5"),
+        # A peer we do not trust cannot name another client.
+        ("192.0.2.9", ["203.0.113.7"], PROXIES, "192.0.2.9"),
+        # A hop that is no address ends the walk at the last proxy we know.
+        ("127.0.0.1", ["unknown"], PROXIES, "127.0.0.1"),
+        ("127.0.0.1", ["203.0.113.7, junk, 10.1.2.3"], PROXIES, "10.1.2.3"),
+        # Every hop a trusted proxy: the left-most one.
+        ("127.0.0.1", ["10.0.0.1, 10.0.0.2"], PROXIES, "10.0.0.1"),
+        (None, [], PROXIES, "unknown"),
+    ],
+)
+def test_the_client_behind_trusted_proxies(
+    remote: str | None, forwarded_for: list[str], proxies: Any, client: str
+) -> None:
+    assert client_address(remote, forwarded_for, proxies) == client
+
+
+@pytest.mark.parametrize("entry", ["10.0.0.0/33", "proxy.local", "", "10.0.0.1:80"])
+def test_a_trusted_proxy_must_be_an_address_or_network(entry: str) -> None:
+    with pytest.raises(ValueError, match="is not an IP address or network"):
+        trusted_networks([entry])
+
+
+async def test_behind_a_trusted_proxy_each_client_has_its_own_throttle(api: Api) -> None:
+    throttle = api.client.app[THROTTLE]
+    throttle.trusted_proxies = trusted_networks(["127.0.0.1"])
+    guesser, bystander = "203.0.113.7", "198.51.100.1"
+    answers = [
+        await api.call("GET", "/api/v1/bots", f"tgf_guess-{n}", forwarded_for=guesser)
+        for n in range(throttle.limit + 1)
+    ]
+    assert [a[0] for a in answers] == [401] * throttle.limit + [429]
+    assert_problem(answers[-1], 429, guesser)
+    # Another client of the same proxy is not shut out by the guesser.
+    assert_problem(
+        await api.call("GET", "/api/v1/bots", "tgf_typo", forwarded_for=bystander), 401, "unknown"
+    )
+    # The guesser cannot step out of its throttle by naming someone else before it.
+    spoofed = f"{bystander}, {guesser}"
+    assert_problem(await api.call("GET", "/api/v1/bots", "tgf_x", forwarded_for=spoofed), 429)
