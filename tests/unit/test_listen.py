@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from controller.home import Home
 from controller.settings import ControllerSettings, SettingsError, is_loopback
-from controller.up import UpError, UpOptions, check_listen, insecure_listen_warning
+from controller.up import UpError, UpOptions, check_listen, insecure_listen_warning, prepare
 
 
 @pytest.mark.parametrize(
@@ -66,3 +67,23 @@ def test_settings_say_https_with_a_certificate() -> None:
     assert tls.api_url == "https://10.0.0.1:1"
     with pytest.raises(SettingsError, match="go together"):
         ControllerSettings(listen="x:1", database_url="y", tls_cert="c").check()
+
+
+def test_trusted_proxies_are_kept_and_checked(tmp_path: Path) -> None:
+    home = Home(tmp_path)
+    kept = ControllerSettings(
+        listen="127.0.0.1:1", database_url="postgresql://x", trusted_proxies=("10.0.0.0/8",)
+    )
+    kept.save(home)
+    assert ControllerSettings.load(home) == kept
+    bad = ControllerSettings(listen="x:1", database_url="y", trusted_proxies=("proxy",))
+    with pytest.raises(SettingsError, match="TGFLEET_TRUSTED_PROXIES: 'proxy' is not an IP"):
+        bad.check()
+
+
+def test_up_refuses_a_bad_trusted_proxy_before_making_anything(tmp_path: Path) -> None:
+    home = Home(tmp_path / "home")
+    bad = replace(options(tmp_path, "127.0.0.1:8710"), home=home, trusted_proxies=("::1", "nope"))
+    with pytest.raises(UpError, match="TGFLEET_TRUSTED_PROXIES: 'nope'"):
+        prepare(bad)
+    assert not home.root.exists()
