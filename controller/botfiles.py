@@ -21,10 +21,10 @@ from controller.reconcile import Rendered
 from controller.render import BotWatcher, render_watcher
 from controller.spec import EffectiveSpec
 
-# The user is in the mark so that a file rendered for another user (before an
-# upgrade that brought a user per bot) is rendered again, which restarts the bot.
 log = logging.getLogger(__name__)
 
+# The user is in the mark so that a file rendered for another user (before an
+# upgrade that brought a user per bot) is rendered again, which restarts the bot.
 _MARK = re.compile(r"^# tgfleet: generation=(\d+) autostart=(true|false) user=(\S+)$", re.M)
 _FLEET_USER = "-"
 

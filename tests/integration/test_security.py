@@ -279,6 +279,7 @@ def test_a_bots_credentials_appear_nowhere_after_a_lifecycle_with_failures(
         _pg_dump(fleet),
         events,
         Place("the admin webhook's bodies", json.dumps(webhook.bodies).encode()),
+        Place("what tgfleet up printed", fleet.log_text().encode()),
         *api.answers,
     ]
     assert any(b"swept-user" in place.content for place in api.answers)
