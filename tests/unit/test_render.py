@@ -367,3 +367,21 @@ def test_write_atomic(tmp_path: Path) -> None:
     assert target.read_text() == "two\n"
     assert stat.S_IMODE(target.stat().st_mode) == 0o640
     assert sorted(os.listdir(tmp_path)) == ["a.ini"]  # no temp file left behind
+
+
+@pytest.mark.parametrize("planted", ["symlink to /dev/zero", "fifo", "symlink to a file"])
+def test_write_atomic_replaces_what_a_bot_planted_without_reading_it(
+    tmp_path: Path, planted: str
+) -> None:
+    """In its own dir a bot can put anything where its config goes: a symlink to an
+    endless file or a FIFO must not hang the controller, and a symlink's target is
+    left alone (the link itself is replaced)."""
+    target, outside = tmp_path / "config.json", tmp_path / "outside"
+    outside.write_text("root's file\n")
+    if planted == "fifo":
+        os.mkfifo(target)
+    else:
+        target.symlink_to("/dev/zero" if "zero" in planted else outside)
+    assert write_atomic(target, "root's file\n", 0o600) is True
+    assert not target.is_symlink() and target.read_text() == "root's file\n"
+    assert outside.read_text() == "root's file\n" and outside.stat().st_ino != target.stat().st_ino
