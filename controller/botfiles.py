@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import logging
-import os
 import re
 import resource
 import shutil
-import stat
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,8 +17,7 @@ from controller.home import Home
 from controller.reconcile import Rendered
 from controller.render import BotWatcher, render_watcher
 from controller.spec import EffectiveSpec
-
-log = logging.getLogger(__name__)
+from controller.sysusers import give_tree
 
 # The user is in the mark so that a file rendered for another user (before an
 # upgrade that brought a user per bot) is rendered again, which restarts the bot.
@@ -151,16 +147,7 @@ class BotFiles:
 def _own_tree(bot_dir: Path, account: BotAccount) -> None:
     """Give the bot's dir and what is in it to its user (a dir written before the bot
     had a user of its own holds root's files: its session among them)."""
-    for path in (bot_dir, *bot_dir.rglob("*")):
-        info = path.lstat()
-        if (info.st_uid, info.st_gid) == (account.uid, account.gid):
-            continue
-        if not stat.S_ISDIR(info.st_mode) and info.st_nlink > 1:
-            # A second name of a file that lives elsewhere too: a bot that hard-linked
-            # /etc/shadow into its dir (fs.protected_hardlinks=0) would be given it.
-            log.warning("not giving %s to %s: it has %d links", path, account.user, info.st_nlink)
-            continue
-        os.lchown(path, account.uid, account.gid)
+    give_tree(bot_dir, account.uid, account.gid)  # never a hard link: it lives elsewhere too
 
 
 def _open_files(wanted: int) -> int:

@@ -152,3 +152,21 @@ def open_tree(root: Path) -> list[Path]:
                 changed.append(file_path)
         dirs.sort()
     return changed
+
+
+def give_tree(root: Path, uid: int, gid: int) -> list[Path]:
+    """Give ``root`` and everything below it to ``uid``:``gid``, following no symlink;
+    returns what was left alone. A file with a second name is left alone: it lives
+    elsewhere too, and a user who hard-linked /etc/shadow into its own dir (where
+    fs.protected_hardlinks is 0) would be given it."""
+    skipped = []
+    for path in (root, *root.rglob("*")):  # rglob enters no symlinked dir
+        info = path.lstat()
+        if (info.st_uid, info.st_gid) == (uid, gid):
+            continue
+        if not stat.S_ISDIR(info.st_mode) and info.st_nlink > 1:
+            log.warning("not giving %s to uid %d: it has %d links", path, uid, info.st_nlink)
+            skipped.append(path)
+            continue
+        os.lchown(path, uid, gid)
+    return skipped

@@ -39,7 +39,7 @@ from controller.settings import (
     is_loopback,
     parse_hostport,
 )
-from controller.sysusers import SystemUserError
+from controller.sysusers import SystemUserError, give_tree
 
 API_WAIT_S = 90.0
 STOP_WAIT_S = 60.0
@@ -203,9 +203,7 @@ def _sandbox_watcher(options: UpOptions, service: BotAccount | None) -> SandboxW
     if service is None:
         return SandboxWatcher(options.sandbox_listen, options.sandbox_admin, data)
     # What an earlier run wrote as root (or as a service user since removed) is its now.
-    for top, dirs, files in os.walk(data):
-        for entry in (top, *(os.path.join(top, name) for name in (*dirs, *files))):
-            os.lchown(entry, service.uid, service.gid)
+    give_tree(data, service.uid, service.gid)
     return SandboxWatcher(
         options.sandbox_listen, options.sandbox_admin, data, service.user, service.group
     )
