@@ -10,6 +10,7 @@ import sys
 import urllib.parse
 from pathlib import Path
 
+from harness import wait_for
 from sweep import Place, Secret, command_output, environments, files_under, found, process_list
 
 TOKEN = Secret("the token", "7001234:AAH" + os.urandom(12).hex())
@@ -49,6 +50,9 @@ def test_a_secret_planted_in_a_process_is_found_by_ps_and_environ(tmp_path: Path
         env={**os.environ, "PLANTED": SESSION.value},
     )
     try:
+        # Between fork and exec the child still shows pytest's command line and env.
+        cmdline = Path(f"/proc/{sleeper.pid}/cmdline")
+        wait_for("the child's exec", lambda: TOKEN.value.encode() in cmdline.read_bytes())
         assert found([TOKEN], [process_list()]) == ["the token in ps -e"]
         hits = found([TOKEN, SESSION], environments([sleeper.pid]))
         assert len(hits) == 1 and hits[0].startswith(
