@@ -245,6 +245,7 @@ def test_a_bots_credentials_appear_nowhere_after_a_lifecycle_with_failures(
             ),
             fleet_command(fleet, "get", "bot-swept", "env"),
             fleet_command(fleet, "stats"),
+            _pg_dump(fleet),  # their rows are there, sealed
         ]
         assert fleet.home.watcher_file("swept").exists()
         # Where they must be, they are found: the sweep would see them anywhere else.
