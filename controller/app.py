@@ -22,7 +22,7 @@ from aiohttp import web
 
 from botspec import protocol
 from controller.access import AuthThrottle
-from controller.api import build_app, hash_token, new_token
+from controller.api import BusStats, build_app, hash_token, new_token
 from controller.atomicfile import write_atomic
 from controller.botfiles import BotFiles
 from controller.botusers import BotUsers
@@ -184,7 +184,14 @@ async def serve(home: Home) -> int:
     )
     await fleet.load()
 
-    app = build_app(fleet, store, home, fan_out, AuthThrottle(limit=settings.auth_failure_limit))
+    app = build_app(
+        fleet,
+        store,
+        home,
+        fan_out,
+        AuthThrottle(limit=settings.auth_failure_limit),
+        lambda: BusStats(bus.dropped_in, bus.dropped_out, bus.refused),
+    )
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
     host, port = parse_hostport(settings.listen, "listen")
