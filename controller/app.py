@@ -20,7 +20,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from botspec import protocol
+from botspec import jsonlog, protocol
 from controller.access import AuthThrottle
 from controller.api import BusStats, build_app, hash_token, new_token
 from controller.atomicfile import write_atomic
@@ -32,6 +32,7 @@ from controller.circus import CircusClient, watch_events
 from controller.errors import StoreUnavailable
 from controller.fleet import Fleet, Webhook
 from controller.home import Home
+from controller.render import LogRotation
 from controller.secretbox import SecretBox
 from controller.settings import (
     DEFAULT_DATABASE_TIMEOUT_S,
@@ -165,7 +166,14 @@ async def serve(home: Home) -> int:
     bus = BusServer(home.bus_endpoint, bus_keys)
     users = BotUsers(home)
     users.share_socket(home.bus_socket)  # every bot's user connects to it; nobody else
-    files = BotFiles(home, sys.executable, bus_keys, users=users, plugin_path=settings.plugin_path)
+    files = BotFiles(
+        home,
+        sys.executable,
+        bus_keys,
+        users=users,
+        plugin_path=settings.plugin_path,
+        log=LogRotation(settings.log_max_bytes, settings.log_backup_count),
+    )
 
     def fan_out(topic: str, event: protocol.Event) -> None:
         for name in fleet.subscribers(topic):
@@ -241,10 +249,6 @@ async def serve(home: Home) -> int:
 
 
 def main(home_dir: str | None) -> int:
-    logging.basicConfig(
-        level=logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    jsonlog.configure()
     home = Home.resolve(home_dir)
     return asyncio.run(serve(home))

@@ -257,7 +257,7 @@ class Fleet:
 
     def _near_limit(self, name: str, near: NearLimit) -> None:
         """A bot's process came near a limit: an event (once per crossing), and a log line."""
-        log.warning("%s: %s", name, near.reason())
+        log.warning("%s: %s", name, near.reason(), extra={"bot": name, "event": "limit"})
         self.events.note(name, "limit", "resources", near.reason(), near.to_json())
 
     async def _reconcile_until(self, stopping: asyncio.Event) -> None:

@@ -189,7 +189,7 @@ class Healer:
             last_kind=kind, last_reason=reason, last_at=now, exits=self.record(name).exits
         )
         self._observer.expect_exit(name)
-        log.info("%s: failed (%s): %s", name, kind, reason)
+        log.info("%s: failed (%s): %s", name, kind, reason, extra={"bot": name, "failure": kind})
         if self._notify is not None:
             self._notify(
                 {"bot": name, "state": "failed", "failure": kind, "reason": reason, "at": now}

@@ -184,7 +184,13 @@ class Observer:
             expected = self._expect_exit_until.get(name, 0.0) > self._clock.monotonic()
             if is_crash(code, expected):
                 self._exits.setdefault(name, []).append(Exit(at, pid, code))
-                log.info("%s: process %d exited with code %d", name, pid, code)
+                log.info(
+                    "%s: process %d exited with code %d",
+                    name,
+                    pid,
+                    code,
+                    extra={"bot": name, "failure": "crash"},
+                )
             live = self.live.get(name)
             if live is not None and live.pid == pid:
                 live.telegram = {**live.telegram, "connected": False}

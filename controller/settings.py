@@ -74,6 +74,9 @@ class ControllerSettings:
     auth_failure_limit: int = DEFAULT_AUTH_FAILURE_LIMIT
     # Writes queued while PostgreSQL is away; beyond it the oldest are dropped.
     outbox_limit: int = DEFAULT_OUTBOX_LIMIT
+    # Rotation of every watcher's stdout/stderr (TGFLEET_LOG_MAX_BYTES, _BACKUP_COUNT).
+    log_max_bytes: int = 10 * 1024 * 1024
+    log_backup_count: int = 3
     # The API's certificate and key (PEM): it then speaks HTTPS only.
     tls_cert: str | None = None
     tls_key: str | None = None
@@ -129,5 +132,10 @@ class ControllerSettings:
         for entry in self.plugin_path:
             if not entry.startswith("/") or ":" in entry:
                 raise SettingsError(f"plugin dir {entry!r} must be an absolute path")
+        if self.log_max_bytes < 64 * 1024 or self.log_backup_count < 1:
+            raise SettingsError(
+                "log rotation needs log_max_bytes of at least 65536 and log_backup_count of "
+                f"at least 1, not {self.log_max_bytes} and {self.log_backup_count}"
+            )
         if self.outbox_limit < 1:
             raise SettingsError(f"outbox_limit must be at least 1, not {self.outbox_limit}")
