@@ -20,8 +20,9 @@ from botspec.procinfo import ProcSample
 
 #: Between two samples of every bot, seconds (CPU % is over this interval).
 SAMPLE_INTERVAL_S = 2.0
-#: PSS (smaps_rollup) costs more than all other reads together: read every this many samples.
-PSS_EVERY = 5
+#: PSS (smaps_rollup: the kernel walks the page tables) costs ~15 times all other reads
+#: together (bench/observe.py): read every this many samples, i.e. every 30 s.
+PSS_EVERY = 15
 #: A bot at this share of a limit gets a warning event ...
 WARN_AT = 0.9
 #: ... and another only after it went below this share first.
@@ -177,9 +178,12 @@ def read_all(
     with_pss: bool,
     read: Reader = procinfo.sample,
 ) -> dict[str, ProcSample | None]:
-    """Sample every bot's process (blocking /proc reads: run it off the event loop)."""
+    """Sample every bot's process (blocking /proc reads: run it off the event loop).
+
+    A process seen for the first time (its limits not known yet) gets its PSS read too."""
     return {
-        name: read(pid, pss=with_pss, limits=known_limits.get(pid)) for name, pid in pids.items()
+        name: read(pid, pss=with_pss or pid not in known_limits, limits=known_limits.get(pid))
+        for name, pid in pids.items()
     }
 
 

@@ -13,6 +13,7 @@ import pytest
 from botspec import procinfo
 from botspec.procinfo import ProcSample
 from controller.resources import (
+    PSS_EVERY,
     NearLimit,
     ResourceMonitor,
     Usage,
@@ -188,9 +189,9 @@ def test_the_monitor_reads_pss_every_few_passes_and_limits_once() -> None:
         return _sample(pid=pid)
 
     monitor = ResourceMonitor(lambda bot, near: None)
-    for at in range(6):
+    for at in range(PSS_EVERY + 1):
         known, with_pss = monitor.plan()
         monitor.apply(read_all({"shop": 100}, known, with_pss, read), float(at), float(at))
-    assert [c["pss"] for c in calls] == [True, False, False, False, False, True]
+    assert [c["pss"] for c in calls] == [True, *[False] * (PSS_EVERY - 1), True]
     assert calls[0]["limits"] is None
     assert all(c["limits"] == (64, 128 * 2**20) for c in calls[1:])
