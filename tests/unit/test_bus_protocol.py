@@ -138,6 +138,7 @@ def test_a_heartbeat_without_message_counts_is_from_an_older_bot_not_an_error() 
     assert (beat.messages_in, beat.messages_out) == (None, None)
     assert decode(_top(messages_in=None)).messages_in is None  # type: ignore[union-attr]
 
+
 BAD_FRAMES: list[tuple[str, bytes, str]] = [
     ("empty", b"", "not UTF-8 JSON"),
     ("binary", b"\xff\xfe", "not UTF-8 JSON"),
