@@ -110,6 +110,28 @@ def test_a_bot_near_its_file_limit_is_warned_once_per_crossing(
     )
 
 
+def test_a_bot_near_its_memory_limit_is_warned_before_it_hits_it(
+    fleet: Fleet, sandbox: Sandbox
+) -> None:
+    name = "grower"
+    limit_mb = 160
+    bot = create(fleet, sandbox, name, memory_limit_mb=limit_mb)
+    usage = bot["resources"]
+    assert usage["data_limit_bytes"] == limit_mb * 2**20
+    baseline_mb = usage["data_bytes"] / 2**20
+    assert baseline_mb < limit_mb * REARM_BELOW, f"a bot at rest already uses {baseline_mb:.0f} MB"
+    grow = int(limit_mb * WARN_AT - baseline_mb) + 4  # past 90 %, ~10 MB short of the limit
+    assert ask(sandbox, name, f"/grow {grow}") == f"holding {grow} MB"
+    (warning,) = wait_for("the memory warning", lambda: limit_events(fleet, name), timeout=30)
+    assert warning["data"]["limit"] == "memory"
+    assert warning["data"]["cap"] == limit_mb * 2**20
+    assert warning["data"]["used"] >= WARN_AT * limit_mb * 2**20
+    assert "private memory" in warning["reason"]
+    # Warned before the limit: the same process still runs and answers.
+    assert fleet.bot(name)["pid"] == bot["pid"]
+    assert ask(sandbox, name, "alive?") == "alive?"
+
+
 def test_the_api_shows_what_the_bots_process_uses(fleet: Fleet, sandbox: Sandbox) -> None:
     name = "usage"
     create(fleet, sandbox, name, memory_limit_mb=256)
