@@ -238,7 +238,10 @@ class Fleet:
     async def _sample_until(self, stopping: asyncio.Event) -> None:
         """Sample every live bot's process from /proc every SAMPLE_INTERVAL_S."""
         while not stopping.is_set():
-            await self.sample_resources()
+            try:
+                await self.sample_resources()
+            except (OSError, ValueError) as exc:  # /proc said something unexpected: next pass
+                log.warning("sampling the bots' /proc failed: %s", exc)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stopping.wait(), SAMPLE_INTERVAL_S)
 
