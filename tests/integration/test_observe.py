@@ -76,15 +76,17 @@ def test_a_bot_near_its_file_limit_is_warned_once_per_crossing(
     name = "fds"
     bot = create(fleet, sandbox, name, limits={"open_files": 64})
     assert bot["resources"]["open_files_limit"] == 64
-    near = int(64 * WARN_AT + 0.999)  # 58: the first count at the warning share
-    assert bot["resources"]["open_files"] < near
+    # 60 of 64: past the warning share (58) by a margin, since a bot's own count moves
+    # by a descriptor or two (its session file's journal, a connection being replaced).
+    near = int(64 * WARN_AT + 0.999) + 2
+    assert bot["resources"]["open_files"] < near - 4
     assert limit_events(fleet, name) == []
 
     assert ask(sandbox, name, f"/fds {near}") == f"open fds: {near}"
     (warning,) = wait_for("the warning event", lambda: limit_events(fleet, name), timeout=30)
     assert warning["data"]["limit"] == "open_files"
     assert warning["data"]["cap"] == 64
-    assert warning["data"]["used"] >= near
+    assert warning["data"]["used"] >= 64 * WARN_AT
     assert warning["actor"] == "resources"
     assert "open files" in warning["reason"]
     # Before the limit, not at it: the bot still runs and answers.
@@ -104,7 +106,7 @@ def test_a_bot_near_its_file_limit_is_warned_once_per_crossing(
         "the sample below the re-arm share",
         lambda: fleet.bot(name)["resources"]["open_files"] <= below,
     )
-    assert ask(sandbox, name, f"/fds {near + 1}") == f"open fds: {near + 1}"
+    assert ask(sandbox, name, f"/fds {near}") == f"open fds: {near}"
     wait_for(
         "a second warning, for the second crossing", lambda: len(limit_events(fleet, name)) == 2
     )
