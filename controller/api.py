@@ -417,6 +417,8 @@ def tail(path: Any, lines: int) -> list[str]:
             data = handle.read().decode("utf-8", "replace")
     except FileNotFoundError:
         return []
+    if block < size:  # the block starts inside a line: leave that piece out
+        data = data.partition("\n")[2]
     return data.splitlines()[-lines:]
 
 

@@ -169,3 +169,16 @@ def test_number_formats() -> None:
 
     assert number(3) == "3" and number(True) == "1" and number(0.5) == "0.5"
     assert number(math.inf) == "+Inf" and number(math.nan) == "NaN"
+
+
+def test_a_log_tail_holds_whole_lines_only(tmp_path: Any) -> None:
+    from controller.api import tail
+
+    path = tmp_path / "bot-x.err.log"
+    lines = [json.dumps({"message": f"line {n}", "pad": "x" * 90}) for n in range(4000)]
+    path.write_text("\n".join(lines) + "\n")  # ~400 KB: more than a tail reads
+    got = tail(path, 5000)
+    assert got == lines[-len(got) :]
+    assert all(json.loads(line) for line in got)
+    assert tail(path, 3) == lines[-3:]
+    assert tail(tmp_path / "none.log", 3) == []
