@@ -200,6 +200,9 @@ def test_metrics_parse_and_agree_with_the_api(fleet: Fleet, sandbox: Sandbox) ->
     name = "metered"
     create(fleet, sandbox, name)
     assert ask(sandbox, name, "count me") == "count me"
+    # A bot whose token Telegram refuses: failed, one failure of kind auth.
+    fleet.api("POST", "/api/v1/bots", {"name": "forged", "token": "4242:not-a-real-token"})
+    fleet.wait_state("forged", "failed")
     stopped = "parked"
     create(fleet, sandbox, stopped)
     fleet.api("POST", f"/api/v1/bots/{stopped}/stop")
@@ -234,6 +237,9 @@ def test_metrics_parse_and_agree_with_the_api(fleet: Fleet, sandbox: Sandbox) ->
         for state in ("running", "stopped", "failed"):
             key = ("tgfleet_bot_state", frozenset({("bot", bot["name"]), ("state", state)}))
             assert series[key] == int(bot["state"] == state)
+    refused = ("tgfleet_bot_failures_total", frozenset({("bot", "forged"), ("kind", "auth")}))
+    assert series[refused] == 1
+    assert series[("tgfleet_bot_state", frozenset({("bot", "forged"), ("state", "failed")}))] == 1
     # A stopped bot has no process: no usage series, but its state and restarts.
     parked = frozenset({("bot", stopped)})
     assert ("tgfleet_bot_rss_bytes", parked) not in series
@@ -254,6 +260,7 @@ def test_metrics_parse_and_agree_with_the_api(fleet: Fleet, sandbox: Sandbox) ->
     labels = {name for _, labelset in series for name, _ in labelset}
     assert labels <= {"bot", "state", "kind", "reason", "route", "le", "direction"}
     fleet.api("DELETE", f"/api/v1/bots/{stopped}")
+    fleet.api("DELETE", "/api/v1/bots/forged")
 
 
 def test_logs_are_json_lines_that_rotate_within_their_bound(fleet: Fleet, sandbox: Sandbox) -> None:
