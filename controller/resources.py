@@ -180,9 +180,14 @@ def read_all(
 ) -> dict[str, ProcSample | None]:
     """Sample every bot's process (blocking /proc reads: run it off the event loop).
 
-    A process seen for the first time (its limits not known yet) gets its PSS read too."""
+    A process seen for the first time (its limits not known yet) gets its PSS read too;
+    a pass that reads PSS reads the limits again (``prlimit`` may have changed them)."""
     return {
-        name: read(pid, pss=with_pss or pid not in known_limits, limits=known_limits.get(pid))
+        name: read(
+            pid,
+            pss=with_pss or pid not in known_limits,
+            limits=None if with_pss else known_limits.get(pid),
+        )
         for name, pid in pids.items()
     }
 
