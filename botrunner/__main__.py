@@ -32,6 +32,7 @@ from pathlib import Path  # noqa: E402
 
 from botrunner import ExitCode  # noqa: E402
 from botrunner.config import ConfigError, load_config  # noqa: E402
+from botspec import jsonlog  # noqa: E402
 
 USAGE = "usage: python -m botrunner <path to config.json>"
 
@@ -61,11 +62,7 @@ def main(argv: list[str]) -> int:
     except ConfigError as exc:
         print(f"botrunner: invalid config: {exc}", file=sys.stderr)
         return ExitCode.CONFIG
-    logging.basicConfig(
-        level=logging.INFO,
-        format=f"%(asctime)s %(levelname)s bot={config.name} %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    jsonlog.configure(bot=config.name)
     logging.getLogger("telethon").setLevel(logging.WARNING)
     # Imported only now: Telethon is most of the bot's memory and start-up time.
     import_telethon_without_aiohttp()

@@ -73,9 +73,12 @@ class TelegramStatus:
 
 
 class Counters:
-    """Plugin handler outcomes, and how many handlers are running right now."""
+    """Plugin handler outcomes, how many handlers are running right now, and the
+    Telegram messages received (new ones, not the bot's own; those sent are counted by
+    ``botrunner.telegram.CountingClient``)."""
 
     def __init__(self) -> None:
         self.handled = 0
         self.handler_errors = 0
         self.running = 0
+        self.messages_in = 0

@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from telethon import TelegramClient, errors, events
+from telethon import TelegramClient, errors, events, types
 
 from botrunner.config import BotConfig, PluginRef
 from botrunner.health import Counters, TelegramStatus
@@ -192,10 +192,13 @@ class PluginHost:
             self._exit()
 
     def track_updates(self, client: TelegramClient) -> None:
-        """Note the time of every update (for ``last_update_age_s``); not counted."""
+        """Note the time of every update (for ``last_update_age_s``), and count the new
+        messages among them that are not the bot's own (``messages_in``)."""
 
         async def note_update(update: Any) -> None:
             self.status.note_update()
+            if is_incoming_message(update):
+                self.counters.messages_in += 1
 
         setattr(note_update, _WRAPPED, True)
         client.add_event_handler(note_update, events.Raw)
@@ -267,6 +270,18 @@ class PluginHost:
         if leftovers:
             await asyncio.wait(leftovers)
         return finished
+
+
+_NEW_MESSAGE_UPDATES = (types.UpdateNewMessage, types.UpdateNewChannelMessage)
+
+
+def is_incoming_message(update: Any) -> bool:
+    """A new message someone else sent (Telethon hands short updates over in this form)."""
+    return (
+        isinstance(update, _NEW_MESSAGE_UPDATES)
+        and isinstance(update.message, types.Message)
+        and not update.message.out
+    )
 
 
 def _name(callback: Any) -> str:

@@ -36,6 +36,7 @@ from botrunner.plugin_host import PluginFailed, PluginHost
 from botrunner.probe import RECONNECT_AFTER_FAILURES, run_probe
 from botrunner.telegram import (
     AuthRejected,
+    CountingClient,
     Login,
     build_client,
     describe,
@@ -256,6 +257,10 @@ class Runner:
             handled=self.counters.handled,
             handler_errors=self.counters.handler_errors,
             fatal=self.fatal,
+            messages_in=self.counters.messages_in,
+            messages_out=self.client.messages_sent
+            if isinstance(self.client, CountingClient)
+            else 0,
         )
 
     async def _checkpoint_loop(self, client: TelegramClient) -> None:

@@ -143,10 +143,41 @@ def open_session(config: BotConfig) -> SQLiteSession | StringSession:
     return SQLiteSession(str(data_dir / SESSION_FILE))
 
 
+#: Requests that send messages, and how many each sends.
+_SENDS: dict[type[Any], Callable[[Any], int]] = {
+    functions.messages.SendMessageRequest: lambda _: 1,
+    functions.messages.SendMediaRequest: lambda _: 1,
+    functions.messages.SendInlineBotResultRequest: lambda _: 1,
+    functions.messages.SendMultiMediaRequest: lambda r: len(r.multi_media),
+    functions.messages.ForwardMessagesRequest: lambda r: len(r.id),
+}
+
+
+def messages_sent_by(request: Any) -> int:
+    """How many messages a request sends (0 for any other request; a list of requests
+    counts each)."""
+    if isinstance(request, list | tuple):
+        return sum(messages_sent_by(r) for r in request)
+    count = _SENDS.get(type(request))
+    return count(request) if count is not None else 0
+
+
+class CountingClient(TelegramClient):  # type: ignore[misc]  # Telethon is untyped
+    """A TelegramClient that counts the messages it sent (``messages_sent``): every
+    high-level send (``send_message``, ``event.respond``, ...) goes through ``__call__``."""
+
+    messages_sent = 0
+
+    async def __call__(self, request: Any, *args: Any, **kwargs: Any) -> Any:
+        result = await super().__call__(request, *args, **kwargs)
+        self.messages_sent += messages_sent_by(request)
+        return result
+
+
 def build_client(config: BotConfig, session: SQLiteSession | StringSession) -> TelegramClient:
     """A client pointed at the configured server (set before any connect)."""
     health = config.health
-    client = TelegramClient(
+    client = CountingClient(
         session,
         config.telegram.api_id,
         config.telegram.api_hash,

@@ -1,4 +1,4 @@
-"""Resident memory, age and existence of processes, read from /proc.
+"""Resident memory, CPU, file descriptors, age and existence of processes, read from /proc.
 
 psutil would cost memory in every bot (and in the controller); these few reads are
 all either needs.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import resource
 import time
+from dataclasses import dataclass
 
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -80,3 +81,106 @@ def pid_exists(pid: int) -> bool:
     except PermissionError:
         return True  # someone else's process
     return True
+
+
+@dataclass(frozen=True)
+class ProcSample:
+    """One look at a process in /proc: what the controller shows and warns about.
+
+    ``start_ticks`` (the kernel's start time) tells a reused pid from the process
+    sampled before. Values that another user's process hides (``fd/``, ``smaps_rollup``
+    need the right to trace it) are None, as are limits that are unlimited.
+    """
+
+    pid: int
+    start_ticks: int
+    cpu_seconds: float
+    threads: int
+    rss_bytes: int
+    data_bytes: int  # VmData: the private writable memory RLIMIT_DATA caps
+    pss_bytes: int | None
+    open_files: int | None
+    open_files_limit: int | None  # soft RLIMIT_NOFILE
+    data_limit_bytes: int | None  # soft RLIMIT_DATA
+
+
+def parse_stat(raw: bytes) -> tuple[int, float, int]:
+    """``/proc/PID/stat`` → (start ticks, CPU seconds user + system, threads)."""
+    # the command name may hold spaces and parens: fields start after the last ')'
+    fields = raw.rsplit(b")", 1)[1].split()
+    cpu = (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS  # utime, stime
+    return int(fields[19]), cpu, int(fields[17])  # starttime, num_threads
+
+
+def kb_field(text: str, key: str) -> int | None:
+    """A ``kB`` line of ``/proc/PID/status`` or ``smaps_rollup`` (``VmRSS``, ``Pss``) in bytes."""
+    text = "\n" + text
+    at = text.find(f"\n{key}:")
+    if at < 0:
+        return None
+    end = text.find("\n", at + 1)
+    value, _, unit = text[at + len(key) + 2 : end if end > 0 else None].strip().partition(" ")
+    return int(value) * 1024 if value.isdigit() and unit == "kB" else None
+
+
+def parse_limits(text: str) -> dict[str, int | None]:
+    """``/proc/PID/limits`` → soft limit by name (``Max open files``); None: unlimited."""
+    soft: dict[str, int | None] = {}
+    for line in text.splitlines()[1:]:
+        # "Max open files            1024                 4096                 files"
+        name, _, rest = line.partition("  ")
+        cells = rest.split()
+        if name.startswith("Max ") and cells:
+            soft[name] = int(cells[0]) if cells[0].isdigit() else None
+    return soft
+
+
+def _read_text(path: str) -> str | None:
+    try:
+        with open(path, encoding="ascii", errors="replace") as handle:
+            return handle.read()
+    except OSError:  # gone, or not ours to read
+        return None
+
+
+def _count_fds(pid: int) -> int | None:
+    try:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return None
+
+
+def sample(
+    pid: int, *, pss: bool = True, limits: tuple[int | None, int | None] | None = None
+) -> ProcSample | None:
+    """CPU, memory, threads, file descriptors and limits of ``pid``; None when it is gone.
+
+    ``smaps_rollup`` (PSS) costs more than every other read together (the kernel walks
+    the page tables): ``pss=False`` skips it (``pss_bytes`` None). ``limits`` (open
+    files, data), when known from an earlier sample of the same process, saves reading
+    ``limits`` again (rlimits are set when a bot starts).
+    """
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat_file:
+            start_ticks, cpu, threads = parse_stat(stat_file.read())
+    except (OSError, IndexError, ValueError):
+        return None
+    status = _read_text(f"/proc/{pid}/status")
+    if status is None:
+        return None
+    rollup = _read_text(f"/proc/{pid}/smaps_rollup") if pss else None
+    if limits is None:
+        soft = parse_limits(_read_text(f"/proc/{pid}/limits") or "")
+        limits = (soft.get("Max open files"), soft.get("Max data size"))
+    return ProcSample(
+        pid=pid,
+        start_ticks=start_ticks,
+        cpu_seconds=cpu,
+        threads=threads,
+        rss_bytes=kb_field(status, "VmRSS") or 0,  # a zombie has no VmRSS line
+        data_bytes=kb_field(status, "VmData") or 0,
+        pss_bytes=None if rollup is None else kb_field(rollup, "Pss"),
+        open_files=_count_fds(pid),
+        open_files_limit=limits[0],
+        data_limit_bytes=limits[1],
+    )

@@ -94,6 +94,11 @@ class Heartbeat(Envelope):
     handled: int
     handler_errors: int
     fatal: FatalInfo | None = None
+    # Telegram messages that reached the bot (new, not its own) and that it sent, since
+    # its process started. None from a bot older than these keys (still running while
+    # the controller was upgraded): absent keys are no error.
+    messages_in: int | None = None
+    messages_out: int | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -164,6 +169,8 @@ def _body(message: Message) -> dict[str, Any]:
             "telegram": _telegram_health_dict(message.telegram),
             "handled": message.handled,
             "handler_errors": message.handler_errors,
+            "messages_in": message.messages_in,
+            "messages_out": message.messages_out,
             "fatal": None
             if fatal is None
             else {"kind": fatal.kind, "error": fatal.error, "detail": fatal.detail},
@@ -236,6 +243,12 @@ class _Fields:
             raise self._fail(key, f"must be an integer >= {minimum}")
         return value
 
+    def optional_int(self, key: str, *, minimum: int = 0) -> int | None:
+        """An integer, or None when the key is absent or null."""
+        if self.obj.get(key) is None:
+            return None
+        return self.int_(key, minimum=minimum)
+
     def num(self, key: str, *, optional: bool = False) -> Any:
         value = self._get(key, optional)
         if value is None and optional:
@@ -300,6 +313,8 @@ def _decode_heartbeat(f: _Fields, env: dict[str, Any]) -> Heartbeat:
         handled=f.int_("handled"),
         handler_errors=f.int_("handler_errors"),
         fatal=None if fatal_fields is None else _fatal_info(fatal_fields),
+        messages_in=f.optional_int("messages_in"),
+        messages_out=f.optional_int("messages_out"),
     )
 
 

@@ -150,14 +150,3 @@ class Refusals:
 
     def count(self, reason: RefusalReason) -> None:
         self.counts[reason] += 1
-
-    def metrics_text(self) -> str:
-        lines = [
-            "# HELP tgfleet_api_refusals_total API requests refused, by reason.",
-            "# TYPE tgfleet_api_refusals_total counter",
-        ]
-        lines += [
-            f'tgfleet_api_refusals_total{{reason="{reason}"}} {n}'
-            for reason, n in self.counts.items()
-        ]
-        return "\n".join(lines) + "\n"

@@ -12,6 +12,7 @@ import os
 import re
 import secrets
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import resources
 from typing import Any
@@ -48,10 +49,11 @@ from controller.errors import (
 )
 from controller.fleet import Fleet, etag
 from controller.home import Home
+from controller.metrics import Family, Histogram, render
 from controller.openapi import Query, Route, build_openapi
 from controller.spec import NewBotBody, public_defaults, validate_body
 from controller.store import BotRow, EventRow, Store, TokenRow, patience
-from controller.views import metrics_text
+from controller.views import bot_families
 
 log = logging.getLogger("tgfleet.api")
 
@@ -65,6 +67,9 @@ ROUTE_OF: web.AppKey[dict[tuple[str, str], Route]] = web.AppKey("route_of", dict
 #: Who made a request: ``api:<token name>``, the actor of every event it writes.
 ACTOR: web.RequestKey[str] = web.RequestKey("actor", str)
 PUBLISH: web.AppKey[Callable[[str, protocol.Event], None]] = web.AppKey("publish")
+LATENCY: web.AppKey[Histogram] = web.AppKey("latency", Histogram)
+#: The bus's counters for /metrics: messages dropped (in, out) and peers refused.
+BUS_STATS: web.AppKey[Callable[[], BusStats]] = web.AppKey("bus_stats")
 
 # The dashboard page holds no data (it reads the API with the user's token).
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/"})
@@ -80,6 +85,13 @@ DATABASE_SHARE = 0.75
 ENTITY_TAG_RE = re.compile(r'^"(\d{1,18})"$')
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass(frozen=True)
+class BusStats:
+    dropped_in: int = 0  # invalid messages from bots
+    dropped_out: int = 0  # events that could not be queued to a bot
+    refused: int = 0  # peers whose key is no bot's
 
 
 def hash_token(token: str) -> str:
@@ -136,6 +148,27 @@ async def problems(request: web.Request, handler: Handler) -> web.StreamResponse
         elif exc.status == 413:
             detail = f"the body is over {MAX_BODY_BYTES} bytes"
         return problem_response(Problem(exc.status, exc.reason, detail or exc.reason), headers)
+
+
+@web.middleware
+async def timing(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every answer's latency, by route of ROUTES (a bounded label: no raw paths); the
+    event stream is left out (its duration is the client's stay)."""
+    started = asyncio.get_running_loop().time()
+    try:
+        return await handler(request)
+    finally:
+        resource = request.match_info.route.resource
+        route = (
+            None
+            if resource is None
+            else request.app[ROUTE_OF].get((request.method, resource.canonical))
+        )
+        if route is None or route.media_type != "text/event-stream":
+            request.app[LATENCY].observe(
+                asyncio.get_running_loop().time() - started,
+                route="other" if route is None else f"{route.method} {route.path}",
+            )
 
 
 @web.middleware
@@ -389,6 +422,8 @@ def tail(path: Any, lines: int) -> list[str]:
             data = handle.read().decode("utf-8", "replace")
     except FileNotFoundError:
         return []
+    if block < size:  # the block starts inside a line: leave that piece out
+        data = data.partition("\n")[2]
     return data.splitlines()[-lines:]
 
 
@@ -611,9 +646,66 @@ async def openapi(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    bots = await request.app[FLEET].list()
-    text = metrics_text(bots) + request.app[REFUSALS].metrics_text()
-    return web.Response(text=text, content_type="text/plain", charset="utf-8")
+    """Prometheus text: every bot (as GET /api/v1/bots shows it), then the controller."""
+    app = request.app
+    fleet = app[FLEET]
+    bots = await fleet.list()
+    text = render([*bot_families(bots, fleet.healer.failures), *controller_families(app)])
+    return web.Response(body=text.encode(), headers=METRICS_CONTENT_TYPE)
+
+
+# The version parameter tells Prometheus which text format this is.
+METRICS_CONTENT_TYPE = {"Content-Type": "text/plain; version=0.0.4; charset=utf-8"}
+
+
+def controller_families(app: web.Application) -> list[Family]:
+    """The controller's own metrics: API latency and refusals, reconcile passes, the
+    database, the outbox, the bus and the cost of sampling the bots."""
+    fleet, store = app[FLEET], app[STORE]
+    refusals = Family("tgfleet_api_refusals_total", "counter", "API requests refused, by reason.")
+    for reason, count in app[REFUSALS].counts.items():
+        refusals.add(count, reason=reason)
+    database = Family(
+        "tgfleet_database_up", "gauge", "1 while PostgreSQL answers, 0 while it is away."
+    )
+    database.add(int(store.unreachable_since is None))
+    queued = Family("tgfleet_outbox_writes", "gauge", "Event writes waiting for PostgreSQL.")
+    queued.add(len(fleet.outbox))
+    dropped = Family(
+        "tgfleet_outbox_dropped_total",
+        "counter",
+        "Event writes dropped because the outbox was full while PostgreSQL was away.",
+    )
+    dropped.add(fleet.outbox.dropped)
+    bus = app[BUS_STATS]()
+    bus_dropped = Family(
+        "tgfleet_bus_dropped_total",
+        "counter",
+        "Bus messages dropped: invalid ones from bots (in), events a bot could not take (out).",
+    )
+    bus_dropped.add(bus.dropped_in, direction="in")
+    bus_dropped.add(bus.dropped_out, direction="out")
+    bus_refused = Family(
+        "tgfleet_bus_refused_total", "counter", "Bus peers refused: their key is no bot's."
+    )
+    bus_refused.add(bus.refused)
+    sampling = Family(
+        "tgfleet_resource_sample_cpu_seconds",
+        "gauge",
+        "CPU time the controller spent on its last look at every bot's /proc.",
+    )
+    sampling.add(fleet.resources.last_pass_s)
+    return [
+        app[LATENCY].family(),
+        refusals,
+        fleet.pass_seconds.family(),
+        database,
+        queued,
+        dropped,
+        bus_dropped,
+        bus_refused,
+        sampling,
+    ]
 
 
 _NAME_OPS = {"start": "Start", "stop": "Stop", "restart": "Restart"}
@@ -807,9 +899,10 @@ def build_app(
     home: Home,
     publish: Callable[[str, protocol.Event], None],
     throttle: AuthThrottle | None = None,
+    bus_stats: Callable[[], BusStats] = BusStats,
 ) -> web.Application:
     app = web.Application(
-        middlewares=[problems, database_patience, access], client_max_size=MAX_BODY_BYTES
+        middlewares=[timing, problems, database_patience, access], client_max_size=MAX_BODY_BYTES
     )
     app[FLEET] = fleet
     app[STORE] = store
@@ -818,6 +911,10 @@ def build_app(
     app[THROTTLE] = throttle or AuthThrottle()
     app[REFUSALS] = Refusals()
     app[PUBLISH] = publish
+    app[BUS_STATS] = bus_stats
+    app[LATENCY] = Histogram(
+        "tgfleet_http_request_duration_seconds", "API answers' latency, by route."
+    )
     app[ROUTE_OF] = {}
     for route in ROUTES:
         added = app.router.add_route(route.method, route.path, route.handler)

@@ -20,9 +20,9 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from botspec import protocol
+from botspec import jsonlog, protocol
 from controller.access import AuthThrottle, trusted_networks
-from controller.api import build_app, hash_token, new_token
+from controller.api import BusStats, build_app, hash_token, new_token
 from controller.atomicfile import write_atomic
 from controller.botfiles import BotFiles
 from controller.botusers import BotUsers
@@ -32,6 +32,7 @@ from controller.circus import CircusClient, watch_events
 from controller.errors import StoreUnavailable
 from controller.fleet import Fleet, Webhook
 from controller.home import Home
+from controller.render import LogRotation
 from controller.secretbox import SecretBox
 from controller.settings import (
     DEFAULT_DATABASE_TIMEOUT_S,
@@ -165,7 +166,14 @@ async def serve(home: Home) -> int:
     bus = BusServer(home.bus_endpoint, bus_keys)
     users = BotUsers(home)
     users.share_socket(home.bus_socket)  # every bot's user connects to it; nobody else
-    files = BotFiles(home, sys.executable, bus_keys, users=users, plugin_path=settings.plugin_path)
+    files = BotFiles(
+        home,
+        sys.executable,
+        bus_keys,
+        users=users,
+        plugin_path=settings.plugin_path,
+        log=LogRotation(settings.log_max_bytes, settings.log_backup_count),
+    )
 
     def fan_out(topic: str, event: protocol.Event) -> None:
         for name in fleet.subscribers(topic):
@@ -188,7 +196,14 @@ async def serve(home: Home) -> int:
         limit=settings.auth_failure_limit,
         trusted_proxies=trusted_networks(settings.trusted_proxies),
     )
-    app = build_app(fleet, store, home, fan_out, throttle)
+    app = build_app(
+        fleet,
+        store,
+        home,
+        fan_out,
+        throttle,
+        lambda: BusStats(bus.dropped_in, bus.dropped_out, bus.refused),
+    )
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
     host, port = parse_hostport(settings.listen, "listen")
@@ -238,10 +253,6 @@ async def serve(home: Home) -> int:
 
 
 def main(home_dir: str | None) -> int:
-    logging.basicConfig(
-        level=logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    jsonlog.configure()
     home = Home.resolve(home_dir)
     return asyncio.run(serve(home))

@@ -15,7 +15,7 @@ from controller.botusers import BotAccount, BotUsers
 from controller.buskeys import BusKeys, IssuedKey
 from controller.home import Home
 from controller.reconcile import Rendered
-from controller.render import BotWatcher, render_watcher
+from controller.render import BotWatcher, LogRotation, render_watcher
 from controller.spec import EffectiveSpec
 from controller.sysusers import give_tree
 
@@ -68,8 +68,10 @@ class BotFiles:
         *,
         users: BotUsers | None = None,
         plugin_path: Sequence[str] = (),
+        log: LogRotation | None = None,
     ) -> None:
         self.home = home
+        self.log = log if log is not None else LogRotation()
         self.python = python
         self.keys = keys
         self.users = users if users is not None else BotUsers(home, enabled=False)
@@ -101,7 +103,9 @@ class BotFiles:
             user=account.user if account is not None else None,
             group=account.group if account is not None else None,
         )
-        watcher = render_watcher(self.home, bot, python=self.python, pythonpath=self.plugin_path)
+        watcher = render_watcher(
+            self.home, bot, python=self.python, pythonpath=self.plugin_path, log=self.log
+        )
         user = account.user if account is not None else _FLEET_USER
         header = (
             f"# tgfleet: generation={generation} autostart={str(autostart).lower()} user={user}\n"

@@ -92,6 +92,18 @@ class EventLog:
     ) -> EventRow:
         row = await self.store.add_event(bot, kind, actor, reason, data)
         self.emit(row)
+        if kind != "bus":  # bus traffic is the bots' own: one line each would drown the rest
+            failure = data.get("failure")
+            log.info(
+                "%s (by %s)",
+                reason,
+                actor,
+                extra={
+                    "bot": bot,
+                    "event": kind,
+                    "failure": failure if isinstance(failure, str) else None,
+                },
+            )
         return row
 
     async def transition(
@@ -107,7 +119,19 @@ class EventLog:
         new_state = transition(row.state, trigger)
         updated, event = await self.store.set_state(name, row.state, new_state, actor, reason, data)
         self.emit(event)
-        log.info("%s: %s -> %s (%s)", name, row.state, new_state, reason)
+        failure = (data or {}).get("failure")
+        log.info(
+            "%s: %s -> %s (%s)",
+            name,
+            row.state,
+            new_state,
+            reason,
+            extra={
+                "bot": name,
+                "event": "state",
+                "failure": failure if isinstance(failure, str) else None,
+            },
+        )
         return updated
 
     # ------------------------------------------------- writes that do not wait

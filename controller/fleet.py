@@ -44,6 +44,7 @@ from controller.errors import (
 from controller.eventlog import EventListener, EventLog, Pending
 from controller.healer import Healer, watcher_name
 from controller.health import FailureKind
+from controller.metrics import Histogram
 from controller.observer import LiveProcess, Observer
 from controller.outbox import DEFAULT_LIMIT, Outbox
 from controller.reconcile import (
@@ -57,6 +58,7 @@ from controller.reconcile import (
     Transition,
     plan,
 )
+from controller.resources import SAMPLE_INTERVAL_S, NearLimit, ResourceMonitor, timed_read
 from controller.spec import (
     EffectiveSpec,
     check_defaults_keep_bots_runnable,
@@ -134,6 +136,10 @@ class Fleet:
             lambda: rng.uniform(-JITTER, JITTER),
             nudge=self._nudge.set,
             notify=self._notify,
+        )
+        self.resources = ResourceMonitor(self._near_limit)
+        self.pass_seconds = Histogram(
+            "tgfleet_reconcile_duration_seconds", "Duration of reconcile passes."
         )
         self._lock = asyncio.Lock()
         self._acted = 0  # times the lock was released: reads older than that are stale
@@ -214,24 +220,59 @@ class Fleet:
     async def run(self, stopping: asyncio.Event) -> None:
         """Reconcile every second, and at once when nudged, until ``stopping`` is set;
         meanwhile, write what the outbox holds."""
-        writer = asyncio.create_task(
-            self.events.keep_writing(stopping, self._nudge.set), name="outbox writer"
-        )
+        helpers = [
+            asyncio.create_task(
+                self.events.keep_writing(stopping, self._nudge.set), name="outbox writer"
+            ),
+            asyncio.create_task(self._sample_until(stopping), name="resource sampler"),
+        ]
         try:
             await self._reconcile_until(stopping)
         finally:
-            writer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await writer
+            for helper in helpers:
+                helper.cancel()
+            for helper in helpers:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await helper
+
+    async def _sample_until(self, stopping: asyncio.Event) -> None:
+        """Sample every live bot's process from /proc every SAMPLE_INTERVAL_S."""
+        while not stopping.is_set():
+            try:
+                await self.sample_resources()
+            except (OSError, ValueError) as exc:  # /proc said something unexpected: next pass
+                log.warning("sampling the bots' /proc failed: %s", exc)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopping.wait(), SAMPLE_INTERVAL_S)
+
+    async def sample_resources(self) -> None:
+        """One look at every live bot's process: usage for the API, warnings near limits."""
+        pids = {
+            name: pid for name in list(self.observer.live) if (pid := self.observer.bot_pid(name))
+        }
+        known, with_pss = self.resources.plan()
+        samples, spent_s = await asyncio.to_thread(timed_read, pids, known, with_pss)
+        self.resources.last_pass_s = spent_s
+        # A bot destroyed while /proc was read is forgotten already: not brought back.
+        samples = {name: got for name, got in samples.items() if name in self.observer.live}
+        self.resources.keep_only(set(samples))
+        self.resources.apply(samples, self.clock.monotonic(), self.clock.wall())
+
+    def _near_limit(self, name: str, near: NearLimit) -> None:
+        """A bot's process came near a limit: an event (once per crossing), and a log line."""
+        log.warning("%s: %s", name, near.reason(), extra={"bot": name, "event": "limit"})
+        self.events.note(name, "limit", "resources", near.reason(), near.to_json())
 
     async def _reconcile_until(self, stopping: asyncio.Event) -> None:
         while not stopping.is_set():
+            started = self.clock.monotonic()
             try:
                 await self.reconcile()
                 self.last_pass_error = None
             except PASS_ERRORS as exc:
                 self.last_pass_error = str(exc) or type(exc).__name__
                 log.warning("reconcile pass failed: %s", self.last_pass_error)
+            self.pass_seconds.observe(self.clock.monotonic() - started)
             self._nudge.clear()
             waiters = [asyncio.ensure_future(e.wait()) for e in (self._nudge, stopping)]
             try:
@@ -326,7 +367,12 @@ class Fleet:
             log.info("after the pass: %s (the next pass tries again)", exc)
 
     def _per_bot(self) -> list[dict[str, Any]]:
-        return [*self.observer.per_bot(), *self.healer.per_bot(), self._subscriptions]
+        return [
+            *self.observer.per_bot(),
+            *self.healer.per_bot(),
+            *self.resources.per_bot(),
+            self._subscriptions,
+        ]
 
     def _forget(self, name: str) -> None:
         """Drop everything kept in memory about a bot (it was destroyed), its last read
@@ -573,6 +619,7 @@ class Fleet:
             self.observer.live.get(row.name),
             self.healer.record(row.name),
             self.clock.wall(),
+            self.resources.usage.get(row.name),
         )
 
     def stale_marks(self) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from controller.eventlog import EventLog
 from controller.health import (
     Exit,
     Fail,
+    FailureKind,
     HealthPolicy,
     HealthRecord,
     Note,
@@ -31,6 +32,9 @@ from controller.states import BotState, Trigger, can
 from controller.store import BotRow, Store
 
 log = logging.getLogger("tgfleet.healer")
+
+#: The kinds that count as failures in /metrics (``tgfleet_bot_failures_total``).
+FAILURE_KINDS = frozenset(kind.value for kind in FailureKind)
 
 Webhook = Callable[[dict[str, Any]], Awaitable[None]]
 
@@ -86,6 +90,9 @@ class Healer:
         self.records: dict[str, HealthRecord] = {}
         self._saved: dict[str, HealthRecord] = {}
         self.policies: dict[str, HealthPolicy] = {}
+        #: Failures per bot and kind since the controller started (for /metrics):
+        #: each detection health notes, and each time a bot is given up on.
+        self.failures: dict[str, dict[str, int]] = {}
         self._started_at = clock.wall()
 
     async def load(self, store: Store) -> None:
@@ -141,6 +148,8 @@ class Healer:
     async def _act(self, row: BotRow, action: Note | Restart | Fail) -> None:
         """Act in circusd at once; what is to be written waits in the outbox."""
         if isinstance(action, Note):
+            if action.kind in FAILURE_KINDS:
+                self._count_failure(action.name, action.kind)
             self._events.note(
                 action.name,
                 "health",
@@ -175,15 +184,20 @@ class Healer:
     def failed(self, name: str, kind: str, reason: str) -> None:
         """A bot is given up on: remember why, tell the admin (``notify``)."""
         now = self._clock.wall()
+        self._count_failure(name, kind)
         self.records[name] = HealthRecord(
             last_kind=kind, last_reason=reason, last_at=now, exits=self.record(name).exits
         )
         self._observer.expect_exit(name)
-        log.info("%s: failed (%s): %s", name, kind, reason)
+        log.info("%s: failed (%s): %s", name, kind, reason, extra={"bot": name, "failure": kind})
         if self._notify is not None:
             self._notify(
                 {"bot": name, "state": "failed", "failure": kind, "reason": reason, "at": now}
             )
 
+    def _count_failure(self, name: str, kind: str) -> None:
+        counts = self.failures.setdefault(name, {})
+        counts[kind] = counts.get(kind, 0) + 1
+
     def per_bot(self) -> list[dict[str, Any]]:
-        return [self.records, self._saved, self.policies]
+        return [self.records, self._saved, self.policies, self.failures]

@@ -55,6 +55,8 @@ class LiveProcess:
     # From the latest ready or heartbeat, whichever came last.
     telegram: dict[str, Any] = field(default_factory=lambda: {"connected": False})
     rss_mb: float | None = None
+    #: The bot's own counters, from its latest heartbeat (None: not reported yet).
+    messages: dict[str, int | None] | None = None
     last_beat_at: float | None = None  # wall time of the last ready/heartbeat
     last_beat_mono: float | None = None
     heartbeats_missed: int = 0
@@ -141,6 +143,12 @@ class Observer:
                     "flood_wait_until": health.flood_wait_until,
                 }
                 current.rss_mb = message.rss_mb
+                current.messages = {
+                    "received": message.messages_in,
+                    "sent": message.messages_out,
+                    "handled": message.handled,
+                    "handler_errors": message.handler_errors,
+                }
                 if message.telegram.connected and not current.ready:
                     current.ready = True
                     self._nudge()
@@ -176,7 +184,13 @@ class Observer:
             expected = self._expect_exit_until.get(name, 0.0) > self._clock.monotonic()
             if is_crash(code, expected):
                 self._exits.setdefault(name, []).append(Exit(at, pid, code))
-                log.info("%s: process %d exited with code %d", name, pid, code)
+                log.info(
+                    "%s: process %d exited with code %d",
+                    name,
+                    pid,
+                    code,
+                    extra={"bot": name, "failure": "crash"},
+                )
             live = self.live.get(name)
             if live is not None and live.pid == pid:
                 live.telegram = {**live.telegram, "connected": False}
@@ -191,6 +205,14 @@ class Observer:
         """The bot's process as last heard of, if that process still exists."""
         live = self.live.get(name)
         return live if live is not None and self._pid_exists(live.pid) else None
+
+    def bot_pid(self, name: str) -> int | None:
+        """The pid of the bot's own process, whose /proc the resource monitor reads: the
+        process its bus messages come from (they carry its pid), while it exists. The one
+        place that says which pid is the bot's, should a launcher stand between the
+        watcher and the bot."""
+        live = self.alive(name)
+        return live.pid if live is not None else None
 
     def observed(self, name: str) -> Live | None:
         """The bot's process as the reconciler's plan sees it."""

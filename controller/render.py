@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -80,10 +80,34 @@ def _command_line(args: Sequence[str | os.PathLike[str]]) -> str:
 
 @dataclass(frozen=True)
 class LogRotation:
-    """Rotation of a watcher's stdout/stderr files."""
+    """Rotation of a watcher's stdout/stderr files: each file stays under ``max_bytes``
+    (Circus rolls it over before a write would reach it), with at most ``backup_count``
+    older files (``.1`` newest), so a watcher's stream never holds more than
+    ``(backup_count + 1) * max_bytes``."""
 
     max_bytes: int = 10 * MIB
     backup_count: int = 3
+
+    #: The ranges ``from_env`` accepts.
+    MAX_BYTES_RANGE = (64 * 1024, 1024 * MIB)
+    BACKUP_COUNT_RANGE = (1, 100)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> LogRotation:
+        """``TGFLEET_LOG_MAX_BYTES`` and ``TGFLEET_LOG_BACKUP_COUNT`` (defaults when unset);
+        ValueError naming the variable when one is not an integer in its range."""
+        values = {}
+        for key, field_name, (low, high) in (
+            ("TGFLEET_LOG_MAX_BYTES", "max_bytes", cls.MAX_BYTES_RANGE),
+            ("TGFLEET_LOG_BACKUP_COUNT", "backup_count", cls.BACKUP_COUNT_RANGE),
+        ):
+            raw = environ.get(key, "").strip()
+            if not raw:
+                continue
+            if not raw.isdigit() or not low <= int(raw) <= high:
+                raise ValueError(f"{key} must be an integer from {low} to {high}, not {raw!r}")
+            values[field_name] = int(raw)
+        return cls(**values)
 
 
 @dataclass(frozen=True)

@@ -70,6 +70,49 @@ class HealthView(Struct, frozen=True):
     max_heartbeat_gap_s: float | None
 
 
+class ResourcesView(Struct, frozen=True):
+    """The bot's process as the controller last sampled it from /proc (every 2 s)."""
+
+    pid: Annotated[int, Meta(description="The process sampled: the bot's own.")]
+    cpu_percent: Annotated[
+        float | None,
+        Meta(description="CPU over the last interval, % of one core; null on the first sample."),
+    ]
+    cpu_seconds: Annotated[float, Meta(description="CPU time so far, user + system.")]
+    rss_bytes: Annotated[int, Meta(description="Resident memory.")]
+    pss_bytes: Annotated[
+        int | None,
+        Meta(
+            description="Proportional set size (shared pages split among sharers); null if unreadable."
+        ),
+    ]
+    data_bytes: Annotated[
+        int, Meta(description="Private writable memory: what memory_limit_mb (RLIMIT_DATA) caps.")
+    ]
+    data_limit_bytes: Annotated[
+        int | None, Meta(description="Its RLIMIT_DATA; null when unlimited.")
+    ]
+    open_files: Annotated[
+        int | None, Meta(description="Open file descriptors; null if unreadable.")
+    ]
+    open_files_limit: Annotated[
+        int | None, Meta(description="Its RLIMIT_NOFILE (limits.open_files); null when unlimited.")
+    ]
+    threads: int
+
+
+class MessagesView(Struct, frozen=True):
+    """The bot's own counters since its process started, from its last heartbeat."""
+
+    received: Annotated[
+        int | None,
+        Meta(description="Telegram messages received (not its own); null from an older bot."),
+    ]
+    sent: Annotated[int | None, Meta(description="Telegram messages sent; null from an older bot.")]
+    handled: Annotated[int, Meta(description="Handler runs that ended well.")]
+    handler_errors: Annotated[int, Meta(description="Handler runs that raised.")]
+
+
 class BotView(Struct, frozen=True):
     """A bot as the API shows it: desired and actual state, health, its spec without secrets."""
 
@@ -84,6 +127,12 @@ class BotView(Struct, frozen=True):
     restarts: int
     rss_mb: float | None
     telegram: TelegramView
+    resources: Annotated[
+        ResourcesView | None, Meta(description="Null while no process of the bot is sampled.")
+    ]
+    messages: Annotated[
+        MessagesView | None, Meta(description="Null until the process's first heartbeat.")
+    ]
     generation: int
     version: Annotated[int, Meta(description="The spec's version; the ETag names it.")]
     watcher: str

@@ -78,6 +78,9 @@ class ControllerSettings:
     trusted_proxies: tuple[str, ...] = ()
     # Writes queued while PostgreSQL is away; beyond it the oldest are dropped.
     outbox_limit: int = DEFAULT_OUTBOX_LIMIT
+    # Rotation of every watcher's stdout/stderr (TGFLEET_LOG_MAX_BYTES, _BACKUP_COUNT).
+    log_max_bytes: int = 10 * 1024 * 1024
+    log_backup_count: int = 3
     # The API's certificate and key (PEM): it then speaks HTTPS only.
     tls_cert: str | None = None
     tls_key: str | None = None
@@ -138,5 +141,10 @@ class ControllerSettings:
             trusted_networks(self.trusted_proxies)
         except ValueError as exc:
             raise SettingsError(f"TGFLEET_TRUSTED_PROXIES: {exc}") from None
+        if self.log_max_bytes < 64 * 1024 or self.log_backup_count < 1:
+            raise SettingsError(
+                "log rotation needs log_max_bytes of at least 65536 and log_backup_count of "
+                f"at least 1, not {self.log_max_bytes} and {self.log_backup_count}"
+            )
         if self.outbox_limit < 1:
             raise SettingsError(f"outbox_limit must be at least 1, not {self.outbox_limit}")

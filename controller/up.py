@@ -26,7 +26,7 @@ from controller.botusers import BotAccount, BotUsers, bot_code_paths
 from controller.circus import CircusClient, SupervisorError
 from controller.home import Home
 from controller.pg import prepare_embedded_pg
-from controller.render import SandboxWatcher, render_circus_ini
+from controller.render import LogRotation, SandboxWatcher, render_circus_ini
 from controller.settings import (
     DEFAULT_AUTH_FAILURE_LIMIT,
     DEFAULT_DATABASE_TIMEOUT_S,
@@ -160,6 +160,10 @@ def prepare(options: UpOptions) -> ControllerSettings:
         parse_hostport(options.sandbox_listen, "--sandbox-listen")
         parse_hostport(options.sandbox_admin, "--sandbox-admin")
         sandbox = _sandbox_watcher(options, service)
+    try:
+        log = LogRotation.from_env(os.environ)
+    except ValueError as exc:
+        raise UpError(str(exc)) from exc
     text = render_circus_ini(
         home,
         python=sys.executable,
@@ -167,6 +171,7 @@ def prepare(options: UpOptions) -> ControllerSettings:
         embedded_pg=pg,
         sandbox=sandbox,
         plugin_path=options.plugin_path,
+        log=log,
     )
     write_atomic(home.circus_ini, text, 0o600)
     write_atomic(home.circus_endpoint_file, home.circus_endpoint + "\n", 0o644)
@@ -185,6 +190,8 @@ def prepare(options: UpOptions) -> ControllerSettings:
         trusted_proxies=options.trusted_proxies,
         tls_cert=options.tls_cert,
         tls_key=options.tls_key,
+        log_max_bytes=log.max_bytes,
+        log_backup_count=log.backup_count,
     )
     try:
         settings.check()

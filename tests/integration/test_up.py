@@ -51,7 +51,7 @@ def test_ctrl_c_stops_everything_and_a_second_up_brings_bots_back(
     assert fleet.leftovers() == []
     bot_log = (fleet.home.logs_dir / "bot-keep.err.log").read_text()
     assert "stopping: SIGTERM" in bot_log
-    assert bot_log.rstrip().endswith("stopped"), bot_log[-500:]
+    assert json.loads(bot_log.splitlines()[-1])["message"] == "stopped", bot_log[-500:]
     assert "stopped" in fleet.log_text().splitlines()[-1]
 
     fleet.start()

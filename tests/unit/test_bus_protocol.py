@@ -35,6 +35,8 @@ MESSAGES: list[protocol.Message] = [
         telegram=TelegramHealth(connected=True, last_update_age_s=0.4),
         handled=10,
         handler_errors=1,
+        messages_in=12,
+        messages_out=11,
     ),
     Heartbeat(
         **ENV,
@@ -117,6 +119,26 @@ def _heartbeat(**telegram_changes: Any) -> bytes:
 
 _DELETE = object()
 
+
+def _top(**changes: Any) -> bytes:
+    """The first heartbeat with top-level keys changed (or removed)."""
+    wire = json.loads(encode(MESSAGES[2]))
+    for key, value in changes.items():
+        if value is _DELETE:
+            del wire[key]
+        else:
+            wire[key] = value
+    return json.dumps(wire).encode()
+
+
+def test_a_heartbeat_without_message_counts_is_from_an_older_bot_not_an_error() -> None:
+    """A bot started before the controller learnt these keys keeps being heard."""
+    beat = decode(_top(messages_in=_DELETE, messages_out=_DELETE))
+    assert isinstance(beat, Heartbeat)
+    assert (beat.messages_in, beat.messages_out) == (None, None)
+    assert decode(_top(messages_in=None)).messages_in is None  # type: ignore[union-attr]
+
+
 BAD_FRAMES: list[tuple[str, bytes, str]] = [
     ("empty", b"", "not UTF-8 JSON"),
     ("binary", b"\xff\xfe", "not UTF-8 JSON"),
@@ -159,6 +181,9 @@ BAD_FRAMES: list[tuple[str, bytes, str]] = [
         "telegram: is missing",
     ),
     ("too big", b" " * (protocol.MAX_FRAME_BYTES + 1), "over"),
+    ("messages_in negative", _top(messages_in=-1), "messages_in: must be an integer >= 0"),
+    ("messages_out a float", _top(messages_out=1.5), "messages_out: must be an integer >= 0"),
+    ("messages_in a bool", _top(messages_in=True), "messages_in: must be an integer >= 0"),
 ]
 
 

@@ -9,7 +9,9 @@ the real bots and circusd would send them.
 
 from __future__ import annotations
 
+import os
 import random
+import resource
 import sys
 from pathlib import Path
 
@@ -24,6 +26,7 @@ from controller.errors import StoreUnavailable
 from controller.fleet import Fleet
 from controller.home import Home
 from controller.memstore import InMemoryStore
+from controller.resources import PSS_EVERY
 from controller.states import BotState
 from controller.store import EventRow
 
@@ -216,3 +219,56 @@ async def test_a_destroyed_bot_is_not_served_from_memory_while_postgresql_is_awa
         await h.fleet.get_row("shop")
     row, stale = await h.fleet.get_row("stays")
     assert (row.name, stale) == ("stays", True)
+
+
+async def test_crashes_and_the_give_up_are_counted_by_kind_for_metrics(history: History) -> None:
+    h = history
+    await started(h, "shop")
+    for _ in range(6):
+        h.clock.advance(2.0)
+        h.crash("shop")
+        h.heartbeat("shop")
+        await h.run_pass()
+    await h.run_pass()
+    assert h.fleet.healer.failures["shop"] == {"crash": 5, "crash_loop": 1}
+
+
+async def test_a_live_bot_is_sampled_and_warned_once_near_its_file_limit(
+    history: History,
+) -> None:
+    """The sampler reads the /proc of the pid the bot's heartbeats carry (this test's own
+    process, standing in for a bot), shows it in the bot's view, and writes one
+    ``limit`` event when it nears its open-files limit."""
+    h = history
+    await started(h, "shop")
+    h.circus.watchers["bot-shop"].pids = [os.getpid()]
+    h.heartbeat("shop")
+    assert h.fleet.observer.bot_pid("shop") == os.getpid()
+    await h.fleet.sample_resources()
+    view = h.fleet.view(await h.store.get_bot("shop"))
+    assert view["resources"]["pid"] == os.getpid()
+    assert view["resources"]["open_files"] > 0
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    held: list[int] = []
+    try:
+        cap = view["resources"]["open_files"] + 20
+        resource.setrlimit(resource.RLIMIT_NOFILE, (cap, hard))
+        while len(os.listdir("/proc/self/fd")) - 1 < int(cap * 0.95):
+            held.append(os.open("/dev/null", os.O_RDONLY))
+        # Limits are read again with PSS (every PSS_EVERY-th pass); every sample after
+        # that sees the bot near its limit: one warning.
+        for _ in range(PSS_EVERY + 2):
+            h.clock.advance(2.0)
+            await h.fleet.sample_resources()
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    await h.run_pass()  # writes what was noted
+    warnings = [e for e in await h.events("shop") if e.kind == "limit"]
+    assert len(warnings) == 1
+    assert warnings[0].data["limit"] == "open_files" and warnings[0].data["cap"] == cap
+    h.circus.watchers["bot-shop"].pids = []  # gone: no usage shown
+    await h.fleet.sample_resources()
+    assert h.fleet.view(await h.store.get_bot("shop"))["resources"] is None
