@@ -196,9 +196,16 @@ async def logout(request: web.Request) -> web.StreamResponse:
 # ----------------------------------------------------------------------- pages
 
 
+LIMIT_FIELDS = ("memory_limit_mb", "limits")
+
+
 def limits_of(fleet_defaults: Mapping[str, Any] | None, spec: Mapping[str, Any]) -> dict[str, int]:
     """A bot's effective memory and open-files limits (its own over the defaults)."""
-    merged = effective(spec, fleet_defaults or {})
+    own = {key: spec[key] for key in LIMIT_FIELDS if key in spec}
+    defaults = {
+        key: (fleet_defaults or {})[key] for key in LIMIT_FIELDS if key in (fleet_defaults or {})
+    }
+    merged = effective(own, defaults)
     return {"memory_limit_mb": merged.memory_limit_mb, "open_files": merged.limits.open_files}
 
 
@@ -218,10 +225,7 @@ async def fleet_page(request: web.Request) -> web.StreamResponse:
     fleet = request.app[FLEET]
     bots = await fleet.list()
     defaults = public_defaults(fleet.defaults or {})
-    limits = {}
-    for bot in bots:
-        with contextlib.suppress(ValueError, TypeError):
-            limits[bot["name"]] = limits_of(fleet.defaults, bot["spec"])
+    limits = {bot["name"]: limits_of(fleet.defaults, bot["spec"]) for bot in bots}
     return render(
         "fleet.html",
         bots=bots,
@@ -257,9 +261,7 @@ async def bot_page(request: web.Request) -> web.StreamResponse:
     path = request.app[HOME].logs_dir / f"bot-{name}.err.log"
     lines = await asyncio.to_thread(tail, path, LOG_LINES)
     points = series(request.app[SAMPLES].of(name, _now()))
-    limits: dict[str, int] = {}
-    with contextlib.suppress(ValueError, TypeError):
-        limits = limits_of(fleet.defaults, bot["spec"])
+    limits = limits_of(fleet.defaults, bot["spec"])
     return render(
         "bot.html",
         bot=bot,
@@ -271,7 +273,7 @@ async def bot_page(request: web.Request) -> web.StreamResponse:
         boot=script_json(
             {
                 "bot": bot,
-                "limits": {name: limits} if limits else {},
+                "limits": {name: limits},
                 "points": points,
                 "sample_every_s": request.app[SAMPLES].every_s,
             }

@@ -23,7 +23,7 @@ from controller.api import build_app, hash_token
 from controller.botfiles import BotFiles
 from controller.buskeys import BusKeys
 from controller.circus import FakeSupervisor
-from controller.dashboard import add_dashboard, safe_next, script_json
+from controller.dashboard import add_dashboard, limits_of, safe_next, script_json
 from controller.fleet import Fleet
 from controller.home import Home
 from controller.memstore import InMemoryStore
@@ -142,6 +142,7 @@ async def test_login_sets_an_httponly_strict_cookie_that_is_not_the_token(
     assert answer.headers["Cache-Control"] == "no-store"
     boot = json.loads(re.search(r'id="boot">(.*?)</script>', text, re.S).group(1))  # type: ignore[union-attr]
     assert [b["name"] for b in boot["bots"]] == ["echo"]
+    assert boot["limits"] == {"echo": {"memory_limit_mb": 512, "open_files": 1024}}
     assert TOKENS["ops"] not in text
     # The API reads with the same cookie (the page's live updates do).
     bots = await browser.client.get("/api/v1/bots")
@@ -273,6 +274,27 @@ async def test_static_files_are_served_and_nothing_else(browser: Browser) -> Non
     assert (await browser.client.get("/static/dashboard.css")).status == 200
     assert (await browser.client.get("/static/..%2Fbase.html")).status == 404
     assert (await browser.client.get("/static/base.html")).status == 404
+
+
+@pytest.mark.parametrize(
+    ("defaults", "spec", "expected"),
+    [
+        ({}, {}, (512, 1024)),
+        ({"memory_limit_mb": 300}, {}, (300, 1024)),
+        ({"memory_limit_mb": 300}, {"memory_limit_mb": 200}, (200, 1024)),
+        (
+            {"limits": {"open_files": 4096}},
+            {"credential": "token", "plugins": ["a:b"]},
+            (512, 4096),
+        ),
+        (None, {"limits": {"open_files": 100}}, (512, 100)),
+    ],
+)
+def test_limits_shown_are_the_bots_own_over_the_defaults(
+    defaults: dict[str, Any] | None, spec: dict[str, Any], expected: tuple[int, int]
+) -> None:
+    found = limits_of(defaults, spec)
+    assert (found["memory_limit_mb"], found["open_files"]) == expected
 
 
 @pytest.mark.parametrize(
