@@ -276,6 +276,7 @@ async def bot_page(request: web.Request) -> web.StreamResponse:
                 "limits": {name: limits},
                 "points": points,
                 "sample_every_s": request.app[SAMPLES].every_s,
+                "log_lines": LOG_LINES,
             }
         ),
         **_page_context(*who),

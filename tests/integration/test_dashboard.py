@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import http.server
 import os
+import re
 import shutil
 import threading
 from collections.abc import Iterator
@@ -215,7 +216,10 @@ def test_the_dashboard_in_a_browser(demo: Fleet, browser: Any, tmp_path: Path) -
     page.wait_for_url(f"http://{fleet.listen}/bots/echo")
     expect(page.locator('#facts dd[data-field="pid"]')).to_have_text(str(after))
     expect(page.locator("#events tbody")).to_contain_text("restart requested")
-    expect(page.locator("#chart svg polyline.mem")).to_have_count(1, timeout=60_000)
+    # The chart draws the controller's samples (one every 10 s): a line of two or more.
+    expect(page.locator("#chart polyline.mem")).to_have_attribute(
+        "points", re.compile(r"^\S+ \S+"), timeout=60_000
+    )
     assert page.locator("#log").inner_text().strip()
     expect(page.locator("#actions button")).to_have_count(3)
     page.screenshot(path=str(shot.with_name(shot.stem + "-bot.png")), full_page=True)

@@ -209,6 +209,32 @@ function appendEvent(row) {
   while (body.children.length > 60) body.lastElementChild.remove();
 }
 
+function appendHealth(row) {
+  if (row.kind !== "health" && !(row.data && row.data.failure)) return;
+  let list = document.getElementById("health");
+  if (list.tagName !== "UL") {
+    const fresh = el("ul", { id: "health", class: "health-list" });
+    list.replaceWith(fresh);
+    list = fresh;
+  }
+  const at = new Date(row.at);
+  const recovered = row.data && row.data.recovery_s != null ? ` (recovered in ${row.data.recovery_s} s)` : "";
+  list.prepend(el("li", { class: "fresh" },
+    el("time", { title: row.at, text: at.toTimeString().slice(0, 8) }), " ",
+    el("b", { text: (row.data && row.data.failure) || row.kind }), ` ${row.reason}${recovered}`));
+}
+
+async function refreshLog() {
+  const { lines } = await api("GET", `/api/v1/bots/${encodeURIComponent(boot.bot.name)}/logs?lines=${boot.log_lines}`);
+  const text = lines.join("\n") + (lines.length ? "\n" : "");
+  const pre = document.getElementById("log");
+  if (pre.textContent !== text) {
+    const atEnd = pre.scrollTop + pre.clientHeight >= pre.scrollHeight - 4;
+    pre.textContent = text;
+    if (atEnd) pre.scrollTop = pre.scrollHeight;
+  }
+}
+
 // An inline SVG of memory (MB, left scale) and messages per minute (right scale).
 function drawChart(points) {
   const box = document.getElementById("chart");
@@ -225,15 +251,19 @@ function drawChart(points) {
     svg.append(node);
     return node;
   };
-  const now = Date.now() / 1000, from = now - 3600;
-  const x = (at) => L + ((at - from) / 3600) * (W - L - R);
+  // The last hour at most; at least 10 minutes, so a young bot's line is not a dot.
+  const now = Date.now() / 1000;
+  const span = Math.min(3600, Math.max(600, points.length ? now - points[0].at : 0));
+  const from = now - span;
+  const x = (at) => L + ((at - from) / span) * (W - L - R);
   const mem = points.filter((p) => p.rss_mb !== null);
   const rate = points.map((p) => ({ at: p.at, v: p.in_per_min === null && p.out_per_min === null ? null : (p.in_per_min || 0) + (p.out_per_min || 0) })).filter((p) => p.v !== null);
   const memMax = Math.max(1, ...mem.map((p) => p.rss_mb)) * 1.1;
   const rateMax = Math.max(1, ...rate.map((p) => p.v)) * 1.1;
   add("rect", { x: L, y: T, width: W - L - R, height: H - T - B, class: "frame" });
-  for (const minutes of [60, 45, 30, 15, 0]) {
-    add("text", { x: x(now - minutes * 60), y: H - 6, class: "tick", "text-anchor": "middle" }, minutes ? `-${minutes}m` : "now");
+  for (const quarter of [4, 3, 2, 1, 0]) {
+    const minutes = Math.round((span * quarter) / 4 / 60);
+    add("text", { x: x(now - (span * quarter) / 4), y: H - 6, class: "tick", "text-anchor": "middle" }, quarter ? `-${minutes}m` : "now");
   }
   add("text", { x: 4, y: T + 10, class: "tick mem" }, Math.round(memMax) + " MB");
   add("text", { x: W - 4, y: T + 10, class: "tick rate", "text-anchor": "end" }, rate.length ? Math.round(rateMax) + "/min" : "msgs -");
@@ -243,6 +273,10 @@ function drawChart(points) {
     add("polyline", { points: pts.join(" "), class: cls });
   };
   line(mem, (p) => p.rss_mb, memMax, "line mem");
+  if (mem.length) {
+    const last = mem[mem.length - 1];
+    add("circle", { cx: x(last.at).toFixed(1), cy: (H - B - (last.rss_mb / memMax) * (H - T - B)).toFixed(1), r: 2.5, class: "dot mem" });
+  }
   line(rate, (p) => p.v, rateMax, "line rate");
   if (!mem.length) add("text", { x: W / 2, y: H / 2, class: "tick", "text-anchor": "middle" }, "no samples yet");
   box.replaceChildren(svg);
@@ -259,6 +293,7 @@ async function refresh() {
       renderFleet((await api("GET", "/api/v1/bots")).bots);
     } else if (page === "bot") {
       renderFacts(await api("GET", "/api/v1/bots/" + encodeURIComponent(boot.bot.name)));
+      await refreshLog();
     }
   } catch (e) {
     showError(e.message);
@@ -293,6 +328,7 @@ function listen() {
       if (page === "bot") {
         if (row.bot !== boot.bot.name) return;
         appendEvent(row);
+        appendHealth(row);
       }
       refreshSoon();
     });
@@ -314,6 +350,8 @@ if (page === "fleet") {
   renderFacts(boot.bot);
   if (canOperate) document.getElementById("actions").append(actionButtons(boot.bot.name, refreshSoon));
   drawChart(boot.points);
+  const pre = document.getElementById("log");
+  pre.scrollTop = pre.scrollHeight;
   setInterval(redrawChart, boot.sample_every_s * 1000);
 }
 listen();
