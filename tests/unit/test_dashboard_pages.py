@@ -7,16 +7,21 @@ from __future__ import annotations
 
 import json
 import re
+import ssl
 import sys
 import urllib.parse
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp import ClientResponse
+from aiohttp import ClientResponse, web
 from aiohttp.test_utils import TestClient, TestServer
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from controller.access import AuthThrottle
 from controller.api import build_app, hash_token
@@ -83,8 +88,7 @@ class Browser:
         return (await self.store.get_bot(name)).desired
 
 
-@pytest.fixture
-async def browser(tmp_path: Path) -> AsyncIterator[Browser]:
+async def dashboard_app(tmp_path: Path) -> tuple[web.Application, InMemoryStore, Fleet]:
     store = InMemoryStore()
     home = Home(tmp_path / "home")
     for directory in (home.root, home.bots_d, home.bots_dir, home.logs_dir):
@@ -104,10 +108,72 @@ async def browser(tmp_path: Path) -> AsyncIterator[Browser]:
         fleet, store, home, lambda topic, event: None, AuthThrottle(limit=THROTTLE_LIMIT)
     )
     add_dashboard(app, sample_every_s=0.05)
+    return app, store, fleet
+
+
+@pytest.fixture
+async def browser(tmp_path: Path) -> AsyncIterator[Browser]:
+    app, store, fleet = await dashboard_app(tmp_path)
     client: TestClient[Any, Any] = TestClient(TestServer(app, host="127.0.0.1"))
     await client.start_server()
     try:
         yield Browser(client, store)
+    finally:
+        await client.close()
+        await fleet.close()
+
+
+def self_signed(tmp_path: Path) -> ssl.SSLContext:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=1))
+        .not_valid_after(now + timedelta(hours=1))
+        .sign(key, hashes.SHA256())
+    )
+    (tmp_path / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "key.pem").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(tmp_path / "cert.pem", tmp_path / "key.pem")
+    return context
+
+
+async def test_under_tls_the_session_cookie_is_secure(tmp_path: Path) -> None:
+    app, _, fleet = await dashboard_app(tmp_path)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server(ssl=self_signed(tmp_path))
+    client: TestClient[Any, Any] = TestClient(server)
+    try:
+        origin = str(client.make_url("")).rstrip("/")
+        assert origin.startswith("https://")
+        answer = await client.post(
+            "/login",
+            data={"token": TOKENS["ops"]},
+            headers={"Origin": origin},
+            allow_redirects=False,
+            ssl=False,
+        )
+        assert answer.status == 303
+        cookie = answer.headers["Set-Cookie"]
+        assert "Secure" in cookie and "HttpOnly" in cookie and "SameSite=Strict" in cookie
+        # The plain-HTTP origin of the same host is another origin.
+        http_origin = origin.replace("https://", "http://")
+        refused = await client.post(
+            "/login", data={"token": TOKENS["ops"]}, headers={"Origin": http_origin}, ssl=False
+        )
+        assert refused.status == 403
     finally:
         await client.close()
         await fleet.close()
