@@ -13,25 +13,25 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-#: Where a bot's view may hold each figure, first match wins: its own field, or one
-#: nested under ``resources`` (the per-bot resource readings of issue #12). Absent: None.
-FIGURE_KEYS: dict[str, tuple[str, ...]] = {
-    "rss_mb": ("rss_mb",),
-    "pss_mb": ("pss_mb",),
-    "cpu_percent": ("cpu_percent",),
-    "messages_in": ("messages_in",),
-    "messages_out": ("messages_out",),
+MB = 1 / 2**20
+#: Where a bot's API view holds each figure: paths tried in order, each with the
+#: factor that turns it into the figure's unit (``resources`` and ``messages`` are
+#: the per-bot readings of issue #12). None where the view has none of them.
+FIGURE_PATHS: dict[str, tuple[tuple[tuple[str, ...], float], ...]] = {
+    "rss_mb": ((("rss_mb",), 1.0), (("resources", "rss_bytes"), MB)),
+    "messages_in": ((("messages", "received"), 1.0),),
+    "messages_out": ((("messages", "sent"), 1.0),),
 }
 
 
 def figure(view: Mapping[str, Any], name: str) -> float | None:
     """A number from a bot's API view by its figure name, or None when it has none."""
-    for key in FIGURE_KEYS[name]:
-        for where in (view, view.get("resources")):
-            if isinstance(where, Mapping):
-                value = where.get(key)
-                if isinstance(value, int | float) and not isinstance(value, bool):
-                    return float(value)
+    for path, factor in FIGURE_PATHS[name]:
+        value: Any = view
+        for key in path:
+            value = value.get(key) if isinstance(value, Mapping) else None
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value) * factor
     return None
 
 

@@ -160,6 +160,19 @@ def test_the_dashboard_in_a_browser(demo: Fleet, browser: Any, tmp_path: Path) -
     rows = page.locator("#fleet tbody tr")
     assert sorted(rows.evaluate_all("rs => rs.map(r => r.dataset.bot)")) == sorted(DEMO)
     expect(page.locator("#live")).to_have_class("live on")  # the event stream is open
+    # The per-bot readings show where the API gives them, "-" where it does not.
+    for bot in fleet.api("GET", "/api/v1/bots")["bots"]:
+        resources, messages = bot.get("resources"), bot.get("messages")
+        counted = re.compile(r"^\d+$")
+        expect(cell(page, bot["name"], "threads")).to_have_text(counted if resources else "-")
+        files = resources and resources.get("open_files") is not None
+        expect(cell(page, bot["name"], "fds")).to_have_text(
+            re.compile(r"^\d+( / \d+)?$") if files else "-"
+        )
+        received = messages and messages.get("received") is not None
+        expect(cell(page, bot["name"], "messages")).to_have_text(
+            re.compile(r"^\d+ / \d+$") if received else "-"
+        )
 
     # Stopped through the API: the page shows it without being reloaded.
     page.evaluate("window.notReloaded = true")

@@ -81,10 +81,13 @@ def test_message_rates_per_minute(
 
 def test_figures_are_read_where_the_api_puts_them_or_are_none() -> None:
     assert figure({"rss_mb": 40.5}, "rss_mb") == 40.5
-    assert figure({"resources": {"messages_in": 7}}, "messages_in") == 7.0
-    assert figure({"messages_in": True}, "messages_in") is None
+    assert figure({"rss_mb": None, "resources": {"rss_bytes": 3 * 2**20}}, "rss_mb") == 3.0
+    assert figure({"messages": {"received": 7, "sent": 2}}, "messages_in") == 7.0
+    assert figure({"messages": {"received": 7, "sent": 2}}, "messages_out") == 2.0
+    assert figure({"messages": {"received": True}}, "messages_in") is None
+    assert figure({"messages": None, "resources": None}, "messages_in") is None
     assert figure({"rss_mb": None}, "rss_mb") is None
-    assert figure({}, "cpu_percent") is None
+    assert figure({}, "messages_out") is None
 
 
 def test_the_ring_keeps_the_last_hour_and_only_known_bots() -> None:

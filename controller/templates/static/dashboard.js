@@ -10,24 +10,32 @@ const canOperate = document.body.dataset.canOperate === "true";
 const page = document.body.dataset.page;
 const REFRESH_MS = 5000;
 
-// Per-bot readings the API may carry (issue #12's resource tracking): the keys tried,
-// on the bot and under `resources`. One absent shows "-".
+// Per-bot readings the API may carry (issue #12's resource tracking): where each is
+// in a bot's view, paths tried in order, a number at the end scales it (bytes → MB).
+// One the view lacks shows "-".
+const MB = 1 / 1048576;
 const FIGURES = {
-  cpu_percent: ["cpu_percent"],
-  pss_mb: ["pss_mb"],
-  open_fds: ["open_fds", "fds"],
-  fd_limit: ["fd_limit", "open_files_limit"],
-  threads: ["threads"],
-  messages_in: ["messages_in"],
-  messages_out: ["messages_out"],
-  memory_limit_mb: ["memory_limit_mb"],
+  cpu_percent: [["resources", "cpu_percent"]],
+  pss_mb: [["resources", "pss_bytes", MB]],
+  data_mb: [["resources", "data_bytes", MB]],
+  data_limit_mb: [["resources", "data_limit_bytes", MB]],
+  open_fds: [["resources", "open_files"]],
+  fd_limit: [["resources", "open_files_limit"]],
+  threads: [["resources", "threads"]],
+  messages_in: [["messages", "received"]],
+  messages_out: [["messages", "sent"]],
+  handler_errors: [["messages", "handler_errors"]],
 };
 
 function figure(bot, name) {
-  for (const key of FIGURES[name]) {
-    for (const where of [bot, bot.resources]) {
-      if (where && typeof where[key] === "number") return where[key];
+  for (const path of FIGURES[name]) {
+    let value = bot;
+    let factor = 1;
+    for (const step of path) {
+      if (typeof step === "number") factor = step;
+      else value = value && typeof value === "object" ? value[step] : undefined;
     }
+    if (typeof value === "number") return value * factor;
   }
   return null;
 }
@@ -36,7 +44,7 @@ function limits(bot) {
   const known = (boot.limits || {})[bot.name] || {};
   const defaults = boot.defaults || {};
   return {
-    memory: figure(bot, "memory_limit_mb") ?? known.memory_limit_mb ?? bot.spec.memory_limit_mb ?? defaults.memory_limit_mb ?? null,
+    memory: known.memory_limit_mb ?? bot.spec.memory_limit_mb ?? defaults.memory_limit_mb ?? null,
     fds: figure(bot, "fd_limit") ?? known.open_files ?? null,
   };
 }
@@ -87,7 +95,12 @@ function memoryCell(bot) {
   if (rss === null || rss === undefined) { td.textContent = dash; return td; }
   td.append(el("span", { text: Math.round(rss) + (limit ? " / " + limit : "") + " MB" }));
   if (limit) {
-    const share = Math.min(1, rss / limit);
+    // memory_limit_mb caps the data segment (RLIMIT_DATA): the bar shows that share
+    // when the API reports it, else RSS against the limit.
+    const data = figure(bot, "data_mb");
+    const dataLimit = figure(bot, "data_limit_mb");
+    const share = Math.min(1, data !== null && dataLimit ? data / dataLimit : rss / limit);
+    td.title = data !== null ? `data ${Math.round(data)} MB of ${Math.round(dataLimit || limit)} MB` : "RSS against memory_limit_mb";
     const bar = el("span", { class: "bar" + (share > 0.8 ? " high" : "") });
     const fill = el("span", { class: "fill" });
     fill.style.width = (share * 100).toFixed(1) + "%";
@@ -188,6 +201,7 @@ function renderFacts(bot) {
     ["open files", fds === null ? dash : fds + (l.fds ? " / " + l.fds : "")],
     ["threads", figure(bot, "threads") ?? dash],
     ["messages in / out", num(figure(bot, "messages_in"), 0) + " / " + num(figure(bot, "messages_out"), 0)],
+    ["handler errors", figure(bot, "handler_errors") ?? dash],
     ["heartbeat age", bot.health && bot.health.heartbeat_age_s !== null ? bot.health.heartbeat_age_s + " s" : dash],
     ["reason", bot.reason || dash],
   ];
