@@ -198,6 +198,9 @@ def test_the_dashboard_in_a_browser(demo: Fleet, browser: Any, tmp_path: Path) -
     assert any(e["actor"] == "api:ops" and e["reason"] == "restart requested" for e in restarted)
     expect(cell(page, "echo", "telegram")).to_have_text("connected")
     expect(cell(page, "echo", "memory")).to_contain_text("/ 512 MB")
+    if "resources" in fleet.bot("echo"):  # the per-bot readings are in the API
+        wait_for("echo's new process sampled", lambda: fleet.bot("echo")["resources"])
+        expect(cell(page, "echo", "threads")).to_have_text(re.compile(r"^\d+$"))
     shot = Path(os.environ.get("TGFLEET_DASHBOARD_SCREENSHOT") or tmp_path / "dashboard.png")
     page.screenshot(path=str(shot), full_page=True)
     assert shot.stat().st_size > 10_000

@@ -238,9 +238,24 @@ function appendHealth(row) {
     el("b", { text: (row.data && row.data.failure) || row.kind }), ` ${row.reason}${recovered}`));
 }
 
+// A JSON log line ({"ts", "level", "logger", "message", ...}) read as a person would;
+// any other line as it is.
+function logLine(line) {
+  if (!line.startsWith("{")) return line;
+  try {
+    const entry = JSON.parse(line);
+    if (typeof entry.message !== "string") return line;
+    const { ts, level, logger, message, bot, ...rest } = entry;
+    const extra = Object.entries(rest).map(([k, v]) => `${k}=${typeof v === "string" ? v : JSON.stringify(v)}`);
+    return [String(ts || "").replace("T", " ").slice(0, 23), level, (logger || "") + ":", message, ...extra].join(" ");
+  } catch (e) {
+    return line;
+  }
+}
+
 async function refreshLog() {
   const { lines } = await api("GET", `/api/v1/bots/${encodeURIComponent(boot.bot.name)}/logs?lines=${boot.log_lines}`);
-  const text = lines.join("\n") + (lines.length ? "\n" : "");
+  const text = lines.map(logLine).join("\n") + (lines.length ? "\n" : "");
   const pre = document.getElementById("log");
   if (pre.textContent !== text) {
     const atEnd = pre.scrollTop + pre.clientHeight >= pre.scrollHeight - 4;
@@ -365,6 +380,7 @@ if (page === "fleet") {
   if (canOperate) document.getElementById("actions").append(actionButtons(boot.bot.name, refreshSoon));
   drawChart(boot.points);
   const pre = document.getElementById("log");
+  pre.textContent = pre.textContent.split("\n").map(logLine).join("\n");
   pre.scrollTop = pre.scrollHeight;
   setInterval(redrawChart, boot.sample_every_s * 1000);
 }
