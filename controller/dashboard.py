@@ -166,6 +166,9 @@ async def login(request: web.Request) -> web.StreamResponse:
         return answer
     except Unauthorized as exc:
         return render("login.html", 401, next=target, error=exc.detail)
+    previous = request.cookies.get(COOKIE)
+    if previous is not None:
+        request.app[SESSIONS].close(previous)  # a new login never keeps the old id
     session_id, _ = request.app[SESSIONS].open(digest, row.name, _now())
     log.info("dashboard login with token %r from %s", row.name, request.remote)
     answer = web.HTTPSeeOther(target)
@@ -247,10 +250,10 @@ async def bot_page(request: web.Request) -> web.StreamResponse:
     name = request.match_info["name"]
     fleet, store = request.app[FLEET], request.app[STORE]
     try:
-        if not NAME_RE.fullmatch(name):
-            raise NotFound(name)
-        bot = await fleet.get(name)
+        bot = await fleet.get(name) if NAME_RE.fullmatch(name) else None
     except NotFound:
+        bot = None
+    if bot is None:
         return render("error.html", 404, message=f"no bot named {name!r}")
     events_error = None
     window: list[EventRow] = []

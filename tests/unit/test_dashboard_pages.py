@@ -203,6 +203,11 @@ async def test_login_sets_an_httponly_strict_cookie_that_is_not_the_token(
     assert "Secure" not in cookie  # plain HTTP on loopback; under TLS it is Secure
     session_id = browser.session_id()
     assert session_id and TOKENS["ops"] not in cookie and len(session_id) >= 40
+    # Logging in again gives a new session and ends the one the browser held.
+    assert (await browser.login(TOKENS["ops"])).status == 303
+    assert browser.session_id() != session_id
+    replayed = await browser.client.get("/api/v1/bots", cookies={COOKIE: session_id})
+    assert replayed.status == 401
     status, text, answer = await browser.page("/")
     assert status == 200 and 'data-can-operate="true"' in text
     assert answer.headers["Cache-Control"] == "no-store"
