@@ -71,6 +71,8 @@ REFUSALS: web.AppKey[Refusals] = web.AppKey("refusals", Refusals)
 ROUTE_OF: web.AppKey[dict[tuple[str, str], Route]] = web.AppKey("route_of", dict)
 #: Who made a request: ``api:<token name>``, the actor of every event it writes.
 ACTOR: web.RequestKey[str] = web.RequestKey("actor", str)
+#: The dashboard session a request came with (its cookie's value), if it came with one.
+SESSION_ID: web.RequestKey[str] = web.RequestKey("session_id", str)
 PUBLISH: web.AppKey[Callable[[str, protocol.Event], None]] = web.AppKey("publish")
 #: Dashboard sessions (controller/sessions.py): a browser's cookie instead of a bearer token.
 SESSIONS: web.AppKey[Sessions] = web.AppKey("sessions", Sessions)
@@ -79,6 +81,8 @@ PAGES: web.AppKey[set[str]] = web.AppKey("pages", set)
 
 OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 MAX_BODY_BYTES = 256 * 1024
+#: How often a quiet event stream says it is alive (and checks its session).
+STREAM_KEEPALIVE_S = 15.0
 #: What a 503 for circusd asks to wait: about one bot's graceful stop.
 SUPERVISOR_RETRY_AFTER_S = 5
 MAX_LOG_LINES = 5000
@@ -89,6 +93,10 @@ DATABASE_SHARE = 0.75
 ENTITY_TAG_RE = re.compile(r'^"(\d{1,18})"$')
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def wall_now() -> float:
+    return datetime.now(UTC).timestamp()
 
 
 def hash_token(token: str) -> str:
@@ -180,6 +188,7 @@ async def access(request: web.Request, handler: Handler) -> web.StreamResponse:
     if header is None and COOKIE in request.cookies:
         session = cookie_session(request)
         row = await authenticate(request, session.token_sha256, session)
+        request[SESSION_ID] = request.cookies[COOKIE]
     else:
         scheme, _, presented = (header or "").partition(" ")
         if scheme.lower() != "bearer" or not presented.strip():
@@ -201,7 +210,7 @@ def cookie_session(request: web.Request) -> Session:
     """The live dashboard session of the request's cookie; a write made with it must
     carry the session's CSRF token and come from a page of this server."""
     app = request.app
-    session = app[SESSIONS].get(request.cookies[COOKIE], datetime.now(UTC).timestamp())
+    session = app[SESSIONS].get(request.cookies[COOKIE], wall_now())
     if session is None:
         app[REFUSALS].count("unknown")
         raise Unauthorized("the dashboard session ended (logout, expiry or a restart): log in")
@@ -255,6 +264,21 @@ async def authenticate(
         )
     app[REFUSALS].count(refused[0])
     raise Unauthorized(refused[1], refused[0])
+
+
+async def session_live(request: web.Request, session_id: str) -> bool:
+    """Whether a dashboard session and its token still hold (a long request, such as
+    the event stream, asks again now and then)."""
+    session = request.app[SESSIONS].get(session_id, wall_now())
+    if session is None:
+        return False
+    try:
+        await authenticate(request, session.token_sha256, session)
+    except (Unauthorized, TooManyRequests):
+        return False
+    except StoreUnavailable:
+        return True  # not known to be revoked: PostgreSQL is away and the token not cached
+    return True
 
 
 async def _token_of(app: web.Application, digest: str) -> TokenRow | None:
@@ -461,8 +485,11 @@ async def event_stream(request: web.Request) -> web.StreamResponse:
         await response.write(b": tgfleet events\n\n")
         while True:
             try:
-                row = await asyncio.wait_for(queue.get(), timeout=15)
+                row = await asyncio.wait_for(queue.get(), timeout=STREAM_KEEPALIVE_S)
             except TimeoutError:
+                session_id = request.get(SESSION_ID)
+                if session_id is not None and not await session_live(request, session_id):
+                    break  # logged out, or its token revoked: the stream ends with it
                 await response.write(b": keepalive\n\n")
                 continue
             payload = json.dumps(row.to_json())

@@ -5,6 +5,7 @@ loopback port. The browser itself drives them in tests/integration/test_dashboar
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import ssl
@@ -23,6 +24,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from controller import api
 from controller.access import AuthThrottle
 from controller.api import build_app, hash_token
 from controller.botfiles import BotFiles
@@ -389,3 +391,19 @@ def test_boot_json_cannot_close_its_script_element() -> None:
     text = str(script_json(value))
     assert "<" not in text and ">" not in text and "&" not in text
     assert json.loads(text) == value
+
+
+async def test_an_open_event_stream_ends_with_its_session(
+    browser: Browser, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(api, "STREAM_KEEPALIVE_S", 0.05)
+    await browser.login(TOKENS["ops"])
+    async with browser.client.get("/api/v1/events") as stream:
+        assert stream.status == 200
+        await asyncio.wait_for(stream.content.readuntil(b": keepalive\n\n"), 10)
+        # Revoked behind the API's back: the stream notices at its next keepalive.
+        await browser.store.revoke_token("ops")
+        rest = await asyncio.wait_for(stream.content.read(), 10)
+        assert stream.content.at_eof()
+    assert rest.count(b": keepalive") <= 1
+    assert (await browser.client.get("/api/v1/bots")).status == 401
