@@ -18,7 +18,7 @@ SCOPES: tuple[Scope, ...] = get_args(Scope)
 
 #: Why a request was refused: the bounded label set of tgfleet_api_refusals_total.
 RefusalReason = Literal[
-    "missing", "unknown", "revoked", "expired", "token_in_query", "scope", "rate_limited"
+    "missing", "unknown", "revoked", "expired", "token_in_query", "scope", "rate_limited", "csrf"
 ]
 REFUSAL_REASONS: tuple[RefusalReason, ...] = get_args(RefusalReason)
 

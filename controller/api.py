@@ -14,7 +14,6 @@ import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from importlib import resources
 from typing import Any
 
 from aiohttp import web
@@ -51,6 +50,15 @@ from controller.fleet import Fleet, etag
 from controller.home import Home
 from controller.metrics import Family, Histogram, render
 from controller.openapi import Query, Route, build_openapi
+from controller.sessions import (
+    COOKIE,
+    CSRF_HEADER,
+    SAFE_METHODS,
+    Session,
+    Sessions,
+    csrf_matches,
+    same_origin,
+)
 from controller.spec import NewBotBody, public_defaults, validate_body
 from controller.store import BotRow, EventRow, Store, TokenRow, patience
 from controller.views import bot_families
@@ -66,15 +74,21 @@ REFUSALS: web.AppKey[Refusals] = web.AppKey("refusals", Refusals)
 ROUTE_OF: web.AppKey[dict[tuple[str, str], Route]] = web.AppKey("route_of", dict)
 #: Who made a request: ``api:<token name>``, the actor of every event it writes.
 ACTOR: web.RequestKey[str] = web.RequestKey("actor", str)
+#: The dashboard session a request came with (its cookie's value), if it came with one.
+SESSION_ID: web.RequestKey[str] = web.RequestKey("session_id", str)
 PUBLISH: web.AppKey[Callable[[str, protocol.Event], None]] = web.AppKey("publish")
 LATENCY: web.AppKey[Histogram] = web.AppKey("latency", Histogram)
 #: The bus's counters for /metrics: messages dropped (in, out) and peers refused.
 BUS_STATS: web.AppKey[Callable[[], BusStats]] = web.AppKey("bus_stats")
+#: Dashboard sessions (controller/sessions.py): a browser's cookie instead of a bearer token.
+SESSIONS: web.AppKey[Sessions] = web.AppKey("sessions", Sessions)
+#: Resources that check who asks themselves (the dashboard's pages: controller/dashboard.py).
+PAGES: web.AppKey[set[str]] = web.AppKey("pages", set)
 
-# The dashboard page holds no data (it reads the API with the user's token).
-OPEN_PATHS = frozenset({"/healthz", "/readyz", "/"})
-DASHBOARD = resources.files("controller") / "templates" / "dashboard.html"
+OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 MAX_BODY_BYTES = 256 * 1024
+#: How often a quiet event stream says it is alive (and checks its session).
+STREAM_KEEPALIVE_S = 15.0
 #: What a 503 for circusd asks to wait: about one bot's graceful stop.
 SUPERVISOR_RETRY_AFTER_S = 5
 MAX_LOG_LINES = 5000
@@ -85,6 +99,10 @@ DATABASE_SHARE = 0.75
 ENTITY_TAG_RE = re.compile(r'^"(\d{1,18})"$')
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def wall_now() -> float:
+    return datetime.now(UTC).timestamp()
 
 
 @dataclass(frozen=True)
@@ -180,12 +198,17 @@ async def database_patience(request: web.Request, handler: Handler) -> web.Strea
 
 @web.middleware
 async def access(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Who is asking, and may they: the bearer token, its scope against the route's
-    (from ROUTES), the throttle on failed attempts. Every refusal is counted."""
+    """Who is asking, and may they: the bearer token (or a dashboard session's cookie),
+    its scope against the route's (from ROUTES), the throttle on failed attempts.
+    Every refusal is counted."""
     app = request.app
     resource = request.match_info.route.resource  # None when no route matched (404, 405)
     route = None if resource is None else app[ROUTE_OF].get((request.method, resource.canonical))
-    if request.path in OPEN_PATHS or (route is not None and route.public):
+    if (
+        request.path in OPEN_PATHS
+        or (route is not None and route.public)
+        or (resource is not None and resource.canonical in app[PAGES])
+    ):
         return await handler(request)
     refusals = app[REFUSALS]
     if token_in_query(dict(request.query)):
@@ -195,41 +218,17 @@ async def access(request: web.Request, handler: Handler) -> web.StreamResponse:
             "the 'Authorization: Bearer <token>' header (and revoke one sent this way)",
             "token_in_query",
         )
-    client = client_address(
-        request.remote,
-        request.headers.getall("X-Forwarded-For", []),
-        app[THROTTLE].trusted_proxies,
-    )
-    now = datetime.now(UTC)
-    header = request.headers.get("Authorization", "")
-    scheme, _, presented = header.partition(" ")
-    if scheme.lower() != "bearer" or not presented.strip():
-        refusals.count("missing")
-        raise Unauthorized("send 'Authorization: Bearer <token>' (see <home>/admin.token)")
-    row = await _token_of(app, hash_token(presented.strip()))
-    refused: tuple[RefusalReason, str] | None = None
-    if row is None:
-        refused = ("unknown", "the bearer token is unknown")
-    elif row.revoked_at is not None:
-        refused = ("revoked", f"the token {row.name!r} was revoked")
-    elif row.expired(now):
-        assert row.expires_at is not None
-        refused = ("expired", f"the token {row.name!r} expired at {row.expires_at.isoformat()}")
-    if refused is not None:
-        # Failed authentication is what is throttled: past the limit, an address's wrong
-        # tokens get 429 instead of 401, while a valid token from it still works (every
-        # local client shares 127.0.0.1; tokens hold 256 random bits, guessing is moot).
-        wait_s = app[THROTTLE].retry_after(client, now.timestamp())
-        app[THROTTLE].failed(client, now.timestamp())
-        if wait_s is not None:
-            refusals.count("rate_limited")
-            raise TooManyRequests(
-                f"too many failed authentications from {client}: try again in {wait_s} s",
-                wait_s,
-            )
-        refusals.count(refused[0])
-        raise Unauthorized(refused[1], refused[0])
-    assert row is not None
+    header = request.headers.get("Authorization")
+    if header is None and COOKIE in request.cookies:
+        session = cookie_session(request)
+        row = await authenticate(request, session.token_sha256, session)
+        request[SESSION_ID] = request.cookies[COOKIE]
+    else:
+        scheme, _, presented = (header or "").partition(" ")
+        if scheme.lower() != "bearer" or not presented.strip():
+            refusals.count("missing")
+            raise Unauthorized("send 'Authorization: Bearer <token>' (see <home>/admin.token)")
+        row = await authenticate(request, hash_token(presented.strip()))
     needed = route.scope if route is not None else "read"
     if not allows(row.scope, needed):
         refusals.count("scope")
@@ -239,6 +238,85 @@ async def access(request: web.Request, handler: Handler) -> web.StreamResponse:
         )
     request[ACTOR] = f"api:{row.name}"
     return await handler(request)
+
+
+def cookie_session(request: web.Request) -> Session:
+    """The live dashboard session of the request's cookie; a write made with it must
+    carry the session's CSRF token and come from a page of this server."""
+    app = request.app
+    session = app[SESSIONS].get(request.cookies[COOKIE], wall_now())
+    if session is None:
+        app[REFUSALS].count("unknown")
+        raise Unauthorized("the dashboard session ended (logout, expiry or a restart): log in")
+    if request.method not in SAFE_METHODS:
+        if not csrf_matches(session, request.headers.get(CSRF_HEADER)):
+            app[REFUSALS].count("csrf")
+            raise Forbidden(f"a write with the session cookie needs the {CSRF_HEADER} header")
+        if not same_origin(
+            request.headers.get("Origin"),
+            request.headers.get("Referer"),
+            request.scheme,
+            request.host,
+        ):
+            app[REFUSALS].count("csrf")
+            raise Forbidden("a write with the session cookie must come from this server's pages")
+    return session
+
+
+async def authenticate(
+    request: web.Request, digest: str, session: Session | None = None
+) -> TokenRow:
+    """The live token of this hash, or Unauthorized (TooManyRequests past the throttle).
+    A session whose token is gone, revoked or expired ends with it."""
+    app = request.app
+    client = client_address(
+        request.remote,
+        request.headers.getall("X-Forwarded-For", []),
+        app[THROTTLE].trusted_proxies,
+    )
+    now = datetime.now(UTC)
+    row = await _token_of(app, digest)
+    refused: tuple[RefusalReason, str] | None = None
+    if row is None:
+        refused = ("unknown", "the bearer token is unknown")
+    elif row.revoked_at is not None:
+        refused = ("revoked", f"the token {row.name!r} was revoked")
+    elif row.expired(now):
+        assert row.expires_at is not None
+        refused = ("expired", f"the token {row.name!r} expired at {row.expires_at.isoformat()}")
+    if refused is None:
+        assert row is not None
+        return row
+    if session is not None:
+        app[SESSIONS].end_token(token_sha256=digest)
+    # Failed authentication is what is throttled: past the limit, an address's wrong
+    # tokens get 429 instead of 401, while a valid token from it still works (every
+    # local client shares 127.0.0.1; tokens hold 256 random bits, guessing is moot).
+    wait_s = app[THROTTLE].retry_after(client, now.timestamp())
+    app[THROTTLE].failed(client, now.timestamp())
+    if wait_s is not None:
+        app[REFUSALS].count("rate_limited")
+        raise TooManyRequests(
+            f"too many failed authentications from {client}: try again in {wait_s} s",
+            wait_s,
+        )
+    app[REFUSALS].count(refused[0])
+    raise Unauthorized(refused[1], refused[0])
+
+
+async def session_live(request: web.Request, session_id: str) -> bool:
+    """Whether a dashboard session and its token still hold (a long request, such as
+    the event stream, asks again now and then)."""
+    session = request.app[SESSIONS].get(session_id, wall_now())
+    if session is None:
+        return False
+    try:
+        await authenticate(request, session.token_sha256, session)
+    except (Unauthorized, TooManyRequests):
+        return False
+    except StoreUnavailable:
+        return True  # not known to be revoked: PostgreSQL is away and the token not cached
+    return True
 
 
 async def _token_of(app: web.Application, digest: str) -> TokenRow | None:
@@ -447,8 +525,11 @@ async def event_stream(request: web.Request) -> web.StreamResponse:
         await response.write(b": tgfleet events\n\n")
         while True:
             try:
-                row = await asyncio.wait_for(queue.get(), timeout=15)
+                row = await asyncio.wait_for(queue.get(), timeout=STREAM_KEEPALIVE_S)
             except TimeoutError:
+                session_id = request.get(SESSION_ID)
+                if session_id is not None and not await session_live(request, session_id):
+                    break  # logged out, or its token revoked: the stream ends with it
                 await response.write(b": keepalive\n\n")
                 continue
             payload = json.dumps(row.to_json())
@@ -552,6 +633,7 @@ async def revoke_token(request: web.Request) -> web.Response:
     known = request.app[TOKENS]
     for digest in [d for d, held in known.items() if held.name == name]:
         del known[digest]
+    request.app[SESSIONS].end_token(token_name=name)
     await request.app[FLEET].record(
         None, "token", request[ACTOR], f"token {name!r} revoked", {"token": name}
     )
@@ -636,11 +718,6 @@ async def status(request: web.Request) -> web.Response:
     )
 
 
-async def dashboard(request: web.Request) -> web.Response:
-    # Package data, not necessarily a file on disk (a zipped install): read, not sendfile.
-    return web.Response(body=DASHBOARD.read_bytes(), content_type="text/html", charset="utf-8")
-
-
 async def openapi(request: web.Request) -> web.Response:
     return ok(OPENAPI)
 
@@ -711,14 +788,6 @@ def controller_families(app: web.Application) -> list[Family]:
 _NAME_OPS = {"start": "Start", "stop": "Stop", "restart": "Restart"}
 
 ROUTES: tuple[Route, ...] = (
-    Route(
-        "GET",
-        "/",
-        dashboard,
-        "The dashboard page (reads the API with your token)",
-        public=True,
-        media_type="text/html",
-    ),
     Route(
         "GET",
         "/healthz",
@@ -916,6 +985,8 @@ def build_app(
         "tgfleet_http_request_duration_seconds", "API answers' latency, by route."
     )
     app[ROUTE_OF] = {}
+    app[SESSIONS] = Sessions()
+    app[PAGES] = set()
     for route in ROUTES:
         added = app.router.add_route(route.method, route.path, route.handler)
         app[ROUTE_OF][(route.method, added.resource.canonical)] = route  # type: ignore[union-attr]

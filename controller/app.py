@@ -29,6 +29,7 @@ from controller.botusers import BotUsers
 from controller.bus import BusServer
 from controller.buskeys import BusKeys
 from controller.circus import CircusClient, watch_events
+from controller.dashboard import add_dashboard
 from controller.errors import StoreUnavailable
 from controller.fleet import Fleet, Webhook
 from controller.home import Home
@@ -204,6 +205,7 @@ async def serve(home: Home) -> int:
         throttle,
         lambda: BusStats(bus.dropped_in, bus.dropped_out, bus.refused),
     )
+    add_dashboard(app)
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
     host, port = parse_hostport(settings.listen, "listen")

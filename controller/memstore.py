@@ -298,6 +298,13 @@ class InMemoryStore:
         found = (e for e in self._events if e.id > after_id and (bot is None or e.bot == bot))
         return [replace(e, data=_jsonb(e.data)) for e in itertools.islice(found, limit)]
 
+    async def recent_events(self, bot: str, limit: int) -> list[EventRow]:
+        self._answer()
+        if limit < 0:
+            raise ValueError(f"LIMIT must not be negative, not {limit}")
+        found = [e for e in self._events if e.bot == bot]
+        return [replace(e, data=_jsonb(e.data)) for e in found[max(0, len(found) - limit) :]]
+
     async def prune_events(self, max_age_s: float, max_count: int) -> int:
         """Delete events older than ``max_age_s`` or beyond the newest ``max_count``,
         oldest first, a batch of each per call; how many were deleted."""

@@ -156,6 +156,7 @@ class Store(Protocol):
         self, bot: str | None, kind: str, actor: str, reason: str, data: Mapping[str, Any]
     ) -> EventRow: ...
     async def events(self, bot: str | None, after_id: int, limit: int) -> list[EventRow]: ...
+    async def recent_events(self, bot: str, limit: int) -> list[EventRow]: ...
     async def prune_events(self, max_age_s: float, max_count: int) -> int: ...
     async def get_defaults(self) -> dict[str, Any]: ...
     async def set_defaults(
@@ -574,6 +575,16 @@ class PgStore:
                 after_id,
                 limit,
             )
+        return [_event(r) for r in rows]
+
+    async def recent_events(self, bot: str, limit: int) -> list[EventRow]:
+        """A bot's newest ``limit`` events, oldest first."""
+        rows = await self._fetch(
+            """SELECT * FROM (SELECT * FROM events WHERE bot = $1 ORDER BY id DESC LIMIT $2) AS t
+               ORDER BY id""",
+            bot,
+            limit,
+        )
         return [_event(r) for r in rows]
 
     async def prune_events(self, max_age_s: float, max_count: int) -> int:

@@ -16,3 +16,12 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     .venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".${extras:+[$extras]}"
     echo "$want" > "$stamp"
 fi
+# The dashboard's browser test (tests/integration/test_dashboard.py) runs Debian's
+# Chromium; Playwright's own browser downloads cannot work here.
+if [ "$extras" = "test" ] && [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null; then
+    echo "installing Debian's chromium for the browser test"
+    sudo=""
+    if [ "$(id -u)" != 0 ]; then sudo="sudo"; fi
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends chromium
+fi

@@ -328,6 +328,18 @@ async def events_are_read_in_order_after_an_id_by_bot_and_in_pages(s: Subject) -
 
 
 @case
+async def recent_events_are_a_bots_newest_oldest_first(s: Subject) -> None:
+    await _created(s.store, "alpha")
+    written = [await s.store.add_event("alpha", "note", "t", str(n), {}) for n in range(5)]
+    await s.store.add_event("bravo", "note", "t", "other", {})
+    assert await s.store.recent_events("alpha", 3) == written[-3:]
+    every = await s.store.recent_events("alpha", 100)
+    assert [e.kind for e in every] == ["created"] + ["note"] * 5 and every[1:] == written
+    assert await s.store.recent_events("alpha", 0) == []
+    assert await s.store.recent_events("ghost", 10) == []
+
+
+@case
 async def pruning_by_count_keeps_the_newest(s: Subject) -> None:
     written = [await s.store.add_event(None, "note", "t", str(n), {}) for n in range(10)]
     assert await s.store.prune_events(3600, 20) == 0

@@ -313,8 +313,8 @@ def test_metrics_openapi_dashboard_and_tokens(fleet: Fleet) -> None:
     assert document["openapi"].startswith("3.") and "/api/v1/bots/{name}" in document["paths"]
 
     anonymous = ApiClient(f"http://{fleet.listen}", None)
-    page = anonymous.request("GET", "/")
-    assert "<title>tgfleet</title>" in page and "/api/v1/bots" in page
+    page = anonymous.request("GET", "/")  # the dashboard sends a stranger to log in
+    assert "<title>tgfleet · log in</title>" in page and 'name="token"' in page
     with pytest.raises(ApiError) as closed:
         anonymous.request("GET", "/metrics")
     assert closed.value.status == 401

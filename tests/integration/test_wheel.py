@@ -48,14 +48,16 @@ def package_data() -> set[str]:
     controller = ROOT / "controller"
     found = {
         path.relative_to(ROOT).as_posix()
-        for pattern in ("templates/*", "migrations/*.sql")
+        for pattern in ("templates/**/*", "migrations/*.sql")
         for path in controller.glob(pattern)
+        if path.is_file()
     }
     # A glob that matches nothing must not make the wheel check pass by default.
     assert {
         "controller/templates/circus.ini.j2",
         "controller/templates/watcher.ini.j2",
-        "controller/templates/dashboard.html",
+        "controller/templates/fleet.html",
+        "controller/templates/static/dashboard.js",
         "controller/migrations/0001_initial.sql",
     } <= found, found
     return found
@@ -183,7 +185,7 @@ def test_a_wheel_installed_in_a_fresh_venv_runs_the_fleet_away_from_the_checkout
         with pytest.raises(ApiError) as refused:
             api.request("GET", "/api/v1/bots")
         assert refused.value.status == 401
-        assert "<title>tgfleet</title>" in api.request("GET", "/")  # the dashboard page
+        assert 'name="token"' in api.request("GET", "/")  # the dashboard's login form
 
         # Every process of the fleet runs from the new venv (pgserver's postgres included).
         fleet = descendants(up.pid)

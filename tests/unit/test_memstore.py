@@ -80,6 +80,7 @@ CALLS: dict[str, Callable[[Store], Awaitable[object]]] = {
     "list_tokens": lambda s: s.list_tokens(),
     "revoke_token": lambda s: s.revoke_token("admin"),
     "use_token": lambda s: s.use_token("a" * 64),
+    "recent_events": lambda s: s.recent_events("echo", 10),
     "seal_secrets": lambda s: s.seal_secrets(s.secrets, False),
 }
 
