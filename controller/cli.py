@@ -240,7 +240,7 @@ def bots_table(bots: list[dict[str, Any]], colour: bool = False) -> str:
         help="Allow plain HTTP on a non-loopback --listen (not advised).",
     ),
 )
-def up(args: argparse.Namespace) -> int:
+def up(args: argparse.Namespace) -> NoReturn:
     """Run the fleet in the foreground: circusd, PostgreSQL, controller, bots.
 
     Ctrl-C stops it all."""
@@ -293,26 +293,20 @@ def up(args: argparse.Namespace) -> int:
         if warning is not None and args.insecure_listen:
             echo(warning, err=True)
 
-        def on_ready(settings: ControllerSettings) -> None:
+        def banner(settings: ControllerSettings) -> str:
             bin_dir = os.path.dirname(sys.executable)
-            echo(
-                "\n".join(
-                    [
-                        f"tgfleet is up in {resolved.root}",
-                        f"  API:       {settings.api_url}  (token in {resolved.admin_token})",
-                        f"  bots:      {bin_dir}/tgfleet bots list",
-                        f"  circus:    {bin_dir}/circusctl --endpoint {resolved.circus_endpoint} status",
-                        f"  logs:      {resolved.logs_dir}",
-                        "  Ctrl-C stops everything.",
-                    ]
-                )
+            return "\n".join(
+                [
+                    f"tgfleet is up in {resolved.root}",
+                    f"  API:       {settings.api_url}  (token in {resolved.admin_token})",
+                    f"  bots:      {bin_dir}/tgfleet bots list",
+                    f"  circus:    {bin_dir}/circusctl --endpoint {resolved.circus_endpoint} status",
+                    f"  logs:      {resolved.logs_dir}",
+                    "  Ctrl-C stops everything.",
+                ]
             )
-            if args.demo:
-                from controller.demo import show_demo
 
-                show_demo(resolved, settings, echo)
-
-        return up_module.run(options, echo, on_ready)
+        up_module.run(options, banner)  # becomes circusd: returns only by raising
     except (up_module.UpError, HomeError, SettingsError, EmbeddedPgError) as exc:
         fail(str(exc))
 
