@@ -11,7 +11,9 @@ thread: it speaks to circusd's control socket like any client). A second Ctrl-C
 leaves it to circusd to stop everything at once.
 
 circusd installs its own SIGINT/SIGTERM handlers (stop everything at once) when it
-starts; ours take them back on its event loop's first turn. SIGHUP from a closed
+starts; ours take them back on its event loop's first turn. (After a `circusctl
+restart` of the whole arbiter, circusd's are back: a stop then stops everything at
+once, which still leaves nothing running.) SIGHUP from a closed
 terminal is ignored (circusd would reload every watcher): the fleet runs on.
 
 Once the API answers, the banner `tgfleet up` wrote is printed; with ``--demo``
