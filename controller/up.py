@@ -177,22 +177,6 @@ def prepare(options: UpOptions) -> ControllerSettings:
     return settings
 
 
-async def ordered_stop(home: Home, say: Callable[[str], None]) -> None:
-    """The controller first, so that nothing reacts to bots going away; then circusd quits,
-    which stops every other watcher at once (bots, sandbox, PostgreSQL: bots hold no
-    database connection, and one stop command per bot would run one after the other)."""
-    client = CircusClient(home.circus_endpoint, timeout_s=10.0)
-    try:
-        statuses = await client.status()
-        if statuses.get("controller") == "active":
-            await client.call("stop", name="controller", waiting=True)
-        await client.quit()
-    except SupervisorError as exc:
-        say(f"circusd did not take the ordered stop ({exc}); it stops everything itself")
-    finally:
-        client.close()
-
-
 def run(options: UpOptions, banner: Callable[[ControllerSettings], str]) -> NoReturn:
     """Prepare the fleet, then become circusd in the foreground (``controller.upwait``),
     which prints ``banner(settings)`` once the API answers and runs until Ctrl-C /
