@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -32,13 +33,17 @@ COMMANDS = {
 }
 
 
-def timed(argv: list[str], env: dict[str, str], runs: int) -> list[float]:
-    walls = []
+def timed(argv: list[str], env: dict[str, str], runs: int) -> tuple[list[float], list[float]]:
+    """Wall times and CPU times (user + system, less sensitive to a busy host) of ``runs``."""
+    walls, cpus = [], []
     for _ in range(runs):
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         started = time.perf_counter()
         subprocess.run(argv, env=env, check=True, capture_output=True)
         walls.append(time.perf_counter() - started)
-    return walls
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpus.append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
+    return walls, cpus
 
 
 def p90(values: list[float]) -> float:
@@ -60,8 +65,8 @@ def top_imports(env: dict[str, str], count: int) -> list[tuple[int, str]]:
         if not line.startswith("import time:") or "cumulative" in line:
             continue
         _, cumulative, name = line.split("|")
-        rows.append((int(cumulative), name.rstrip()))
-    total = sum(us for us, name in rows if not name.startswith(" "))
+        rows.append((int(cumulative), name.rstrip()[1:]))
+    total = sum(us for us, name in rows if not name.startswith(" "))  # top level only
     rows.sort(reverse=True)
     return [(total, "(all imports)"), *rows[:count]]
 
@@ -92,9 +97,14 @@ def main() -> None:
     print(
         f"machine: {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}; {args.bots} bots running"
     )
-    print(f"{'command':30s} {'median s':>9s} {'p90 s':>7s} {'max s':>7s}  (n={args.runs})")
-    for label, walls in figures.items():
-        print(f"{label:30s} {statistics.median(walls):9.3f} {p90(walls):7.3f} {max(walls):7.3f}")
+    print(
+        f"{'wall s / CPU s':30s} {'median':>7s} {'p90':>6s} {'max':>6s} {'CPU med':>8s}  (n={args.runs})"
+    )
+    for label, (walls, cpus) in figures.items():
+        print(
+            f"{label:30s} {statistics.median(walls):7.3f} {p90(walls):6.3f} {max(walls):6.3f}"
+            f" {statistics.median(cpus):8.3f}"
+        )
     print("goal: tgfleet bots list ≤ 0.25 s")
     print("\nheaviest imports of `tgfleet bots list` (python -X importtime, cumulative):")
     for micros, name in imports:

@@ -55,7 +55,7 @@ def loaded_after(code: str, modules: list[str]) -> list[str]:
     (this one has imported everything the other tests use)."""
     probe = (
         f"import sys\n{code}\n"
-        "print('loaded:', *(m for m in sys.argv[1:] if m in sys.modules), file=sys.stderr)"
+        "print('loaded:', *(m for m in sys.argv[1:] if sys.modules.get(m)), file=sys.stderr)"
     )
     done = subprocess.run(
         [sys.executable, "-c", probe, *modules], capture_output=True, text=True, check=True
