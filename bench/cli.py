@@ -75,7 +75,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--bots", type=int, default=10)
     parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument(
+        "--before",
+        metavar="DIR",
+        help="a source tree of another tgfleet (git worktree or archive): its CLI's "
+        "`bots list` and `--help` are timed too, against the same fleet",
+    )
     args = parser.parse_args()
+    commands = dict(COMMANDS)
+    if args.before:
+        # -P: not the current dir first on sys.path (it may be this checkout)
+        old = [sys.executable, "-P", "-c", "from controller.cli import main; main()"]
+        commands["before: bots list"] = [*old, "bots", "list"]
+        commands["before: --help"] = [*old, "--help"]
     root = short_tmpdir("tgfc")
     sandbox = Sandbox.start(root / "sandbox")
     try:
@@ -86,7 +98,12 @@ def main() -> None:
             for index in range(args.bots):
                 fleet.wait_state(f"cli-{index}", "running", timeout=120)
             env = {**os.environ, "TGFLEET_HOME": str(fleet.home.root)}
-            figures = {label: timed(argv, env, args.runs) for label, argv in COMMANDS.items()}
+            figures = {}
+            for label, argv in commands.items():
+                own_env = env
+                if label.startswith("before:"):
+                    own_env = {**env, "PYTHONPATH": str(Path(args.before).resolve())}
+                figures[label] = timed(argv, own_env, args.runs)
             imports = top_imports(env, 12)
             listing = subprocess.run(
                 COMMANDS["tgfleet bots list"], env=env, check=True, capture_output=True, text=True

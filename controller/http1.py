@@ -74,7 +74,9 @@ def request(
         lines.append(f"Content-Length: {len(body)}")
     data = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (body or b"")
     try:
-        with socket.create_connection((host, port), timeout=timeout_s) as raw:
+        # An ASCII name as bytes: a str would go through the idna codec (and its imports).
+        address = (host.encode("ascii") if host.isascii() else host, port)
+        with socket.create_connection(address, timeout=timeout_s) as raw:  # type: ignore[arg-type]
             conn = raw
             if scheme == "https":
                 import ssl
