@@ -16,9 +16,9 @@ circusd is started without the modules it can do without (``OPTIONAL``): ssl
 
 circusd installs its own SIGINT/SIGTERM handlers (stop everything at once) when it
 starts; ours take them back on its event loop's first turn. (After a `circusctl
-restart` of the whole arbiter, circusd's are back: a stop then stops everything at
-once, which still leaves nothing running.) SIGHUP from a closed
-terminal is ignored (circusd would reload every watcher): the fleet runs on.
+restart` of the whole arbiter, circusd's are back: a stop then stops everything
+at once, which still leaves nothing running.) SIGHUP from a closed terminal is
+ignored (circusd would reload every watcher): the fleet runs on.
 
 Once the API answers, the banner `tgfleet up` wrote is printed; with ``--demo``
 the demo conversation follows, from a process of its own (``controller.demo``
@@ -29,6 +29,7 @@ Usage (by `tgfleet up` only): python -m controller.upwait HOME HEALTHZ_URL BANNE
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -53,7 +54,9 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def say(text: str) -> None:
-    print(text, flush=True)
+    # OSError: the terminal is gone (SIGHUP is ignored), and stopping must go on.
+    with contextlib.suppress(OSError):
+        print(text, flush=True)
 
 
 def leave_out_optional_modules() -> None:
@@ -63,10 +66,11 @@ def leave_out_optional_modules() -> None:
             sys.modules[name] = None  # type: ignore[assignment]  # "not installed"
 
 
-async def ordered_stop(home: Home, say: Callable[[str], None]) -> None:
+async def ordered_stop(home: Home, say: Callable[[str], None]) -> bool:
     """The controller first, so that nothing reacts to bots going away; then circusd quits,
     which stops every other watcher at once (bots, sandbox, PostgreSQL: bots hold no
-    database connection, and one stop command per bot would run one after the other)."""
+    database connection, and one stop command per bot would run one after the other).
+    False when circusd did not take it."""
     from controller.circus import CircusClient, SupervisorError
 
     client = CircusClient(home.circus_endpoint, timeout_s=10.0)
@@ -76,9 +80,11 @@ async def ordered_stop(home: Home, say: Callable[[str], None]) -> None:
             await client.call("stop", name="controller", waiting=True)
         await client.quit()
     except SupervisorError as exc:
-        say(f"circusd did not take the ordered stop ({exc}); it stops everything itself")
+        say(f"circusd did not take the ordered stop ({exc}); it stops everything at once")
+        return False
     finally:
         client.close()
+    return True
 
 
 def api_answers(healthz_url: str) -> bool:
@@ -141,12 +147,18 @@ class Resident:
 
         from controller.home import Home
 
-        asyncio.run(ordered_stop(Home.resolve(self.home_root), say))
-        if not self.finished.wait(STOP_WAIT_S):
-            say("circusd did not stop in time; it stops everything at once")
+        try:
+            taken = asyncio.run(ordered_stop(Home.resolve(self.home_root), say))
+        except Exception as exc:  # whatever it was, the fleet must still stop
+            say(f"the ordered stop failed ({exc!r}); circusd stops everything at once")
+            taken = False
+        if not taken:
             circus = self.circus_handlers.get(signal.SIGTERM)
-            if callable(circus):
+            if callable(circus):  # its own quit, thread-safe (tornado's add_callback_from_signal)
                 circus(signal.SIGTERM, None)
+        if not self.finished.wait(STOP_WAIT_S):
+            say("circusd did not stop in time; killing it (its watchers' processes stay)")
+            os.kill(os.getpid(), signal.SIGKILL)
 
     # -- the banner (its own thread)
 
