@@ -40,8 +40,6 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
-
 from controller.atomicfile import write_atomic
 from controller.home import Home
 from controller.sysusers import (
@@ -296,6 +294,8 @@ class BotUsers:
     def _kill_processes(self, uid: int) -> None:
         """No process of a removed user may live on (userdel refuses, and a later bot
         that got the recycled uid would share it)."""
+        import psutil  # here only: destroying a bot is rare, and psutil costs ~1.5 MB
+
         deadline = time.monotonic() + KILL_WAIT_S
         while True:
             left = [

@@ -1,74 +1,127 @@
-"""The `tgfleet` command. Everything but `up` talks to the HTTP API."""
+"""The `tgfleet` command. Everything but `up` and `sandbox` talks to the HTTP API.
+
+Built on the standard library's argparse, and every command imports what it uses
+when it runs: `tgfleet bots list` pays for a small HTTP client, not for the
+controller, the sandbox or Telethon (tests/unit/test_cli.py guards the budget).
+
+Adding a command: a function ``(args: argparse.Namespace) -> int | None`` (its
+docstring is its help: first line in listings, all of it under ``--help``),
+decorated with ``@command("group name", *options)``. A new group needs a line in
+``GROUPS``. Options are ``opt(...)``, which takes ``add_argument``'s arguments;
+``*API`` adds ``--home``, ``--api``, ``--api-token`` and ``--json``. A command
+raises ``Failure`` (exit 1) or ``UsageError`` (exit 2, with the usage line).
+"""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
-import time
-from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any, NoReturn
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple, NoReturn
 
-import typer
+if TYPE_CHECKING:
+    from controller.settings import ControllerSettings
 
-from controller.access import SCOPES, parse_duration
-from controller.client import ApiClient, ApiError, ApiUnreachable
-from controller.home import Home, HomeError
-from controller.settings import (
-    DEFAULT_LISTEN,
-    DEFAULT_SANDBOX_ADMIN,
-    DEFAULT_SANDBOX_LISTEN,
-    ControllerSettings,
+Run = Callable[[argparse.Namespace], "int | None"]
+
+
+class Option(NamedTuple):
+    """One ``add_argument`` call: its flags (or a positional's name) and keywords."""
+
+    flags: tuple[str, ...]
+    keywords: dict[str, Any]
+
+
+def opt(*flags: str, **keywords: Any) -> Option:
+    return Option(flags, keywords)
+
+
+class Command(NamedTuple):
+    path: tuple[str, ...]  # ("bots", "list")
+    run: Run
+    options: tuple[Option, ...]
+    #: Every argument after the path goes to ``run`` as ``args.rest``, unparsed
+    #: (`tgfleet sandbox …` belongs to the sandbox's own CLI, --help included).
+    passthrough: bool = False
+
+
+#: Subcommand groups and their help (`tgfleet --help` lists a group where its
+#: first command was registered).
+GROUPS: dict[str, str] = {
+    "bots": "Create, change, start, stop and destroy bots.",
+    "token": "API tokens.",
+    "secret": "The key that seals secrets in the database.",
+}
+COMMANDS: list[Command] = []
+
+
+def command(path: str, *options: Option, passthrough: bool = False) -> Callable[[Run], Run]:
+    """Register ``run`` as `tgfleet <path>` with these options."""
+
+    def register(run: Run) -> Run:
+        COMMANDS.append(Command(tuple(path.split()), run, options, passthrough))
+        return run
+
+    return register
+
+
+class Failure(Exception):
+    """The command cannot do what was asked: `error: <message>` on stderr, exit 1."""
+
+
+class UsageError(Exception):
+    """The command line is wrong: the usage line and the message on stderr, exit 2."""
+
+
+def fail(message: str) -> NoReturn:
+    raise Failure(message)
+
+
+def echo(text: str = "", *, err: bool = False) -> None:
+    print(text, file=sys.stderr if err else sys.stdout, flush=True)
+
+
+API = (
+    opt("--home", help="State dir (default $TGFLEET_HOME or ./.tgfleet)."),
+    opt("--api", help="API URL (default from the home dir)."),
+    opt(
+        "--api-token",
+        dest="token",
+        metavar="TOKEN",
+        help="API token (default $TGFLEET_TOKEN or <home>/admin.token).",
+    ),
+    opt("--json", dest="as_json", action="store_true", help="Machine-readable output."),
 )
-
-app = typer.Typer(
-    help="tgfleet: run and keep alive a fleet of Telegram bots under Circus.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
-bots = typer.Typer(help="Create, change, start, stop and destroy bots.", no_args_is_help=True)
-tokens = typer.Typer(help="API tokens.", no_args_is_help=True)
-app.add_typer(bots, name="bots")
-app.add_typer(tokens, name="token")
-secrets_app = typer.Typer(help="The key that seals secrets in the database.", no_args_is_help=True)
-app.add_typer(secrets_app, name="secret")
-
-HomeOpt = Annotated[
-    str | None, typer.Option("--home", help="State dir (default $TGFLEET_HOME or ./.tgfleet).")
-]
-ApiOpt = Annotated[str | None, typer.Option("--api", help="API URL (default from the home dir).")]
-TokenOpt = Annotated[
-    str | None,
-    typer.Option("--api-token", help="API token (default $TGFLEET_TOKEN or <home>/admin.token)."),
-]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+NAME = opt("name", help="The bot's name.")
 
 
-def fail(message: str, code: int = 1) -> NoReturn:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code)
+def call(args: argparse.Namespace, method: str, path: str, body: object | None = None) -> Any:
+    """One request to the API; an error answer or an unreachable API ends the command."""
+    from controller.client import ApiClient, ApiError, ApiUnreachable
+    from controller.home import Home
 
-
-def call(
-    home: str | None,
-    api: str | None,
-    token: str | None,
-    method: str,
-    path: str,
-    body: object | None = None,
-) -> Any:
-    client = ApiClient.discover(Home.resolve(home), api, token)
+    client = ApiClient.discover(Home.resolve(args.home), args.api, args.token)
     try:
         return client.request(method, path, body)
     except ApiError as exc:
-        lines = [f"error: {exc} (HTTP {exc.status})"]
+        lines = [f"{exc} (HTTP {exc.status})"]
         for item in exc.problem.get("errors", []):
             lines.append(f"  {item.get('field') or '(body)'}: {item.get('message')}")
-        typer.echo("\n".join(lines), err=True)
-        raise typer.Exit(1) from None
+        fail("\n".join(lines))
     except ApiUnreachable as exc:
         fail(str(exc))
+
+
+def show(result: Any, as_json: bool, text: str | None = None) -> None:
+    if as_json:
+        echo(json.dumps(result, indent=2))
+    elif text is not None:
+        echo(text)
+
+
+# ------------------------------------------------------------------ tables
 
 
 def _age(seconds: float | None) -> str:
@@ -82,36 +135,218 @@ def _age(seconds: float | None) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
-def table(rows: list[list[str]], header: list[str]) -> str:
+def table(
+    rows: list[list[str]], header: list[str], paint: Callable[[int, str], str] | None = None
+) -> str:
+    """Left-aligned columns; ``paint(column, padded cell)`` may colour a cell after padding."""
     widths = [max(len(str(c)) for c in col) for col in zip(header, *rows, strict=False)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip()]
-    lines += [
-        "  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows
+
+    def line(cells: Sequence[str], colour: bool) -> str:
+        padded = [str(c).ljust(w) for c, w in zip(cells, widths, strict=True)]
+        if colour and paint is not None:
+            padded = [paint(i, cell) for i, cell in enumerate(padded)]
+        return "  ".join(padded).rstrip()
+
+    return "\n".join([line(header, False), *(line(r, True) for r in rows)])
+
+
+def _memory(bot: dict[str, Any]) -> str:
+    rss = bot.get("rss_mb")
+    limit = bot.get("memory_limit_mb") or (bot.get("spec") or {}).get("memory_limit_mb")
+    if rss is None:
+        return "-"
+    return f"{rss:.0f}/{limit}MB" if limit else f"{rss:.0f}MB"  # no space: one word per cell
+
+
+def _cpu(percent: float | None) -> str:
+    return "-" if percent is None else f"{percent:.0f}%"
+
+
+def _messages(value: dict[str, Any]) -> str:
+    """Received/sent since the bot's process started (the API's `messages`)."""
+    return "/".join("-" if value.get(k) is None else str(value[k]) for k in ("received", "sent"))
+
+
+def _field(key: str, cell: Callable[[Any], str]) -> Callable[[dict[str, Any]], str]:
+    def read(bot: dict[str, Any]) -> str:
+        value = bot.get(key)
+        return "-" if value is None else cell(value)
+
+    return read
+
+
+class Column(NamedTuple):
+    header: str
+    field: str  # shown only when some bot in the answer carries this key
+    cell: Callable[[dict[str, Any]], str]
+
+
+#: `tgfleet bots list`, compact like `pm2 ls`. CPU (`resources`) and messages come with
+#: newer controllers: a column whose field no bot of the answer has is left out.
+BOT_COLUMNS = (
+    Column("NAME", "name", lambda b: b["name"]),
+    Column("STATE", "state", lambda b: b["state"]),
+    Column("HEALTH", "health", lambda b: (b.get("health") or {}).get("status") or "-"),
+    Column(
+        "TELEGRAM",
+        "telegram",
+        lambda b: "yes" if (b.get("telegram") or {}).get("connected") else "no",
+    ),
+    Column("PID", "pid", _field("pid", str)),
+    Column("UPTIME", "uptime_s", lambda b: _age(b.get("uptime_s"))),
+    Column("RESTARTS", "restarts", _field("restarts", str)),
+    Column("CPU", "resources", lambda b: _cpu((b.get("resources") or {}).get("cpu_percent"))),
+    Column("MEM", "rss_mb", _memory),
+    Column("MSGS", "messages", _field("messages", _messages)),
+)
+
+STATE_COLOURS = {
+    "running": "32",  # green
+    "starting": "33",  # yellow
+    "stopping": "33",
+    "configuring": "33",
+    "failed": "31",  # red
+    "stopped": "2",  # dim
+}
+
+
+def colour_wanted() -> bool:
+    """Colour on a terminal, unless NO_COLOR (https://no-color.org) is set."""
+    return sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+
+
+def bots_table(bots: list[dict[str, Any]], colour: bool = False) -> str:
+    columns = [c for c in BOT_COLUMNS if any(c.field in b for b in bots)]
+    rows = [[c.cell(b) for c in columns] for b in bots]
+    state = next((i for i, c in enumerate(columns) if c.field == "state"), -1)
+
+    def paint(index: int, cell: str) -> str:
+        code = STATE_COLOURS.get(cell.strip()) if index == state else None
+        return f"\x1b[{code}m{cell}\x1b[0m" if code else cell
+
+    return table(rows, [c.header for c in columns], paint if colour else None)
+
+
+# ---------------------------------------------------------------------- up
+
+
+@command(
+    "up",
+    opt("--demo", action="store_true", help="Also run the local Telegram sandbox with demo bots."),
+    opt("--home", help="State dir (default $TGFLEET_HOME or ./.tgfleet)."),
+    opt("--listen", help="API HOST:PORT (default $TGFLEET_LISTEN or 127.0.0.1:8710)."),
+    opt("--tls-cert", help="Serve the API over HTTPS with this PEM cert."),
+    opt("--tls-key", help="The private key (PEM) of --tls-cert."),
+    opt(
+        "--insecure-listen",
+        action="store_true",
+        help="Allow plain HTTP on a non-loopback --listen (not advised).",
+    ),
+)
+def up(args: argparse.Namespace) -> NoReturn:
+    """Run the fleet in the foreground: circusd, PostgreSQL, controller, bots.
+
+    Ctrl-C stops it all."""
+    from controller import up as up_module
+    from controller.home import Home, HomeError
+    from controller.pg import EmbeddedPgError
+    from controller.settings import (
+        DEFAULT_AUTH_FAILURE_LIMIT,
+        DEFAULT_DATABASE_TIMEOUT_S,
+        DEFAULT_EVENT_RETENTION_COUNT,
+        DEFAULT_EVENT_RETENTION_DAYS,
+        DEFAULT_LISTEN,
+        DEFAULT_SANDBOX_ADMIN,
+        DEFAULT_SANDBOX_LISTEN,
+        SettingsError,
+        env_number,
+    )
+
+    env = os.environ
+    try:
+        resolved = Home.resolve(args.home)
+        options = up_module.UpOptions(
+            home=resolved,
+            listen=args.listen or env.get("TGFLEET_LISTEN", DEFAULT_LISTEN),
+            demo=args.demo,
+            database_url=env.get("TGFLEET_DATABASE_URL") or None,
+            sandbox_listen=env.get("TGFLEET_SANDBOX_LISTEN", DEFAULT_SANDBOX_LISTEN),
+            sandbox_admin=env.get("TGFLEET_SANDBOX_ADMIN", DEFAULT_SANDBOX_ADMIN),
+            webhook_url=env.get("TGFLEET_WEBHOOK_URL") or None,
+            plugin_path=tuple(
+                entry for entry in env.get("TGFLEET_PLUGIN_PATH", "").split(":") if entry
+            ),
+            database_timeout_s=env_number(
+                env, "TGFLEET_DATABASE_TIMEOUT_S", DEFAULT_DATABASE_TIMEOUT_S
+            ),
+            event_retention_days=env_number(
+                env, "TGFLEET_EVENT_RETENTION_DAYS", DEFAULT_EVENT_RETENTION_DAYS
+            ),
+            event_retention_count=int(
+                env_number(env, "TGFLEET_EVENT_RETENTION_COUNT", DEFAULT_EVENT_RETENTION_COUNT)
+            ),
+            auth_failure_limit=int(
+                env_number(env, "TGFLEET_AUTH_FAILURE_LIMIT", DEFAULT_AUTH_FAILURE_LIMIT)
+            ),
+            trusted_proxies=tuple(
+                e for e in env.get("TGFLEET_TRUSTED_PROXIES", "").split(",") if e.strip()
+            ),
+            tls_cert=os.path.abspath(args.tls_cert) if args.tls_cert else None,
+            tls_key=os.path.abspath(args.tls_key) if args.tls_key else None,
+            insecure_listen=args.insecure_listen,
+        )
+        warning = up_module.insecure_listen_warning(options)
+        if warning is not None and args.insecure_listen:
+            echo(warning, err=True)
+
+        def banner(settings: ControllerSettings) -> str:
+            bin_dir = os.path.dirname(sys.executable)
+            return "\n".join(
+                [
+                    f"tgfleet is up in {resolved.root}",
+                    f"  API:       {settings.api_url}  (token in {resolved.admin_token})",
+                    f"  bots:      {bin_dir}/tgfleet bots list",
+                    f"  circus:    {bin_dir}/circusctl --endpoint {resolved.circus_endpoint} status",
+                    f"  logs:      {resolved.logs_dir}",
+                    "  Ctrl-C stops everything.",
+                ]
+            )
+
+        up_module.run(options, banner)  # becomes circusd: returns only by raising
+    except (up_module.UpError, HomeError, SettingsError, EmbeddedPgError) as exc:
+        fail(str(exc))
+
+
+# -------------------------------------------------------------------- bots
+
+
+@command("bots list", *API)
+def bots_list(args: argparse.Namespace) -> None:
+    """Every bot: state, health, Telegram, pid, uptime, restarts, CPU, memory, messages."""
+    result = call(args, "GET", "/api/v1/bots")
+    bots = result["bots"]
+    show(
+        result,
+        args.as_json,
+        bots_table(bots, colour_wanted())
+        if bots
+        else "no bots yet: tgfleet bots create NAME --token …",
+    )
+
+
+@command("bots show", NAME, *API)
+def bots_show(args: argparse.Namespace) -> None:
+    """One bot in full."""
+    bot = call(args, "GET", f"/api/v1/bots/{args.name}")
+    lines = [
+        bots_table([bot], colour_wanted()),
+        "",
+        f"desired: {bot['desired']}   since: {bot['since']}",
     ]
-    return "\n".join(lines)
-
-
-def bot_row(bot: dict[str, Any]) -> list[str]:
-    telegram = bot.get("telegram") or {}
-    return [
-        bot["name"],
-        bot["state"],
-        str(bot["pid"] or "-"),
-        _age(bot.get("uptime_s")),
-        str(bot["restarts"]),
-        f"{bot['rss_mb']:.0f} MB" if bot.get("rss_mb") is not None else "-",
-        "yes" if telegram.get("connected") else "no",
-    ]
-
-
-BOT_HEADER = ["NAME", "STATE", "PID", "UPTIME", "RESTARTS", "RSS", "TELEGRAM"]
-
-
-def show(result: Any, as_json: bool, text: str | None = None) -> None:
-    if as_json:
-        typer.echo(json.dumps(result, indent=2))
-    elif text is not None:
-        typer.echo(text)
+    if bot.get("reason"):
+        lines.append(f"reason:  {bot['reason']}")
+    lines.append("spec:    " + json.dumps(bot["spec"], sort_keys=True))
+    show(bot, args.as_json, "\n".join(lines))
 
 
 def parse_settings(pairs: list[str]) -> dict[str, Any]:
@@ -120,7 +355,7 @@ def parse_settings(pairs: list[str]) -> dict[str, Any]:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise typer.BadParameter(f"{pair!r} is not key=value", param_hint="--setting")
+            raise UsageError(f"--setting: {pair!r} is not key=value")
         try:
             settings[key] = json.loads(value)
         except json.JSONDecodeError:
@@ -128,179 +363,45 @@ def parse_settings(pairs: list[str]) -> dict[str, Any]:
     return settings
 
 
-# --------------------------------------------------------------------- up
+SPEC = (
+    opt(
+        "--token",
+        dest="bot_token",
+        metavar="TOKEN",
+        help="The bot's Telegram token (from @BotFather or the sandbox); '-' reads it from "
+        "stdin (on the command line, `ps` shows it to every user while the command runs).",
+    ),
+    opt("--session", help="A Telethon string session (user account); '-': stdin."),
+    opt("--plugin", action="append", metavar="MODULE:FUNCTION", help="A plugin (repeatable)."),
+    opt("--setting", action="append", metavar="KEY=VALUE", help="For plugins (repeatable)."),
+    opt("--memory-limit", type=int, metavar="MB", help="Memory limit in MB."),
+    opt("--spec-file", metavar="FILE", help="JSON file with more spec fields."),
+)
 
 
-@app.command()
-def up(
-    demo: Annotated[
-        bool, typer.Option("--demo", help="Also run the local Telegram sandbox with demo bots.")
-    ] = False,
-    home: HomeOpt = None,
-    listen: Annotated[
-        str | None,
-        typer.Option("--listen", help="API HOST:PORT (default $TGFLEET_LISTEN or 127.0.0.1:8710)."),
-    ] = None,
-    tls_cert: Annotated[
-        str | None, typer.Option("--tls-cert", help="Serve the API over HTTPS with this PEM cert.")
-    ] = None,
-    tls_key: Annotated[
-        str | None, typer.Option("--tls-key", help="The private key (PEM) of --tls-cert.")
-    ] = None,
-    insecure_listen: Annotated[
-        bool,
-        typer.Option(
-            "--insecure-listen", help="Allow plain HTTP on a non-loopback --listen (not advised)."
-        ),
-    ] = False,
-) -> None:
-    """Run the fleet in the foreground: circusd, PostgreSQL, controller, bots. Ctrl-C stops it all."""
-    from controller import up as up_module
-    from controller.pg import EmbeddedPgError
-    from controller.settings import (
-        DEFAULT_AUTH_FAILURE_LIMIT,
-        DEFAULT_DATABASE_TIMEOUT_S,
-        DEFAULT_EVENT_RETENTION_COUNT,
-        DEFAULT_EVENT_RETENTION_DAYS,
-        SettingsError,
-        env_number,
-    )
-
-    try:
-        resolved = Home.resolve(home)
-        options = up_module.UpOptions(
-            home=resolved,
-            listen=listen or os.environ.get("TGFLEET_LISTEN", DEFAULT_LISTEN),
-            demo=demo,
-            database_url=os.environ.get("TGFLEET_DATABASE_URL") or None,
-            sandbox_listen=os.environ.get("TGFLEET_SANDBOX_LISTEN", DEFAULT_SANDBOX_LISTEN),
-            sandbox_admin=os.environ.get("TGFLEET_SANDBOX_ADMIN", DEFAULT_SANDBOX_ADMIN),
-            webhook_url=os.environ.get("TGFLEET_WEBHOOK_URL") or None,
-            plugin_path=tuple(
-                entry for entry in os.environ.get("TGFLEET_PLUGIN_PATH", "").split(":") if entry
-            ),
-            database_timeout_s=env_number(
-                os.environ, "TGFLEET_DATABASE_TIMEOUT_S", DEFAULT_DATABASE_TIMEOUT_S
-            ),
-            event_retention_days=env_number(
-                os.environ, "TGFLEET_EVENT_RETENTION_DAYS", DEFAULT_EVENT_RETENTION_DAYS
-            ),
-            event_retention_count=int(
-                env_number(
-                    os.environ, "TGFLEET_EVENT_RETENTION_COUNT", DEFAULT_EVENT_RETENTION_COUNT
-                )
-            ),
-            auth_failure_limit=int(
-                env_number(os.environ, "TGFLEET_AUTH_FAILURE_LIMIT", DEFAULT_AUTH_FAILURE_LIMIT)
-            ),
-            trusted_proxies=tuple(
-                e for e in os.environ.get("TGFLEET_TRUSTED_PROXIES", "").split(",") if e.strip()
-            ),
-            tls_cert=os.path.abspath(tls_cert) if tls_cert else None,
-            tls_key=os.path.abspath(tls_key) if tls_key else None,
-            insecure_listen=insecure_listen,
-        )
-        warning = up_module.insecure_listen_warning(options)
-        if warning is not None and insecure_listen:
-            typer.echo(warning, err=True)
-
-        def on_ready(settings: ControllerSettings) -> None:
-            bin_dir = os.path.dirname(sys.executable)
-            typer.echo(
-                "\n".join(
-                    [
-                        f"tgfleet is up in {resolved.root}",
-                        f"  API:       {settings.api_url}  (token in {resolved.admin_token})",
-                        f"  bots:      {bin_dir}/tgfleet bots list",
-                        f"  circus:    {bin_dir}/circusctl --endpoint {resolved.circus_endpoint} status",
-                        f"  logs:      {resolved.logs_dir}",
-                        "  Ctrl-C stops everything.",
-                    ]
-                )
-            )
-            if demo:
-                from controller.demo import show_demo
-
-                show_demo(resolved, settings, typer.echo)
-
-        code = up_module.run(options, typer.echo, on_ready)
-    except (up_module.UpError, HomeError, SettingsError, EmbeddedPgError) as exc:
-        fail(str(exc))
-    raise typer.Exit(code)
-
-
-# ------------------------------------------------------------------- bots
-
-
-@bots.command("list")
-def bots_list(
-    home: HomeOpt = None, api: ApiOpt = None, token: TokenOpt = None, as_json: JsonOpt = False
-) -> None:
-    """Every bot: state, pid, uptime, restarts, memory, Telegram connection."""
-    result = call(home, api, token, "GET", "/api/v1/bots")
-    rows = [bot_row(b) for b in result["bots"]]
-    show(
-        result,
-        as_json,
-        table(rows, BOT_HEADER) if rows else "no bots yet: tgfleet bots create NAME --token …",
-    )
-
-
-@bots.command("show")
-def bots_show(
-    name: str,
-    home: HomeOpt = None,
-    api: ApiOpt = None,
-    token: TokenOpt = None,
-    as_json: JsonOpt = False,
-) -> None:
-    """One bot in full."""
-    bot = call(home, api, token, "GET", f"/api/v1/bots/{name}")
-    lines = [
-        table([bot_row(bot)], BOT_HEADER),
-        "",
-        f"desired: {bot['desired']}   since: {bot['since']}",
-    ]
-    if bot.get("reason"):
-        lines.append(f"reason:  {bot['reason']}")
-    lines.append("spec:    " + json.dumps(bot["spec"], sort_keys=True))
-    show(bot, as_json, "\n".join(lines))
-
-
-def _spec_from_options(
-    token_value: str | None,
-    session: str | None,
-    plugin: list[str] | None,
-    setting: list[str] | None,
-    memory_limit: int | None,
-    spec_file: str | None,
-) -> dict[str, Any]:
+def _spec_from_options(args: argparse.Namespace) -> dict[str, Any]:
     body: dict[str, Any] = {}
-    if spec_file:
+    if args.spec_file:
         try:
-            with open(spec_file, encoding="utf-8") as handle:
+            with open(args.spec_file, encoding="utf-8") as handle:
                 loaded = json.load(handle)
         except (OSError, json.JSONDecodeError) as exc:
-            raise typer.BadParameter(
-                f"cannot read {spec_file}: {exc}", param_hint="--spec-file"
-            ) from None
+            raise UsageError(f"--spec-file: cannot read {args.spec_file}: {exc}") from None
         if not isinstance(loaded, dict):
-            raise typer.BadParameter(
-                f"{spec_file} must hold a JSON object", param_hint="--spec-file"
-            )
+            raise UsageError(f"--spec-file: {args.spec_file} must hold a JSON object")
         body.update(loaded)
-    if token_value == "-" and session == "-":
-        raise typer.BadParameter("only one of --token and --session can be read from stdin")
-    if token_value is not None:
-        body["token"] = _from_stdin("--token") if token_value == "-" else token_value
-    if session is not None:
-        body["session"] = _from_stdin("--session") if session == "-" else session
-    if plugin:
-        body["plugins"] = plugin
-    if setting:
-        body["settings"] = parse_settings(setting)
-    if memory_limit is not None:
-        body["memory_limit_mb"] = memory_limit
+    if args.bot_token == "-" and args.session == "-":
+        raise UsageError("only one of --token and --session can be read from stdin")
+    if args.bot_token is not None:
+        body["token"] = _from_stdin("--token") if args.bot_token == "-" else args.bot_token
+    if args.session is not None:
+        body["session"] = _from_stdin("--session") if args.session == "-" else args.session
+    if args.plugin:
+        body["plugins"] = args.plugin
+    if args.setting:
+        body["settings"] = parse_settings(args.setting)
+    if args.memory_limit is not None:
+        body["memory_limit_mb"] = args.memory_limit
     return body
 
 
@@ -309,145 +410,83 @@ def _from_stdin(option: str) -> str:
     of the machine could read it in `ps` while the command runs."""
     value = sys.stdin.readline().strip()
     if not value:
-        raise typer.BadParameter("'-' reads it from stdin, which gave nothing", param_hint=option)
+        raise UsageError(f"{option}: '-' reads it from stdin, which gave nothing")
     return value
 
 
-BotTokenOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--token",
-        help="The bot's Telegram token (from @BotFather or the sandbox); '-' reads it from "
-        "stdin (on the command line, `ps` shows it to every user while the command runs).",
-    ),
-]
-SessionOpt = Annotated[
-    str | None,
-    typer.Option("--session", help="A Telethon string session (user account); '-': stdin."),
-]
-PluginOpt = Annotated[
-    list[str] | None, typer.Option("--plugin", help="module:function (repeatable).")
-]
-SettingOpt = Annotated[
-    list[str] | None, typer.Option("--setting", help="key=value for plugins (repeatable).")
-]
-MemoryOpt = Annotated[int | None, typer.Option("--memory-limit", help="Memory limit in MB.")]
-SpecFileOpt = Annotated[
-    str | None, typer.Option("--spec-file", help="JSON file with more spec fields.")
-]
-
-
-@bots.command("create")
-def bots_create(
-    name: str,
-    bot_token: BotTokenOpt = None,
-    session: SessionOpt = None,
-    plugin: PluginOpt = None,
-    setting: SettingOpt = None,
-    memory_limit: MemoryOpt = None,
-    no_autostart: Annotated[
-        bool, typer.Option("--no-autostart", help="Create it stopped.")
-    ] = False,
-    spec_file: SpecFileOpt = None,
-    home: HomeOpt = None,
-    api: ApiOpt = None,
-    token: TokenOpt = None,
-    as_json: JsonOpt = False,
-) -> None:
+@command(
+    "bots create",
+    NAME,
+    *SPEC,
+    opt("--no-autostart", action="store_true", help="Create it stopped."),
+    *API,
+)
+def bots_create(args: argparse.Namespace) -> None:
     """Create a bot (and start it unless --no-autostart)."""
-    body = {
-        "name": name,
-        **_spec_from_options(bot_token, session, plugin, setting, memory_limit, spec_file),
-    }
-    if no_autostart:
+    body = {"name": args.name, **_spec_from_options(args)}
+    if args.no_autostart:
         body["autostart"] = False
-    bot = call(home, api, token, "POST", "/api/v1/bots", body)
-    show(bot, as_json, f"created {bot['name']}: {bot['state']}")
+    bot = call(args, "POST", "/api/v1/bots", body)
+    show(bot, args.as_json, f"created {bot['name']}: {bot['state']}")
 
 
-@bots.command("update")
-def bots_update(
-    name: str,
-    bot_token: BotTokenOpt = None,
-    session: SessionOpt = None,
-    plugin: PluginOpt = None,
-    setting: SettingOpt = None,
-    memory_limit: MemoryOpt = None,
-    spec_file: SpecFileOpt = None,
-    home: HomeOpt = None,
-    api: ApiOpt = None,
-    token: TokenOpt = None,
-    as_json: JsonOpt = False,
-) -> None:
+@command("bots update", NAME, *SPEC, *API)
+def bots_update(args: argparse.Namespace) -> None:
     """Change a bot (settings merge key by key); that bot alone restarts."""
-    body = _spec_from_options(bot_token, session, plugin, setting, memory_limit, spec_file)
+    body = _spec_from_options(args)
     if not body:
-        raise typer.BadParameter(
-            "give at least one change (--setting, --plugin, --memory-limit, …)"
-        )
-    bot = call(home, api, token, "PATCH", f"/api/v1/bots/{name}", body)
-    show(bot, as_json, f"updated {bot['name']}: {bot['state']} (generation {bot['generation']})")
+        raise UsageError("give at least one change (--setting, --plugin, --memory-limit, …)")
+    bot = call(args, "PATCH", f"/api/v1/bots/{args.name}", body)
+    show(
+        bot, args.as_json, f"updated {bot['name']}: {bot['state']} (generation {bot['generation']})"
+    )
 
 
 def _lifecycle(op: str) -> None:
-    def command(
-        name: str,
-        home: HomeOpt = None,
-        api: ApiOpt = None,
-        token: TokenOpt = None,
-        as_json: JsonOpt = False,
-    ) -> None:
-        bot = call(home, api, token, "POST", f"/api/v1/bots/{name}/{op}")
-        show(bot, as_json, f"{bot['name']}: {bot['state']}")
+    def run(args: argparse.Namespace) -> None:
+        bot = call(args, "POST", f"/api/v1/bots/{args.name}/{op}")
+        show(bot, args.as_json, f"{bot['name']}: {bot['state']}")
 
-    command.__doc__ = f"{op.capitalize()} a bot."
-    bots.command(op)(command)
+    run.__doc__ = f"{op.capitalize()} a bot."
+    command(f"bots {op}", NAME, *API)(run)
 
 
 for _op in ("start", "stop", "restart"):
     _lifecycle(_op)
 
 
-@bots.command("destroy")
-def bots_destroy(
-    name: str,
-    home: HomeOpt = None,
-    api: ApiOpt = None,
-    token: TokenOpt = None,
-    as_json: JsonOpt = False,
-) -> None:
+@command("bots destroy", NAME, *API)
+def bots_destroy(args: argparse.Namespace) -> None:
     """Stop a bot and remove its watcher, files and private dir (its events stay)."""
-    result = call(home, api, token, "DELETE", f"/api/v1/bots/{name}")
-    show(result, as_json, f"destroyed {name}")
+    result = call(args, "DELETE", f"/api/v1/bots/{args.name}")
+    show(result, args.as_json, f"destroyed {args.name}")
 
 
-@bots.command("logs")
-def bots_logs(
-    name: str,
-    stream: Annotated[
-        str, typer.Option("--stream", help="err (default: Telethon and tgfleet logs) or out.")
-    ] = "err",
-    lines: Annotated[int, typer.Option("--lines", "-n", help="How many lines.")] = 50,
-    follow: Annotated[
-        bool, typer.Option("--follow", "-f", help="Keep printing new lines.")
-    ] = False,
-    home: HomeOpt = None,
-    api: ApiOpt = None,
-    token: TokenOpt = None,
-    as_json: JsonOpt = False,
-) -> None:
+@command(
+    "bots logs",
+    NAME,
+    opt(
+        "--stream",
+        default="err",
+        help="err (default: Telethon and tgfleet logs) or out.",
+    ),
+    opt("--lines", "-n", type=int, default=50, help="How many lines (default 50)."),
+    opt("--follow", "-f", action="store_true", help="Keep printing new lines."),
+    *API,
+)
+def bots_logs(args: argparse.Namespace) -> None:
     """The tail of a bot's log."""
-    result = call(
-        home, api, token, "GET", f"/api/v1/bots/{name}/logs?stream={stream}&lines={lines}"
-    )
-    show(result, as_json, "\n".join(result["lines"]))
+    import time
+
+    name, stream = args.name, args.stream
+    result = call(args, "GET", f"/api/v1/bots/{name}/logs?stream={stream}&lines={args.lines}")
+    show(result, args.as_json, "\n".join(result["lines"]))
     seen = result["lines"]
-    while follow:
+    while args.follow:
         time.sleep(1)
-        path = f"/api/v1/bots/{name}/logs?stream={stream}&lines=200"
-        latest = call(home, api, token, "GET", path)["lines"]
+        latest = call(args, "GET", f"/api/v1/bots/{name}/logs?stream={stream}&lines=200")["lines"]
         for line in new_lines(seen, latest):
-            typer.echo(line)
+            echo(line)
         seen = latest
 
 
@@ -459,17 +498,15 @@ def new_lines(seen: list[str], latest: list[str]) -> list[str]:
     return latest  # nothing in common (rotated, or more new lines than a tail holds)
 
 
-@bots.command("events")
-def bots_events(
-    name: str,
-    limit: Annotated[int, typer.Option("--limit", help="How many (oldest first).")] = 100,
-    home: HomeOpt = None,
-    api: ApiOpt = None,
-    token: TokenOpt = None,
-    as_json: JsonOpt = False,
-) -> None:
+@command(
+    "bots events",
+    NAME,
+    opt("--limit", type=int, default=100, help="How many (oldest first; default 100)."),
+    *API,
+)
+def bots_events(args: argparse.Namespace) -> None:
     """A bot's event history: who changed what, when and why."""
-    result = call(home, api, token, "GET", f"/api/v1/bots/{name}/events?limit={limit}")
+    result = call(args, "GET", f"/api/v1/bots/{args.name}/events?limit={args.limit}")
     rows = [
         [
             e["at"][:19],
@@ -480,10 +517,10 @@ def bots_events(
         ]
         for e in result["events"]
     ]
-    show(result, as_json, table(rows, ["AT", "KIND", "STATE", "ACTOR", "REASON"]))
+    show(result, args.as_json, table(rows, ["AT", "KIND", "STATE", "ACTOR", "REASON"]))
 
 
-# ----------------------------------------------------------------- status
+# ------------------------------------------------------------------ status
 
 
 def database_line(database: dict[str, Any]) -> str:
@@ -498,13 +535,11 @@ def database_line(database: dict[str, Any]) -> str:
     )
 
 
-@app.command()
-def status(
-    home: HomeOpt = None, api: ApiOpt = None, token: TokenOpt = None, as_json: JsonOpt = False
-) -> None:
+@command("status", *API)
+def status(args: argparse.Namespace) -> None:
     """The fleet at a glance."""
-    summary = call(home, api, token, "GET", "/api/v1/status")
-    listing = call(home, api, token, "GET", "/api/v1/bots")
+    summary = call(args, "GET", "/api/v1/status")
+    listing = call(args, "GET", "/api/v1/bots")
     states = ", ".join(f"{n} {s}" for s, n in sorted(summary["states"].items())) or "no bots"
     text = [
         f"bots: {summary['bots']} ({states}); Telegram connected: {summary['telegram_connected']}",
@@ -514,56 +549,52 @@ def status(
     if summary.get("reconcile_error"):
         text.append(f"last reconcile error: {summary['reconcile_error']}")
     if listing["bots"]:
-        text += ["", table([bot_row(b) for b in listing["bots"]], BOT_HEADER)]
-    show({**summary, "bot_list": listing["bots"]}, as_json, "\n".join(text))
+        text += ["", bots_table(listing["bots"], colour_wanted())]
+    show({**summary, "bot_list": listing["bots"]}, args.as_json, "\n".join(text))
 
 
-# ----------------------------------------------------------------- tokens
+# ------------------------------------------------------------------ tokens
 
 
-ScopeOpt = Annotated[
-    str,
-    typer.Option(
+@command(
+    "token create",
+    opt("name", help="The token's name."),
+    opt(
         "--scope",
+        default="read",
         help="read (every GET; the default: least privilege), operate (also "
         "start/stop/restart/publish) or admin (everything).",
     ),
-]
-
-
-@tokens.command("create")
-def token_create(
-    name: str,
-    scope: ScopeOpt = "read",
-    expires_in: Annotated[
-        str | None,
-        typer.Option("--expires-in", help="It stops working after this: 90s, 15m, 12h, 30d, 2w."),
-    ] = None,
-    home: HomeOpt = None,
-    api: ApiOpt = None,
-    token: TokenOpt = None,
-    as_json: JsonOpt = False,
-) -> None:
+    opt(
+        "--expires-in",
+        metavar="DURATION",
+        help="It stops working after this: 90s, 15m, 12h, 30d, 2w.",
+    ),
+    *API,
+)
+def token_create(args: argparse.Namespace) -> None:
     """A new API token; its secret is printed once."""
-    if scope not in SCOPES:
-        fail(f"--scope must be one of {', '.join(SCOPES)}, not {scope!r}")
-    body: dict[str, Any] = {"name": name, "scope": scope}
-    if expires_in is not None:
+    from datetime import UTC, datetime, timedelta
+
+    from controller.access import SCOPES, parse_duration
+
+    if args.scope not in SCOPES:
+        fail(f"--scope must be one of {', '.join(SCOPES)}, not {args.scope!r}")
+    body: dict[str, Any] = {"name": args.name, "scope": args.scope}
+    if args.expires_in is not None:
         try:
-            seconds = parse_duration(expires_in)
+            seconds = parse_duration(args.expires_in)
         except ValueError as exc:
             fail(f"--expires-in: {exc}")
         body["expires_at"] = (datetime.now(UTC) + timedelta(seconds=seconds)).isoformat()
-    result = call(home, api, token, "POST", "/api/v1/tokens", body)
-    show(result, as_json, result["token"])
+    result = call(args, "POST", "/api/v1/tokens", body)
+    show(result, args.as_json, result["token"])
 
 
-@tokens.command("list")
-def token_list(
-    home: HomeOpt = None, api: ApiOpt = None, token: TokenOpt = None, as_json: JsonOpt = False
-) -> None:
+@command("token list", *API)
+def token_list(args: argparse.Namespace) -> None:
     """API tokens (names, scopes and dates, never secrets)."""
-    result = call(home, api, token, "GET", "/api/v1/tokens")
+    result = call(args, "GET", "/api/v1/tokens")
     rows = [
         [
             t["name"],
@@ -576,47 +607,36 @@ def token_list(
         for t in result["tokens"]
     ]
     header = ["NAME", "SCOPE", "CREATED", "EXPIRES", "LAST USED", "REVOKED"]
-    show(result, as_json, table(rows, header))
+    show(result, args.as_json, table(rows, header))
 
 
-@tokens.command("revoke")
-def token_revoke(
-    name: str,
-    home: HomeOpt = None,
-    api: ApiOpt = None,
-    token: TokenOpt = None,
-    as_json: JsonOpt = False,
-) -> None:
+@command("token revoke", opt("name", help="The token's name."), *API)
+def token_revoke(args: argparse.Namespace) -> None:
     """Revoke an API token."""
-    result = call(home, api, token, "DELETE", f"/api/v1/tokens/{name}")
-    show(result, as_json, f"revoked {name}")
+    result = call(args, "DELETE", f"/api/v1/tokens/{args.name}")
+    show(result, args.as_json, f"revoked {args.name}")
 
 
-@secrets_app.command("rotate")
-def secret_rotate(
-    home: HomeOpt = None, api: ApiOpt = None, token: TokenOpt = None, as_json: JsonOpt = False
-) -> None:
+@command("secret rotate", *API)
+def secret_rotate(args: argparse.Namespace) -> None:
     """Seal every stored secret with a new key (<home>/secret.key), or with the first key
     of TGFLEET_SECRET_KEY when the controller's key comes from there."""
-    result = call(home, api, token, "POST", "/api/v1/secrets/rotate")
+    result = call(args, "POST", "/api/v1/secrets/rotate")
     show(
         result,
-        as_json,
+        args.as_json,
         f"sealed {result['rewritten']} rows again; the key is in {result['key_source']}",
     )
 
 
-# ---------------------------------------------------------------- sandbox
+# ----------------------------------------------------------------- sandbox
 
 
-@app.command(
-    "sandbox",
-    # Every argument, --help included, belongs to the sandbox's own CLI.
-    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
-    add_help_option=False,
-)
-def sandbox(ctx: typer.Context) -> None:
-    """The local Telegram (MTProto sandbox): serve it, or drive a running one (see --help)."""
+@command("sandbox", passthrough=True)
+def sandbox(args: argparse.Namespace) -> int:
+    """The local Telegram (MTProto sandbox): serve it, or drive a running one.
+
+    Every argument goes to the sandbox's own CLI: `tgfleet sandbox --help`."""
     # Imported only here: the sandbox's code (Telethon, aiohttp, cryptography) would
     # cost every other command its import time, and it is an optional extra.
     import tgsandbox
@@ -626,8 +646,101 @@ def sandbox(ctx: typer.Context) -> None:
         fail(problem)
     from tgsandbox.cli import app as sandbox_app
 
-    sandbox_app(args=ctx.args, prog_name=ctx.command_path)
+    try:
+        sandbox_app(args=args.rest, prog_name="tgfleet sandbox")
+    except SystemExit as exc:  # typer's standalone mode always ends so
+        return exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+    return 0
 
 
-def main() -> None:
-    app()
+# -------------------------------------------------------------- the parser
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Docstrings keep their line breaks; help columns start further right."""
+
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, max_help_position=30)
+
+
+def _summary(run: Run) -> str:
+    return (run.__doc__ or "").strip().split("\n")[0]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """`tgfleet`'s parser, from GROUPS and COMMANDS; a leaf's ``args.command`` is its Command."""
+    parser = argparse.ArgumentParser(
+        prog="tgfleet",
+        description="tgfleet: run and keep alive a fleet of Telegram bots under Circus.",
+        formatter_class=_HelpFormatter,
+    )
+    parser.set_defaults(parser=parser, command=None)
+    tops = parser.add_subparsers(title="commands", metavar="COMMAND")
+    groups: dict[str, argparse._SubParsersAction[argparse.ArgumentParser]] = {}
+    for cmd in COMMANDS:  # listed in the order they were registered
+        *group_path, leaf = cmd.path
+        into = tops
+        if group_path:
+            name = group_path[0]
+            if name not in groups:
+                text = GROUPS[name]
+                group = tops.add_parser(
+                    name, help=text, description=text, formatter_class=_HelpFormatter
+                )
+                group.set_defaults(parser=group, command=None)
+                groups[name] = group.add_subparsers(title="commands", metavar="COMMAND")
+            into = groups[name]
+        sub = into.add_parser(
+            leaf,
+            help=_summary(cmd.run),
+            description=cmd.run.__doc__,
+            formatter_class=_HelpFormatter,
+            add_help=not cmd.passthrough,
+        )
+        sub.set_defaults(parser=sub, command=cmd)
+        if cmd.passthrough:
+            sub.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+        for option in cmd.options:
+            sub.add_argument(*option.flags, **option.keywords)
+    return parser
+
+
+def _passthrough(argv: Sequence[str]) -> Command | None:
+    for cmd in COMMANDS:
+        if cmd.passthrough and tuple(argv[: len(cmd.path)]) == cmd.path:
+            return cmd
+    return None
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    """`tgfleet ARGV…`; the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    through = _passthrough(argv)
+    try:
+        if through is not None:
+            args = argparse.Namespace(rest=argv[len(through.path) :])
+            return through.run(args) or 0
+        parser = build_parser()
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as exc:  # --help (0) or a usage error (2, already printed)
+            return exc.code if isinstance(exc.code, int) else 2
+        if args.command is None:  # `tgfleet`, `tgfleet bots`: what is there to run
+            args.parser.print_help()
+            return 2
+        try:
+            return args.command.run(args) or 0
+        except UsageError as exc:
+            args.parser.print_usage(sys.stderr)
+            echo(f"{args.parser.prog}: error: {exc}", err=True)
+            return 2
+    except Failure as exc:
+        echo(f"error: {exc}", err=True)
+        return 1
+    except KeyboardInterrupt:
+        echo("Aborted!", err=True)
+        return 1
+
+
+def main() -> NoReturn:
+    sys.exit(run())

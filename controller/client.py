@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import json
 import os
-import ssl
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from typing import Any
 
+from controller import http1
 from controller.home import Home
 from controller.settings import DEFAULT_LISTEN, ControllerSettings, SettingsError
 
@@ -58,27 +56,36 @@ class ApiClient:
         return cls(url.rstrip("/"), secret, cafile=cafile)
 
     def request(self, method: str, path: str, body: object | None = None) -> Any:
+        """The answer's JSON (or text); ApiError for an error answer, ApiUnreachable
+        when no answer came."""
         data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(self.base_url + path, data=data, method=method)
+        headers = {"Accept": "application/json"}
         if data is not None:
-            request.add_header("Content-Type", "application/json")
+            headers["Content-Type"] = "application/json"
         if self.token:
-            request.add_header("Authorization", f"Bearer {self.token}")
+            headers["Authorization"] = f"Bearer {self.token}"
         try:
-            context = ssl.create_default_context(cafile=self.cafile) if self.cafile else None
-            with urllib.request.urlopen(request, timeout=self.timeout_s, context=context) as answer:
-                raw = answer.read()
-                if answer.headers.get_content_type() == "application/json":
-                    return json.loads(raw) if raw else None
-                return raw.decode("utf-8", "replace")
-        except urllib.error.HTTPError as exc:
-            raw = exc.read()
-            try:
-                problem = json.loads(raw)
-            except json.JSONDecodeError:
-                problem = {"title": exc.reason, "detail": raw.decode("utf-8", "replace")}
-            raise ApiError(exc.code, problem) from None
-        except (urllib.error.URLError, OSError) as exc:
+            answer = http1.request(
+                method,
+                self.base_url + path,
+                headers=headers,
+                body=data,
+                timeout_s=self.timeout_s,
+                cafile=self.cafile,
+            )
+        except (OSError, ValueError) as exc:  # refused, timed out, TLS, a bad URL
             raise ApiUnreachable(
                 f"cannot reach the tgfleet API at {self.base_url} ({exc}); is `tgfleet up` running?"
             ) from None
+        if answer.status >= 400:
+            try:
+                problem = json.loads(answer.body)
+            except ValueError:
+                problem = None
+            if not isinstance(problem, dict):
+                text = answer.body.decode("utf-8", "replace")
+                problem = {"title": answer.reason, "detail": text}
+            raise ApiError(answer.status, problem)
+        if answer.content_type == "application/json":
+            return json.loads(answer.body) if answer.body else None
+        return answer.body.decode("utf-8", "replace")

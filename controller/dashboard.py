@@ -17,12 +17,15 @@ import logging
 import urllib.parse
 from collections.abc import AsyncIterator, Mapping
 from datetime import UTC, datetime
+from functools import cache
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import jinja2
-import markupsafe
 from aiohttp import web
+
+if TYPE_CHECKING:
+    import jinja2
+    import markupsafe
 
 from controller.access import allows
 from controller.api import (
@@ -77,17 +80,23 @@ def _source(name: str) -> str | None:
     return template.read_text(encoding="utf-8") if template.is_file() else None
 
 
-_ENV = jinja2.Environment(
-    loader=jinja2.FunctionLoader(_source),
-    autoescape=True,
-    undefined=jinja2.StrictUndefined,
-    trim_blocks=True,
-    lstrip_blocks=True,
-)
+@cache
+def _environment() -> jinja2.Environment:
+    """Jinja2 is imported at the first page served: a controller nobody browses to
+    does not keep it (tests/unit/test_imports.py)."""
+    import jinja2
+
+    return jinja2.Environment(
+        loader=jinja2.FunctionLoader(_source),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
 
 
 def render(name: str, status: int = 200, **context: Any) -> web.Response:
-    body = _ENV.get_template(name).render(**context)
+    body = _environment().get_template(name).render(**context)
     return web.Response(
         text=body, status=status, content_type="text/html", charset="utf-8", headers=PAGE_HEADERS
     )
@@ -99,6 +108,8 @@ def script_json(value: object) -> markupsafe.Markup:
     text = json.dumps(value)
     for char, escaped in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026")):
         text = text.replace(char, escaped)
+    import markupsafe
+
     return markupsafe.Markup(text)  # escaped for this context above
 
 

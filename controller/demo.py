@@ -166,3 +166,10 @@ def show_demo(home: Home, settings: ControllerSettings, say: Callable[[str], Non
         say(f"  alice → @{to}: hi there    @{to} → alice: {reply or '(no answer within 15 s)'}")
     tgfleet = Path(sys.executable).parent / "tgfleet"
     say(f'  talk to them yourself: {tgfleet} sandbox send echo_bot "hello"')
+
+
+if __name__ == "__main__":
+    # `tgfleet up --demo` runs this once the API answers (controller/upwait.py):
+    # python -m controller.demo HOME
+    _home = Home.resolve(sys.argv[1])
+    show_demo(_home, ControllerSettings.load(_home), lambda text: print(text, flush=True))

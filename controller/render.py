@@ -9,6 +9,7 @@ and ``((circus.…))`` are substituted, a newline starts a new option).
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shlex
@@ -16,12 +17,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-
-import jinja2
+from typing import TYPE_CHECKING
 
 from botspec.spec import MIN_MEMORY_MB, NAME_PATTERN, FleetDefaults, Limits
 from controller.home import Home
 from controller.pg import PgWatcher
+
+if TYPE_CHECKING:
+    import jinja2
 
 # Package data (controller/templates/), read through importlib.resources so that
 # an installed wheel renders the same files as a checkout.
@@ -203,7 +206,13 @@ def _template_source(name: str) -> str | None:
     return template.read_text(encoding="utf-8") if template.is_file() else None
 
 
+@functools.cache
 def _environment() -> jinja2.Environment:
+    # Imported at the first rendering, not with this module: a controller that
+    # renders nothing since it started (every bot's watcher up to date) keeps
+    # its ~2 MB; `import controller.app` stays free of it (tests/unit/test_imports.py).
+    import jinja2
+
     return jinja2.Environment(
         loader=jinja2.FunctionLoader(_template_source),
         autoescape=False,
@@ -213,9 +222,6 @@ def _environment() -> jinja2.Environment:
         lstrip_blocks=True,
         keep_trailing_newline=True,
     )
-
-
-_ENV = _environment()
 
 
 def _env_pairs(env: dict[str, str]) -> tuple[tuple[str, str], ...]:
@@ -332,14 +338,18 @@ def render_circus_ini(
             env=_env_pairs(controller_env),
         )
     )
-    return _ENV.get_template(CIRCUS_TEMPLATE).render(
-        endpoint=home.circus_endpoint,
-        pubsub_endpoint=home.circus_pubsub_endpoint,
-        pidfile=home.circusd_pidfile,
-        check_delay=float(check_delay),
-        include_dir=home.bots_d,
-        watchers=watchers,
-        log=log,
+    return (
+        _environment()
+        .get_template(CIRCUS_TEMPLATE)
+        .render(
+            endpoint=home.circus_endpoint,
+            pubsub_endpoint=home.circus_pubsub_endpoint,
+            pidfile=home.circusd_pidfile,
+            check_delay=float(check_delay),
+            include_dir=home.bots_d,
+            watchers=watchers,
+            log=log,
+        )
     )
 
 
@@ -369,22 +379,26 @@ def render_watcher(
     del env["TGFLEET_HOME"]  # a bot knows only its own config file
     if pythonpath:
         env["PYTHONPATH"] = _pythonpath(pythonpath)
-    return _ENV.get_template(WATCHER_TEMPLATE).render(
-        name=bot.name,
-        watcher=bot.watcher_name,
-        python=_command_line([python]),
-        args=_command_line(["-m", "botrunner", home.bot_config(bot.name)]),
-        working_dir=home.bot_dir(bot.name),
-        autostart=bot.autostart,
-        max_retry=bot.max_retry,
-        graceful_timeout=float(bot.graceful_timeout_s),
-        rlimit_data=bot.memory_limit_mb * MIB,
-        rlimit_nofile=bot.open_files,
-        rlimit_nproc=bot.processes,
-        user=bot.user,
-        group=bot.group,
-        stdout_log=out,
-        stderr_log=err,
-        log=log,
-        env=_env_pairs(env),
+    return (
+        _environment()
+        .get_template(WATCHER_TEMPLATE)
+        .render(
+            name=bot.name,
+            watcher=bot.watcher_name,
+            python=_command_line([python]),
+            args=_command_line(["-m", "botrunner", home.bot_config(bot.name)]),
+            working_dir=home.bot_dir(bot.name),
+            autostart=bot.autostart,
+            max_retry=bot.max_retry,
+            graceful_timeout=float(bot.graceful_timeout_s),
+            rlimit_data=bot.memory_limit_mb * MIB,
+            rlimit_nofile=bot.open_files,
+            rlimit_nproc=bot.processes,
+            user=bot.user,
+            group=bot.group,
+            stdout_log=out,
+            stderr_log=err,
+            log=log,
+            env=_env_pairs(env),
+        )
     )

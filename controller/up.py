@@ -1,24 +1,23 @@
-"""`tgfleet up`: render circus.ini, run circusd in the foreground, stop it in order.
+"""`tgfleet up`: prepare the fleet, render circus.ini, then become circusd in the foreground.
 
-circusd runs as a child in its own session, so that Ctrl-C reaches this process
-only and the shutdown happens in order: the controller first (so that nothing
-reacts to bots going away), then circusd's `quit` sends every bot SIGTERM (each
-exits within its graceful_timeout) and stops PostgreSQL and the rest.
+circusd runs in this process (``controller.upwait``, after an exec that drops
+what preparing imported); every watcher's process is in its own session, so
+Ctrl-C reaches circusd only and the shutdown happens in order: the controller
+first (so that nothing reacts to bots going away), then circusd's `quit` sends
+every bot SIGTERM (each exits within its graceful_timeout) and stops PostgreSQL
+and the rest.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
-import ssl
-import subprocess
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 from controller.access import trusted_networks
 from controller.atomicfile import write_atomic
@@ -40,9 +39,6 @@ from controller.settings import (
     parse_hostport,
 )
 from controller.sysusers import SystemUserError, give_tree
-
-API_WAIT_S = 90.0
-STOP_WAIT_S = 60.0
 
 
 class UpError(Exception):
@@ -216,109 +212,24 @@ def _sandbox_watcher(options: UpOptions, service: BotAccount | None) -> SandboxW
     )
 
 
-async def ordered_stop(home: Home, say: Callable[[str], None]) -> None:
-    """The controller first, so that nothing reacts to bots going away; then circusd quits,
-    which stops every other watcher at once (bots, sandbox, PostgreSQL: bots hold no
-    database connection, and one stop command per bot would run one after the other)."""
-    client = CircusClient(home.circus_endpoint, timeout_s=10.0)
-    try:
-        statuses = await client.status()
-        if statuses.get("controller") == "active":
-            await client.call("stop", name="controller", waiting=True)
-        await client.quit()
-    except SupervisorError as exc:
-        say(f"circusd did not take the ordered stop ({exc}); it stops everything itself")
-    finally:
-        client.close()
-
-
-def run(
-    options: UpOptions, say: Callable[[str], None], on_ready: Callable[[ControllerSettings], None]
-) -> int:
-    """Run the fleet in the foreground until Ctrl-C / SIGTERM; the exit code."""
+def run(options: UpOptions, banner: Callable[[ControllerSettings], str]) -> NoReturn:
+    """Prepare the fleet, then become circusd in the foreground (``controller.upwait``),
+    which prints ``banner(settings)`` once the API answers and runs until Ctrl-C /
+    SIGTERM. Returns only by raising (UpError and the like: nothing was started)."""
     settings = prepare(options)
-    home = options.home
-    circusd_log = open(home.logs_dir / "circusd.log", "ab")  # noqa: SIM115 - lives as long as circusd
-    circusd = subprocess.Popen(
-        # circusd as a module of this interpreter, not the script next to it: a
-        # --user or system-wide install puts scripts elsewhere than sys.executable.
-        [sys.executable, "-m", "circus.circusd", "--log-output", "-", str(home.circus_ini)],
-        stdout=circusd_log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-        cwd=home.root,
-    )
-    stop_requested = False
-
-    def request_stop(signum: int, frame: object) -> None:
-        nonlocal stop_requested
-        if stop_requested:  # a second Ctrl-C: no more patience
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(circusd.pid, signal.SIGKILL)
-        stop_requested = True
-
-    previous = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        if _wait_for_api(settings, circusd, lambda: stop_requested):
-            on_ready(settings)
-            if not stop_requested:
-                circusd_log.close()
-                _hand_over(circusd.pid, home)  # does not return
-        while not stop_requested and circusd.poll() is None:
-            time.sleep(0.2)
-        if circusd.poll() is None:
-            say("stopping: the controller, then every bot, the sandbox and PostgreSQL…")
-            asyncio.run(ordered_stop(home, say))
-            try:
-                circusd.wait(timeout=STOP_WAIT_S)
-            except subprocess.TimeoutExpired:
-                say("circusd did not exit in time; killing what is left")
-                os.killpg(circusd.pid, signal.SIGKILL)
-                circusd.wait()
-        else:
-            say(
-                f"circusd exited with code {circusd.returncode}; see {home.logs_dir / 'circusd.log'}"
-            )
-            return circusd.returncode or 1
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-        circusd_log.close()
-    say("stopped")
-    return 0
+    _hand_over(options.home, settings, banner(settings), options.demo)
 
 
-def _hand_over(circusd_pid: int, home: Home) -> None:
-    """Become ``controller.upwait`` (same pid, circusd still our child): what waits for
-    circusd and stops it in order need not keep what preparing imported.
+def _hand_over(home: Home, settings: ControllerSettings, banner: str, demo: bool) -> NoReturn:
+    """Become ``controller.upwait`` (same pid), which runs circusd in this process:
+    neither a waiter beside circusd nor what preparing imported stays resident.
 
     Ctrl-C and SIGTERM are blocked across the exec: the mask and what is pending
-    survive it, and the waiter unblocks them once its handlers are in place, so one
+    survive it, and upwait unblocks them once its handlers are in place, so one
     sent in those milliseconds is delivered then, neither lost nor fatal."""
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execv(
-        sys.executable,
-        [sys.executable, "-m", "controller.upwait", str(circusd_pid), str(home.root)],
-    )
-
-
-def _wait_for_api(
-    settings: ControllerSettings, circusd: subprocess.Popen[bytes], stopping: Callable[[], bool]
-) -> bool:
-    import urllib.error
-    import urllib.request
-
-    url = f"{settings.api_url}/healthz"
-    # Liveness only (no token is sent): the certificate is checked by real clients.
-    context = ssl._create_unverified_context() if settings.tls_cert else None
-    deadline = time.monotonic() + API_WAIT_S
-    while time.monotonic() < deadline and not stopping() and circusd.poll() is None:
-        try:
-            with urllib.request.urlopen(url, timeout=1, context=context) as answer:
-                if answer.status == 200:
-                    return True
-        except (urllib.error.URLError, OSError):
-            time.sleep(0.1)
-    return False
+    argv = [sys.executable, "-m", "controller.upwait", str(home.root)]
+    argv += [f"{settings.api_url}/healthz", banner, *(["--demo"] if demo else [])]
+    os.execv(sys.executable, argv)

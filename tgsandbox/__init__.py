@@ -18,7 +18,7 @@ INSTALL_HINT = "pip install 'tgfleet[sandbox]'"
 
 # What only the sandbox imports, i.e. what the `sandbox` extra in pyproject.toml
 # installs (import names; tests/unit/test_packaging.py keeps the two equal).
-REQUIRES = ("cryptography",)
+REQUIRES = ("cryptography", "typer")
 
 
 def requirements_problem() -> str | None:

@@ -1,14 +1,24 @@
 """The CLI's own logic (everything it does over HTTP is tested end to end)."""
 
 import io
+import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
-from typer.testing import CliRunner
 
-from controller.cli import _spec_from_options, app, new_lines, parse_settings
+from controller.cli import (
+    COMMANDS,
+    UsageError,
+    _spec_from_options,
+    bots_table,
+    build_parser,
+    new_lines,
+    parse_settings,
+    run,
+)
 
 
 @pytest.mark.parametrize(
@@ -37,23 +47,193 @@ def test_settings_values_are_json_when_they_can_be() -> None:
     }
 
 
-def test_the_cli_does_without_the_sandbox_until_a_sandbox_command_runs() -> None:
-    # A fresh interpreter: this one has imported everything the other tests use.
-    heavy = ["tgsandbox", "telethon", "aiohttp", "cryptography"]
+def test_settings_that_are_not_key_value_are_a_usage_error() -> None:
+    with pytest.raises(UsageError, match="'novalue' is not key=value"):
+        parse_settings(["a=1", "novalue"])
+
+
+def loaded_after(code: str, modules: list[str]) -> list[str]:
+    """Which of ``modules`` a fresh interpreter has loaded after running ``code``
+    (this one has imported everything the other tests use)."""
     probe = (
-        "import sys, controller.cli; print(' '.join(m for m in sys.argv[1:] if m in sys.modules))"
+        f"import sys\n{code}\n"
+        "print('loaded:', *(m for m in sys.argv[1:] if sys.modules.get(m)), file=sys.stderr)"
     )
     done = subprocess.run(
-        [sys.executable, "-c", probe, *heavy], capture_output=True, text=True, check=True
+        [sys.executable, "-c", probe, *modules], capture_output=True, text=True, check=True
     )
-    assert done.stdout.split() == []
+    return done.stderr.splitlines()[-1].split()[1:]
+
+
+#: What no command but `up` and `sandbox` needs: each costs the CLI tens of ms.
+HEAVY_FOR_THE_CLI = [
+    "tgsandbox",
+    "telethon",
+    "aiohttp",
+    "cryptography",
+    "typer",
+    "click",
+    "rich",
+    "jinja2",
+    "asyncpg",
+    "zmq",
+    "msgspec",
+    "psutil",
+    "asyncio",
+    "controller.app",
+    "controller.fleet",
+    "botspec",
+]
+
+
+def test_the_cli_module_and_its_help_import_nothing_heavy() -> None:
+    assert loaded_after("import controller.cli", HEAVY_FOR_THE_CLI) == []
+    code = "from controller.cli import run\nrun(['bots', 'create', '--help'])"
+    assert loaded_after(code, HEAVY_FOR_THE_CLI) == []
+
+
+def test_an_api_command_loads_the_http_client_only() -> None:
+    # No fleet answers on port 9 (discard): the command fails after its imports.
+    code = "from controller.cli import run\nrun(['bots', 'list', '--api', 'http://127.0.0.1:9'])"
+    assert loaded_after(code, HEAVY_FOR_THE_CLI) == []
+    assert loaded_after(code, ["controller.client"]) == ["controller.client"]
+
+
+def test_every_command_has_help_and_parses_its_own_help(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    for cmd in COMMANDS:
+        assert cmd.run.__doc__, cmd.path
+        if cmd.passthrough:
+            continue
+        assert run([*cmd.path, "--help"]) == 0
+        out = capsys.readouterr().out
+        assert out.startswith(f"usage: tgfleet {' '.join(cmd.path)}"), out
+        assert cmd.run.__doc__.strip().split("\n")[0] in out
+
+
+def test_bare_group_prints_its_commands_and_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert run([]) == 2
+    top = capsys.readouterr().out
+    assert all(word in top for word in ("up", "bots", "status", "token", "secret", "sandbox"))
+    assert run(["bots"]) == 2
+    assert "destroy" in capsys.readouterr().out
+
+
+def test_bad_usage_exits_2_with_the_command_s_usage(capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(["bots", "create"]) == 2  # no name
+    assert "usage: tgfleet bots create" in capsys.readouterr().err
+    assert run(["bots", "update", "x", "--setting", "novalue", "--api", "http://127.0.0.1:9"]) == 2
+    err = capsys.readouterr().err
+    assert "usage: tgfleet bots update" in err and "'novalue' is not key=value" in err
+    assert run(["bots", "create", "x", "--memory-limit", "lots"]) == 2
+    assert "--memory-limit: invalid int value: 'lots'" in capsys.readouterr().err
+
+
+def test_an_unreachable_api_is_one_error_line_and_exit_1(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert run(["status", "--api", "http://127.0.0.1:9"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot reach the tgfleet API at http://127.0.0.1:9")
+    assert err.count("\n") == 1
+
+
+def test_a_command_registers_with_one_decorator() -> None:
+    from controller import cli
+
+    def render_nothing(args: Any) -> int:
+        """Render nothing (a test command)."""
+        return 3 if args.flag else 0
+
+    before = list(cli.COMMANDS)
+    cli.GROUPS["render"] = "Render deployment files."
+    try:
+        cli.command("render nothing", cli.opt("--flag", action="store_true"))(render_nothing)
+        assert run(["render", "nothing", "--flag"]) == 3
+        assert "nothing" in subcommands(build_parser(), "render")
+    finally:
+        cli.COMMANDS[:] = before
+        del cli.GROUPS["render"]
+
+
+def subcommands(parser: Any, group: str) -> list[str]:
+    for action in parser._subparsers._group_actions:
+        if group in action.choices:
+            inner = action.choices[group]._subparsers._group_actions[0]
+            return list(inner.choices)
+    return []
+
+
+BOT = {
+    "name": "shop",
+    "state": "running",
+    "health": {"status": "healthy"},
+    "telegram": {"connected": True},
+    "pid": 4242,
+    "uptime_s": 75.0,
+    "restarts": 2,
+    "rss_mb": 51.6,
+    "spec": {"memory_limit_mb": 256},
+}
+
+
+def test_bots_table_shows_a_column_only_when_the_answer_has_its_field() -> None:
+    lines = bots_table([BOT]).splitlines()
+    assert lines[0].split() == [
+        "NAME", "STATE", "HEALTH", "TELEGRAM", "PID", "UPTIME", "RESTARTS", "MEM",
+    ]  # fmt: skip
+    assert lines[1].split() == ["shop", "running", "healthy", "yes", "4242", "1m15s", "2", "52/256MB"]  # fmt: skip
+    newer = {
+        **BOT,
+        "resources": {"cpu_percent": 3.4},
+        "messages": {"received": 12, "sent": 11, "handled": 12, "handler_errors": 0},
+    }
+    stopped = {**BOT, "name": "off", "state": "stopped", "pid": None, "rss_mb": None}
+    lines = bots_table([newer, stopped]).splitlines()
+    assert lines[0].split()[-3:] == ["CPU", "MEM", "MSGS"]
+    assert lines[1].split()[-3:] == ["3%", "52/256MB", "12/11"]
+    assert lines[2].split()[4] == "-" and lines[2].split()[-3:] == ["-", "-", "-"]
+
+
+def test_bots_table_colours_the_state_only_when_asked() -> None:
+    plain = bots_table([BOT])
+    assert "\x1b[" not in plain
+    coloured = bots_table([BOT], colour=True)
+    assert "\x1b[32mrunning" in coloured
+    assert coloured.splitlines()[0] == plain.splitlines()[0]  # the header stays plain
+
+
+def test_no_colour_when_stdout_is_no_terminal_or_no_color_is_set(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from controller import cli
+
+    # A real terminal: the secondary side of a pseudo-terminal pair.
+    primary, secondary = os.openpty()
+    with os.fdopen(primary, "wb") as _, open(secondary, "w") as terminal:
+        monkeypatch.setattr(sys, "stdout", terminal)
+        monkeypatch.delenv("NO_COLOR", raising=False)
+        assert cli.colour_wanted()
+        monkeypatch.setenv("NO_COLOR", "1")
+        assert not cli.colour_wanted()
+    with open(__file__) as not_a_terminal:
+        monkeypatch.setattr(sys, "stdout", not_a_terminal)
+        monkeypatch.delenv("NO_COLOR")
+        assert not cli.colour_wanted()
 
 
 def test_sandbox_arguments_and_help_are_the_sandbox_cli_s() -> None:
-    outcome = CliRunner().invoke(app, ["sandbox", "fault", "--help"], prog_name="tgfleet")
-    assert outcome.exit_code == 0, outcome.output
-    assert "tgfleet sandbox fault" in outcome.output
-    assert "--seconds" in outcome.output
+    # A real `tgfleet` process: typer (the sandbox's CLI) writes to the real stdout.
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "tgfleet"), "sandbox", "fault", "--help"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "NO_COLOR": "1", "COLUMNS": "100"},
+    )
+    assert done.returncode == 0, done.stderr
+    assert "tgfleet sandbox fault" in done.stdout
+    assert "--seconds" in done.stdout
 
 
 @pytest.mark.parametrize(
@@ -61,23 +241,31 @@ def test_sandbox_arguments_and_help_are_the_sandbox_cli_s() -> None:
     [["sandbox", "bot", "list"], ["sandbox"], ["up", "--demo", "--home", "{home}"]],
 )
 def test_without_the_sandbox_extra_sandbox_commands_say_what_to_install(
-    args: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    args: list[str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     monkeypatch.setitem(sys.modules, "cryptography", None)  # as if not installed
     home = tmp_path / "home"
-    outcome = CliRunner().invoke(app, [a.format(home=home) for a in args])
-    assert outcome.exit_code == 1
-    assert outcome.output.count("\n") == 1, outcome.output
-    assert "cryptography" in outcome.output
-    assert "pip install 'tgfleet[sandbox]'" in outcome.output
+    assert run([a.format(home=home) for a in args]) == 1
+    output = capsys.readouterr()
+    assert output.out == ""
+    assert output.err.count("\n") == 1, output.err
+    assert "cryptography" in output.err
+    assert "pip install 'tgfleet[sandbox]'" in output.err
     assert not home.exists()  # `up --demo` stopped before it made anything
+
+
+def _create_args(*extra: str) -> Any:
+    return build_parser().parse_args(["bots", "create", "shop", *extra])
 
 
 def test_a_credential_given_as_dash_is_read_from_stdin(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sys, "stdin", io.StringIO("123456:AAHsecret\n"))
-    assert _spec_from_options("-", None, None, None, None, None) == {"token": "123456:AAHsecret"}
+    assert _spec_from_options(_create_args("--token", "-")) == {"token": "123456:AAHsecret"}
     monkeypatch.setattr(sys, "stdin", io.StringIO("1AbCdEf==\n"))
-    assert _spec_from_options(None, "-", None, None, None, None) == {"session": "1AbCdEf=="}
+    assert _spec_from_options(_create_args("--session", "-")) == {"session": "1AbCdEf=="}
 
 
 @pytest.mark.parametrize(
@@ -88,10 +276,16 @@ def test_a_credential_given_as_dash_is_read_from_stdin(monkeypatch: pytest.Monke
     ],
 )
 def test_a_dash_without_a_credential_on_stdin_is_refused(
-    token: str | None, session: str | None, stdin: str, says: str, tmp_path: Path
+    token: str | None,
+    session: str | None,
+    stdin: str,
+    says: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
+    monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
     args = ["bots", "create", "shop", "--home", str(tmp_path / "home")]
     args += [*(["--token", token] if token else []), *(["--session", session] if session else [])]
-    outcome = CliRunner().invoke(app, args, input=stdin)
-    assert outcome.exit_code == 2, outcome.output
-    assert says in outcome.output
+    assert run(args) == 2
+    assert says in capsys.readouterr().err
