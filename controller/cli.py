@@ -610,5 +610,80 @@ def sandbox(ctx: typer.Context) -> None:
     sandbox_app(args=ctx.args, prog_name=ctx.command_path)
 
 
+# ----------------------------------------------------------------- render
+# Thin wrappers: the logic is in controller/deploy.py and controller/k8s.py.
+render_app = typer.Typer(help="Print deploy files: circus.ini, Kubernetes manifests.")
+app.add_typer(render_app, name="render")
+
+
+@render_app.command("circus-ini")
+def render_circus_ini(
+    demo: Annotated[bool, typer.Option("--demo", help="With the sandbox watcher.")] = False,
+    home: HomeOpt = None,
+    listen: Annotated[str | None, typer.Option("--listen", help="API HOST:PORT.")] = None,
+    tls_cert: Annotated[str | None, typer.Option("--tls-cert")] = None,
+    tls_key: Annotated[str | None, typer.Option("--tls-key")] = None,
+    insecure_listen: Annotated[bool, typer.Option("--insecure-listen")] = False,
+    write: Annotated[
+        bool,
+        typer.Option(
+            "--write", help="Also prepare the home as `tgfleet up` does; say what changed."
+        ),
+    ] = False,
+) -> None:
+    """Print the circus.ini `tgfleet up` would write (same options and environment)."""
+    from controller import deploy
+    from controller.pg import EmbeddedPgError
+    from controller.settings import SettingsError
+    from controller.up import UpError
+
+    try:
+        options = deploy.up_options(
+            home=home,
+            listen=listen,
+            demo=demo,
+            tls_cert=tls_cert,
+            tls_key=tls_key,
+            insecure_listen=insecure_listen,
+        )
+        text, notes = deploy.render_circus_ini_command(options, write=write)
+    except (UpError, HomeError, SettingsError, EmbeddedPgError) as exc:
+        fail(str(exc))
+    typer.echo(text, nl=False)
+    for note in notes:
+        typer.echo(note, err=True)
+
+
+@render_app.command("k8s")
+def render_k8s(
+    bot: Annotated[str | None, typer.Option("--bot", help="Only this bot's manifests.")] = None,
+    secrets: Annotated[
+        str | None,
+        typer.Option(
+            "--secrets", help="JSON file: tokens/sessions/api_hash the API never returns."
+        ),
+    ] = None,
+    image: Annotated[str, typer.Option("--image", help="The tgfleet image.")] = "tgfleet:0.1.0",
+    namespace: Annotated[str | None, typer.Option("--namespace")] = None,
+    database_secret: Annotated[
+        str, typer.Option("--database-secret", help="Secret (key 'url') with the DSN.")
+    ] = "tgfleet-database",
+    home: HomeOpt = None,
+    api: ApiOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """Print Kubernetes manifests (JSON documents) for the fleet's bots and controller."""
+    from controller import k8s
+
+    options = k8s.K8sOptions(image=image, namespace=namespace, database_secret=database_secret)
+    try:
+        text = k8s.render_k8s(
+            lambda path: call(home, api, token, "GET", path), secrets, options, only=bot
+        )
+    except k8s.K8sRenderError as exc:
+        fail(str(exc))
+    typer.echo(text, nl=False)
+
+
 def main() -> None:
     app()

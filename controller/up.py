@@ -23,7 +23,7 @@ from controller.atomicfile import write_atomic
 from controller.botusers import BotUsers, bot_code_paths
 from controller.circus import CircusClient, SupervisorError
 from controller.home import Home
-from controller.pg import prepare_embedded_pg
+from controller.pg import PgWatcher, prepare_embedded_pg
 from controller.render import SandboxWatcher, render_circus_ini
 from controller.settings import (
     DEFAULT_AUTH_FAILURE_LIMIT,
@@ -104,17 +104,17 @@ def check_listen(options: UpOptions) -> None:
         )
 
 
-def prepare(options: UpOptions) -> ControllerSettings:
-    """Everything before circusd starts: dirs, embedded PostgreSQL, circus.ini, settings."""
-    home = options.home
-    home.check_socket_paths()
+def check_options(options: UpOptions) -> None:
+    """What `tgfleet up` refuses before it touches anything (also `tgfleet render circus-ini`)."""
+    options.home.check_socket_paths()
     check_listen(options)
     if os.environ.get("TGFLEET_SECRET_KEY", "").strip():
         # Its watchers get no secret in their env (`circusctl options` shows env).
         raise UpError(
             "TGFLEET_SECRET_KEY is read by the controller process, and `tgfleet up` passes "
-            f"no secret through a watcher's env: put the key(s) in {home.secret_key} (0600) "
-            "instead, or run the controller (`python -m controller serve`) under your own unit"
+            f"no secret through a watcher's env: put the key(s) in {options.home.secret_key} "
+            "(0600) instead, or run the controller (`python -m controller serve`) under your "
+            "own unit"
         )
     if options.webhook_url and not options.webhook_url.startswith(("http://", "https://")):
         raise UpError(f"TGFLEET_WEBHOOK_URL must be an http(s) URL, not {options.webhook_url!r}")
@@ -125,30 +125,17 @@ def prepare(options: UpOptions) -> ControllerSettings:
         problem = tgsandbox.requirements_problem()
         if problem is not None:
             raise UpError(f"--demo runs the local Telegram: {problem}")
-    home.make_dirs()
-    if asyncio.run(_circus_answers(home.circus_endpoint)):
-        raise UpError(
-            f"a fleet is already running in {home.root} "
-            f"(circusctl --endpoint {home.circus_endpoint} status)"
-        )
-    for stale in (home.circus_socket, home.circus_pubsub_socket, home.bus_socket):
-        stale.unlink(missing_ok=True)
-    pg = None
-    database_url = options.database_url
-    if not database_url:
-        pg = prepare_embedded_pg(home)
-        database_url = pg.dsn
-    try:
-        # As root: the bots' group, and the code every bot user must read (o+r, never o+w).
-        BotUsers(home).prepare(bot_code_paths(sys.executable, options.plugin_path))
-    except SystemUserError as exc:
-        raise UpError(f"cannot prepare the bots' users: {exc}") from exc
-    sandbox = None
-    if options.demo:
         parse_hostport(options.sandbox_listen, "--sandbox-listen")
         parse_hostport(options.sandbox_admin, "--sandbox-admin")
+
+
+def circus_ini_text(options: UpOptions, pg: PgWatcher | None) -> str:
+    """The circus.ini of these options, with ``pg`` as the embedded PostgreSQL (or none)."""
+    home = options.home
+    sandbox = None
+    if options.demo:
         sandbox = SandboxWatcher(options.sandbox_listen, options.sandbox_admin, home.sandbox_dir)
-    text = render_circus_ini(
+    return render_circus_ini(
         home,
         python=sys.executable,
         listen=options.listen,
@@ -156,8 +143,10 @@ def prepare(options: UpOptions) -> ControllerSettings:
         sandbox=sandbox,
         plugin_path=options.plugin_path,
     )
-    write_atomic(home.circus_ini, text, 0o600)
-    write_atomic(home.circus_endpoint_file, home.circus_endpoint + "\n", 0o644)
+
+
+def controller_settings(options: UpOptions, database_url: str) -> ControllerSettings:
+    """The controller's settings (``controller.json``) for these options, checked."""
     settings = ControllerSettings(
         listen=options.listen,
         database_url=database_url,
@@ -177,8 +166,45 @@ def prepare(options: UpOptions) -> ControllerSettings:
         settings.check()
     except SettingsError as exc:
         raise UpError(str(exc)) from exc
+    return settings
+
+
+def prepare_home(options: UpOptions) -> ControllerSettings:
+    """The home as circusd needs it: dirs, embedded PostgreSQL (initdb once), the bots'
+    group and readable code (as root), ``circus.ini`` and ``controller.json``.
+    Safe to repeat, also while the fleet runs: what is already right stays."""
+    home = options.home
+    home.make_dirs()
+    pg = None
+    database_url = options.database_url
+    if not database_url:
+        pg = prepare_embedded_pg(home)
+        database_url = pg.dsn
+    try:
+        # As root: the bots' group, and the code every bot user must read (o+r, never o+w).
+        BotUsers(home).prepare(bot_code_paths(sys.executable, options.plugin_path))
+    except SystemUserError as exc:
+        raise UpError(f"cannot prepare the bots' users: {exc}") from exc
+    settings = controller_settings(options, database_url)
+    write_atomic(home.circus_ini, circus_ini_text(options, pg), 0o600)
+    write_atomic(home.circus_endpoint_file, home.circus_endpoint + "\n", 0o644)
     settings.save(home)
     return settings
+
+
+def prepare(options: UpOptions) -> ControllerSettings:
+    """Everything before circusd starts: dirs, embedded PostgreSQL, circus.ini, settings."""
+    home = options.home
+    check_options(options)
+    home.make_dirs()
+    if asyncio.run(_circus_answers(home.circus_endpoint)):
+        raise UpError(
+            f"a fleet is already running in {home.root} "
+            f"(circusctl --endpoint {home.circus_endpoint} status)"
+        )
+    for stale in (home.circus_socket, home.circus_pubsub_socket, home.bus_socket):
+        stale.unlink(missing_ok=True)
+    return prepare_home(options)
 
 
 async def ordered_stop(home: Home, say: Callable[[str], None]) -> None:
