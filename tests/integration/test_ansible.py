@@ -238,3 +238,17 @@ def test_the_role_deploys_a_fleet_idempotently_and_its_bots_answer(
     assert '+        "prefix": "uno: "' in output, output
     assert tokens["one"] not in output
     assert api.request("GET", "/api/v1/bots/one")["spec"]["settings"] == {"prefix": "one: "}
+
+
+def test_ansible_lint_passes_on_the_role_and_playbook(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [str(BIN / "ansible-lint"), "--offline", "--nocolor", "roles/tgfleet", "playbook.yml"],
+        cwd=PLAYBOOK_DIR,
+        env={**os.environ, "ANSIBLE_HOME": str(tmp_path), "XDG_CACHE_HOME": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "0 failure(s), 0 warning(s)" in done.stdout + done.stderr
