@@ -657,6 +657,9 @@ def render_circus_ini(
 @render_app.command("k8s")
 def render_k8s(
     bot: Annotated[str | None, typer.Option("--bot", help="Only this bot's manifests.")] = None,
+    host: Annotated[
+        str | None, typer.Option("--host", help="Only the bots whose host is this (the cluster).")
+    ] = None,
     secrets: Annotated[
         str | None,
         typer.Option(
@@ -678,7 +681,7 @@ def render_k8s(
     options = k8s.K8sOptions(image=image, namespace=namespace, database_secret=database_secret)
     try:
         text = k8s.render_k8s(
-            lambda path: call(home, api, token, "GET", path), secrets, options, only=bot
+            lambda path: call(home, api, token, "GET", path), secrets, options, only=bot, host=host
         )
     except k8s.K8sRenderError as exc:
         fail(str(exc))

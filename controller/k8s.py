@@ -71,6 +71,9 @@ class BotSource:
     name: str
     own: Mapping[str, Any]
     desired: str = "running"
+    # The host that runs it, where the API has a host per bot (several hosts on one
+    # PostgreSQL); None where it has not.
+    host: str | None = None
 
 
 @dataclass(frozen=True)
@@ -374,12 +377,22 @@ def manifests(
     options: K8sOptions,
     *,
     only: str | None = None,
+    host: str | None = None,
     with_controller: bool = True,
 ) -> list[dict[str, Any]]:
-    """Every manifest: the controller's, then each bot's (or only the bot ``only``)."""
+    """Every manifest: the controller's, then each bot's (or only the bot ``only``;
+    with ``host``, only the bots whose host it is: the cluster's own)."""
     chosen = [bot for bot in bots if only is None or bot.name == only]
     if only is not None and not chosen:
         raise K8sRenderError(f"no bot named {only!r}")
+    if host is not None:
+        unplaced = [bot.name for bot in chosen if bot.host is None]
+        if unplaced:
+            raise K8sRenderError(
+                f"--host {host}: the API gives no host for {', '.join(unplaced)} "
+                "(it has no host per bot)"
+            )
+        chosen = [bot for bot in chosen if bot.host == host]
     out = controller_manifests(options) if with_controller and only is None else []
     for bot in sorted(chosen, key=lambda b: b.name):
         out += bot_manifests(bot, defaults, secrets, options, new_bus_key())
@@ -396,11 +409,15 @@ def render_k8s(
     secrets_file: str | None,
     options: K8sOptions,
     only: str | None = None,
+    host: str | None = None,
 ) -> str:
     """`tgfleet render k8s`: fetch with ``api_get(path)`` (the CLI's API client), render."""
     listed = api_get("/api/v1/bots")
     defaults = api_get("/api/v1/defaults")
-    bots = [BotSource(b["name"], b["spec"], b.get("desired", "running")) for b in listed["bots"]]
+    bots = [
+        BotSource(b["name"], b["spec"], b.get("desired", "running"), b.get("host"))
+        for b in listed["bots"]
+    ]
     secrets = Secrets()
     if secrets_file is not None:
         try:
@@ -408,4 +425,4 @@ def render_k8s(
         except (OSError, json.JSONDecodeError) as exc:
             raise K8sRenderError(f"cannot read the secrets file {secrets_file}: {exc}") from None
         secrets = Secrets.parse(raw, secrets_file)
-    return to_text(manifests(bots, defaults, secrets, options, only=only))
+    return to_text(manifests(bots, defaults, secrets, options, only=only, host=host))

@@ -3,14 +3,16 @@ writes, it touches nothing without --write, and --write says what it changed."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
+import kubernetes_validate
 import pytest
-from harness import BIN, Fleet, short_tmpdir
+from harness import BIN, Fleet, Sandbox, echo_spec, short_tmpdir
 
 from controller.botusers import BotUsers
 from controller.home import Home
@@ -84,3 +86,36 @@ def test_bad_options_are_refused_and_change_nothing(scratch: Path) -> None:
     assert refused.returncode == 1
     assert "--listen 0.0.0.0:8710 is reachable from other machines" in refused.stderr
     assert not home.exists()
+
+
+def test_render_k8s_reads_the_api_and_every_manifest_validates(
+    fleet: Fleet, sandbox: Sandbox, tmp_path: Path
+) -> None:
+    token = sandbox.create_bot("k8s_render")
+    fleet.api("POST", "/api/v1/bots", echo_spec("k8s-render", token))
+    try:
+        secrets = tmp_path / "secrets.json"
+        secrets.write_text(
+            json.dumps(
+                {
+                    "defaults": {"telegram": {"api_hash": "sandbox"}},
+                    "bots": {"k8s-render": {"token": token}},
+                }
+            )
+        )
+        done = fleet.cli("render", "k8s", "--bot", "k8s-render", "--secrets", str(secrets))
+        docs = [json.loads(part) for part in done.stdout.split("---\n") if part.strip()]
+        assert [(d["kind"], d["metadata"]["name"]) for d in docs] == [
+            ("Secret", "tgfleet-bot-k8s-render"),
+            ("Deployment", "tgfleet-bot-k8s-render"),
+        ]
+        for doc in docs:
+            kubernetes_validate.validate(doc, "1.36.0", strict=True)
+        config = json.loads(docs[0]["stringData"]["config.json"])
+        assert config["token"] == token and config["plugins"] == ["botrunner.plugins.echo:setup"]
+
+        missing = fleet.cli("render", "k8s", "--bot", "k8s-render", check=False)
+        assert missing.returncode == 1
+        assert "no token or session in the secrets file" in missing.stderr
+    finally:
+        fleet.api("DELETE", "/api/v1/bots/k8s-render")

@@ -161,3 +161,14 @@ def test_what_cannot_render_is_refused_by_name(
 def test_a_bad_secrets_file_is_refused_by_field(raw: object, message: str) -> None:
     with pytest.raises(K8sRenderError, match=message):
         Secrets.parse(raw, "secrets.json")
+
+
+def test_host_picks_the_cluster_s_bots_where_the_api_places_bots() -> None:
+    here = BotSource("here", {"credential": "token"}, host="cluster")
+    there = BotSource("there", {"credential": "token"}, host="box1")
+    secrets = Secrets(defaults=SECRETS.defaults, bots={"here": {"token": TOKEN}})
+    docs = manifests([here, there], DEFAULTS, secrets, K8sOptions(), host="cluster")
+    bots = {d["metadata"]["name"] for d in docs if d["kind"] == "Deployment"}
+    assert bots == {"tgfleet-controller", "tgfleet-bot-here"}
+    with pytest.raises(K8sRenderError, match="gives no host for shop"):
+        manifests([SHOP], DEFAULTS, SECRETS, K8sOptions(), host="cluster")

@@ -3,6 +3,13 @@
 
 from __future__ import annotations
 
+import json
+import urllib.error
+import urllib.request
+from typing import Any
+
+from ansible.module_utils.basic import AnsibleModule
+
 DOCUMENTATION = r"""
 ---
 module: tgfleet_fleet
@@ -61,13 +68,6 @@ actions:
   returned: always
 """
 
-import json
-import urllib.error
-import urllib.request
-from typing import Any
-
-from ansible.module_utils.basic import AnsibleModule
-
 SECRET_FIELDS = ("token", "session")
 STATES = ("running", "stopped", "absent")
 
@@ -107,7 +107,9 @@ class Api:
                 for e in (answer or {}).get("errors", [])
             )
             detail = (answer or {}).get("detail") or (answer or {}).get("title")
-            raise ApiFailure(f"{method} {path}: HTTP {status}: {detail}" + (f" ({errors})" if errors else ""))
+            raise ApiFailure(
+                f"{method} {path}: HTTP {status}: {detail}" + (f" ({errors})" if errors else "")
+            )
         return answer
 
 
@@ -139,7 +141,9 @@ def has_secrets(spec: dict[str, Any]) -> bool:
     return any(k in spec for k in SECRET_FIELDS) or "api_hash" in (spec.get("telegram") or {})
 
 
-def plan_defaults(api: Api, declared: dict[str, Any], update_secrets: bool) -> tuple[list[tuple[str, str, Any]], dict[str, Any], dict[str, Any]]:
+def plan_defaults(
+    api: Api, declared: dict[str, Any], update_secrets: bool
+) -> tuple[list[tuple[str, str, Any]], dict[str, Any], dict[str, Any]]:
     current = api.ok("GET", "/api/v1/defaults")
     public = without_secrets(declared)
     if differs(public, current) or (update_secrets and has_secrets(declared)):
@@ -161,7 +165,9 @@ def merge(base: Any, patch: Any) -> Any:
     return merged
 
 
-def plan_bot(api: Api, declared: dict[str, Any], update_secrets: bool) -> tuple[list[tuple[str, str, Any]], Any, Any]:
+def plan_bot(
+    api: Api, declared: dict[str, Any], update_secrets: bool
+) -> tuple[list[tuple[str, str, Any]], Any, Any]:
     name = declared["name"]
     state = declared.get("state", "running")
     spec = {k: v for k, v in declared.items() if k not in ("name", "state")}
@@ -189,7 +195,9 @@ def plan_bot(api: Api, declared: dict[str, Any], update_secrets: bool) -> tuple[
             patch = dict(spec)
         steps.append(("PATCH", f"/api/v1/bots/{name}", patch))
     if current["desired"] != state:
-        steps.append(("POST", f"/api/v1/bots/{name}/{'start' if state == 'running' else 'stop'}", None))
+        steps.append(
+            ("POST", f"/api/v1/bots/{name}/{'start' if state == 'running' else 'stop'}", None)
+        )
     after = {"name": name, "state": state, "spec": merge(current["spec"], public)}
     return steps, before, after
 
@@ -208,14 +216,20 @@ def main() -> None:
     params = module.params
     # Secrets never show in the output (diffs, -v, the invocation echoed back).
     for spec in [params["defaults"], *params["bots"]]:
-        for value in (spec.get("token"), spec.get("session"), (spec.get("telegram") or {}).get("api_hash")):
+        for value in (
+            spec.get("token"),
+            spec.get("session"),
+            (spec.get("telegram") or {}).get("api_hash"),
+        ):
             if isinstance(value, str) and value:
                 module.no_log_values.add(value)
     for index, bot in enumerate(params["bots"]):
         if not isinstance(bot.get("name"), str):
             module.fail_json(msg=f"bots[{index}].name: every bot needs a name")
         if bot.get("state", "running") not in STATES:
-            module.fail_json(msg=f"bots[{index}].state: one of {', '.join(STATES)}, not {bot.get('state')!r}")
+            module.fail_json(
+                msg=f"bots[{index}].state: one of {', '.join(STATES)}, not {bot.get('state')!r}"
+            )
     try:
         with open(params["token_file"], encoding="utf-8") as handle:
             token = handle.read().strip()
