@@ -680,12 +680,14 @@ def render_k8s(
 
     options = k8s.K8sOptions(image=image, namespace=namespace, database_secret=database_secret)
     try:
-        text = k8s.render_k8s(
+        text, warnings = k8s.render_k8s(
             lambda path: call(home, api, token, "GET", path), secrets, options, only=bot, host=host
         )
     except k8s.K8sRenderError as exc:
         fail(str(exc))
     typer.echo(text, nl=False)
+    for warning in warnings:
+        typer.echo(warning, err=True)
 
 
 def main() -> None:

@@ -404,14 +404,23 @@ def to_text(documents: Sequence[Mapping[str, Any]]) -> str:
     return "".join(f"---\n{json.dumps(doc, indent=2)}\n" for doc in documents)
 
 
+TWICE_WARNING = (
+    "warning: the controller's Deployment runs `tgfleet up`, whose circusd runs every bot "
+    "of its database: applied together with these bot Deployments, each bot would run "
+    "twice (two pollers of one token). Apply the controller alone, or the bots alone "
+    "(--bot NAME), or place the bots on the cluster with a host per bot (--host)."
+)
+
+
 def render_k8s(
     api_get: Any,
     secrets_file: str | None,
     options: K8sOptions,
     only: str | None = None,
     host: str | None = None,
-) -> str:
-    """`tgfleet render k8s`: fetch with ``api_get(path)`` (the CLI's API client), render."""
+) -> tuple[str, list[str]]:
+    """`tgfleet render k8s`: fetch with ``api_get(path)`` (the CLI's API client), render;
+    the manifests and the warnings for stderr."""
     listed = api_get("/api/v1/bots")
     defaults = api_get("/api/v1/defaults")
     bots = [
@@ -425,4 +434,6 @@ def render_k8s(
         except (OSError, json.JSONDecodeError) as exc:
             raise K8sRenderError(f"cannot read the secrets file {secrets_file}: {exc}") from None
         secrets = Secrets.parse(raw, secrets_file)
-    return to_text(manifests(bots, defaults, secrets, options, only=only, host=host))
+    documents = manifests(bots, defaults, secrets, options, only=only, host=host)
+    together = only is None and host is None and any(d["kind"] == "Secret" for d in documents)
+    return to_text(documents), [TWICE_WARNING] if together else []
