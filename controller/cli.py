@@ -633,12 +633,13 @@ def render_circus_ini(
 ) -> None:
     """Print the circus.ini `tgfleet up` would write (same options and environment)."""
     from controller import deploy
+    from controller import up as up_module
     from controller.pg import EmbeddedPgError
     from controller.settings import SettingsError
     from controller.up import UpError
 
     try:
-        options = deploy.up_options(
+        options = up_module.options_from_env(
             home=home,
             listen=listen,
             demo=demo,

@@ -82,58 +82,6 @@ def prepare(options: UpOptions) -> Prepared:
     return Prepared(tuple(changed), home.circus_ini.read_text(encoding="utf-8"))
 
 
-def up_options(
-    *,
-    home: str | None,
-    listen: str | None,
-    demo: bool,
-    tls_cert: str | None = None,
-    tls_key: str | None = None,
-    insecure_listen: bool = False,
-    environ: dict[str, str] | None = None,
-) -> UpOptions:
-    """`tgfleet up`'s options from its flags and environment (the same variables)."""
-    from controller.settings import (
-        DEFAULT_AUTH_FAILURE_LIMIT,
-        DEFAULT_DATABASE_TIMEOUT_S,
-        DEFAULT_EVENT_RETENTION_COUNT,
-        DEFAULT_EVENT_RETENTION_DAYS,
-        DEFAULT_LISTEN,
-        DEFAULT_SANDBOX_ADMIN,
-        DEFAULT_SANDBOX_LISTEN,
-        env_number,
-    )
-
-    env = dict(os.environ) if environ is None else environ
-    return UpOptions(
-        home=Home.resolve(home),
-        listen=listen or env.get("TGFLEET_LISTEN", DEFAULT_LISTEN),
-        demo=demo,
-        database_url=env.get("TGFLEET_DATABASE_URL") or None,
-        sandbox_listen=env.get("TGFLEET_SANDBOX_LISTEN", DEFAULT_SANDBOX_LISTEN),
-        sandbox_admin=env.get("TGFLEET_SANDBOX_ADMIN", DEFAULT_SANDBOX_ADMIN),
-        webhook_url=env.get("TGFLEET_WEBHOOK_URL") or None,
-        plugin_path=tuple(
-            entry for entry in env.get("TGFLEET_PLUGIN_PATH", "").split(":") if entry
-        ),
-        database_timeout_s=env_number(
-            env, "TGFLEET_DATABASE_TIMEOUT_S", DEFAULT_DATABASE_TIMEOUT_S
-        ),
-        event_retention_days=env_number(
-            env, "TGFLEET_EVENT_RETENTION_DAYS", DEFAULT_EVENT_RETENTION_DAYS
-        ),
-        event_retention_count=int(
-            env_number(env, "TGFLEET_EVENT_RETENTION_COUNT", DEFAULT_EVENT_RETENTION_COUNT)
-        ),
-        auth_failure_limit=int(
-            env_number(env, "TGFLEET_AUTH_FAILURE_LIMIT", DEFAULT_AUTH_FAILURE_LIMIT)
-        ),
-        tls_cert=os.path.abspath(tls_cert) if tls_cert else None,
-        tls_key=os.path.abspath(tls_key) if tls_key else None,
-        insecure_listen=insecure_listen,
-    )
-
-
 def render_circus_ini_command(options: UpOptions, *, write: bool) -> tuple[str, list[str]]:
     """`tgfleet render circus-ini [--write]`: (stdout, stderr lines)."""
     if not write:

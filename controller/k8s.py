@@ -24,6 +24,7 @@ fetches from the API and prints. The output is JSON documents separated by
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -34,7 +35,7 @@ from typing import Any
 import msgspec
 import zmq
 
-from botspec.config import dump
+from botspec.config import BotConfig, dump
 from controller.botfiles import runtime_config
 from controller.buskeys import IssuedKey
 from controller.home import Home
@@ -47,6 +48,7 @@ ALIVE_FILE_NAME = "alive.json"
 API_PORT = 8710
 DEFAULT_IMAGE = "tgfleet:0.1.0"
 PART_OF = "tgfleet"
+CONFIG_ANNOTATION = "tgfleet/config-sha256"
 # The secrets a spec can hold, which the API leaves out and the secrets file gives.
 SECRET_KEYS = {"token", "session", "telegram"}
 
@@ -148,6 +150,15 @@ def _seconds(value: float) -> int:
     return max(1, math.ceil(value))
 
 
+def config_digest(config: BotConfig) -> str:
+    """SHA-256 of what the bot runs with, its per-render bus keys left out: the same
+    spec renders the same digest."""
+    fields = msgspec.structs.asdict(config)
+    fields.pop("bus_secret_key")
+    fields.pop("bus_server_key")
+    return hashlib.sha256(msgspec.json.encode(fields, order="sorted")).hexdigest()
+
+
 def bot_manifests(
     bot: BotSource,
     defaults: Mapping[str, Any],
@@ -243,7 +254,12 @@ def bot_manifests(
             "strategy": {"type": "Recreate"},
             "selector": {"matchLabels": labels},
             "template": {
-                "metadata": {"labels": labels},
+                # A changed config changes the pod template: Kubernetes replaces the pod
+                # (a changed Secret alone restarts nothing).
+                "metadata": {
+                    "labels": labels,
+                    "annotations": {CONFIG_ANNOTATION: config_digest(config)},
+                },
                 "spec": {
                     "automountServiceAccountToken": False,
                     "terminationGracePeriodSeconds": _seconds(spec.graceful_timeout_s) + 5,

@@ -30,10 +30,12 @@ from controller.settings import (
     DEFAULT_DATABASE_TIMEOUT_S,
     DEFAULT_EVENT_RETENTION_COUNT,
     DEFAULT_EVENT_RETENTION_DAYS,
+    DEFAULT_LISTEN,
     DEFAULT_SANDBOX_ADMIN,
     DEFAULT_SANDBOX_LISTEN,
     ControllerSettings,
     SettingsError,
+    env_number,
     is_loopback,
     parse_hostport,
 )
@@ -65,6 +67,48 @@ class UpOptions:
     tls_key: str | None = None
     # Serve plain HTTP on a non-loopback address anyway (tokens cross the network in clear).
     insecure_listen: bool = False
+
+
+def options_from_env(
+    *,
+    home: str | None,
+    listen: str | None,
+    demo: bool,
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
+    insecure_listen: bool = False,
+    environ: dict[str, str] | None = None,
+) -> UpOptions:
+    """`tgfleet up`'s options from its flags and environment (`tgfleet render circus-ini`
+    takes the same)."""
+    env = dict(os.environ) if environ is None else environ
+    return UpOptions(
+        home=Home.resolve(home),
+        listen=listen or env.get("TGFLEET_LISTEN", DEFAULT_LISTEN),
+        demo=demo,
+        database_url=env.get("TGFLEET_DATABASE_URL") or None,
+        sandbox_listen=env.get("TGFLEET_SANDBOX_LISTEN", DEFAULT_SANDBOX_LISTEN),
+        sandbox_admin=env.get("TGFLEET_SANDBOX_ADMIN", DEFAULT_SANDBOX_ADMIN),
+        webhook_url=env.get("TGFLEET_WEBHOOK_URL") or None,
+        plugin_path=tuple(
+            entry for entry in env.get("TGFLEET_PLUGIN_PATH", "").split(":") if entry
+        ),
+        database_timeout_s=env_number(
+            env, "TGFLEET_DATABASE_TIMEOUT_S", DEFAULT_DATABASE_TIMEOUT_S
+        ),
+        event_retention_days=env_number(
+            env, "TGFLEET_EVENT_RETENTION_DAYS", DEFAULT_EVENT_RETENTION_DAYS
+        ),
+        event_retention_count=int(
+            env_number(env, "TGFLEET_EVENT_RETENTION_COUNT", DEFAULT_EVENT_RETENTION_COUNT)
+        ),
+        auth_failure_limit=int(
+            env_number(env, "TGFLEET_AUTH_FAILURE_LIMIT", DEFAULT_AUTH_FAILURE_LIMIT)
+        ),
+        tls_cert=os.path.abspath(tls_cert) if tls_cert else None,
+        tls_key=os.path.abspath(tls_key) if tls_key else None,
+        insecure_listen=insecure_listen,
+    )
 
 
 async def _circus_answers(endpoint: str) -> bool:

@@ -172,3 +172,15 @@ def test_host_picks_the_cluster_s_bots_where_the_api_places_bots() -> None:
     assert bots == {"tgfleet-controller", "tgfleet-bot-here"}
     with pytest.raises(K8sRenderError, match="gives no host for shop"):
         manifests([SHOP], DEFAULTS, SECRETS, K8sOptions(), host="cluster")
+
+
+def test_the_pod_template_changes_exactly_when_the_bot_s_config_does() -> None:
+    def digest(bot: BotSource) -> str:
+        deployment = by_kind(render(bot), "Deployment", "tgfleet-bot-shop")
+        return str(
+            deployment["spec"]["template"]["metadata"]["annotations"]["tgfleet/config-sha256"]
+        )
+
+    assert digest(SHOP) == digest(SHOP)  # new bus keys each render, same digest
+    changed = BotSource("shop", {**SHOP.own, "settings": {"prefix": "other: "}})
+    assert digest(changed) != digest(SHOP)
