@@ -23,7 +23,17 @@ from typing import Any
 
 import psutil
 import pytest
-from harness import BIN, ROOT, Sandbox, free_port, short_tmpdir, wait_for
+from harness import (
+    BIN,
+    EXTERNAL_DSN,
+    ROOT,
+    Sandbox,
+    create_database,
+    drop_database,
+    free_port,
+    short_tmpdir,
+    wait_for,
+)
 from test_wheel import build_wheel
 
 from controller.client import ApiClient
@@ -47,6 +57,7 @@ class Deployment:
     root: Path
     user: str
     listen: str
+    database: str | None = None  # its own database on the external server, if any
 
     @property
     def prefix(self) -> Path:
@@ -152,10 +163,15 @@ def deployment() -> Iterator[Deployment]:
     root.chmod(0o755)  # the fleet's user must reach its venv and home below it
     deployed = Deployment(root, f"tgfa{secrets.token_hex(3)}", f"127.0.0.1:{free_port()}")
     try:
+        if EXTERNAL_DSN is not None:
+            # The role's DSN path (a vault variable in real life): a database of its own.
+            deployed.database = create_database(EXTERNAL_DSN)
         yield deployed
     finally:
         deployed.stop()
         deployed.remove_user()
+        if deployed.database is not None and EXTERNAL_DSN is not None:
+            drop_database(EXTERNAL_DSN, deployed.database)
         shutil.rmtree(root, ignore_errors=True)
 
 
@@ -195,6 +211,7 @@ def test_the_role_deploys_a_fleet_idempotently_and_its_bots_answer(
         "tgfleet_user": deployment.user,
         "tgfleet_service_manager": "daemon",
         "tgfleet_listen": deployment.listen,
+        "tgfleet_database_url": deployment.database or "",
         "tgfleet_fleet_defaults": {"telegram": sandbox.telegram_defaults()},
         "tgfleet_bots": [
             bot_decl("one", tokens["one"], "one: "),
@@ -207,6 +224,8 @@ def test_the_role_deploys_a_fleet_idempotently_and_its_bots_answer(
     assert first["failed"] == 0 and first["changed"] > 0, output
     second, output = deployment.play("--diff")
     assert second["changed"] == 0 and second["failed"] == 0, output
+    for secret in (*tokens.values(), deployment.database):
+        assert secret is None or secret not in output
 
     # The fleet answers its API and runs the declared bots, as the role's user.
     api = deployment.api()
@@ -223,7 +242,10 @@ def test_the_role_deploys_a_fleet_idempotently_and_its_bots_answer(
         assert answer == f"{name}: hi"
     circusd = [p for p in deployment.processes() if "circusd" in " ".join(p.cmdline())]
     assert circusd and all(p.username() == deployment.user for p in circusd)
-    assert (deployment.home / "circus.ini").read_text().startswith("# Rendered by `tgfleet up`")
+    circus_ini = (deployment.home / "circus.ini").read_text()
+    assert circus_ini.startswith("# Rendered by `tgfleet up`")
+    # The embedded PostgreSQL is a watcher exactly when no DSN was given.
+    assert ("[watcher:postgres]" in circus_ini) == (deployment.database is None)
 
     unit = deployment.unit.read_text()
     assert f"ExecStart={deployment.venv}/bin/python -m circus.circusd" in unit
