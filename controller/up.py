@@ -171,6 +171,8 @@ def check_options(options: UpOptions) -> None:
             raise UpError(f"--demo runs the local Telegram: {problem}")
         parse_hostport(options.sandbox_listen, "--sandbox-listen")
         parse_hostport(options.sandbox_admin, "--sandbox-admin")
+    # The settings' own ranges, before anything is written (the DSN is not checked here).
+    controller_settings(options, options.database_url or "postgresql://")
 
 
 def circus_ini_text(options: UpOptions, pg: PgWatcher | None) -> str:

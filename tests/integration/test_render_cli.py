@@ -119,3 +119,19 @@ def test_render_k8s_reads_the_api_and_every_manifest_validates(
         assert "no token or session in the secrets file" in missing.stderr
     finally:
         fleet.api("DELETE", "/api/v1/bots/k8s-render")
+
+
+def test_a_setting_out_of_range_is_refused_before_anything_is_written(scratch: Path) -> None:
+    home = scratch / "home"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TGFLEET_")}
+    refused = subprocess.run(
+        [str(BIN / "tgfleet"), "render", "circus-ini", "--home", str(home), "--write"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**env, "TGFLEET_DATABASE_TIMEOUT_S": "99"},
+        check=False,
+    )
+    assert refused.returncode == 1
+    assert "database_timeout_s must be from 0.1 to 60 seconds, not 99" in refused.stderr
+    assert not home.exists()
