@@ -28,6 +28,7 @@ signal.signal(signal.SIGTERM, _stop_before_serving)
 
 import asyncio  # noqa: E402
 import logging  # noqa: E402
+import os  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from botrunner import ExitCode  # noqa: E402
@@ -66,9 +67,12 @@ def main(argv: list[str]) -> int:
     logging.getLogger("telethon").setLevel(logging.WARNING)
     # Imported only now: Telethon is most of the bot's memory and start-up time.
     import_telethon_without_aiohttp()
+    from botrunner.alive import ENV_VAR
     from botrunner.runner import Runner
 
-    return asyncio.run(Runner(config, STARTED_MONOTONIC).run())
+    alive_file = os.environ.get(ENV_VAR) or None
+    runner = Runner(config, STARTED_MONOTONIC, alive_file=Path(alive_file) if alive_file else None)
+    return asyncio.run(runner.run())
 
 
 if __name__ == "__main__":

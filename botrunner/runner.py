@@ -29,6 +29,7 @@ from typing import Any
 from telethon import TelegramClient
 
 from botrunner import ExitCode
+from botrunner.alive import alive_record, write_alive
 from botrunner.bus import BusClient
 from botrunner.config import BotConfig
 from botrunner.health import Clock, Counters, TelegramStatus
@@ -101,8 +102,16 @@ class SideTasks:
 class Runner:
     """Runs one bot from its config until a signal; ``run()`` returns the exit code."""
 
-    def __init__(self, config: BotConfig, started_monotonic: float, clock: Clock | None = None):
+    def __init__(
+        self,
+        config: BotConfig,
+        started_monotonic: float,
+        clock: Clock | None = None,
+        alive_file: Path | None = None,
+    ):
         self.config = config
+        # Rewritten at every heartbeat for a supervisor's probe (botrunner/alive.py).
+        self.alive_file = alive_file
         self.clock = clock or Clock()
         self.started_monotonic = started_monotonic
         self.status = TelegramStatus(self.clock)
@@ -231,8 +240,18 @@ class Runner:
         # The first heartbeat waits (briefly) for the connection to the controller.
         await bus.wait_connected(min(1.0, interval))
         while True:
-            self._send(self._heartbeat())
+            heartbeat = self._heartbeat()
+            self._send(heartbeat)
+            if self.alive_file is not None:
+                self._write_alive(self.alive_file, heartbeat)
             await asyncio.sleep(interval)
+
+    def _write_alive(self, path: Path, heartbeat: protocol.Heartbeat) -> None:
+        record = alive_record(heartbeat.telegram, self.fatal is not None, self.clock.wall())
+        try:
+            write_alive(path, record)
+        except OSError as exc:  # a full or read-only disk: the probe reports it, we go on
+            log.warning("cannot write the alive file %s: %s", path, exc)
 
     def _heartbeat(self) -> protocol.Heartbeat:
         self._seq += 1

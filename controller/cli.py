@@ -53,6 +53,7 @@ GROUPS: dict[str, str] = {
     "bots": "Create, change, start, stop and destroy bots.",
     "token": "API tokens.",
     "secret": "The key that seals secrets in the database.",
+    "render": "Print deploy files: circus.ini, Kubernetes manifests.",
 }
 COMMANDS: list[Command] = []
 
@@ -230,9 +231,8 @@ def bots_table(bots: list[dict[str, Any]], colour: bool = False) -> str:
 # ---------------------------------------------------------------------- up
 
 
-@command(
-    "up",
-    opt("--demo", action="store_true", help="Also run the local Telegram sandbox with demo bots."),
+#: What `tgfleet up` and `tgfleet render circus-ini` both take.
+UP_OPTIONS = (
     opt("--home", help="State dir (default $TGFLEET_HOME or ./.tgfleet)."),
     opt("--listen", help="API HOST:PORT (default $TGFLEET_LISTEN or 127.0.0.1:8710)."),
     opt("--tls-cert", help="Serve the API over HTTPS with this PEM cert."),
@@ -243,58 +243,32 @@ def bots_table(bots: list[dict[str, Any]], colour: bool = False) -> str:
         help="Allow plain HTTP on a non-loopback --listen (not advised).",
     ),
 )
+
+
+@command(
+    "up",
+    opt("--demo", action="store_true", help="Also run the local Telegram sandbox with demo bots."),
+    *UP_OPTIONS,
+)
 def up(args: argparse.Namespace) -> NoReturn:
     """Run the fleet in the foreground: circusd, PostgreSQL, controller, bots.
 
     Ctrl-C stops it all."""
     from controller import up as up_module
-    from controller.home import Home, HomeError
+    from controller.home import HomeError
     from controller.pg import EmbeddedPgError
-    from controller.settings import (
-        DEFAULT_AUTH_FAILURE_LIMIT,
-        DEFAULT_DATABASE_TIMEOUT_S,
-        DEFAULT_EVENT_RETENTION_COUNT,
-        DEFAULT_EVENT_RETENTION_DAYS,
-        DEFAULT_LISTEN,
-        DEFAULT_SANDBOX_ADMIN,
-        DEFAULT_SANDBOX_LISTEN,
-        SettingsError,
-        env_number,
-    )
+    from controller.settings import SettingsError
 
-    env = os.environ
     try:
-        resolved = Home.resolve(args.home)
-        options = up_module.UpOptions(
-            home=resolved,
-            listen=args.listen or env.get("TGFLEET_LISTEN", DEFAULT_LISTEN),
+        options = up_module.options_from_env(
+            home=args.home,
+            listen=args.listen,
             demo=args.demo,
-            database_url=env.get("TGFLEET_DATABASE_URL") or None,
-            sandbox_listen=env.get("TGFLEET_SANDBOX_LISTEN", DEFAULT_SANDBOX_LISTEN),
-            sandbox_admin=env.get("TGFLEET_SANDBOX_ADMIN", DEFAULT_SANDBOX_ADMIN),
-            webhook_url=env.get("TGFLEET_WEBHOOK_URL") or None,
-            plugin_path=tuple(
-                entry for entry in env.get("TGFLEET_PLUGIN_PATH", "").split(":") if entry
-            ),
-            database_timeout_s=env_number(
-                env, "TGFLEET_DATABASE_TIMEOUT_S", DEFAULT_DATABASE_TIMEOUT_S
-            ),
-            event_retention_days=env_number(
-                env, "TGFLEET_EVENT_RETENTION_DAYS", DEFAULT_EVENT_RETENTION_DAYS
-            ),
-            event_retention_count=int(
-                env_number(env, "TGFLEET_EVENT_RETENTION_COUNT", DEFAULT_EVENT_RETENTION_COUNT)
-            ),
-            auth_failure_limit=int(
-                env_number(env, "TGFLEET_AUTH_FAILURE_LIMIT", DEFAULT_AUTH_FAILURE_LIMIT)
-            ),
-            trusted_proxies=tuple(
-                e for e in env.get("TGFLEET_TRUSTED_PROXIES", "").split(",") if e.strip()
-            ),
-            tls_cert=os.path.abspath(args.tls_cert) if args.tls_cert else None,
-            tls_key=os.path.abspath(args.tls_key) if args.tls_key else None,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
             insecure_listen=args.insecure_listen,
         )
+        resolved = options.home
         warning = up_module.insecure_listen_warning(options)
         if warning is not None and args.insecure_listen:
             echo(warning, err=True)
@@ -651,6 +625,85 @@ def sandbox(args: argparse.Namespace) -> int:
     except SystemExit as exc:  # typer's standalone mode always ends so
         return exc.code if isinstance(exc.code, int) else int(exc.code is not None)
     return 0
+
+
+# ------------------------------------------------------------------ render
+# Thin wrappers: the logic is in controller/deploy.py and controller/k8s.py.
+
+
+@command(
+    "render circus-ini",
+    opt("--demo", action="store_true", help="With the sandbox watcher."),
+    *UP_OPTIONS,
+    opt(
+        "--write",
+        action="store_true",
+        help="Also prepare the home as `tgfleet up` does; say what changed (on stderr).",
+    ),
+)
+def render_circus_ini(args: argparse.Namespace) -> None:
+    """Print the circus.ini `tgfleet up` would write (same options and environment)."""
+    from controller import deploy
+    from controller import up as up_module
+    from controller.home import HomeError
+    from controller.pg import EmbeddedPgError
+    from controller.settings import SettingsError
+
+    try:
+        options = up_module.options_from_env(
+            home=args.home,
+            listen=args.listen,
+            demo=args.demo,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+            insecure_listen=args.insecure_listen,
+        )
+        text, notes = deploy.render_circus_ini_command(options, write=args.write)
+    except (up_module.UpError, HomeError, SettingsError, EmbeddedPgError) as exc:
+        fail(str(exc))
+    sys.stdout.write(text)
+    for note in notes:
+        echo(note, err=True)
+
+
+@command(
+    "render k8s",
+    opt("--bot", help="Only this bot's manifests."),
+    opt("--host", help="Only the bots whose host is this (the cluster)."),
+    opt(
+        "--secrets",
+        metavar="FILE",
+        help="JSON file: tokens/sessions/api_hash the API never returns.",
+    ),
+    opt("--image", default="tgfleet:0.1.0", help="The tgfleet image (default tgfleet:0.1.0)."),
+    opt("--namespace", help="The namespace of every manifest."),
+    opt(
+        "--database-secret",
+        default="tgfleet-database",
+        help="Secret (key 'url') with the controller's DSN (default tgfleet-database).",
+    ),
+    *API,
+)
+def render_k8s(args: argparse.Namespace) -> None:
+    """Print Kubernetes manifests (JSON documents) for the fleet's bots and controller."""
+    from controller import k8s
+
+    options = k8s.K8sOptions(
+        image=args.image, namespace=args.namespace, database_secret=args.database_secret
+    )
+    try:
+        text, warnings = k8s.render_k8s(
+            lambda path: call(args, "GET", path),
+            args.secrets,
+            options,
+            only=args.bot,
+            host=args.host,
+        )
+    except k8s.K8sRenderError as exc:
+        fail(str(exc))
+    sys.stdout.write(text)
+    for warning in warnings:
+        echo(warning, err=True)
 
 
 # -------------------------------------------------------------- the parser

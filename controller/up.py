@@ -21,20 +21,22 @@ from typing import NoReturn
 
 from controller.access import trusted_networks
 from controller.atomicfile import write_atomic
-from controller.botusers import BotAccount, BotUsers, bot_code_paths
+from controller.botusers import BotAccount, BotUsers, bot_code_paths, service_user_name
 from controller.circus import CircusClient, SupervisorError
 from controller.home import Home
-from controller.pg import prepare_embedded_pg
+from controller.pg import PgWatcher, prepare_embedded_pg
 from controller.render import LogRotation, SandboxWatcher, render_circus_ini
 from controller.settings import (
     DEFAULT_AUTH_FAILURE_LIMIT,
     DEFAULT_DATABASE_TIMEOUT_S,
     DEFAULT_EVENT_RETENTION_COUNT,
     DEFAULT_EVENT_RETENTION_DAYS,
+    DEFAULT_LISTEN,
     DEFAULT_SANDBOX_ADMIN,
     DEFAULT_SANDBOX_LISTEN,
     ControllerSettings,
     SettingsError,
+    env_number,
     is_loopback,
     parse_hostport,
 )
@@ -64,6 +66,51 @@ class UpOptions:
     tls_key: str | None = None
     # Serve plain HTTP on a non-loopback address anyway (tokens cross the network in clear).
     insecure_listen: bool = False
+
+
+def options_from_env(
+    *,
+    home: str | None,
+    listen: str | None,
+    demo: bool,
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
+    insecure_listen: bool = False,
+    environ: dict[str, str] | None = None,
+) -> UpOptions:
+    """`tgfleet up`'s options from its flags and environment (`tgfleet render circus-ini`
+    takes the same)."""
+    env = dict(os.environ) if environ is None else environ
+    return UpOptions(
+        home=Home.resolve(home),
+        listen=listen or env.get("TGFLEET_LISTEN", DEFAULT_LISTEN),
+        demo=demo,
+        database_url=env.get("TGFLEET_DATABASE_URL") or None,
+        sandbox_listen=env.get("TGFLEET_SANDBOX_LISTEN", DEFAULT_SANDBOX_LISTEN),
+        sandbox_admin=env.get("TGFLEET_SANDBOX_ADMIN", DEFAULT_SANDBOX_ADMIN),
+        webhook_url=env.get("TGFLEET_WEBHOOK_URL") or None,
+        plugin_path=tuple(
+            entry for entry in env.get("TGFLEET_PLUGIN_PATH", "").split(":") if entry
+        ),
+        database_timeout_s=env_number(
+            env, "TGFLEET_DATABASE_TIMEOUT_S", DEFAULT_DATABASE_TIMEOUT_S
+        ),
+        event_retention_days=env_number(
+            env, "TGFLEET_EVENT_RETENTION_DAYS", DEFAULT_EVENT_RETENTION_DAYS
+        ),
+        event_retention_count=int(
+            env_number(env, "TGFLEET_EVENT_RETENTION_COUNT", DEFAULT_EVENT_RETENTION_COUNT)
+        ),
+        auth_failure_limit=int(
+            env_number(env, "TGFLEET_AUTH_FAILURE_LIMIT", DEFAULT_AUTH_FAILURE_LIMIT)
+        ),
+        trusted_proxies=tuple(
+            e for e in env.get("TGFLEET_TRUSTED_PROXIES", "").split(",") if e.strip()
+        ),
+        tls_cert=os.path.abspath(tls_cert) if tls_cert else None,
+        tls_key=os.path.abspath(tls_key) if tls_key else None,
+        insecure_listen=insecure_listen,
+    )
 
 
 async def _circus_answers(endpoint: str) -> bool:
@@ -103,10 +150,9 @@ def check_listen(options: UpOptions) -> None:
         )
 
 
-def prepare(options: UpOptions) -> ControllerSettings:
-    """Everything before circusd starts: dirs, embedded PostgreSQL, circus.ini, settings."""
-    home = options.home
-    home.check_socket_paths()
+def check_options(options: UpOptions) -> None:
+    """What `tgfleet up` refuses before it touches anything (also `tgfleet render circus-ini`)."""
+    options.home.check_socket_paths()
     check_listen(options)
     try:
         trusted_networks(options.trusted_proxies)
@@ -116,8 +162,9 @@ def prepare(options: UpOptions) -> ControllerSettings:
         # Its watchers get no secret in their env (`circusctl options` shows env).
         raise UpError(
             "TGFLEET_SECRET_KEY is read by the controller process, and `tgfleet up` passes "
-            f"no secret through a watcher's env: put the key(s) in {home.secret_key} (0600) "
-            "instead, or run the controller (`python -m controller serve`) under your own unit"
+            f"no secret through a watcher's env: put the key(s) in {options.home.secret_key} "
+            "(0600) instead, or run the controller (`python -m controller serve`) under your "
+            "own unit"
         )
     if options.webhook_url and not options.webhook_url.startswith(("http://", "https://")):
         raise UpError(f"TGFLEET_WEBHOOK_URL must be an http(s) URL, not {options.webhook_url!r}")
@@ -128,49 +175,52 @@ def prepare(options: UpOptions) -> ControllerSettings:
         problem = tgsandbox.requirements_problem()
         if problem is not None:
             raise UpError(f"--demo runs the local Telegram: {problem}")
-    home.make_dirs()
-    if asyncio.run(_circus_answers(home.circus_endpoint)):
-        raise UpError(
-            f"a fleet is already running in {home.root} "
-            f"(circusctl --endpoint {home.circus_endpoint} status)"
-        )
-    for stale in (home.circus_socket, home.circus_pubsub_socket, home.bus_socket):
-        stale.unlink(missing_ok=True)
-    pg = None
-    database_url = options.database_url
-    if not database_url:
-        pg = prepare_embedded_pg(home)
-        database_url = pg.dsn
-    users = BotUsers(home)
-    code = bot_code_paths(sys.executable, options.plugin_path)
-    if options.demo:
-        code.append(Path(str(tgsandbox.__file__)).parent)  # run by the service user
-    try:
-        # As root: the bots' group, and the code every bot user must read (o+r, never o+w).
-        users.prepare(code)
-        service = users.ensure_service() if options.demo else None
-    except SystemUserError as exc:
-        raise UpError(f"cannot prepare the bots' users: {exc}") from exc
-    sandbox = None
-    if options.demo:
         parse_hostport(options.sandbox_listen, "--sandbox-listen")
         parse_hostport(options.sandbox_admin, "--sandbox-admin")
-        sandbox = _sandbox_watcher(options, service)
+    log_rotation()
+    # The settings' own ranges, before anything is written (the DSN is not checked here).
+    controller_settings(options, options.database_url or "postgresql://")
+
+
+def log_rotation() -> LogRotation:
+    """Every watcher's log rotation (TGFLEET_LOG_MAX_BYTES, TGFLEET_LOG_BACKUP_COUNT)."""
     try:
-        log = LogRotation.from_env(os.environ)
+        return LogRotation.from_env(os.environ)
     except ValueError as exc:
         raise UpError(str(exc)) from exc
-    text = render_circus_ini(
+
+
+def circus_ini_text(
+    options: UpOptions, pg: PgWatcher | None, service: BotAccount | None = None
+) -> str:
+    """The circus.ini of these options, with ``pg`` as the embedded PostgreSQL (or none)
+    and ``service`` as the sandbox's user (None: the name it has or will have as root,
+    for a render that prepares nothing)."""
+    home = options.home
+    sandbox = None
+    if options.demo:
+        user = group = None
+        if service is not None:
+            user, group = service.user, service.group
+        elif BotUsers(home).enabled:  # useradd --user-group names its group after it
+            user = group = service_user_name(home)
+        sandbox = SandboxWatcher(
+            options.sandbox_listen, options.sandbox_admin, home.sandbox_dir, user, group
+        )
+    return render_circus_ini(
         home,
         python=sys.executable,
         listen=options.listen,
         embedded_pg=pg,
         sandbox=sandbox,
         plugin_path=options.plugin_path,
-        log=log,
+        log=log_rotation(),
     )
-    write_atomic(home.circus_ini, text, 0o600)
-    write_atomic(home.circus_endpoint_file, home.circus_endpoint + "\n", 0o644)
+
+
+def controller_settings(options: UpOptions, database_url: str) -> ControllerSettings:
+    """The controller's settings (``controller.json``) for these options, checked."""
+    log = log_rotation()
     settings = ControllerSettings(
         listen=options.listen,
         database_url=database_url,
@@ -193,23 +243,66 @@ def prepare(options: UpOptions) -> ControllerSettings:
         settings.check()
     except SettingsError as exc:
         raise UpError(str(exc)) from exc
+    return settings
+
+
+def prepare_home(options: UpOptions) -> ControllerSettings:
+    """The home as circusd needs it: dirs, embedded PostgreSQL (initdb once), the bots'
+    group and readable code (as root), the sandbox's service user, ``circus.ini`` and
+    ``controller.json``. Safe to repeat, also while the fleet runs: what is already
+    right stays."""
+    home = options.home
+    home.make_dirs()
+    pg = None
+    database_url = options.database_url
+    if not database_url:
+        pg = prepare_embedded_pg(home)
+        database_url = pg.dsn
+    users = BotUsers(home)
+    code = bot_code_paths(sys.executable, options.plugin_path)
+    if options.demo:
+        import tgsandbox
+
+        code.append(Path(str(tgsandbox.__file__)).parent)  # run by the service user
+    try:
+        # As root: the bots' group, and the code every bot user must read (o+r, never o+w).
+        users.prepare(code)
+        service = users.ensure_service() if options.demo else None
+    except SystemUserError as exc:
+        raise UpError(f"cannot prepare the bots' users: {exc}") from exc
+    if options.demo:
+        _open_sandbox_dir(options, service)
+    settings = controller_settings(options, database_url)
+    write_atomic(home.circus_ini, circus_ini_text(options, pg, service), 0o600)
+    write_atomic(home.circus_endpoint_file, home.circus_endpoint + "\n", 0o644)
     settings.save(home)
     return settings
 
 
-def _sandbox_watcher(options: UpOptions, service: BotAccount | None) -> SandboxWatcher:
-    """The local Telegram's watcher; as root it runs as the fleet's service user, which
-    owns its data dir (0700: the sandbox's key and the tokens of its bots)."""
+def prepare(options: UpOptions) -> ControllerSettings:
+    """Everything before circusd starts: dirs, embedded PostgreSQL, circus.ini, settings."""
+    home = options.home
+    check_options(options)
+    home.make_dirs()
+    if asyncio.run(_circus_answers(home.circus_endpoint)):
+        raise UpError(
+            f"a fleet is already running in {home.root} "
+            f"(circusctl --endpoint {home.circus_endpoint} status)"
+        )
+    for stale in (home.circus_socket, home.circus_pubsub_socket, home.bus_socket):
+        stale.unlink(missing_ok=True)
+    return prepare_home(options)
+
+
+def _open_sandbox_dir(options: UpOptions, service: BotAccount | None) -> None:
+    """The local Telegram's data dir (0700: its key and the tokens of its bots); as root
+    it belongs to the fleet's service user, which runs the sandbox."""
     data = options.home.sandbox_dir
     data.mkdir(mode=0o700, exist_ok=True)
     data.chmod(0o700)
-    if service is None:
-        return SandboxWatcher(options.sandbox_listen, options.sandbox_admin, data)
-    # What an earlier run wrote as root (or as a service user since removed) is its now.
-    give_tree(data, service.uid, service.gid)
-    return SandboxWatcher(
-        options.sandbox_listen, options.sandbox_admin, data, service.user, service.group
-    )
+    if service is not None:
+        # What an earlier run wrote as root (or as a service user since removed) is its now.
+        give_tree(data, service.uid, service.gid)
 
 
 def run(options: UpOptions, banner: Callable[[ControllerSettings], str]) -> NoReturn:

@@ -147,14 +147,14 @@ def test_a_command_registers_with_one_decorator() -> None:
         return 3 if args.flag else 0
 
     before = list(cli.COMMANDS)
-    cli.GROUPS["render"] = "Render deployment files."
+    cli.GROUPS["example"] = "Example commands."
     try:
-        cli.command("render nothing", cli.opt("--flag", action="store_true"))(render_nothing)
-        assert run(["render", "nothing", "--flag"]) == 3
-        assert "nothing" in subcommands(build_parser(), "render")
+        cli.command("example nothing", cli.opt("--flag", action="store_true"))(render_nothing)
+        assert run(["example", "nothing", "--flag"]) == 3
+        assert "nothing" in subcommands(build_parser(), "example")
     finally:
         cli.COMMANDS[:] = before
-        del cli.GROUPS["render"]
+        del cli.GROUPS["example"]
 
 
 def subcommands(parser: Any, group: str) -> list[str]:
