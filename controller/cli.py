@@ -153,6 +153,12 @@ def up(
             "--insecure-listen", help="Allow plain HTTP on a non-loopback --listen (not advised)."
         ),
     ] = False,
+    host: Annotated[
+        str | None,
+        typer.Option(
+            "--host", help="This controller's host name (default $TGFLEET_HOST or the machine's)."
+        ),
+    ] = None,
 ) -> None:
     """Run the fleet in the foreground: circusd, PostgreSQL, controller, bots. Ctrl-C stops it all."""
     from controller import up as up_module
@@ -196,6 +202,8 @@ def up(
             tls_cert=os.path.abspath(tls_cert) if tls_cert else None,
             tls_key=os.path.abspath(tls_key) if tls_key else None,
             insecure_listen=insecure_listen,
+            host=host or os.environ.get("TGFLEET_HOST") or None,
+            forget_after_s=env_number(os.environ, "TGFLEET_HOST_FORGET_AFTER_S", 60.0),
         )
         warning = up_module.insecure_listen_warning(options)
         if warning is not None and insecure_listen:

@@ -30,10 +30,12 @@ from controller.settings import (
     DEFAULT_DATABASE_TIMEOUT_S,
     DEFAULT_EVENT_RETENTION_COUNT,
     DEFAULT_EVENT_RETENTION_DAYS,
+    DEFAULT_FORGET_AFTER_S,
     DEFAULT_SANDBOX_ADMIN,
     DEFAULT_SANDBOX_LISTEN,
     ControllerSettings,
     SettingsError,
+    default_host,
     is_loopback,
     parse_hostport,
 )
@@ -65,6 +67,9 @@ class UpOptions:
     tls_key: str | None = None
     # Serve plain HTTP on a non-loopback address anyway (tokens cross the network in clear).
     insecure_listen: bool = False
+    # This controller's host name (None: the machine's, lower-cased).
+    host: str | None = None
+    forget_after_s: float = DEFAULT_FORGET_AFTER_S
 
 
 async def _circus_answers(endpoint: str) -> bool:
@@ -172,6 +177,8 @@ def prepare(options: UpOptions) -> ControllerSettings:
         auth_failure_limit=options.auth_failure_limit,
         tls_cert=options.tls_cert,
         tls_key=options.tls_key,
+        host=options.host or default_host(),
+        forget_after_s=options.forget_after_s,
     )
     try:
         settings.check()
