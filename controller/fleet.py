@@ -346,10 +346,23 @@ class Fleet:
         for row in rows:
             if row.held_by is not None or row.host not in (None, self.host):
                 continue
-            if await self.store.claim_bot(row.name, self.host) is not None:
+            taken = await self.store.claim_bot(row.name, self.host)
+            if taken is not None:
                 log.info("%s: held by this host (%s) now", row.name, self.host)
+                await self._no_process_yet(taken)
                 claimed = True
         return claimed
+
+    async def _no_process_yet(self, row: BotRow) -> None:
+        """A bot just taken has no process here: a state its last holder recorded (one that
+        died, or a bot from before hosts) says otherwise; it starts afresh from here."""
+        actor = f"host:{self.host}"
+        if row.state is BotState.RUNNING:
+            reason = f"held by {self.host} now: its process starts here"
+            await self.events.transition(row.name, Trigger.RESPAWN, reason, actor)
+        elif row.state is BotState.STOPPING:
+            reason = f"held by {self.host} now: no process of it runs here"
+            await self.events.transition(row.name, Trigger.STOPPED, reason, actor)
 
     def _held(self) -> list[BotRow]:
         """The bots this host holds, as last read: the only ones it acts on."""

@@ -246,6 +246,14 @@ async def test_a_bot_on_a_host_that_is_gone_stays_down_until_moved_and_forgotten
     assert (hosts["alpha"]["alive"], hosts["alpha"]["held"]) == (False, 1)
     assert (hosts["beta"]["alive"], hosts["beta"]["answering"]) == (True, True)
     assert await pair.beta.fleet.forget_host("alpha", "api:test") == ["shop"]
+    # Taken over: no process of it runs on beta yet, so it is starting, not running (as
+    # alpha last recorded it).
+    assert (await pair.store.get_bot("shop")).state is S.STARTING
+    taken = [e for e in await pair.store.events("shop", 0, 100) if e.actor == "host:beta"]
+    assert [(e.kind, e.from_state, e.to_state) for e in taken] == [
+        ("host", None, None),
+        ("transition", "running", "starting"),
+    ]
     await pair.beta.fleet.reconcile()
     pair.clock.advance(1.0)
     await pair.beta.fleet.reconcile()
