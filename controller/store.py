@@ -960,6 +960,17 @@ class PgStore:
         sealed ones must open (SecretKeyError if not) and are sealed again only when
         ``rotate``. One transaction: a crash leaves the rows as they were."""
         change = secrets.reseal_all if rotate else secrets.seal_all
+        # Readers use the new box from now on: it opens the rows sealed before and those
+        # sealed here. Set only after the commit, a pass woken by the commit's NOTIFY
+        # would read rows it cannot open.
+        previous, self.secrets = self.secrets, secrets
+        try:
+            return await self._seal_all(secrets, change)
+        except BaseException:
+            self.secrets = previous
+            raise
+
+    async def _seal_all(self, secrets: SecretBox, change: Callable[[Any], Any]) -> int:
         rewritten = 0
         async with self._connection() as conn, conn.transaction():
             bots = await conn.fetch("SELECT name, spec FROM bots ORDER BY name FOR UPDATE")
@@ -977,5 +988,4 @@ class PgStore:
             if sealed != defaults:
                 await conn.execute("UPDATE fleet_defaults SET value = $1", sealed)
                 rewritten += 1
-        self.secrets = secrets
         return rewritten
