@@ -478,6 +478,7 @@ class Fleet:
         self, actions: list[Action], rows: dict[str, BotRow], specs: Mapping[str, EffectiveSpec]
     ) -> None:
         released: list[str] = []
+        orphans: list[str] = []
         for action in actions:
             if isinstance(action, Transition):
                 data: dict[str, Any] = {}
@@ -516,8 +517,9 @@ class Fleet:
                 self.observer.expect_exit(action.name)
                 await self.supervisor.stop(watcher_name(action.name))
             elif isinstance(action, RemoveOrphan):
-                log.info("removing files of %s, which has no bot row", action.name)
+                log.info("removing %s: this host holds no such bot", action.name)
                 self.files.remove_watcher(action.name)
+                orphans.append(action.name)
             elif isinstance(action, Release):
                 self.files.remove_watcher(action.name)
                 released.append(action.name)
@@ -525,6 +527,10 @@ class Fleet:
                 await self.supervisor.reloadconfig()
         for name in released:
             await self._release(name)
+        for name in orphans:
+            # Destroyed through another host, or held elsewhere now (this host was
+            # forgotten): its watcher went with the reload; its config (secrets) goes too.
+            await asyncio.to_thread(self.files.remove_private, name)
 
     async def _release(self, name: str) -> None:
         """A bot moved away is stopped here and its watcher gone (the reload above): its

@@ -261,6 +261,7 @@ async def test_a_bot_on_a_host_that_is_gone_stays_down_until_moved_and_forgotten
     # alpha comes back: it holds nothing any more, so it stops what it still ran.
     await pair.alpha.fleet.reconcile()
     assert pair.alpha.pids("shop") == [] and pair.running_on("shop") == ["beta"]
+    assert not pair.alpha.home.bot_dir("shop").exists()  # nor its config, with the token
 
 
 async def test_a_bad_host_is_refused_and_changes_nothing(pair: Pair) -> None:
