@@ -144,6 +144,7 @@ class Fleet:
         self.clock: Clock = clock or SystemClock()
         rng = rng or random.Random()
         self._nudge = asyncio.Event()
+        self._again = False  # a pass that acted on a move asks for the next one at once
         self._publish = publish
         self._webhook = webhook
         self.events = EventLog(store, self.clock, outbox_limit)
@@ -260,6 +261,9 @@ class Fleet:
                 self.last_pass_error = str(exc) or type(exc).__name__
                 log.warning("reconcile pass failed: %s", self.last_pass_error)
             self._nudge.clear()
+            if self._again:
+                self._again = False
+                self._nudge.set()
             waiters = [asyncio.ensure_future(e.wait()) for e in (self._nudge, stopping)]
             try:
                 await asyncio.wait(
@@ -409,6 +413,9 @@ class Fleet:
         actions = plan(observations, orphans)
         if actions:
             await self._apply(actions, {row.name: row for row in rows}, self._specs)
+            # A move waits on this host's steps (stopped, then let go of): take the next
+            # one at once rather than at the next poll.
+            self._again = any(obs.leaving for obs in observations)
             self.rows, self.rows_at = await self.store.list_bots(), self.clock.wall()
 
     async def _after_pass(self) -> None:

@@ -146,6 +146,14 @@ def _plan_bot(obs: Observation) -> tuple[list[Action], bool]:
             move(Trigger.READY, f"process {live.pid} is connected to Telegram")
 
     gone = live is None or not live.alive
+    down = obs.watcher in (None, "stopped") and gone
+    if (
+        obs.leaving
+        and state is BotState.STOPPING
+        and down
+        and obs.rendered == Rendered(obs.generation, False)
+    ):
+        move(Trigger.STOPPED, "process stopped")  # and let go of it in the same pass
     settled = state in (BotState.STOPPED, BotState.FAILED) and obs.watcher in (None, "stopped")
     if obs.leaving and settled and gone:
         actions.append(Release(obs.name))

@@ -53,7 +53,11 @@ ALIVE = Live(pid=10, generation=1, ready=True, alive=True)
         (leaving(S.STOPPED, "stopped", ALIVE, Rendered(1, False)), False),
         (leaving(S.FAILED, "active", ALIVE, Rendered(1, False)), False),
         (leaving(S.RUNNING, "active", ALIVE, Rendered(1, True)), False),
-        (leaving(S.STOPPING, "stopped", None, Rendered(1, False)), False),
+        (leaving(S.STOPPING, "active", None, Rendered(1, False)), False),
+        (leaving(S.STOPPING, "stopped", ALIVE, Rendered(1, False)), False),
+        (leaving(S.STOPPING, "stopped", None, Rendered(1, True)), False),  # not rendered off
+        # Stopping, and now down: recorded stopped and let go of in one pass.
+        (leaving(S.STOPPING, "stopped", None, Rendered(1, False)), True),
     ],
 )
 def test_a_leaving_bot_is_released_only_once_nothing_of_it_runs(
