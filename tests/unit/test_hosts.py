@@ -6,6 +6,7 @@ PostgreSQL, bots and the sandbox."""
 from __future__ import annotations
 
 import random
+import socket
 import sys
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from controller.fleet import Fleet
 from controller.home import Home
 from controller.memstore import InMemoryStore
 from controller.reconcile import Live, Observation, Release, Rendered, StopWatcher, plan
+from controller.settings import ControllerSettings, SettingsError, default_host
 from controller.states import BotState
 
 TOKEN = "1000001:abcdefABCDEF_-"
@@ -279,3 +281,37 @@ async def test_a_bad_host_is_refused_and_changes_nothing(pair: Pair) -> None:
     with pytest.raises(InvalidSpec):
         await pair.alpha.fleet.update("shop", {"host": "Not A Host"}, "t")
     assert await pair.store.get_bot("shop") == before
+
+
+# ------------------------------------------------------------ the setting
+
+
+@pytest.mark.parametrize(
+    ("host", "good"),
+    [
+        ("alpha", True),
+        ("web-1.example.org", True),
+        ("0", True),
+        ("a" * 63 + "." + "b" * 63, True),
+        ("Alpha", False),  # lower case only, as a bot's `host` must be
+        ("a" * 64, False),
+        ("-a", False),
+        ("a-", False),
+        ("a..b", False),
+        ("a_b", False),
+        ("", False),
+        ("a\n", False),
+    ],
+)
+def test_a_controller_host_is_a_host_name(host: str, good: bool) -> None:
+    settings = ControllerSettings(listen="127.0.0.1:8710", database_url="postgresql://x", host=host)
+    if good:
+        settings.check()
+        return
+    with pytest.raises(SettingsError, match="TGFLEET_HOST"):
+        settings.check()
+
+
+def test_the_default_host_is_the_machine_s_name_lower_cased() -> None:
+    settings = ControllerSettings(listen="127.0.0.1:8710", database_url="postgresql://x")
+    assert settings.host == socket.gethostname().lower() == default_host()
