@@ -6,6 +6,7 @@ sandbox, one echo bot moved back and forth N times with `PATCH {"host": …}` se
 the host it leaves. Prints, per move (median and max):
 - PATCH → the old host records `stopping` (PostgreSQL's clock: how fast the owner hears
   of a change made through the API, LISTEN/NOTIFY);
+- the old host records it stopped → the new host holds it (the handover itself);
 - PATCH → running on the new host, as an API client polling sees it;
 - the bot's downtime as the sandbox saw it: its old session's close → its new login;
 - and the most sessions the bot had at once (must be 1).
@@ -65,7 +66,7 @@ def main() -> None:
     root = short_tmpdir("tgfm")
     sandbox = Sandbox.start(root / "sandbox")
     fleets: list[Fleet] = []
-    heard, running, down = [], [], []
+    heard, handover, running, down = [], [], [], []
     most = 0
     try:
         alpha, beta = start_pair(root, sandbox, fleets)
@@ -100,6 +101,19 @@ def main() -> None:
                     datetime.fromisoformat(stopping["at"]) - datetime.fromisoformat(moved["at"])
                 ).total_seconds()
             )
+            stopped = next(
+                e for e in events if e["id"] > moved["id"] and e["to_state"] == "stopped"
+            )
+            taken = next(
+                e
+                for e in events
+                if e["id"] > moved["id"] and e["kind"] == "host" and "held_by" in e["data"]
+            )
+            handover.append(
+                (
+                    datetime.fromisoformat(taken["at"]) - datetime.fromisoformat(stopped["at"])
+                ).total_seconds()
+            )
             assert patched["version"] == moved["data"]["version"]
 
             def since_patch(before: int = before) -> list[tuple[datetime, str, str]] | None:
@@ -127,6 +141,7 @@ def main() -> None:
         sandbox.stop()
         shutil.rmtree(root, ignore_errors=True)
     print(f"PATCH → old host records stopping (DB clock): {median_max(heard)}")
+    print(f"old host records stopped → new host holds it (DB clock): {median_max(handover)}")
     print(f"PATCH → running on the new host (client):    {median_max(running)}")
     print(f"down in the sandbox (old close → new login): {median_max(down)}")
     print(f"most sessions of the bot at once: {most} (must be 1)")
