@@ -786,7 +786,7 @@ ROUTES: tuple[Route, ...] = (
         "/api/v1/hosts/{host}",
         forget_host,
         "Forget a host that is gone for good: the bots it held may start on their hosts. "
-        "Refused (409) while it was seen within the last minute",
+        "Refused (409) while it was seen lately (TGFLEET_HOST_FORGET_AFTER_S, default 60 s)",
         schemas.ForgottenHost,
         problems=(409,),
         scope="admin",
