@@ -63,7 +63,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--moves", type=int, default=6)
     args = parser.parse_args()
-    root = short_tmpdir("tgfm")
+    root = short_tmpdir("tgfv")
     sandbox = Sandbox.start(root / "sandbox")
     fleets: list[Fleet] = []
     heard, handover, running, down = [], [], [], []
