@@ -27,6 +27,9 @@ TOKEN_PATTERN = r"^[0-9]{1,20}:[A-Za-z0-9_-]{1,128}$"
 PLUGIN_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$"
 TOPIC_PATTERN = r"^[A-Za-z0-9_.:-]{1,64}$"
 HOST_PATTERN = r"^[A-Za-z0-9.:-]{1,253}$"
+#: A controller's host name (DNS-label-like, lower case, dots between labels).
+FLEET_HOST_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$"
+MAX_FLEET_HOST = 253
 
 MIN_MEMORY_MB = 128
 MAX_MEMORY_MB = 65536
@@ -100,6 +103,22 @@ MemoryLimitMb = Annotated[
 GracefulTimeout = Annotated[
     float,
     Meta(ge=1, le=60, description="SIGTERM → the bot drains and exits within this, seconds."),
+]
+FleetHost = Annotated[
+    str,
+    Meta(
+        pattern=FLEET_HOST_PATTERN,
+        max_length=MAX_FLEET_HOST,
+        description=(
+            "The host whose controller runs the bot (its TGFLEET_HOST); changing it moves "
+            "the bot: it stops on the old host before it starts on the new one. Default: "
+            "the host whose API created it (a patch's null: the host whose API is asked)."
+        ),
+        extra={
+            "must": "must be a host name: lower-case letters, digits and '-', "
+            "dot-separated labels of 1 to 63, at most 253 characters"
+        },
+    ),
 ]
 ApiId = Annotated[
     int,
@@ -256,6 +275,8 @@ class BotSpec(FleetDefaults, frozen=True, forbid_unknown_fields=True, kw_only=Tr
 
     token: Token | None = None
     session: Session | None = None
+    #: Not stored in the spec: the bots table keeps it (controller/store.py).
+    host: FleetHost | None = None
 
 
 class NewBot(BotSpec, frozen=True, forbid_unknown_fields=True, kw_only=True):

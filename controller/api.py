@@ -59,6 +59,7 @@ from controller.sessions import (
     csrf_matches,
     same_origin,
 )
+from controller.settings import host_problem
 from controller.spec import NewBotBody, public_defaults, validate_body
 from controller.store import BotRow, EventRow, Store, TokenRow, patience
 from controller.views import bot_families
@@ -711,11 +712,28 @@ async def status(request: web.Request) -> web.Response:
             "bots": len(bots),
             "states": counts,
             "telegram_connected": sum(1 for b in bots if b["telegram"]["connected"]),
-            "controller": {"pid": os.getpid(), "rss_mb": procinfo.rss_mb()},
+            "controller": {"pid": os.getpid(), "rss_mb": procinfo.rss_mb(), "host": fleet.host},
             "database": database_view(fleet, request.app[STORE]),
             "reconcile_error": fleet.last_pass_error,
         }
     )
+
+
+# -------------------------------------------------------------------- hosts
+
+
+async def list_hosts(request: web.Request) -> web.Response:
+    """Every controller sharing the database: when it was last seen, what it holds."""
+    return ok({"hosts": await request.app[FLEET].hosts()})
+
+
+async def forget_host(request: web.Request) -> web.Response:
+    """The operator says a host is gone for good: the bots it held may start elsewhere."""
+    name = request.match_info["host"]
+    if problem := host_problem(name):
+        raise InvalidSpec(problem, [FieldError("host", problem)])
+    released = await request.app[FLEET].forget_host(name, request[ACTOR])
+    return ok({"host": name, "released": released})
 
 
 async def openapi(request: web.Request) -> web.Response:
@@ -838,8 +856,9 @@ ROUTES: tuple[Route, ...] = (
         "/api/v1/bots/{name}",
         delete_bot,
         "Destroy a bot: stop it, remove its watcher, files and private dir; its events stay "
-        "(GET /api/v1/history?bot=NAME)",
+        "(GET /api/v1/history?bot=NAME). Refused (409) while another host runs it",
         schemas.Destroyed,
+        problems=(409,),
         scope="admin",
     ),
     *(
@@ -919,6 +938,23 @@ ROUTES: tuple[Route, ...] = (
         "Replace the fleet defaults; refused if a bot could no longer run",
         schemas.Defaults,
         body=FleetDefaults,
+        scope="admin",
+    ),
+    Route(
+        "GET",
+        "/api/v1/hosts",
+        list_hosts,
+        "The hosts whose controllers share this database: last seen, bots held",
+        schemas.HostList,
+    ),
+    Route(
+        "DELETE",
+        "/api/v1/hosts/{host}",
+        forget_host,
+        "Forget a host that is gone for good: the bots it held may start on their hosts. "
+        "Refused (409) while it was seen lately (TGFLEET_HOST_FORGET_AFTER_S, default 60 s)",
+        schemas.ForgottenHost,
+        problems=(409,),
         scope="admin",
     ),
     Route(

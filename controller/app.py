@@ -190,6 +190,9 @@ async def serve(home: Home) -> int:
         outbox_limit=settings.outbox_limit,
         event_retention_s=settings.event_retention_days * 86400.0,
         event_retention_count=settings.event_retention_count,
+        host=settings.host,
+        api_url=settings.api_url,
+        forget_after_s=settings.forget_after_s,
     )
     await fleet.load()
 

@@ -187,6 +187,7 @@ class Column(NamedTuple):
 BOT_COLUMNS = (
     Column("NAME", "name", lambda b: b["name"]),
     Column("STATE", "state", lambda b: b["state"]),
+    Column("HOST", "host", _field("host", str)),
     Column("HEALTH", "health", lambda b: (b.get("health") or {}).get("status") or "-"),
     Column(
         "TELEGRAM",
@@ -242,6 +243,7 @@ UP_OPTIONS = (
         action="store_true",
         help="Allow plain HTTP on a non-loopback --listen (not advised).",
     ),
+    opt("--host", help="This controller's host name (default $TGFLEET_HOST or the machine's)."),
 )
 
 
@@ -267,6 +269,7 @@ def up(args: argparse.Namespace) -> NoReturn:
             tls_cert=args.tls_cert,
             tls_key=args.tls_key,
             insecure_listen=args.insecure_listen,
+            host=args.host,
         )
         resolved = options.home
         warning = up_module.insecure_listen_warning(options)
@@ -657,6 +660,7 @@ def render_circus_ini(args: argparse.Namespace) -> None:
             tls_cert=args.tls_cert,
             tls_key=args.tls_key,
             insecure_listen=args.insecure_listen,
+            host=args.host,
         )
         text, notes = deploy.render_circus_ini_command(options, write=args.write)
     except (up_module.UpError, HomeError, SettingsError, EmbeddedPgError) as exc:

@@ -74,6 +74,18 @@ class Conflict(TgfleetError):
     type_ = "https://tgfleet.dev/problems/conflict"
 
 
+class HeldElsewhere(Conflict):
+    """The bot is held by another host's controller: that one alone acts on its process."""
+
+    def __init__(self, name: str, holder: str) -> None:
+        super().__init__(
+            f"{name} runs on host {holder!r}: its controller alone acts on its process; "
+            f"ask that host's API (or move the bot here first)"
+        )
+        self.name = name
+        self.holder = holder
+
+
 class PreconditionFailed(TgfleetError):
     """An If-Match that no longer matches: the bot changed since the client read it."""
 

@@ -20,6 +20,7 @@ import contextlib
 import logging
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import replace
 from typing import Any
 
 import asyncpg
@@ -35,6 +36,8 @@ from controller.circus import (
 )
 from controller.clock import Clock, SystemClock
 from controller.errors import (
+    Conflict,
+    HeldElsewhere,
     PreconditionFailed,
     StoreUnavailable,
     SupervisorUnavailable,
@@ -43,13 +46,14 @@ from controller.errors import (
 )
 from controller.eventlog import EventListener, EventLog, Pending
 from controller.healer import Healer, watcher_name
-from controller.health import FailureKind
+from controller.health import FailureKind, HealthRecord
 from controller.metrics import Histogram
 from controller.observer import LiveProcess, Observer
 from controller.outbox import DEFAULT_LIMIT, Outbox
 from controller.reconcile import (
     Action,
     Observation,
+    Release,
     Reload,
     RemoveOrphan,
     Render,
@@ -59,6 +63,7 @@ from controller.reconcile import (
     plan,
 )
 from controller.resources import SAMPLE_INTERVAL_S, NearLimit, ResourceMonitor, timed_read
+from controller.settings import DEFAULT_FORGET_AFTER_S, default_host
 from controller.spec import (
     EffectiveSpec,
     check_defaults_keep_bots_runnable,
@@ -80,6 +85,10 @@ log = logging.getLogger("tgfleet.fleet")
 RECONCILE_INTERVAL_S = 1.0
 #: How often old events are pruned.
 PRUNE_INTERVAL_S = 600.0
+#: A controller writes its heartbeat (the hosts table) at most this often, seconds.
+HOST_BEAT_S = 1.0
+#: A host seen within this many seconds counts as alive (GET /api/v1/hosts).
+HOST_ALIVE_S = 10.0
 #: Tries of an update that lost a race with another update of the same bot.
 UPDATE_TRIES = 5
 #: Restarts of one failure streak are spread by ±this fraction (bots failing
@@ -95,6 +104,11 @@ PASS_ERRORS = (
 )
 
 Webhook = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+def _sets_host(body: object) -> bool:
+    """A patch that names ``host`` (null too: back to this controller's host)."""
+    return isinstance(body, dict) and "host" in body
 
 
 def etag(row: BotRow) -> str:
@@ -117,13 +131,22 @@ class Fleet:
         outbox_limit: int = DEFAULT_LIMIT,
         event_retention_s: float = 30 * 86400.0,
         event_retention_count: int = 100_000,
+        host: str | None = None,
+        api_url: str = "",
+        forget_after_s: float = DEFAULT_FORGET_AFTER_S,
     ) -> None:
+        #: This controller's host: it runs the bots it holds, and only those.
+        self.host = host or default_host()
+        self.api_url = api_url
+        self.forget_after_s = forget_after_s
+        self._next_beat = 0.0  # monotonic
         self.store = store
         self.supervisor = supervisor
         self.files = files
         self.clock: Clock = clock or SystemClock()
         rng = rng or random.Random()
         self._nudge = asyncio.Event()
+        self._again = False  # a pass that acted on a move asks for the next one at once
         self._publish = publish
         self._webhook = webhook
         self.events = EventLog(store, self.clock, outbox_limit)
@@ -225,6 +248,10 @@ class Fleet:
                 self.events.keep_writing(stopping, self._nudge.set), name="outbox writer"
             ),
             asyncio.create_task(self._sample_until(stopping), name="resource sampler"),
+            # A change made through any host's API wakes the loop at once (LISTEN/NOTIFY).
+            asyncio.create_task(
+                self.store.watch_changes(self._nudge.set, stopping), name="change listener"
+            ),
         ]
         try:
             await self._reconcile_until(stopping)
@@ -274,6 +301,9 @@ class Fleet:
                 log.warning("reconcile pass failed: %s", self.last_pass_error)
             self.pass_seconds.observe(self.clock.monotonic() - started)
             self._nudge.clear()
+            if self._again:
+                self._again = False
+                self._nudge.set()
             waiters = [asyncio.ensure_future(e.wait()) for e in (self._nudge, stopping)]
             try:
                 await asyncio.wait(
@@ -303,7 +333,7 @@ class Fleet:
                 except StoreUnavailable:
                     fresh = False
             assert self.rows is not None
-            await self.healer.check(self.rows, status)
+            await self.healer.check(self._managed(), status)
         if not fresh:
             raise StoreUnavailable(self.store.unreachable_detail())
         await self._after_pass()
@@ -318,29 +348,102 @@ class Fleet:
                 self._acted += 1
 
     async def _read_desired(self) -> bool:
-        """Write what waits, then read the bots and defaults; False if PostgreSQL is away."""
+        """Write what waits, say this host is alive, take the bots placed here that nobody
+        holds, then read the bots and defaults; False if PostgreSQL is away."""
         try:
             await self.events.drain()  # what happened first is written first
+            await self._beat()
             rows = await self.store.list_bots()
+            if await self._claim(rows):
+                rows = await self.store.list_bots()
             defaults = await self.store.get_defaults()
         except StoreUnavailable:
             if self.rows is None:
                 raise
             return False
+        self._restarted_elsewhere(rows)
         self.rows, self.rows_at, self.defaults = rows, self.clock.wall(), defaults
-        specs = {row.name: effective(row.spec, defaults) for row in rows}
+        held = self._held()
+        specs = {row.name: effective(row.spec, defaults) for row in held}
         self._specs = specs
         self._subscriptions = {name: spec.subscribe for name, spec in specs.items()}
         self.healer.policies = {name: spec.health for name, spec in specs.items()}
         self.observer.intervals = {
             name: spec.health.heartbeat_interval_s for name, spec in specs.items()
         }
-        self.observer.known = {row.name for row in rows}
+        self.observer.known = {row.name for row in held}
         self._forget_all_but(self.observer.known)
         return True
 
+    # ------------------------------------------------------------- hosts
+
+    async def _beat(self) -> None:
+        """This host's heartbeat row: operators (GET /api/v1/hosts) see who is alive."""
+        if self.clock.monotonic() >= self._next_beat:
+            await self.store.host_seen(self.host, self.api_url)
+            self._next_beat = self.clock.monotonic() + HOST_BEAT_S
+
+    async def _claim(self, rows: list[BotRow]) -> bool:
+        """Hold every bot placed on this host (or on none yet) that no host holds: the
+        database lets one host at a time hold a bot, and only its holder runs it."""
+        claimed = False
+        for row in rows:
+            if row.held_by is not None or row.host not in (None, self.host):
+                continue
+            taken = await self.store.claim_bot(row.name, self.host)
+            if taken is not None:
+                log.info("%s: held by this host (%s) now", row.name, self.host)
+                await self._no_process_yet(taken)
+                claimed = True
+        return claimed
+
+    async def _no_process_yet(self, row: BotRow) -> None:
+        """A bot just taken has no process here: a state its last holder recorded (one that
+        died, or a bot from before hosts) says otherwise; it starts afresh from here."""
+        actor = f"host:{self.host}"
+        if row.state is BotState.RUNNING:
+            reason = f"held by {self.host} now: its process starts here"
+            await self.events.transition(row.name, Trigger.RESPAWN, reason, actor)
+        elif row.state is BotState.STOPPING:
+            reason = f"held by {self.host} now: no process of it runs here"
+            await self.events.transition(row.name, Trigger.STOPPED, reason, actor)
+
+    def _held(self) -> list[BotRow]:
+        """The bots this host holds, as last read: the only ones it acts on."""
+        return [row for row in self.rows or () if row.held_by == self.host]
+
+    def _managed(self) -> list[BotRow]:
+        """The held bots as health should see them: one moving away must not run here."""
+        return [
+            row if row.host == self.host else replace(row, desired="stopped")
+            for row in self._held()
+        ]
+
+    def _restarted_elsewhere(self, rows: list[BotRow]) -> None:
+        """A failed bot of this host was started through another host's API: forget its
+        failed process and streak here too, as a local start does."""
+        before = {row.name: row.state for row in self.rows or ()}
+        for row in rows:
+            if (
+                row.held_by == self.host
+                and before.get(row.name) is BotState.FAILED
+                and row.state is not BotState.FAILED
+            ):
+                self.observer.live.pop(row.name, None)
+                self.healer.new_streak(row.name)
+
+    def _require_held(self, row: BotRow) -> None:
+        """Only the holder acts on a bot's process (HeldElsewhere, a 409, otherwise)."""
+        if row.held_by is None:
+            raise Conflict(
+                f"{row.name} is placed on host {row.host!r}, whose controller has not taken "
+                "it yet (is it running?): nothing runs it now"
+            )
+        if row.held_by != self.host:
+            raise HeldElsewhere(row.name, row.held_by)
+
     async def _converge(self, status: Mapping[str, str]) -> None:
-        rows = self.rows or []
+        rows = self._held()
         if not self._seeded:
             await self._seed_live(rows, status)
         observations = [self._observe(row, status) for row in rows]
@@ -350,6 +453,9 @@ class Fleet:
         actions = plan(observations, orphans)
         if actions:
             await self._apply(actions, {row.name: row for row in rows}, self._specs)
+            # A move waits on this host's steps (stopped, then let go of): take the next
+            # one at once rather than at the next poll.
+            self._again = any(obs.leaving for obs in observations)
             self.rows, self.rows_at = await self.store.list_bots(), self.clock.wall()
 
     async def _after_pass(self) -> None:
@@ -417,11 +523,14 @@ class Fleet:
             rendered=self.files.rendered(row.name),
             watcher=status.get(watcher_name(row.name)),
             live=self.observer.observed(row.name),
+            leaving=row.host != self.host,
         )
 
     async def _apply(
         self, actions: list[Action], rows: dict[str, BotRow], specs: Mapping[str, EffectiveSpec]
     ) -> None:
+        released: list[str] = []
+        orphans: list[str] = []
         for action in actions:
             if isinstance(action, Transition):
                 data: dict[str, Any] = {}
@@ -460,10 +569,29 @@ class Fleet:
                 self.observer.expect_exit(action.name)
                 await self.supervisor.stop(watcher_name(action.name))
             elif isinstance(action, RemoveOrphan):
-                log.info("removing files of %s, which has no bot row", action.name)
+                log.info("removing %s: this host holds no such bot", action.name)
                 self.files.remove_watcher(action.name)
+                orphans.append(action.name)
+            elif isinstance(action, Release):
+                self.files.remove_watcher(action.name)
+                released.append(action.name)
             elif isinstance(action, Reload):
                 await self.supervisor.reloadconfig()
+        for name in released:
+            await self._release(name)
+        for name in orphans:
+            # Destroyed through another host, or held elsewhere now (this host was
+            # forgotten): its watcher went with the reload; its config (secrets) goes too.
+            await asyncio.to_thread(self.files.remove_private, name)
+
+    async def _release(self, name: str) -> None:
+        """A bot moved away is stopped here and its watcher gone (the reload above): its
+        files, secrets and user go too, then the database lets the new host take it."""
+        await asyncio.to_thread(self.files.remove_private, name)
+        row = await self.store.release_bot(name, self.host)
+        if row is not None:
+            log.info("%s: stopped here and let go of, for host %s", name, row.host)
+            self._forget(name)
 
     # ------------------------------------------------------------ operations
 
@@ -474,11 +602,12 @@ class Fleet:
 
     async def create(self, body: object, actor: str) -> BotRow:
         name, own = validate_create(body)
+        host = own.pop("host", None) or self.host
         self._require_database()
         spec = effective(own, await self.store.get_defaults())
         check_runnable(spec)
         desired = "running" if spec.autostart else "stopped"
-        await self.store.create_bot(name, own, desired, actor)
+        await self.store.create_bot(name, own, desired, actor, host)
         await self._reconcile_quietly()
         return await self.store.get_bot(name)
 
@@ -499,12 +628,18 @@ class Fleet:
                     f"{name} is at version {row.version} (ETag {etag(row)}): read it again"
                 )
             own = validate_patch(row.spec, body)
+            # The host is a column, not part of the spec; null: this controller's host.
+            host: str | None = None
+            if _sets_host(body):
+                host = own.pop("host", None) or self.host
             defaults = await self.store.get_defaults()
             new = effective(own, defaults)
             check_runnable(new)
             restart = process_view(new) != process_view(effective(row.spec, defaults))
             try:
-                await self.store.update_spec(name, own, actor, restart, row.version)
+                await self.store.update_spec(
+                    name, own, actor, restart, row.version, None if host == row.host else host
+                )
                 break
             except VersionMismatch as exc:
                 if if_match is not None:
@@ -561,6 +696,7 @@ class Fleet:
         row = await self.store.get_bot(name)
         if row.state is BotState.FAILED or row.desired != "running":
             return await self.start(name, actor)
+        self._require_held(row)
         async with self._acting():
             row = await self.store.get_bot(name)
             if can(row.state, Trigger.RESPAWN):
@@ -579,6 +715,8 @@ class Fleet:
         self._require_database()
         async with self._acting():
             row = await self.store.get_bot(name)
+            if row.held_by not in (None, self.host):
+                raise HeldElsewhere(name, row.held_by)
             if row.desired != "stopped":
                 await self.store.set_desired(name, "stopped", actor, "destroy requested")
             if can(row.state, Trigger.STOP):
@@ -592,7 +730,9 @@ class Fleet:
             if can(row.state, Trigger.STOPPED):
                 await self.events.transition(name, Trigger.STOPPED, "process stopped", actor)
             await asyncio.to_thread(self.files.remove_private, name)
-            self.events.emit(await self.store.delete_bot(name, actor, "destroy requested"))
+            self.events.emit(
+                await self.store.delete_bot(name, actor, "destroy requested", self.host)
+            )
             self._forget(name)
 
     async def _reconcile_quietly(self) -> None:
@@ -610,9 +750,60 @@ class Fleet:
                 return
             raise SupervisorUnavailable(f"circusd did not answer: {exc}") from exc
 
+    # ------------------------------------------------------------------ hosts
+
+    async def hosts(self) -> list[dict[str, Any]]:
+        """Every host sharing the database (its heartbeat), with the bots it holds."""
+        rows = await self.store.list_bots()
+        found = await self.store.list_hosts()
+        names = {host.name for host in found}
+        views = [
+            {
+                "name": host.name,
+                "started_at": host.started_at.isoformat(),
+                "seen_at": host.seen_at.isoformat(),
+                "silent_s": round(host.silent_s, 2),
+                "alive": host.silent_s < HOST_ALIVE_S,
+                "api_url": host.api_url,
+                "held": sum(1 for row in rows if row.held_by == host.name),
+                "placed": sum(1 for row in rows if row.host == host.name),
+                "answering": host.name == self.host,
+            }
+            for host in found
+        ]
+        return views + [
+            # Placed on a host that never came (a typo, a host not yet set up).
+            {
+                "name": name,
+                "started_at": None,
+                "seen_at": None,
+                "silent_s": None,
+                "alive": False,
+                "api_url": "",
+                "held": sum(1 for row in rows if row.held_by == name),
+                "placed": sum(1 for row in rows if row.host == name),
+                "answering": False,
+            }
+            for name in sorted({row.host for row in rows if row.host} - names)
+        ]
+
+    async def forget_host(self, name: str, actor: str) -> list[str]:
+        """The operator says ``name`` is gone for good: nobody holds its bots any more, so
+        each starts on its own host (move them first). Refused while it was seen lately."""
+        self._require_database()
+        if name == self.host:
+            raise Conflict(f"{name} is the host answering: it cannot forget itself")
+        released = await self.store.forget_host(name, self.forget_after_s, actor)
+        await self._reconcile_quietly()
+        return released
+
     # ------------------------------------------------------------------ views
 
     def view(self, row: BotRow) -> dict[str, Any]:
+        """A bot as the API shows it; its process only as this host sees it: a bot another
+        host holds shows what its controller recorded, no live fields (``local`` false)."""
+        if row.held_by != self.host:
+            return bot_view(row, None, None, HealthRecord(), self.clock.wall(), local=False)
         return bot_view(
             row,
             self.observer.alive(row.name),

@@ -13,18 +13,26 @@ back until ``ping`` gets through, exactly as ``PgStore`` behaves.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import logging
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from controller.access import SCOPES, Scope
 from controller.clock import Clock, SystemClock
-from controller.errors import BotNotFound, Conflict, NotFound, StoreUnavailable, VersionMismatch
+from controller.errors import (
+    BotNotFound,
+    Conflict,
+    HeldElsewhere,
+    NotFound,
+    StoreUnavailable,
+    VersionMismatch,
+)
 from controller.secretbox import SecretBox, map_secrets, new_key
 from controller.states import BotState
 from controller.store import (
@@ -33,7 +41,14 @@ from controller.store import (
     TOKEN_USE_RESOLUTION_S,
     BotRow,
     EventRow,
+    HostRow,
     TokenRow,
+    claimed,
+    forget_refusal,
+    forgotten,
+    released,
+    update_data,
+    update_reason,
 )
 
 log = logging.getLogger("tgfleet.store")
@@ -86,6 +101,8 @@ class InMemoryStore:
         self._tokens: list[tuple[TokenRow, str]] = []  # (row, token_sha256) by id
         self._health: dict[str, dict[str, Any]] = {}
         self._defaults: dict[str, Any] = {}
+        self._hosts: dict[str, tuple[datetime, datetime, str]] = {}  # started, seen, api url
+        self._watchers: list[Callable[[], None]] = []
         # Sequences, as bigserial/serial: a value taken by a refused insert is not reused.
         self._event_ids = itertools.count(1)
         self._token_ids = itertools.count(1)
@@ -171,8 +188,13 @@ class InMemoryStore:
         self._answer()
         return self._out(self._bot(name))
 
+    def _changed(self) -> None:
+        """A bot or the defaults changed: tell the watchers (PgStore's NOTIFY)."""
+        for on_change in list(self._watchers):
+            on_change()
+
     async def create_bot(
-        self, name: str, spec: Mapping[str, Any], desired: str, actor: str
+        self, name: str, spec: Mapping[str, Any], desired: str, actor: str, host: str | None = None
     ) -> BotRow:
         self._answer()
         if not _NAME.fullmatch(name):
@@ -195,16 +217,25 @@ class InMemoryStore:
             created_at=now,
             updated_at=now,
             version=1,
+            host=host,
         )
         self._bots[name] = row
         self._event(now, name, "created", actor, None, "configuring", "created", {})
+        self._changed()
         return self._out(row)
 
     async def update_spec(
-        self, name: str, spec: Mapping[str, Any], actor: str, restart: bool, version: int
+        self,
+        name: str,
+        spec: Mapping[str, Any],
+        actor: str,
+        restart: bool,
+        version: int,
+        host: str | None = None,
     ) -> BotRow:
         """Store a bot's new spec, made from its spec at ``version`` (VersionMismatch if it
-        changed since); a new generation (its process restarts) when ``restart``."""
+        changed since); a new generation (its process restarts) when ``restart``; a new
+        ``host`` (not None) moves it there."""
         self._answer()
         stored = self.secrets.seal_all(_jsonb(spec))
         old = self._bot(name)
@@ -217,6 +248,7 @@ class InMemoryStore:
             generation=old.generation + (1 if restart else 0),
             version=old.version + 1,
             updated_at=now,
+            host=old.host if host is None else host,
         )
         self._bots[name] = row
         self._event(
@@ -226,9 +258,10 @@ class InMemoryStore:
             actor,
             None,
             None,
-            "spec changed" if restart else "spec changed; the process keeps running",
-            {"generation": row.generation, "restart": restart, "version": row.version},
+            update_reason(restart, old.host, row.host),
+            update_data(row.generation, restart, row.version, old.host, row.host),
         )
+        self._changed()
         return self._out(row)
 
     async def set_desired(self, name: str, desired: str, actor: str, reason: str) -> BotRow:
@@ -240,6 +273,7 @@ class InMemoryStore:
         row = replace(old, desired=desired, updated_at=now)
         self._bots[name] = row
         self._event(now, name, "desired", actor, None, None, reason, {"desired": desired})
+        self._changed()
         return self._out(row)
 
     async def set_state(
@@ -263,6 +297,7 @@ class InMemoryStore:
         event = self._event(
             now, name, "transition", actor, expected.value, state.value, reason, data or {}
         )
+        self._changed()
         return self._out(row), event
 
     async def count_restart(self, name: str) -> None:
@@ -271,17 +306,101 @@ class InMemoryStore:
         if name in self._bots:
             old = self._bots[name]
             self._bots[name] = replace(old, restarts=old.restarts + 1)
+        self._changed()
 
-    async def delete_bot(self, name: str, actor: str, reason: str) -> EventRow:
-        """Delete a bot (its events stay); the event row of its destruction."""
+    async def delete_bot(
+        self, name: str, actor: str, reason: str, host: str | None = None
+    ) -> EventRow:
+        """Delete a bot (its events stay); the event row of its destruction. With
+        ``host``, only a bot that no other host holds (Conflict otherwise)."""
         self._answer()
-        old = self._bots.pop(name, None)
-        if old is None:
-            raise BotNotFound(name)
+        old = self._bot(name)
+        if host is not None and old.held_by not in (None, host):
+            raise HeldElsewhere(name, old.held_by)
+        del self._bots[name]
         self._health.pop(name, None)
-        return self._event(
+        event = self._event(
             self._now(), name, "transition", actor, old.state.value, "destroyed", reason, {}
         )
+        self._changed()
+        return event
+
+    # ------------------------------------------------------------- hosts
+
+    async def claim_bot(self, name: str, host: str) -> BotRow | None:
+        """``host`` holds the bot from now on, if it is placed there (or nowhere yet) and
+        no host holds it; its new row, else None."""
+        self._answer()
+        old = self._bots.get(name)
+        if old is None or old.held_by is not None or (old.host or host) != host:
+            return None
+        now = self._now()
+        row = replace(old, held_by=host, host=host, updated_at=now)
+        self._bots[name] = row
+        self._event(now, name, "host", f"host:{host}", None, None, *claimed(host))
+        self._changed()
+        return self._out(row)
+
+    async def release_bot(self, name: str, host: str) -> BotRow | None:
+        """``host`` lets go of a bot placed elsewhere (its process there is gone); its new
+        row, else None (``host`` did not hold it, or it is placed on ``host`` again)."""
+        self._answer()
+        old = self._bots.get(name)
+        if old is None or old.held_by != host or old.host == host:
+            return None
+        now = self._now()
+        row = replace(old, held_by=None, updated_at=now)
+        self._bots[name] = row
+        self._event(now, name, "host", f"host:{host}", None, None, *released(host, row.host))
+        self._changed()
+        return self._out(row)
+
+    async def host_seen(self, host: str, api_url: str) -> None:
+        """The controller of ``host`` is alive (its heartbeat)."""
+        self._answer()
+        now = self._now()
+        started = self._hosts[host][0] if host in self._hosts else now
+        self._hosts[host] = (started, now, api_url)
+
+    async def list_hosts(self) -> list[HostRow]:
+        self._answer()
+        now = self._now()
+        return [
+            HostRow(name, started, seen, (now - seen).total_seconds(), api_url)
+            for name, (started, seen, api_url) in sorted(self._hosts.items())
+        ]
+
+    async def forget_host(self, host: str, silent_for_s: float, actor: str) -> list[str]:
+        """The operator says ``host`` is gone: every bot it holds is let go, its heartbeat
+        row goes; the names of those bots. Conflict if it was seen within
+        ``silent_for_s``; NotFound if it is unknown and holds nothing."""
+        self._answer()
+        now = self._now()
+        seen = self._hosts.get(host)
+        if seen is not None:
+            silent_s = (now - seen[1]).total_seconds()
+            if silent_s < silent_for_s:
+                raise Conflict(forget_refusal(host, silent_s, silent_for_s))
+        names = sorted(name for name, row in self._bots.items() if row.held_by == host)
+        if seen is None and not names:
+            raise NotFound(f"no host named {host!r}")
+        self._hosts.pop(host, None)
+        for name in names:
+            self._bots[name] = replace(self._bots[name], held_by=None, updated_at=now)
+            self._event(now, name, "host", actor, None, None, *forgotten(host))
+        if names:
+            self._changed()
+        return names
+
+    async def watch_changes(self, on_change: Callable[[], None], stopping: asyncio.Event) -> None:
+        """Call ``on_change`` on every change of a bot or the defaults (and once at the
+        start), until ``stopping`` is set."""
+        self._watchers.append(on_change)
+        try:
+            on_change()
+            await stopping.wait()
+        finally:
+            self._watchers.remove(on_change)
 
     # ------------------------------------------------------------ events
 
@@ -341,6 +460,7 @@ class InMemoryStore:
         for name in set(restart) & self._bots.keys():
             old = self._bots[name]
             self._bots[name] = replace(old, generation=old.generation + 1, updated_at=now)
+        self._changed()
         self._event(
             now,
             None,

@@ -15,7 +15,7 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
-from botspec.spec import NAME_PATTERN, FleetDefaults, NewBot
+from botspec.spec import FLEET_HOST_PATTERN, MAX_FLEET_HOST, NAME_PATTERN, FleetDefaults, NewBot
 from controller.access import Scope
 from controller.schemas import BotPatch, Problem
 
@@ -86,8 +86,10 @@ def problems_of(route: Route) -> list[int]:
         found |= {400, 413, 415, 422}
     if route.query:
         found |= {422}
-    if "{name}" in route.path:
+    if "{name}" in route.path or "{host}" in route.path:
         found |= {404}
+    if "{host}" in route.path:
+        found |= {422}  # a path that is no host name
     if route.etag and route.body is not None:
         found |= {412}
     return sorted(found)
@@ -181,6 +183,19 @@ def build_openapi(routes: Sequence[Route], version: str) -> dict[str, Any]:
                     "in": "path",
                     "required": True,
                     "schema": {"type": "string", "pattern": NAME_PATTERN},
+                }
+            )
+        if "{host}" in route.path:
+            parameters.append(
+                {
+                    "name": "host",
+                    "in": "path",
+                    "required": True,
+                    "schema": {
+                        "type": "string",
+                        "pattern": FLEET_HOST_PATTERN,
+                        "maxLength": MAX_FLEET_HOST,
+                    },
                 }
             )
         if route.etag and route.body is not None:

@@ -43,6 +43,8 @@ class Observation:
     rendered: Rendered | None
     watcher: str | None  # circusd's status of bot-<name>; None when circusd has no such watcher
     live: Live | None
+    #: Held by this host but placed on another: stop it here, then let go of it.
+    leaving: bool = False
 
 
 # Actions -------------------------------------------------------------------
@@ -77,6 +79,14 @@ class RemoveOrphan:
 
 
 @dataclass(frozen=True)
+class Release:
+    """A bot moved to another host is stopped here: remove its watcher and files, then
+    let go of it (the other host may start it only then)."""
+
+    name: str
+
+
+@dataclass(frozen=True)
 class Transition:
     name: str
     trigger: Trigger
@@ -84,7 +94,7 @@ class Transition:
     counts_restart: bool = False
 
 
-Action = Render | Reload | StartWatcher | StopWatcher | RemoveOrphan | Transition
+Action = Render | Reload | StartWatcher | StopWatcher | RemoveOrphan | Release | Transition
 
 
 def should_run(desired: str, state: BotState) -> bool:
@@ -107,7 +117,7 @@ def _plan_bot(obs: Observation) -> tuple[list[Action], bool]:
     if live is not None and live.fatal and state in (BotState.STARTING, BotState.RUNNING):
         move(Trigger.FAIL, f"Telegram refused the bot's credentials: {live.fatal}")
 
-    run = should_run(obs.desired, state)
+    run = should_run(obs.desired, state) and not obs.leaving
 
     if state is BotState.CONFIGURING:
         move(
@@ -134,6 +144,20 @@ def _plan_bot(obs: Observation) -> tuple[list[Action], bool]:
             move(Trigger.RESPAWN, f"restarting for configuration generation {obs.generation}")
         if state is BotState.STARTING and live.alive and live.ready and current:
             move(Trigger.READY, f"process {live.pid} is connected to Telegram")
+
+    gone = live is None or not live.alive
+    down = obs.watcher in (None, "stopped") and gone
+    if (
+        obs.leaving
+        and state is BotState.STOPPING
+        and down
+        and obs.rendered == Rendered(obs.generation, False)
+    ):
+        move(Trigger.STOPPED, "process stopped")  # and let go of it in the same pass
+    settled = state in (BotState.STOPPED, BotState.FAILED) and obs.watcher in (None, "stopped")
+    if obs.leaving and settled and gone:
+        actions.append(Release(obs.name))
+        return actions, True  # the reload drops its watcher
 
     want = Rendered(obs.generation, run)
     reload = False
@@ -166,6 +190,6 @@ def plan(observations: Sequence[Observation], orphans: Sequence[str] = ()) -> li
     if reload:
         # Start/stop commands refer to watchers that exist before the reload, so they
         # go first; the reload then applies every rendered change in one command.
-        actions.sort(key=lambda a: isinstance(a, Render | RemoveOrphan))
+        actions.sort(key=lambda a: isinstance(a, Render | RemoveOrphan | Release))
         actions.append(Reload())
     return actions

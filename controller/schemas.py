@@ -136,6 +136,25 @@ class BotView(Struct, frozen=True):
     generation: int
     version: Annotated[int, Meta(description="The spec's version; the ETag names it.")]
     watcher: str
+    host: Annotated[
+        str | None,
+        Meta(description="The host whose controller should run it (TGFLEET_HOST)."),
+    ]
+    held_by: Annotated[
+        str | None,
+        Meta(
+            description="The host whose controller runs it now (null: none). It differs "
+            "from host while a move waits for the old host to stop it."
+        ),
+    ]
+    local: Annotated[
+        bool,
+        Meta(
+            description="Held by the host that answers: pid, uptime_s, rss_mb, telegram and "
+            "health are its own observation. False: they are not known here (null, false, "
+            "unknown); state is what the holder last recorded."
+        ),
+    ]
     spec: Annotated[
         dict[str, Any],
         Meta(description="The bot's own spec (fleet defaults not merged), secrets left out."),
@@ -234,6 +253,7 @@ class Publish(Struct, frozen=True, forbid_unknown_fields=True):
 class ControllerView(Struct, frozen=True):
     pid: int
     rss_mb: float | None
+    host: Annotated[str, Meta(description="This controller's host (TGFLEET_HOST).")]
 
 
 class DatabaseView(Struct, frozen=True):
@@ -254,6 +274,31 @@ class Status(Struct, frozen=True):
     controller: ControllerView
     database: DatabaseView
     reconcile_error: str | None
+
+
+class HostView(Struct, frozen=True):
+    """A controller sharing the database, by its heartbeat (the database's clock)."""
+
+    name: str
+    started_at: Annotated[
+        Timestamp | None, Meta(description="Null: bots are placed on it, it was never seen.")
+    ]
+    seen_at: Timestamp | None
+    silent_s: Annotated[float | None, Meta(description="Seconds since it was last seen.")]
+    alive: Annotated[bool, Meta(description="Seen within the last few seconds.")]
+    api_url: str
+    held: Annotated[int, Meta(description="Bots its controller holds (runs, or stops).")]
+    placed: Annotated[int, Meta(description="Bots whose host it is.")]
+    answering: Annotated[bool, Meta(description="The host whose API answered this.")]
+
+
+class HostList(Struct, frozen=True):
+    hosts: list[HostView]
+
+
+class ForgottenHost(Struct, frozen=True):
+    host: str
+    released: Annotated[list[str], Meta(description="The bots it held: nobody holds them now.")]
 
 
 class Readiness(Struct, frozen=True):

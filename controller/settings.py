@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import re
+import socket
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from botspec.spec import FLEET_HOST_PATTERN, MAX_FLEET_HOST
 from controller.access import trusted_networks
 from controller.atomicfile import write_atomic
 from controller.home import Home
@@ -21,10 +24,27 @@ DEFAULT_EVENT_RETENTION_COUNT = 100_000
 #: Wrong tokens from one address within a minute before its wrong tokens get 429.
 DEFAULT_AUTH_FAILURE_LIMIT = 10
 DEFAULT_OUTBOX_LIMIT = 10_000
+#: A host may be forgotten (the bots it held let go of) only after this long unseen.
+DEFAULT_FORGET_AFTER_S = 60.0
 
 
 class SettingsError(ValueError):
     pass
+
+
+def host_problem(host: str) -> str | None:
+    """Why ``host`` is no controller host name (the pattern a bot's ``host`` has), or None."""
+    if len(host) > MAX_FLEET_HOST or not re.fullmatch(FLEET_HOST_PATTERN, host):
+        return (
+            f"the host name {host!r} must be lower-case letters, digits and '-' in "
+            f"dot-separated labels of 1 to 63 (at most {MAX_FLEET_HOST} characters)"
+        )
+    return None
+
+
+def default_host() -> str:
+    """This machine's host name, lower-cased: the controller's host unless told otherwise."""
+    return socket.gethostname().lower()
 
 
 def is_loopback(host: str) -> bool:
@@ -84,6 +104,10 @@ class ControllerSettings:
     # The API's certificate and key (PEM): it then speaks HTTPS only.
     tls_cert: str | None = None
     tls_key: str | None = None
+    # This controller's host: it runs the bots whose ``host`` is this, and only those.
+    host: str = field(default_factory=default_host)
+    # Another host may be forgotten (DELETE /api/v1/hosts/NAME) once silent this long.
+    forget_after_s: float = DEFAULT_FORGET_AFTER_S
 
     @property
     def api_url(self) -> str:
@@ -146,5 +170,11 @@ class ControllerSettings:
                 "log rotation needs log_max_bytes of at least 65536 and log_backup_count of "
                 f"at least 1, not {self.log_max_bytes} and {self.log_backup_count}"
             )
+        if not 5 <= self.forget_after_s <= 86400:
+            raise SettingsError(
+                f"forget_after_s must be from 5 to 86400 seconds, not {self.forget_after_s}"
+            )
+        if problem := host_problem(self.host):
+            raise SettingsError(f"{problem} (set TGFLEET_HOST)")
         if self.outbox_limit < 1:
             raise SettingsError(f"outbox_limit must be at least 1, not {self.outbox_limit}")

@@ -19,7 +19,14 @@ from typing import Any, ParamSpec, Protocol, TypeVar
 import asyncpg
 
 from controller.access import Scope
-from controller.errors import BotNotFound, Conflict, NotFound, StoreUnavailable, VersionMismatch
+from controller.errors import (
+    BotNotFound,
+    Conflict,
+    HeldElsewhere,
+    NotFound,
+    StoreUnavailable,
+    VersionMismatch,
+)
 from controller.secretbox import SecretBox
 from controller.states import BotState
 
@@ -31,6 +38,10 @@ DEFAULT_TIMEOUT_S = 2.0
 MIGRATE_TIMEOUT_S = 120.0
 #: Events deleted per statement when pruning (each statement stays short).
 PRUNE_BATCH = 5000
+#: The channel every controller LISTENs on (controller/migrations/0005_hosts.sql).
+CHANGES_CHANNEL = "tgfleet_changes"
+#: Between tries to LISTEN again after the connection was lost, seconds.
+LISTEN_RETRY_S = 1.0
 
 # How long the current caller waits per call, when it is in a hurry (the API sets it).
 _patience: ContextVar[float | None] = ContextVar("tgfleet_database_patience", default=None)
@@ -63,6 +74,23 @@ class BotRow:
     created_at: datetime
     updated_at: datetime
     version: int = 1  # bumped by every spec change (the API's ETag)
+    #: The host whose controller should run it (None: from before hosts; adopted by the
+    #: first controller that looks).
+    host: str | None = None
+    #: The host whose controller may have a process of it now (None: no process anywhere).
+    held_by: str | None = None
+
+
+@dataclass(frozen=True)
+class HostRow:
+    """A controller's heartbeat row: one per host sharing the database."""
+
+    name: str
+    started_at: datetime
+    seen_at: datetime
+    #: Seconds since it was last seen, by the database's clock, as of the read.
+    silent_s: float
+    api_url: str
 
 
 @dataclass(frozen=True)
@@ -135,10 +163,16 @@ class Store(Protocol):
     async def list_bots(self) -> list[BotRow]: ...
     async def get_bot(self, name: str) -> BotRow: ...
     async def create_bot(
-        self, name: str, spec: Mapping[str, Any], desired: str, actor: str
+        self, name: str, spec: Mapping[str, Any], desired: str, actor: str, host: str | None = None
     ) -> BotRow: ...
     async def update_spec(
-        self, name: str, spec: Mapping[str, Any], actor: str, restart: bool, version: int
+        self,
+        name: str,
+        spec: Mapping[str, Any],
+        actor: str,
+        restart: bool,
+        version: int,
+        host: str | None = None,
     ) -> BotRow: ...
     async def set_desired(self, name: str, desired: str, actor: str, reason: str) -> BotRow: ...
     async def set_state(
@@ -151,7 +185,17 @@ class Store(Protocol):
         data: Mapping[str, Any] | None,
     ) -> tuple[BotRow, EventRow]: ...
     async def count_restart(self, name: str) -> None: ...
-    async def delete_bot(self, name: str, actor: str, reason: str) -> EventRow: ...
+    async def delete_bot(
+        self, name: str, actor: str, reason: str, host: str | None = None
+    ) -> EventRow: ...
+    async def claim_bot(self, name: str, host: str) -> BotRow | None: ...
+    async def release_bot(self, name: str, host: str) -> BotRow | None: ...
+    async def host_seen(self, host: str, api_url: str) -> None: ...
+    async def list_hosts(self) -> list[HostRow]: ...
+    async def forget_host(self, host: str, silent_for_s: float, actor: str) -> list[str]: ...
+    async def watch_changes(
+        self, on_change: Callable[[], None], stopping: asyncio.Event
+    ) -> None: ...
     async def add_event(
         self, bot: str | None, kind: str, actor: str, reason: str, data: Mapping[str, Any]
     ) -> EventRow: ...
@@ -187,7 +231,59 @@ def _bot(row: asyncpg.Record, secrets: SecretBox) -> BotRow:
         created_at=row["created_at"],
         updated_at=row["updated_at"],
         version=row["version"],
+        host=row["host"],
+        held_by=row["held_by"],
     )
+
+
+def _host(row: asyncpg.Record) -> HostRow:
+    return HostRow(
+        name=row["name"],
+        started_at=row["started_at"],
+        seen_at=row["seen_at"],
+        silent_s=float(row["silent_s"]),
+        api_url=row["api_url"],
+    )
+
+
+# What the host events say: one wording for both stores.
+
+
+def claimed(host: str) -> tuple[str, dict[str, Any]]:
+    return f"{host} holds it now (its controller runs it)", {"held_by": host}
+
+
+def released(host: str, placed: str | None) -> tuple[str, dict[str, Any]]:
+    return (
+        f"{host} let go of it (its process there is gone) for {placed}",
+        {"released_by": host, "host": placed},
+    )
+
+
+def forgotten(host: str) -> tuple[str, dict[str, Any]]:
+    return f"{host} was forgotten by the operator: nobody holds it now", {"forgotten": host}
+
+
+def forget_refusal(host: str, silent_s: float, silent_for_s: float) -> str:
+    return (
+        f"{host} was seen {silent_s:.0f} s ago: it may still run its bots; forget a host only "
+        f"once it is gone (silent for at least {silent_for_s:g} s)"
+    )
+
+
+def update_reason(restart: bool, old_host: str | None, new_host: str | None) -> str:
+    if old_host != new_host:
+        return f"moved from {old_host} to {new_host}"
+    return "spec changed" if restart else "spec changed; the process keeps running"
+
+
+def update_data(
+    generation: int, restart: bool, version: int, old_host: str | None, new_host: str | None
+) -> dict[str, Any]:
+    data: dict[str, Any] = {"generation": generation, "restart": restart, "version": version}
+    if old_host != new_host:
+        data["moved"] = {"from": old_host, "to": new_host}
+    return data
 
 
 def _event(row: asyncpg.Record) -> EventRow:
@@ -280,7 +376,7 @@ def _guarded(name: str, method: Callable[P, Awaitable[R]]) -> Callable[P, Awaita
 
 def _translating(cls: type[T]) -> type[T]:
     for name, member in list(vars(cls).items()):
-        public = not name.startswith("_") and name not in ("connect", "close")
+        public = not name.startswith("_") and name not in ("connect", "close", "watch_changes")
         if inspect.iscoroutinefunction(member) and public:
             setattr(cls, name, _guarded(name, member))
     return cls
@@ -291,9 +387,14 @@ class PgStore:
     """The Store on PostgreSQL through an asyncpg pool (a lost database: StoreUnavailable)."""
 
     def __init__(
-        self, pool: asyncpg.Pool, secrets: SecretBox, timeout_s: float = DEFAULT_TIMEOUT_S
+        self,
+        pool: asyncpg.Pool,
+        secrets: SecretBox,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        dsn: str | None = None,
     ) -> None:
         self._pool = pool
+        self._dsn = dsn  # for the LISTEN connection (watch_changes)
         self.secrets = secrets
         self.timeout_s = timeout_s
         #: Wall time since when the database has not answered; None while it does.
@@ -321,7 +422,7 @@ class PgStore:
             )
         except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
             raise StoreUnavailable(f"cannot connect to PostgreSQL: {exc}") from exc
-        return cls(pool, secrets, query_timeout)
+        return cls(pool, secrets, query_timeout, dsn)
 
     async def close(self) -> None:
         try:
@@ -441,16 +542,17 @@ class PgStore:
         return _bot(row, self.secrets)
 
     async def create_bot(
-        self, name: str, spec: Mapping[str, Any], desired: str, actor: str
+        self, name: str, spec: Mapping[str, Any], desired: str, actor: str, host: str | None = None
     ) -> BotRow:
         async with self._connection() as conn, conn.transaction():
             row = await conn.fetchrow(
-                """INSERT INTO bots (name, spec, desired, state) VALUES ($1, $2, $3, $4)
+                """INSERT INTO bots (name, spec, desired, state, host) VALUES ($1, $2, $3, $4, $5)
                    ON CONFLICT (name) DO NOTHING RETURNING *""",
                 name,
                 self.secrets.seal_all(spec),
                 desired,
                 BotState.CONFIGURING.value,
+                host,
             )
             if row is None:
                 raise Conflict(f"a bot named {name!r} already exists")
@@ -460,19 +562,30 @@ class PgStore:
         return _bot(row, self.secrets)
 
     async def update_spec(
-        self, name: str, spec: Mapping[str, Any], actor: str, restart: bool, version: int
+        self,
+        name: str,
+        spec: Mapping[str, Any],
+        actor: str,
+        restart: bool,
+        version: int,
+        host: str | None = None,
     ) -> BotRow:
         """Store a bot's new spec, made from its spec at ``version`` (VersionMismatch if it
-        changed since); a new generation (its process restarts) when ``restart``."""
+        changed since); a new generation (its process restarts) when ``restart``; a new
+        ``host`` (not None) moves it there."""
         async with self._connection() as conn, conn.transaction():
+            old_host = await conn.fetchval(
+                "SELECT host FROM bots WHERE name = $1 AND version = $2 FOR UPDATE", name, version
+            )
             row = await conn.fetchrow(
                 """UPDATE bots SET spec = $2, generation = generation + $3,
-                          version = version + 1, updated_at = now()
+                          version = version + 1, updated_at = now(), host = coalesce($5, host)
                    WHERE name = $1 AND version = $4 RETURNING *""",
                 name,
                 self.secrets.seal_all(spec),
                 1 if restart else 0,
                 version,
+                host,
             )
             if row is None:
                 current = await conn.fetchval("SELECT version FROM bots WHERE name = $1", name)
@@ -486,8 +599,8 @@ class PgStore:
                 actor,
                 None,
                 None,
-                "spec changed" if restart else "spec changed; the process keeps running",
-                {"generation": row["generation"], "restart": restart, "version": row["version"]},
+                update_reason(restart, old_host, row["host"]),
+                update_data(row["generation"], restart, row["version"], old_host, row["host"]),
             )
         return _bot(row, self.secrets)
 
@@ -545,17 +658,147 @@ class PgStore:
     async def count_restart(self, name: str) -> None:
         await self._execute("UPDATE bots SET restarts = restarts + 1 WHERE name = $1", name)
 
-    async def delete_bot(self, name: str, actor: str, reason: str) -> EventRow:
-        """Delete a bot (its events stay); the event row of its destruction."""
+    async def delete_bot(
+        self, name: str, actor: str, reason: str, host: str | None = None
+    ) -> EventRow:
+        """Delete a bot (its events stay); the event row of its destruction. With
+        ``host``, only a bot that no other host holds (Conflict otherwise)."""
         async with self._connection() as conn, conn.transaction():
-            old = await conn.fetchrow("DELETE FROM bots WHERE name = $1 RETURNING state", name)
+            old = await conn.fetchrow(
+                """DELETE FROM bots WHERE name = $1
+                   AND ($2::text IS NULL OR held_by IS NULL OR held_by = $2)
+                   RETURNING state""",
+                name,
+                host,
+            )
             if old is None:
-                raise BotNotFound(name)
+                holder = await conn.fetchrow("SELECT held_by FROM bots WHERE name = $1", name)
+                if holder is None:
+                    raise BotNotFound(name)
+                raise HeldElsewhere(name, holder["held_by"])
             await conn.execute("DELETE FROM bot_health WHERE name = $1", name)
             event = await conn.fetchrow(
                 _INSERT_EVENT, name, "transition", actor, old["state"], "destroyed", reason, {}
             )
         return _event(event)
+
+    # ------------------------------------------------------------- hosts
+
+    async def claim_bot(self, name: str, host: str) -> BotRow | None:
+        """``host`` holds the bot from now on, if it is placed there (or nowhere yet) and
+        no host holds it; its new row, else None."""
+        async with self._connection() as conn, conn.transaction():
+            row = await conn.fetchrow(
+                """UPDATE bots SET held_by = $2, host = coalesce(host, $2), updated_at = now()
+                   WHERE name = $1 AND held_by IS NULL AND coalesce(host, $2) = $2
+                   RETURNING *""",
+                name,
+                host,
+            )
+            if row is None:
+                return None
+            await conn.execute(
+                _INSERT_EVENT, name, "host", f"host:{host}", None, None, *claimed(host)
+            )
+        return _bot(row, self.secrets)
+
+    async def release_bot(self, name: str, host: str) -> BotRow | None:
+        """``host`` lets go of a bot placed elsewhere (its process there is gone); its new
+        row, else None (``host`` did not hold it, or it is placed on ``host`` again)."""
+        async with self._connection() as conn, conn.transaction():
+            row = await conn.fetchrow(
+                """UPDATE bots SET held_by = NULL, updated_at = now()
+                   WHERE name = $1 AND held_by = $2 AND host IS DISTINCT FROM $2 RETURNING *""",
+                name,
+                host,
+            )
+            if row is None:
+                return None
+            await conn.execute(
+                _INSERT_EVENT,
+                name,
+                "host",
+                f"host:{host}",
+                None,
+                None,
+                *released(host, row["host"]),
+            )
+        return _bot(row, self.secrets)
+
+    async def host_seen(self, host: str, api_url: str) -> None:
+        """The controller of ``host`` is alive (its heartbeat, by the database's clock)."""
+        await self._execute(
+            """INSERT INTO hosts (name, api_url) VALUES ($1, $2)
+               ON CONFLICT (name) DO UPDATE SET seen_at = now(), api_url = $2""",
+            host,
+            api_url,
+        )
+
+    async def list_hosts(self) -> list[HostRow]:
+        rows = await self._fetch(
+            """SELECT *, extract(epoch FROM now() - seen_at) AS silent_s
+               FROM hosts ORDER BY name"""
+        )
+        return [_host(r) for r in rows]
+
+    async def forget_host(self, host: str, silent_for_s: float, actor: str) -> list[str]:
+        """The operator says ``host`` is gone: every bot it holds is let go (another host may
+        start it), its heartbeat row goes; the names of those bots. Conflict if it was
+        seen within ``silent_for_s``; NotFound if it is unknown and holds nothing."""
+        async with self._connection() as conn, conn.transaction():
+            seen = await conn.fetchrow(
+                """SELECT extract(epoch FROM now() - seen_at) AS silent_s
+                   FROM hosts WHERE name = $1 FOR UPDATE""",
+                host,
+            )
+            if seen is not None and float(seen["silent_s"]) < silent_for_s:
+                raise Conflict(forget_refusal(host, float(seen["silent_s"]), silent_for_s))
+            names = [
+                r["name"]
+                for r in await conn.fetch(
+                    """UPDATE bots SET held_by = NULL, updated_at = now() WHERE held_by = $1
+                       RETURNING name""",
+                    host,
+                )
+            ]
+            if seen is None and not names:
+                raise NotFound(f"no host named {host!r}")
+            await conn.execute("DELETE FROM hosts WHERE name = $1", host)
+            for name in sorted(names):
+                await conn.execute(_INSERT_EVENT, name, "host", actor, None, None, *forgotten(host))
+        return sorted(names)
+
+    async def watch_changes(self, on_change: Callable[[], None], stopping: asyncio.Event) -> None:
+        """Call ``on_change`` whenever any controller changes a bot or the fleet defaults
+        (LISTEN on a connection of its own, made again when lost), and once on every
+        (re)connection, for what changed meanwhile; until ``stopping`` is set. A stalled
+        server only delays the news: the reconcile loop polls anyway."""
+        if self._dsn is None:
+            await stopping.wait()
+            return
+        while not stopping.is_set():
+            lost = asyncio.Event()
+            try:
+                conn = await asyncpg.connect(self._dsn, timeout=max(self.timeout_s, 1.0))
+            except (*_UNAVAILABLE, asyncpg.PostgresError) as exc:
+                log.debug("LISTEN: cannot connect (%s); polling meanwhile", exc)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stopping.wait(), LISTEN_RETRY_S)
+                continue
+            try:
+                conn.add_termination_listener(lambda _conn, lost=lost: lost.set())
+                await conn.add_listener(CHANGES_CHANNEL, lambda *_args: on_change())
+                on_change()
+                waiters = [asyncio.ensure_future(e.wait()) for e in (stopping, lost)]
+                try:
+                    await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    for waiter in waiters:
+                        waiter.cancel()
+            except (*_UNAVAILABLE, asyncpg.PostgresError) as exc:
+                log.debug("LISTEN connection lost: %s", exc)
+            finally:
+                conn.terminate()
 
     async def add_event(
         self, bot: str | None, kind: str, actor: str, reason: str, data: Mapping[str, Any]
@@ -728,6 +971,17 @@ class PgStore:
         sealed ones must open (SecretKeyError if not) and are sealed again only when
         ``rotate``. One transaction: a crash leaves the rows as they were."""
         change = secrets.reseal_all if rotate else secrets.seal_all
+        # Readers use the new box from now on: it opens the rows sealed before and those
+        # sealed here. Set only after the commit, a pass woken by the commit's NOTIFY
+        # would read rows it cannot open.
+        previous, self.secrets = self.secrets, secrets
+        try:
+            return await self._seal_all(secrets, change)
+        except BaseException:
+            self.secrets = previous
+            raise
+
+    async def _seal_all(self, secrets: SecretBox, change: Callable[[Any], Any]) -> int:
         rewritten = 0
         async with self._connection() as conn, conn.transaction():
             bots = await conn.fetch("SELECT name, spec FROM bots ORDER BY name FOR UPDATE")
@@ -745,5 +999,4 @@ class PgStore:
             if sealed != defaults:
                 await conn.execute("UPDATE fleet_defaults SET value = $1", sealed)
                 rewritten += 1
-        self.secrets = secrets
         return rewritten

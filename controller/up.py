@@ -31,11 +31,13 @@ from controller.settings import (
     DEFAULT_DATABASE_TIMEOUT_S,
     DEFAULT_EVENT_RETENTION_COUNT,
     DEFAULT_EVENT_RETENTION_DAYS,
+    DEFAULT_FORGET_AFTER_S,
     DEFAULT_LISTEN,
     DEFAULT_SANDBOX_ADMIN,
     DEFAULT_SANDBOX_LISTEN,
     ControllerSettings,
     SettingsError,
+    default_host,
     env_number,
     is_loopback,
     parse_hostport,
@@ -66,6 +68,9 @@ class UpOptions:
     tls_key: str | None = None
     # Serve plain HTTP on a non-loopback address anyway (tokens cross the network in clear).
     insecure_listen: bool = False
+    # This controller's host name (None: the machine's, lower-cased).
+    host: str | None = None
+    forget_after_s: float = DEFAULT_FORGET_AFTER_S
 
 
 def options_from_env(
@@ -76,6 +81,7 @@ def options_from_env(
     tls_cert: str | None = None,
     tls_key: str | None = None,
     insecure_listen: bool = False,
+    host: str | None = None,
     environ: dict[str, str] | None = None,
 ) -> UpOptions:
     """`tgfleet up`'s options from its flags and environment (`tgfleet render circus-ini`
@@ -110,6 +116,8 @@ def options_from_env(
         tls_cert=os.path.abspath(tls_cert) if tls_cert else None,
         tls_key=os.path.abspath(tls_key) if tls_key else None,
         insecure_listen=insecure_listen,
+        host=host or env.get("TGFLEET_HOST") or None,
+        forget_after_s=env_number(env, "TGFLEET_HOST_FORGET_AFTER_S", DEFAULT_FORGET_AFTER_S),
     )
 
 
@@ -238,6 +246,8 @@ def controller_settings(options: UpOptions, database_url: str) -> ControllerSett
         tls_key=options.tls_key,
         log_max_bytes=log.max_bytes,
         log_backup_count=log.backup_count,
+        host=options.host or default_host(),
+        forget_after_s=options.forget_after_s,
     )
     try:
         settings.check()

@@ -165,10 +165,13 @@ def bot_view(
     record: HealthRecord,
     now: float,
     usage: Usage | None = None,
+    *,
+    local: bool = True,
 ) -> dict[str, Any]:
     """A bot as the API shows it (controller/schemas.py ``BotView``): ``alive`` is its
     process if that still exists, ``live`` what was last heard of it either way,
-    ``usage`` its process as last sampled from /proc."""
+    ``usage`` its process as last sampled from /proc; ``local``: this controller holds
+    it (else its live fields are not known here)."""
     pid: int | None = None
     uptime: float | None = None
     rss: float | None = None
@@ -200,6 +203,9 @@ def bot_view(
         "generation": row.generation,
         "version": row.version,
         "watcher": f"bot-{row.name}",
+        "host": row.host,
+        "held_by": row.held_by,
+        "local": local,
         "spec": public_view(row.spec),
     }
 

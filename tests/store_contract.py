@@ -8,6 +8,7 @@ Each case gets a fresh, empty, migrated store.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -17,7 +18,7 @@ import pytest
 
 import controller.memstore
 import controller.store
-from controller.errors import BotNotFound, Conflict, NotFound, VersionMismatch
+from controller.errors import BotNotFound, Conflict, HeldElsewhere, NotFound, VersionMismatch
 from controller.secretbox import SecretKeyError
 from controller.states import BotState
 from controller.store import BotRow, EventRow, Store
@@ -26,7 +27,7 @@ from controller.store import BotRow, EventRow, Store
 @dataclass
 class Subject:
     store: Store
-    #: Make every event stored so far older by this many seconds.
+    #: Make every event stored so far (and every host's heartbeat) older by this many seconds.
     backdate_events: Callable[[float], Awaitable[None]]
     #: What the store raises for a value its schema forbids (a check, JSON's NaN).
     refused: tuple[type[Exception], ...]
@@ -595,3 +596,133 @@ async def a_new_key_seals_everything_again_and_the_old_one_is_not_needed(s: Subj
     s.store.secrets = old
     with pytest.raises(SecretKeyError, match="does not open with the key from"):
         await s.store.get_bot("echo")
+
+
+# -------------------------------------------------------------------- hosts
+
+
+@case
+async def a_bot_is_placed_on_a_host_or_on_none(s: Subject) -> None:
+    placed = await s.store.create_bot("echo", SPEC, "running", "tester", "alpha")
+    unplaced = await _created(s.store, "old")
+    assert (placed.host, placed.held_by) == ("alpha", None)
+    assert (unplaced.host, unplaced.held_by) == (None, None)
+    assert await s.store.get_bot("echo") == placed
+
+
+@case
+async def one_host_at_a_time_holds_a_bot_and_only_its_own(s: Subject) -> None:
+    await s.store.create_bot("echo", SPEC, "running", "tester", "alpha")
+    await _created(s.store, "old")
+    assert await s.store.claim_bot("echo", "beta") is None  # placed elsewhere
+    held = await s.store.claim_bot("echo", "alpha")
+    assert held is not None and (held.host, held.held_by, held.version) == ("alpha", "alpha", 1)
+    assert await s.store.get_bot("echo") == held
+    assert await s.store.claim_bot("echo", "alpha") is None  # held already
+    # A bot from before hosts is adopted by the first host that claims it.
+    adopted = await s.store.claim_bot("old", "beta")
+    assert adopted is not None and (adopted.host, adopted.held_by) == ("beta", "beta")
+    assert await s.store.claim_bot("old", "alpha") is None
+    assert await s.store.claim_bot("ghost", "alpha") is None
+    event = (await _bot_events(s.store, "echo"))[-1]
+    assert (event.kind, event.actor, event.data) == ("host", "host:alpha", {"held_by": "alpha"})
+
+
+@case
+async def moving_a_bot_keeps_its_holder_until_the_holder_lets_go(s: Subject) -> None:
+    await s.store.create_bot("echo", SPEC, "running", "tester", "alpha")
+    await s.store.claim_bot("echo", "alpha")
+    assert await s.store.release_bot("echo", "alpha") is None  # still placed on alpha
+    moved = await s.store.update_spec("echo", SPEC, "alice", False, 1, "beta")
+    assert (moved.host, moved.held_by, moved.version, moved.generation) == ("beta", "alpha", 2, 1)
+    update = (await _bot_events(s.store, "echo"))[-1]
+    assert (update.reason, update.data["moved"]) == (
+        "moved from alpha to beta",
+        {"from": "alpha", "to": "beta"},
+    )
+    assert await s.store.claim_bot("echo", "beta") is None  # alpha still holds it
+    assert await s.store.release_bot("echo", "beta") is None  # beta holds nothing
+    let_go = await s.store.release_bot("echo", "alpha")
+    assert let_go is not None and (let_go.host, let_go.held_by) == ("beta", None)
+    event = (await _bot_events(s.store, "echo"))[-1]
+    assert (event.kind, event.actor, event.data) == (
+        "host",
+        "host:alpha",
+        {"released_by": "alpha", "host": "beta"},
+    )
+    taken = await s.store.claim_bot("echo", "beta")
+    assert taken is not None and taken.held_by == "beta"
+    # No host given: the bot stays where it is.
+    kept = await s.store.update_spec("echo", {"v": 2}, "alice", True, 2)
+    assert (kept.host, kept.held_by) == ("beta", "beta")
+    assert "moved" not in (await _bot_events(s.store, "echo"))[-1].data
+
+
+@case
+async def a_bot_held_by_another_host_is_not_deleted_by_this_one(s: Subject) -> None:
+    await s.store.create_bot("echo", SPEC, "running", "tester", "alpha")
+    await s.store.claim_bot("echo", "alpha")
+    with pytest.raises(HeldElsewhere) as caught:
+        await s.store.delete_bot("echo", "bob", "destroy requested", "beta")
+    assert isinstance(caught.value, Conflict) and caught.value.holder == "alpha"
+    assert (await s.store.get_bot("echo")).held_by == "alpha"
+    event = await s.store.delete_bot("echo", "bob", "destroy requested", "alpha")
+    assert event.to_state == "destroyed"
+    await s.store.create_bot("free", SPEC, "running", "tester", "gamma")  # held by nobody
+    await s.store.delete_bot("free", "bob", "destroy requested", "beta")
+    with pytest.raises(BotNotFound):
+        await s.store.delete_bot("free", "bob", "destroy requested", "beta")
+
+
+@case
+async def hosts_beat_and_a_silent_one_can_be_forgotten(s: Subject) -> None:
+    assert await s.store.list_hosts() == []
+    await s.store.host_seen("beta", "http://beta:8710")
+    await s.store.host_seen("alpha", "http://alpha:8710")
+    first = {h.name: h for h in await s.store.list_hosts()}
+    assert list(first) == ["alpha", "beta"]
+    assert first["alpha"].api_url == "http://alpha:8710"
+    assert 0 <= first["alpha"].silent_s < 5
+    await s.store.create_bot("echo", SPEC, "running", "tester", "alpha")
+    await s.store.create_bot("idle", SPEC, "stopped", "tester", "alpha")
+    await s.store.claim_bot("echo", "alpha")
+    await s.backdate_events(120)
+    await s.store.host_seen("beta", "http://beta:8711")  # beta is alive, alpha silent
+    hosts = {h.name: h for h in await s.store.list_hosts()}
+    assert hosts["alpha"].silent_s >= 120 > hosts["beta"].silent_s
+    assert hosts["beta"].started_at == first["beta"].started_at  # the same host, seen again
+    assert hosts["beta"].api_url == "http://beta:8711"
+    with pytest.raises(Conflict, match="beta was seen 0 s ago"):
+        await s.store.forget_host("beta", 60, "admin")
+    with pytest.raises(NotFound):
+        await s.store.forget_host("ghost", 60, "admin")
+    assert await s.store.forget_host("alpha", 60, "api:admin") == ["echo"]
+    row = await s.store.get_bot("echo")
+    assert (row.host, row.held_by) == ("alpha", None)  # still placed there: move it
+    event = (await _bot_events(s.store, "echo"))[-1]
+    assert (event.kind, event.actor, event.data) == ("host", "api:admin", {"forgotten": "alpha"})
+    assert [h.name for h in await s.store.list_hosts()] == ["beta"]
+    with pytest.raises(NotFound):
+        await s.store.forget_host("alpha", 60, "api:admin")
+
+
+@case
+async def a_watcher_hears_of_every_change_of_a_bot_or_the_defaults(s: Subject) -> None:
+    heard = asyncio.Event()
+    stopping = asyncio.Event()
+    watching = asyncio.create_task(s.store.watch_changes(heard.set, stopping))
+    try:
+        await asyncio.wait_for(heard.wait(), 10)  # once at the start
+        for change in (
+            lambda: _created(s.store),
+            lambda: s.store.set_desired("echo", "stopped", "t", "r"),
+            lambda: s.store.claim_bot("echo", "alpha"),
+            lambda: s.store.set_defaults({"memory_limit_mb": 256}, "t", []),
+            lambda: s.store.delete_bot("echo", "t", "r"),
+        ):
+            heard.clear()
+            await change()
+            await asyncio.wait_for(heard.wait(), 10)
+    finally:
+        stopping.set()
+        await asyncio.wait_for(watching, 10)

@@ -356,6 +356,8 @@ class Connection:
         self.server.note_result(self.key.key_id, account, result)
         if not self.updates_enabled:
             self.updates_enabled = True
+            # With "closed", the log says when each account had a live session, and where.
+            log.info("%s: logged in", self.describe())
             self.server.flush_missed(self, account)
 
     def _rpc_error(self, msg_id: int, code: int, message: str) -> None:

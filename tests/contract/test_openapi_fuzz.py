@@ -57,5 +57,5 @@ def test_schemathesis_finds_nothing(tmp_path: Path) -> None:
     print("schemathesis:", "; ".join(s.strip() for s in summary))
     assert done.returncode == 0, text[-8000:]
     # Every operation but the endless event stream and token revocation.
-    assert "Selected: 22/24" in text
+    assert "Selected: 24/26" in text
     assert "Authentication failed" not in text

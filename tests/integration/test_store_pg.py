@@ -36,6 +36,9 @@ async def test_contract(case: Case, pg_store: PgStore, fresh_database: str) -> N
         conn = await asyncpg.connect(fresh_database)
         try:
             await conn.execute("UPDATE events SET at = at - make_interval(secs => $1)", seconds)
+            await conn.execute(
+                "UPDATE hosts SET seen_at = seen_at - make_interval(secs => $1)", seconds
+            )
         finally:
             await conn.close()
 

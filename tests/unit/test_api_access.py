@@ -120,7 +120,7 @@ async def api(tmp_path: Path) -> AsyncIterator[Api]:
 def writes(scope: str) -> list[tuple[str, str]]:
     """(method, path) of every route that needs ``scope`` or more, on the bot 'echo'."""
     return [
-        (r.method, r.path.replace("{name}", "echo"))
+        (r.method, r.path.replace("{name}", "echo").replace("{host}", "elsewhere"))
         for r in ROUTES
         if not r.public and allows(r.scope, scope) and r.scope != "read"  # type: ignore[arg-type]
     ]
@@ -139,7 +139,9 @@ async def test_a_read_token_may_read_but_not_write(api: Api) -> None:
     before = await api.state()
     attempts = writes("operate")
     every_write = {
-        (r.method, r.path.replace("{name}", "echo")) for r in ROUTES if r.method != "GET"
+        (r.method, r.path.replace("{name}", "echo").replace("{host}", "elsewhere"))
+        for r in ROUTES
+        if r.method != "GET"
     }
     assert every_write <= set(attempts) and len(attempts) == len(every_write) + 1  # GET tokens
     for method, path in attempts:
