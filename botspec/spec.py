@@ -13,7 +13,7 @@ database) fill the rest; the defaults declared here fill what neither sets.
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 from msgspec import Meta, Struct
@@ -100,6 +100,16 @@ MemoryLimitMb = Annotated[
 GracefulTimeout = Annotated[
     float,
     Meta(ge=1, le=60, description="SIGTERM → the bot drains and exits within this, seconds."),
+]
+Launch = Annotated[
+    Literal["fork", "exec"],
+    Meta(
+        description=(
+            "How the bot's process starts: 'fork' from the fleet's preloaded fork server "
+            "(small, fast; exec when the fork server is down), or 'exec' a fresh Python."
+        ),
+        extra={"must": "must be 'fork' or 'exec'"},
+    ),
 ]
 ApiId = Annotated[
     int,
@@ -245,6 +255,7 @@ class FleetDefaults(Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tru
         bool, Meta(description="Run it whenever the fleet runs (else start it by hand).")
     ] = True
     graceful_timeout_s: GracefulTimeout = 5.0
+    launch: Launch = "fork"
     subscribe: Topics = ()
     telegram: Telegram = Telegram()
     health: Health = Health()

@@ -16,9 +16,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Literal
 
 import jinja2
 
+import botrunner  # its __init__ only: where the launcher file is
 from botspec.spec import MIN_MEMORY_MB, NAME_PATTERN, FleetDefaults, Limits
 from controller.home import Home
 from controller.pg import PgWatcher
@@ -49,6 +51,13 @@ _ACCOUNT = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")  # what useradd accepts, minu
 # ConfigParser reading the same file. A leading "#" or ";" cannot occur: values
 # never start with whitespace and the key comes first.
 _FORBIDDEN = ("\n", "\r", "\x00", " ;", "\t;", "%", "$(", "((")
+
+
+#: The fork server's watcher (botrunner.forkserver): root when the fleet is, since
+#: each child it forks becomes its bot's user; it imports only tgfleet's own code.
+FORKSERVER_WATCHER = "forkserver"
+#: A fork-mode bot's watcher runs this file (stdlib only) with ``python -S -I``.
+LAUNCHER = Path(botrunner.__file__).parent / "launcher.py"
 
 
 class InvalidWatcherValue(ValueError):
@@ -113,6 +122,8 @@ class BotWatcher:
     processes: int | None = None
     user: str | None = None  # the bot's own system user; None: the fleet's user
     group: str | None = None
+    # fork: the watcher runs the launcher, which asks the fork server for the bot
+    launch: Literal["fork", "exec"] = "exec"
 
     def __post_init__(self) -> None:
         if not BOT_NAME.fullmatch(self.name):
@@ -135,6 +146,8 @@ class BotWatcher:
             )
         if self.max_retry < -1:
             raise InvalidWatcherValue(f"max_retry {self.max_retry} must be >= -1")
+        if self.launch not in ("fork", "exec"):
+            raise InvalidWatcherValue(f"launch {self.launch!r} must be 'fork' or 'exec'")
 
     @property
     def watcher_name(self) -> str:
@@ -274,6 +287,24 @@ def render_circus_ini(
                 env=_env_pairs(_base_env(home, home_env=home.root)),
             )
         )
+    out, err = _logs(home, FORKSERVER_WATCHER)
+    forkserver_env = _base_env(home, home_env=home.root) | {"MALLOC_ARENA_MAX": "2"}
+    if plugin_path:
+        forkserver_env["PYTHONPATH"] = _pythonpath(plugin_path)
+    watchers.append(
+        _Watcher(
+            name=FORKSERVER_WATCHER,
+            cmd=_command_line([python]),
+            args=_command_line(["-m", "botrunner.forkserver", str(home.root)]),
+            working_dir=home.root,
+            priority=15,  # before the controller, which starts the bots
+            stop_signal="TERM",
+            graceful_timeout=3.0,
+            stdout_log=out,
+            stderr_log=err,
+            env=_env_pairs(forkserver_env),
+        )
+    )
     out, err = _logs(home, "controller")
     controller_env = _base_env(home, home_env=home.root) | {"TGFLEET_LISTEN": listen}
     if plugin_path:
@@ -301,6 +332,14 @@ def render_circus_ini(
         watchers=watchers,
         log=log,
     )
+
+
+def _bot_args(home: Home, bot: BotWatcher) -> list[str | os.PathLike[str]]:
+    if bot.launch == "exec":
+        return ["-m", "botrunner", home.bot_config(bot.name)]
+    # -S -I: no site-packages, no PYTHON* variables: the launcher stays at ~3 MB. When
+    # the fork server does not answer, it execs exactly the exec-mode command line.
+    return ["-S", "-I", LAUNCHER, home.fork_socket, bot.name, home.bot_config(bot.name)]
 
 
 def render_watcher(
@@ -331,7 +370,7 @@ def render_watcher(
         name=bot.name,
         watcher=bot.watcher_name,
         python=_command_line([python]),
-        args=_command_line(["-m", "botrunner", home.bot_config(bot.name)]),
+        args=_command_line(_bot_args(home, bot)),
         working_dir=home.bot_dir(bot.name),
         autostart=bot.autostart,
         max_retry=bot.max_retry,
