@@ -174,10 +174,14 @@ class Observer:
             raw_code = event.body.get("exit_code")
             code = raw_code if isinstance(raw_code, int) else -1
             expected = self._expect_exit_until.get(name, 0.0) > self._clock.monotonic()
+            live = self.live.get(name)
+            if live is not None and live.pid != pid and not self._pid_exists(live.pid):
+                # a fork-mode watcher's process is the bot's launcher, which ends after
+                # the bot and as it did: the exit is the bot's own
+                pid = live.pid
             if is_crash(code, expected):
                 self._exits.setdefault(name, []).append(Exit(at, pid, code))
                 log.info("%s: process %d exited with code %d", name, pid, code)
-            live = self.live.get(name)
             if live is not None and live.pid == pid:
                 live.telegram = {**live.telegram, "connected": False}
             self._nudge()
