@@ -298,11 +298,18 @@ class ForkServer:
         child = Child(name, pid, pidfd, conn, peer.pid)
         self.children[pid] = child
         self.by_name[name] = child
+        self.selector.register(pidfd, selectors.EVENT_READ, lambda _fd: self.reap(child))
         record = forked.Forked(peer.pid, pid, forked.start_time(pid) or 0)
         forked.write(self.run_dir, name, record)
-        conn.sendmsg([launcher.PID_REPLY + str(pid).encode()], launcher.pack_fds([pidfd]))
+        try:
+            conn.sendmsg([launcher.PID_REPLY + str(pid).encode()], launcher.pack_fds([pidfd]))
+        except OSError:
+            # The launcher gave up waiting (it execs the bot itself): this one must not run.
+            conn.close()
+            child.conn = None
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            return
         conn.setblocking(False)
-        self.selector.register(pidfd, selectors.EVENT_READ, lambda _fd: self.reap(child))
         self.selector.register(conn, selectors.EVENT_READ, lambda _c: self.launcher_spoke(child))
 
     def end_previous(self, name: str) -> None:

@@ -20,7 +20,7 @@ from typing import Any
 import drills
 import psutil
 import pytest
-from harness import Fleet, Sandbox, running_fleet, short_tmpdir, wait_for
+from harness import Fleet, Sandbox, holds_for, running_fleet, short_tmpdir, wait_for
 
 from botspec import forked
 from controller.botusers import bot_user_name
@@ -141,3 +141,168 @@ def test_a_crash_loop_ends_in_failed(fleet: Fleet, sandbox: Sandbox, launch: str
     assert "exit code 3" in bot["reason"]
     assert bot["health"]["last_failure"]["kind"] == "crash_loop"
     fleet.api("DELETE", f"/api/v1/bots/{name}")
+
+
+# ---------------------------------------------------------------- the fork server itself
+
+PLUGIN = "tgf_version_plugin"
+PLUGIN_SOURCE = """
+from telethon import events
+
+VERSION = {version!r}
+
+
+def setup(client, ctx):
+    @client.on(events.NewMessage(pattern="/version"))
+    async def version(event):
+        await event.reply("version " + VERSION)
+"""
+
+
+def write_plugin(plugin_dir: Path, version: str) -> None:
+    path = plugin_dir / f"{PLUGIN}.py"
+    temp = path.with_suffix(".tmp")
+    temp.write_text(PLUGIN_SOURCE.format(version=version))
+    temp.chmod(0o644)
+    os.replace(temp, path)
+
+
+@pytest.fixture(scope="module")
+def plugin_dir() -> Iterator[Path]:
+    root = short_tmpdir("tgfp")
+    write_plugin(root, "1")
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def own_fleet(sandbox: Sandbox, plugin_dir: Path) -> Iterator[Fleet]:
+    """A fleet of this module's own (its fork server is killed and stopped here), with a
+    plugin dir of third-party code."""
+    root = short_tmpdir("tgfk")
+    try:
+        with running_fleet(root, sandbox, env={"TGFLEET_PLUGIN_PATH": str(plugin_dir)}) as fleet:
+            yield fleet
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def version_of(sandbox: Sandbox, name: str) -> str:
+    answers: list[str] = []
+    drills._answer(sandbox, name, "/version", lambda r: answers.append(r) or True, 30)
+    return answers[-1]
+
+
+def test_a_plugin_edited_on_disk_reaches_new_bots(
+    own_fleet: Fleet, sandbox: Sandbox, plugin_dir: Path
+) -> None:
+    plugins = [f"{PLUGIN}:setup"]
+    old = add(own_fleet, sandbox, "plug", "fork", plugins=plugins)
+    assert version_of(sandbox, old) == "version 1"
+    write_plugin(plugin_dir, "2")
+    new = add(own_fleet, sandbox, "plug", "fork", plugins=plugins)
+    check_process(own_fleet, new, "fork")
+    assert version_of(sandbox, new) == "version 2"
+    assert version_of(sandbox, old) == "version 1"  # a running bot keeps its process
+    own_fleet.api("POST", f"/api/v1/bots/{old}/restart")
+    wait_for(f"{old} on the new code", lambda: version_of(sandbox, old) == "version 2", 60)
+    for name in (old, new):
+        own_fleet.api("DELETE", f"/api/v1/bots/{name}")
+
+
+def test_the_fork_server_killed_during_traffic_touches_no_bot(
+    own_fleet: Fleet, sandbox: Sandbox
+) -> None:
+    names = [add(own_fleet, sandbox, "traffic", "fork") for _ in range(3)]
+    before = drills.snapshot(own_fleet, names)
+    server = forkserver_pid(own_fleet)
+    lost: list[str] = []
+    sent = 0
+
+    def talk() -> None:
+        nonlocal sent
+        for round_ in range(6):
+            for name in names:
+                text = f"traffic {round_}"
+                sent += 1
+                try:
+                    drills.answered_in(sandbox, name, time.monotonic(), text, wait=30)
+                except AssertionError as exc:
+                    lost.append(f"{name}: {exc}")
+
+    talker = threading.Thread(target=talk)
+    talker.start()
+    wait_for("traffic to flow", lambda: sent >= 3)
+    os.kill(server, signal.SIGKILL)
+    talker.join()
+    assert lost == [] and sent == 18
+    assert drills.untouched(own_fleet, before) == []
+    respawned = wait_for(
+        "a new fork server", lambda: set(circus_pids(own_fleet, "forkserver")) - {server}
+    )
+    # the respawned fork server serves new bots
+    late = add(own_fleet, sandbox, "traffic", "fork")
+    assert psutil.Process(check_process(own_fleet, late, "fork")).ppid() in respawned
+    for name in (*names, late):
+        own_fleet.api("DELETE", f"/api/v1/bots/{name}")
+
+
+def test_without_a_fork_server_a_bot_starts_by_exec_within_a_second(
+    own_fleet: Fleet, sandbox: Sandbox
+) -> None:
+    server = psutil.Process(forkserver_pid(own_fleet))
+    server.suspend()  # it accepts connections and answers none: the worst case for a launcher
+    try:
+        name = add(own_fleet, sandbox, "fallback", "fork")
+        pid = int(own_fleet.bot(name)["pid"])
+        assert circus_pids(own_fleet, f"bot-{name}") == [pid]  # the launcher became the bot
+        log = own_fleet.home.watcher_log(f"bot-{name}", "err").read_text()
+        assert "starting the bot by exec" in log
+        assert drills.answered_in(sandbox, name, time.monotonic(), "hello") < 30
+    finally:
+        server.resume()
+
+    # the request the stopped server finds in its queue is from a launcher that gave up
+    # on it: it must not leave a second process of the bot running
+    def forked_twins() -> list[int]:
+        return [
+            p.pid for p in psutil.process_iter(["name"]) if p.info["name"] == f"tgf:{name}"[:15]
+        ]
+
+    wait_for("the late fork to be undone", lambda: forked_twins() == [])
+    holds_for("no second process of the bot", lambda: forked_twins() == [], 1.0)
+    assert psutil.pid_exists(pid)
+    own_fleet.api("DELETE", f"/api/v1/bots/{name}")
+
+
+def memory_holds(pid: int, needle: bytes) -> bool:
+    """Whether ``needle`` is anywhere in the readable memory of process ``pid`` (root)."""
+    with open(f"/proc/{pid}/maps") as maps, open(f"/proc/{pid}/mem", "rb", 0) as mem:
+        for line in maps:
+            span, perms = line.split()[:2]
+            if not perms.startswith("r"):
+                continue
+            start, end = (int(x, 16) for x in span.split("-"))
+            try:
+                mem.seek(start)
+                if needle in mem.read(end - start):
+                    return True
+            except (OSError, ValueError, OverflowError):
+                continue  # e.g. [vvar]
+    return False
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="reads other processes' memory: root only")
+def test_one_bot_s_secret_is_not_in_another_bot_s_memory(
+    own_fleet: Fleet, sandbox: Sandbox
+) -> None:
+    first, second = (add(own_fleet, sandbox, "secret", "fork") for _ in range(2))
+    config = own_fleet.home.bot_config(first).read_text()
+    token = next(t for t in config.split('"') if ":" in t and t.split(":")[0].isdigit())
+    secret = token.split(":", 1)[1].encode()
+    first_pid = int(own_fleet.bot(first)["pid"])
+    assert memory_holds(first_pid, secret)  # the search finds what is there
+    assert not memory_holds(int(own_fleet.bot(second)["pid"]), secret)
+    assert not memory_holds(forkserver_pid(own_fleet), secret)
+    for name in (first, second):
+        own_fleet.api("DELETE", f"/api/v1/bots/{name}")
