@@ -23,17 +23,16 @@ gone, from the ``X<code>`` line the bot writes on the pair as it exits.
 from __future__ import annotations
 
 import os
+import select
 import sys
-from typing import TYPE_CHECKING
 
+TYPE_CHECKING = False  # not typing's: importing typing costs this process ~1 MB (re, ...)
 if TYPE_CHECKING:
     import signal as _signal
     import socket as _socket
 else:  # the C modules: `signal` and `socket` would import enum and selectors (~1 MB)
     import _signal
     import _socket
-
-import select
 
 PROTOCOL = b"tgfleet-fork 1"
 #: How long a launcher waits for the fork server before it execs the bot itself.

@@ -54,7 +54,8 @@ def test_create_runs_a_real_bot_that_answers(fleet: Fleet, sandbox: Sandbox) -> 
     assert "created shop" in done.stdout
     bot = fleet.wait_state("shop", "running")
     assert bot["telegram"]["connected"] is True
-    assert psutil.Process(bot["pid"]).cmdline()[1:3] == ["-m", "botrunner"]
+    # forked by the fork server (launch: fork, the default), named for ps after its bot
+    assert psutil.Process(bot["pid"]).name() == "tgf:shop"
 
     listing = fleet.cli("bots", "list").stdout.splitlines()
     assert listing[0].split() == ["NAME", "STATE", "PID", "UPTIME", "RESTARTS", "RSS", "TELEGRAM"]
