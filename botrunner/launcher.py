@@ -37,8 +37,9 @@ else:  # the C modules: `signal` and `socket` would import enum and selectors (~
 PROTOCOL = b"tgfleet-fork 1"
 #: How long a launcher waits for the fork server before it execs the bot itself.
 FORK_WAIT_S = 1.0
-#: How long, once the bot is gone, it waits for the fork server's word on its status.
-STATUS_WAIT_S = 1.0
+#: How long, once the bot is gone, it waits for the fork server's word on its status
+#: (a busy fork server; a dead one closed the connection, and nobody waits for it).
+STATUS_WAIT_S = 3.0
 MAX_MESSAGE = 65536
 FORWARDED = (
     _signal.SIGTERM,

@@ -80,3 +80,13 @@ def pid_exists(pid: int) -> bool:
     except PermissionError:
         return True  # someone else's process
     return True
+
+
+def is_zombie(pid: int) -> bool:
+    """True when the process has ended and waits for its parent to reap it."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            data = stat.read()
+    except OSError:
+        return False
+    return data[data.rindex(b")") + 2 :].startswith(b"Z")

@@ -175,7 +175,11 @@ class Observer:
             code = raw_code if isinstance(raw_code, int) else -1
             expected = self._expect_exit_until.get(name, 0.0) > self._clock.monotonic()
             live = self.live.get(name)
-            if live is not None and live.pid != pid and not self._pid_exists(live.pid):
+            if (
+                live is not None
+                and live.pid != pid
+                and (not self._pid_exists(live.pid) or procinfo.is_zombie(live.pid))
+            ):
                 # a fork-mode watcher's process is the bot's launcher, which ends after
                 # the bot and as it did: the exit is the bot's own
                 pid = live.pid

@@ -306,3 +306,23 @@ def test_one_bot_s_secret_is_not_in_another_bot_s_memory(
     assert not memory_holds(forkserver_pid(own_fleet), secret)
     for name in (first, second):
         own_fleet.api("DELETE", f"/api/v1/bots/{name}")
+
+
+def test_a_restarted_controller_finds_the_forked_bot_s_own_pid(
+    own_fleet: Fleet, sandbox: Sandbox
+) -> None:
+    name = add(own_fleet, sandbox, "seen", "fork")
+    before = own_fleet.bot(name)
+    own_fleet.circusctl("restart", "controller")
+    # at once (from circusd's pid and the fork server's record), not from a heartbeat
+    seen = wait_for("the controller back", lambda: own_fleet.bot(name)["pid"])
+    assert seen == before["pid"]
+    holds_for(
+        f"{name} keeps its process and no restart is counted",
+        lambda: (
+            (bot := own_fleet.bot(name))["pid"] == before["pid"]
+            and bot["restarts"] == before["restarts"]
+        ),
+        3.0,
+    )
+    own_fleet.api("DELETE", f"/api/v1/bots/{name}")

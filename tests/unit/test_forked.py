@@ -5,12 +5,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from botrunner import launcher
-from botspec import forked
+from botspec import forked, procinfo
 
 
 def test_a_request_round_trips() -> None:
@@ -72,3 +73,15 @@ def test_the_launcher_stays_small_and_stdlib_only() -> None:
     }
     assert {"_socket", "select"} <= imported
     assert not imported & {"socket", "signal", "enum", "selectors", "json", "site", "contextlib"}
+
+
+def test_a_zombie_is_told_from_a_living_process() -> None:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    wait_for_exit = 0
+    while not procinfo.is_zombie(child.pid) and wait_for_exit < 1000:
+        time.sleep(0.01)
+        wait_for_exit += 1
+    assert procinfo.is_zombie(child.pid)  # ended, not reaped yet
+    assert not procinfo.is_zombie(os.getpid())
+    child.wait()
+    assert not procinfo.is_zombie(child.pid)  # gone
