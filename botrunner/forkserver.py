@@ -34,6 +34,7 @@ keep their processes: they stay its children and are reaped by the new image).
 from __future__ import annotations
 
 import contextlib
+import ctypes  # here, not in each child: what the fork server imports, its bots share
 import gc
 import importlib
 import os
@@ -456,8 +457,6 @@ PR_SET_DUMPABLE = 4
 
 
 def _prctl(option: int, value: int) -> None:
-    import ctypes
-
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(option, value, 0, 0, 0) != 0:
         errno = ctypes.get_errno()
