@@ -326,3 +326,24 @@ def test_a_restarted_controller_finds_the_forked_bot_s_own_pid(
         3.0,
     )
     own_fleet.api("DELETE", f"/api/v1/bots/{name}")
+
+
+def test_a_bot_whose_launcher_dies_dies_too_even_with_its_fork_server_away(
+    own_fleet: Fleet, sandbox: Sandbox
+) -> None:
+    """No orphans: the fork server kills a bot whose launcher is gone; while it cannot
+    (suspended here), the bot notices on its own."""
+    name = add(own_fleet, sandbox, "orphan", "fork")
+    pid = check_process(own_fleet, name, "fork")
+    [launcher] = circus_pids(own_fleet, f"bot-{name}")
+    server = psutil.Process(forkserver_pid(own_fleet))
+    server.suspend()
+    try:
+        os.kill(launcher, signal.SIGKILL)
+        wait_for("the orphaned bot to end", lambda: gone(pid), timeout=10)
+    finally:
+        server.resume()
+    # Circus respawned the launcher (by exec while the fork server slept, or by fork)
+    drills.connected(own_fleet, name, not_pid=pid)
+    assert drills.answered_in(sandbox, name, time.monotonic(), "still here") < 30
+    own_fleet.api("DELETE", f"/api/v1/bots/{name}")
