@@ -213,7 +213,10 @@ class ForkServer:
         next_tick = time.monotonic()
         while not self.stopping:
             for key, _events in self.selector.select(TICK_S):
-                key.data(key.fileobj)
+                try:
+                    key.data(key.fileobj)
+                except Exception:  # a bug in one exchange must not take every other down
+                    log(f"unexpected error, serving on:\n{traceback.format_exc()}")
                 if self.stopping:
                     break
             if time.monotonic() >= next_tick:
@@ -301,7 +304,10 @@ class ForkServer:
         self.by_name[name] = child
         self.selector.register(pidfd, selectors.EVENT_READ, lambda _fd: self.reap(child))
         record = forked.Forked(peer.pid, pid, forked.start_time(pid) or 0)
-        forked.write(self.run_dir, name, record)
+        try:
+            forked.write(self.run_dir, name, record)
+        except OSError as exc:  # the record helps a restarted controller; the bot runs without
+            log(f"bot {name}: cannot record process {pid}: {exc}")
         try:
             conn.sendmsg([launcher.PID_REPLY + str(pid).encode()], launcher.pack_fds([pidfd]))
         except OSError:
@@ -368,7 +374,8 @@ class ForkServer:
         if child.conn is not None:
             with contextlib.suppress(OSError):  # the launcher is gone too
                 child.conn.send(launcher.EXIT_REPLY + str(status).encode())
-            self.selector.unregister(child.conn)
+            with contextlib.suppress(KeyError):  # not watched yet when its answer failed
+                self.selector.unregister(child.conn)
             child.conn.close()
             child.conn = None
 
