@@ -244,7 +244,7 @@ class ForkServer:
             if name.startswith(".") or name in self.by_name:
                 continue
             record = forked.read(self.run_dir, name)
-            if record is None:
+            if record is None or record.bot_pid in self.children:  # a stale record, pid reused
                 continue
             if record.bot_alive() and forked.start_time(record.launcher_pid) is None:
                 log(f"bot {name} (pid {record.bot_pid}) outlived its launcher: killing it")
