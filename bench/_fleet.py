@@ -29,9 +29,17 @@ __all__ = [
     "median_max",
     "running_fleet",
     "short_tmpdir",
+    "use_launch",
     "wait_for",
     "wait_for_async",
 ]
+
+
+def use_launch(fleet: Fleet, sandbox: Sandbox, launch: str) -> None:
+    """Make ``launch`` (fork or exec) the fleet's default: every bot created after uses it."""
+    fleet.api(
+        "PUT", "/api/v1/defaults", {"telegram": sandbox.telegram_defaults(), "launch": launch}
+    )
 
 
 def median_max(values: list[float]) -> str:

@@ -1,12 +1,13 @@
 """Memory figures: manager overhead and the whole system with N running bots.
 
-Run: .venv/bin/python bench/memory.py [--bots N] [--detail]
-Prints RSS of the manager — the resident `tgfleet up`, which is circusd
-(controller/upwait.py), and the controller (goal ≤ 80 MB; NF4 limit 100 MB) — and of
-the whole system (manager, PostgreSQL, sandbox, N bots; goal ≤ 1 GB, TC4 2 GB) — both
-as RSS (shared pages counted in every process) and as PSS (shared pages split fairly).
---detail: where the manager's memory is (anonymous vs file-backed, the largest
-mappings), from /proc/PID/smaps.
+Run: .venv/bin/python bench/memory.py [--bots N] [--launch fork,exec] [--detail]
+For each launch mode in turn (a fleet of its own, N echo bots each): RSS of circusd +
+controller (goal ≤ 80 MB; NF4 limit 100 MB), of the whole system (circusd, controller,
+PostgreSQL, sandbox, fork server, N bots and their launchers; goal ≤ 350 MB PSS at 10
+bots, TC4 2 GB), and per bot (its process and its launcher; goal ≤ 15 MB PSS) — as RSS
+(shared pages counted in every process) and as PSS (shared pages split fairly).
+`tgfleet up` is circusd itself (controller/upwait.py). --detail: where the manager's
+memory is (anonymous vs file-backed, the largest mappings), from /proc/PID/smaps.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import os
 import shutil
 
 import psutil
-from _fleet import Sandbox, echo_spec, running_fleet, short_tmpdir
+from _fleet import Sandbox, echo_spec, running_fleet, short_tmpdir, use_launch
 
 MB = 2**20
 
@@ -28,10 +29,16 @@ def usage(proc: psutil.Process) -> tuple[float, float]:
 
 def classify(proc: psutil.Process) -> str:
     cmd = " ".join(proc.cmdline())
+    if proc.name().startswith("tgf:"):
+        return "bots"  # forked by the fork server: its command line is the fork server's
+    if "launcher.py" in cmd:
+        return "launchers"
+    if "botrunner.forkserver" in cmd:
+        return "forkserver"
     if "controller.upwait" in cmd or " up " in f"{cmd} ":
-        return "up"  # `tgfleet up`, resident while the fleet runs: circusd itself
+        return "up"  # `tgfleet up`, resident while the fleet runs
     if "circusd" in cmd:
-        return "circusd"  # a separate circusd (tgfleet before it ran circusd in `up`)
+        return "circusd"
     if "-m controller serve" in cmd:
         return "controller"
     if "-m botrunner" in cmd:
@@ -61,25 +68,22 @@ def mappings(pid: int, kind: str, top: int = 8) -> str:
     return f"{kind} (pid {pid}) RSS {total:.1f} MB: {parts}"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--bots", type=int, default=10)
-    parser.add_argument("--detail", action="store_true", help="the manager's mappings")
-    args = parser.parse_args()
-    details: list[str] = []
+def measure(bots: int, launch: str, details: list[str] | None = None) -> dict[str, list[float]]:
+    """[processes, RSS MB, PSS MB] per part of a fleet running ``bots`` bots of ``launch``."""
     root = short_tmpdir("tgfm")
     sandbox = Sandbox.start(root / "sandbox")
+    totals: dict[str, list[float]] = {}
     try:
         with running_fleet(root, sandbox) as fleet:
-            for index in range(args.bots):
+            use_launch(fleet, sandbox, launch)
+            for index in range(bots):
                 token = sandbox.create_bot(f"mem_{index}")
                 fleet.api("POST", "/api/v1/bots", echo_spec(f"mem-{index}", token))
-            for index in range(args.bots):
-                fleet.wait_state(f"mem-{index}", "running", timeout=120)
+            for index in range(bots):
+                fleet.wait_state(f"mem-{index}", "running", timeout=300)
             # One message each, so every bot has handled an update.
-            for index in range(args.bots):
+            for index in range(bots):
                 sandbox.cli("send", f"mem_{index}_bot", "hi", "--user", "bench", "--wait", "30")
-            totals: dict[str, list[float]] = {}
             assert fleet.proc is not None
             # Every process a user sees in ps: `tgfleet up` itself too, not only its children.
             procs = [
@@ -91,10 +95,10 @@ def main() -> None:
                 try:
                     rss, pss = usage(proc)
                     kind = classify(proc)
+                    if details is not None and kind in ("up", "circusd", "controller"):
+                        details.append(mappings(proc.pid, kind))
                 except psutil.Error:
                     continue
-                if args.detail and kind in ("up", "circusd", "controller"):
-                    details.append(mappings(proc.pid, kind))
                 entry = totals.setdefault(kind, [0, 0.0, 0.0])
                 entry[0] += 1
                 entry[1] += rss
@@ -102,30 +106,56 @@ def main() -> None:
     finally:
         sandbox.stop()
         shutil.rmtree(root, ignore_errors=True)
-    print(
-        f"machine: {os.cpu_count()} CPUs, {psutil.virtual_memory().total / 2**30:.0f} GiB; {args.bots} bots running"
-    )
+    return totals
+
+
+def report(bots: int, launch: str, totals: dict[str, list[float]]) -> None:
+    print(f"\n== launch: {launch}, {bots} bots running")
     print(f"{'part':<11}{'procs':>6}{'RSS MB':>10}{'PSS MB':>10}")
-    for kind in ("up", "circusd", "controller", "postgres", "sandbox", "bots", "other"):
+    kinds = ("up", "circusd", "controller", "postgres", "sandbox", "forkserver", "launchers")
+    for kind in (*kinds, "bots", "other"):
         if kind in totals:
             count, rss, pss = totals[kind]
             print(f"{kind:<11}{int(count):>6}{rss:>10.1f}{pss:>10.1f}")
     manager = ("up", "circusd", "controller")
-    for text in details:
-        print(text)
     manager_rss = sum(totals[k][1] for k in manager if k in totals)
     manager_pss = sum(totals[k][2] for k in manager if k in totals)
     all_rss = sum(v[1] for v in totals.values())
     all_pss = sum(v[2] for v in totals.values())
     if "bots" in totals:
+        count = totals["bots"][0]
+        own_rss, own_pss = totals["bots"][1] / count, totals["bots"][2] / count
+        launcher = totals.get("launchers", [0, 0.0, 0.0])
+        with_rss, with_pss = own_rss + launcher[1] / count, own_pss + launcher[2] / count
+        server = totals.get("forkserver", [0, 0.0, 0.0])
+        print(f"per bot, its process alone: RSS {own_rss:.1f} MB, PSS {own_pss:.1f} MB")
         print(
-            f"per bot: RSS {totals['bots'][1] / totals['bots'][0]:.1f} MB, PSS {totals['bots'][2] / totals['bots'][0]:.1f} MB"
+            f"per bot, with its launcher: RSS {with_rss:.1f} MB, PSS {with_pss:.1f} MB  "
+            "[goal ≤ 15 MB PSS]"
+        )
+        print(
+            f"per bot, with its launcher and 1/{int(count)} of the fork server: "
+            f"PSS {with_pss + server[2] / count:.1f} MB"
         )
     print(
-        f"manager (tgfleet up/circusd + controller): RSS {manager_rss:.1f} MB, "
+        f"manager (tgfleet up + circusd + controller): RSS {manager_rss:.1f} MB, "
         f"PSS {manager_pss:.1f} MB  [goal ≤ 80 MB; NF4 < 100 MB]"
     )
-    print(f"whole system: RSS {all_rss:.1f} MB, PSS {all_pss:.1f} MB  [goal ≤ 1024 MB]")
+    print(f"whole system: RSS {all_rss:.1f} MB, PSS {all_pss:.1f} MB  [goal ≤ 350 MB PSS]")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--bots", type=int, default=10)
+    parser.add_argument("--launch", default="fork,exec", help="launch modes, in turn")
+    parser.add_argument("--detail", action="store_true", help="the manager's mappings")
+    args = parser.parse_args()
+    print(f"machine: {os.cpu_count()} CPUs, {psutil.virtual_memory().total / 2**30:.0f} GiB")
+    for launch in [mode.strip() for mode in args.launch.split(",") if mode.strip()]:
+        details: list[str] = []
+        report(args.bots, launch, measure(args.bots, launch, details if args.detail else None))
+        for text in details:
+            print(text)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Recovery figures: seconds from a fault to the bot answering again, failure kind by kind.
 
-Run: .venv/bin/python bench/recovery.py [--runs N] [--kinds kill9,sigstop,...]
+Run: .venv/bin/python bench/recovery.py [--runs N] [--kinds kill9,sigstop,...] [--launch fork|exec]
 Starts a sandbox and a fleet with 5 bystander bots (the chaos plugin), then runs each
 fire drill of tests/drills.py N times (default 5), each time on a fresh victim bot (no
 backoff streak carries over) that is destroyed afterwards. "Recovered" is what a user
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from _fleet import Fleet, Sandbox, drills, running_fleet, short_tmpdir
+from _fleet import Fleet, Sandbox, drills, running_fleet, short_tmpdir, use_launch
 
 BYSTANDERS = 5
 
@@ -134,6 +134,7 @@ def main() -> None:
         default=",".join(k.key for k in KINDS),
         help=f"comma-separated subset of: {', '.join(k.key for k in KINDS)}",
     )
+    parser.add_argument("--launch", choices=["fork", "exec"], default="fork")
     args = parser.parse_args()
     wanted = [k.strip() for k in args.kinds.split(",") if k.strip()]
     unknown = sorted(set(wanted) - {k.key for k in KINDS})
@@ -141,7 +142,9 @@ def main() -> None:
         parser.error(f"unknown kinds: {', '.join(unknown)}")
     kinds = [k for k in KINDS if k.key in wanted]
 
-    print(f"machine: {os.cpu_count()} CPUs, load average {load()}", flush=True)
+    print(
+        f"machine: {os.cpu_count()} CPUs, load average {load()}; launch: {args.launch}", flush=True
+    )
     results: dict[str, list[float]] = {k.key: [] for k in kinds}
     missed_by_kind: dict[str, int] = {}
     first: drills.Snapshot | None = None
@@ -152,6 +155,7 @@ def main() -> None:
     sandbox = Sandbox.start(root / "sandbox")
     try:
         with running_fleet(root, sandbox) as fleet:
+            use_launch(fleet, sandbox, args.launch)
             crew = [drills.add_bot(fleet, sandbox, "crew") for _ in range(BYSTANDERS)]
             first = last = drills.snapshot(fleet, crew)
             for kind in kinds:

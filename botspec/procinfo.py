@@ -184,3 +184,13 @@ def sample(
         open_files_limit=limits[0],
         data_limit_bytes=limits[1],
     )
+
+
+def is_zombie(pid: int) -> bool:
+    """True when the process has ended and waits for its parent to reap it."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            data = stat.read()
+    except OSError:
+        return False
+    return data[data.rindex(b")") + 2 :].startswith(b"Z")

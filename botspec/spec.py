@@ -13,7 +13,7 @@ database) fill the rest; the defaults declared here fill what neither sets.
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 from msgspec import Meta, Struct
@@ -118,6 +118,16 @@ FleetHost = Annotated[
             "must": "must be a host name: lower-case letters, digits and '-', "
             "dot-separated labels of 1 to 63, at most 253 characters"
         },
+    ),
+]
+Launch = Annotated[
+    Literal["fork", "exec"],
+    Meta(
+        description=(
+            "How the bot's process starts: 'fork' from the fleet's preloaded fork server "
+            "(small, fast; exec when the fork server is down), or 'exec' a fresh Python."
+        ),
+        extra={"must": "must be 'fork' or 'exec'"},
     ),
 ]
 ApiId = Annotated[
@@ -264,6 +274,7 @@ class FleetDefaults(Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tru
         bool, Meta(description="Run it whenever the fleet runs (else start it by hand).")
     ] = True
     graceful_timeout_s: GracefulTimeout = 5.0
+    launch: Launch = "fork"
     subscribe: Topics = ()
     telegram: Telegram = Telegram()
     health: Health = Health()

@@ -8,6 +8,7 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
+from botspec import forked
 from botspec.config import BotConfig, RuntimeTelegram, dump
 from botspec.spec import process_health
 from controller.atomicfile import write_atomic
@@ -102,6 +103,7 @@ class BotFiles:
             processes=spec.limits.processes if account is not None else None,
             user=account.user if account is not None else None,
             group=account.group if account is not None else None,
+            launch=spec.launch,
         )
         watcher = render_watcher(
             self.home, bot, python=self.python, pythonpath=self.plugin_path, log=self.log
@@ -129,6 +131,10 @@ class BotFiles:
                 return None
             self._rendered[name] = Rendered(int(found.group(1)), found.group(2) == "true")
         return self._rendered[name]
+
+    def process_pid(self, name: str, watcher_pid: int) -> int:
+        """The bot's own pid, given its watcher's (a fork-mode watcher runs a launcher)."""
+        return forked.bot_pid(self.home.run_dir, name, watcher_pid)
 
     def on_disk(self) -> list[str]:
         """Names of every bot with a watcher file."""

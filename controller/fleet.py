@@ -511,7 +511,8 @@ class Fleet:
                 pids = await self.supervisor.pids(name)
                 if pids:
                     # Its generation is unknown until it speaks; it is not ready either.
-                    self.observer.live[row.name] = LiveProcess(pids[0], -1)
+                    pid = self.files.process_pid(row.name, pids[0])
+                    self.observer.live[row.name] = LiveProcess(pid, -1)
         self._seeded = True
 
     def _observe(self, row: BotRow, status: Mapping[str, str]) -> Observation:

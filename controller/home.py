@@ -66,6 +66,11 @@ class Home:
         return self.run_dir / "bus.sock"
 
     @property
+    def fork_socket(self) -> Path:
+        """The fork server's socket (botrunner.forkserver), where launchers ask for bots."""
+        return self.run_dir / "fork.sock"
+
+    @property
     def circus_endpoint(self) -> str:
         return f"ipc://{self.circus_socket}"
 

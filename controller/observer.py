@@ -107,6 +107,9 @@ class Observer:
         self._exits: dict[str, list[Exit]] = {}
         self._expect_exit_until: dict[str, float] = {}
         self.spawned_at: dict[str, float] = {}
+        # The last process each bot spoke from: a fork-mode bot's exit is reported by
+        # circusd under its launcher's pid, possibly after a pass forgot the bot's process.
+        self.last_pid: dict[str, int] = {}
 
     # ---------------------------------------------------------------- the bus
 
@@ -125,6 +128,7 @@ class Observer:
                 replaced = current.pid if current is not None else None
                 current = LiveProcess(message.pid, message.generation, replaced_pid=replaced)
                 self.live[message.bot] = current
+                self.last_pid[message.bot] = message.pid
                 self._nudge()
             current.generation = message.generation
             interval = self.intervals.get(message.bot, DEFAULT_HEARTBEAT_INTERVAL_S)
@@ -160,6 +164,7 @@ class Observer:
             if current is None or current.pid != message.pid:
                 current = LiveProcess(message.pid, message.generation)
                 self.live[message.bot] = current
+                self.last_pid[message.bot] = message.pid
             current.fatal = message.error
             current.fatal_kind = message.kind
             self._nudge()
@@ -182,6 +187,16 @@ class Observer:
             raw_code = event.body.get("exit_code")
             code = raw_code if isinstance(raw_code, int) else -1
             expected = self._expect_exit_until.get(name, 0.0) > self._clock.monotonic()
+            live = self.live.get(name)
+            spoke = self.last_pid.get(name)
+            if (
+                spoke is not None
+                and spoke != pid
+                and (not self._pid_exists(spoke) or procinfo.is_zombie(spoke))
+            ):
+                # a fork-mode watcher's process is the bot's launcher, which ends after
+                # the bot and as it did: the exit is the bot's own
+                pid = spoke
             if is_crash(code, expected):
                 self._exits.setdefault(name, []).append(Exit(at, pid, code))
                 log.info(
@@ -191,7 +206,6 @@ class Observer:
                     code,
                     extra={"bot": name, "failure": "crash"},
                 )
-            live = self.live.get(name)
             if live is not None and live.pid == pid:
                 live.telegram = {**live.telegram, "connected": False}
             self._nudge()
@@ -232,4 +246,11 @@ class Observer:
 
     def per_bot(self) -> list[dict[str, Any]]:
         """Every per-bot table (the fleet forgets destroyed bots in each)."""
-        return [self.live, self.intervals, self._exits, self._expect_exit_until, self.spawned_at]
+        return [
+            self.live,
+            self.intervals,
+            self._exits,
+            self._expect_exit_until,
+            self.spawned_at,
+            self.last_pid,
+        ]

@@ -10,6 +10,7 @@ and ``((circus.…))`` are substituted, a newline starts a new option).
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
 import re
 import shlex
@@ -17,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from botspec.spec import MIN_MEMORY_MB, NAME_PATTERN, FleetDefaults, Limits
 from controller.home import Home
@@ -52,6 +53,23 @@ _ACCOUNT = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")  # what useradd accepts, minu
 # ConfigParser reading the same file. A leading "#" or ";" cannot occur: values
 # never start with whitespace and the key comes first.
 _FORBIDDEN = ("\n", "\r", "\x00", " ;", "\t;", "%", "$(", "((")
+
+
+#: The fork server's watcher (botrunner.forkserver): root when the fleet is, since
+#: each child it forks becomes its bot's user; it imports only tgfleet's own code.
+FORKSERVER_WATCHER = "forkserver"
+
+
+#: A fork-mode bot's watcher runs this file (stdlib only) with ``python -S -I``.
+def _launcher_path() -> Path:
+    """botrunner/launcher.py, found without importing botrunner: the controller keeps
+    out of the bots' code (tests/unit/test_imports.py)."""
+    spec = importlib.util.find_spec("botrunner")
+    assert spec is not None and spec.origin is not None, "botrunner is part of tgfleet"
+    return Path(spec.origin).parent / "launcher.py"
+
+
+LAUNCHER = _launcher_path()
 
 
 class InvalidWatcherValue(ValueError):
@@ -152,6 +170,8 @@ class BotWatcher:
     processes: int | None = None
     user: str | None = None  # the bot's own system user; None: the fleet's user
     group: str | None = None
+    # fork: the watcher runs the launcher, which asks the fork server for the bot
+    launch: Literal["fork", "exec"] = "exec"
 
     def __post_init__(self) -> None:
         if not BOT_NAME.fullmatch(self.name):
@@ -176,6 +196,8 @@ class BotWatcher:
             raise InvalidWatcherValue(f"max_retry {self.max_retry} must be >= -1")
         if not re.fullmatch(r"[0-9a-f]{0,64}", self.bus_key_id):
             raise InvalidWatcherValue(f"bus_key_id {self.bus_key_id!r} must be hex")
+        if self.launch not in ("fork", "exec"):
+            raise InvalidWatcherValue(f"launch {self.launch!r} must be 'fork' or 'exec'")
 
     @property
     def watcher_name(self) -> str:
@@ -320,6 +342,24 @@ def render_circus_ini(
                 gid=sandbox.group,
             )
         )
+    out, err = _logs(home, FORKSERVER_WATCHER)
+    forkserver_env = _base_env(home, home_env=home.root) | {"MALLOC_ARENA_MAX": "2"}
+    if plugin_path:
+        forkserver_env["PYTHONPATH"] = _pythonpath(plugin_path)
+    watchers.append(
+        _Watcher(
+            name=FORKSERVER_WATCHER,
+            cmd=_command_line([python]),
+            args=_command_line(["-m", "botrunner.forkserver", str(home.root)]),
+            working_dir=home.root,
+            priority=15,  # before the controller, which starts the bots
+            stop_signal="TERM",
+            graceful_timeout=3.0,
+            stdout_log=out,
+            stderr_log=err,
+            env=_env_pairs(forkserver_env),
+        )
+    )
     out, err = _logs(home, "controller")
     controller_env = _base_env(home, home_env=home.root) | {"TGFLEET_LISTEN": listen}
     if plugin_path:
@@ -351,6 +391,14 @@ def render_circus_ini(
             log=log,
         )
     )
+
+
+def _bot_args(home: Home, bot: BotWatcher) -> list[str | os.PathLike[str]]:
+    if bot.launch == "exec":
+        return ["-m", "botrunner", home.bot_config(bot.name)]
+    # -S -I: no site-packages, no PYTHON* variables: the launcher stays at ~3 MB. When
+    # the fork server does not answer, it execs exactly the exec-mode command line.
+    return ["-S", "-I", LAUNCHER, home.fork_socket, bot.name, home.bot_config(bot.name)]
 
 
 def render_watcher(
@@ -386,7 +434,7 @@ def render_watcher(
             name=bot.name,
             watcher=bot.watcher_name,
             python=_command_line([python]),
-            args=_command_line(["-m", "botrunner", home.bot_config(bot.name)]),
+            args=_command_line(_bot_args(home, bot)),
             working_dir=home.bot_dir(bot.name),
             autostart=bot.autostart,
             max_retry=bot.max_retry,

@@ -185,7 +185,7 @@ def test_a_wheel_installed_in_a_fresh_venv_runs_the_fleet_away_from_the_checkout
         with pytest.raises(ApiError) as refused:
             api.request("GET", "/api/v1/bots")
         assert refused.value.status == 401
-        assert 'name="token"' in api.request("GET", "/")  # the dashboard's login form
+        assert 'name="token"' in api.request("GET", "/login")  # the dashboard's login form
 
         # Every process of the fleet runs from the new venv (pgserver's postgres included).
         fleet = descendants(up.pid)

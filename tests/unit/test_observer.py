@@ -120,3 +120,24 @@ def test_published_events_are_handed_on() -> None:
     event = protocol.Event(bot="shop", pid=1, generation=1, ts=0.0, topic="orders", data={"n": 1})
     h.observer.on_message(event)
     assert h.events == [event]
+
+
+@pytest.mark.parametrize(
+    ("spoke", "reaped", "living", "forget", "named"),
+    [
+        (100, 100, set(), False, 100),  # exec: the watcher's process is the bot
+        (201, 200, set(), False, 201),  # fork: the launcher 200 ends after its bot 201
+        (201, 200, set(), True, 201),  # ... also once a pass forgot the bot's process
+        (201, 200, {201}, False, 200),  # a launcher whose bot lives on: not the bot's exit
+    ],
+)
+def test_a_launcher_s_exit_is_named_after_its_bot(
+    spoke: int, reaped: int, living: set[int], forget: bool, named: int
+) -> None:
+    h = Harness()
+    h.observer = Observer(h.clock, h.nudge, h.events.append, lambda pid: pid in living)
+    h.beat("shop", spoke)
+    if forget:
+        h.observer.live.pop("shop")
+    h.reap("shop", reaped, -9)
+    assert [(e.pid, e.code) for e in h.observer.take_exits("shop")] == [(named, -9)]

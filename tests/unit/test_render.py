@@ -14,6 +14,7 @@ from controller.atomicfile import write_atomic
 from controller.home import Home
 from controller.pg import PgWatcher
 from controller.render import (
+    LAUNCHER,
     MIN_MEMORY_LIMIT_MB,
     BotWatcher,
     InvalidWatcherValue,
@@ -122,6 +123,7 @@ def test_a_new_controller_bus_key_changes_the_watcher() -> None:
         lambda: BotWatcher("shop", True, 256, max_retry=-2),
         lambda: BotWatcher("shop", True, 256, user="tgf-0123"),
         lambda: BotWatcher("shop", True, 256, open_files=0),
+        lambda: BotWatcher("shop", True, 256, launch="spawn"),  # type: ignore[arg-type]
         lambda: BotWatcher("shop", True, 256, user="tgf-x", group="tgf-x\nuid = root"),
         lambda: BotWatcher("shop", True, 256, bus_key_id="$(circus.env.x)"),
     ],
@@ -146,6 +148,7 @@ def test_no_secret_can_reach_the_watcher_file() -> None:
         "processes",
         "user",
         "group",
+        "launch",
     }
     text = render_watcher(HOME, BotWatcher("shop", True, 256), python=PY)
     for word in ("token", "session", "api_hash", "secret", "TGFLEET_DATABASE_URL"):
@@ -275,7 +278,13 @@ def test_circus_ini_without_pg_and_sandbox() -> None:
         HOME, python=PY, listen="127.0.0.1:8710", embedded_pg=None, sandbox=None
     )
     sections = parse(text).sections()
-    assert sections == ["circus", "watcher:controller", "env:controller"]
+    assert sections == [
+        "circus",
+        "watcher:forkserver",
+        "env:forkserver",
+        "watcher:controller",
+        "env:controller",
+    ]
     pg_no_root = render_circus_ini(
         HOME,
         python=PY,
@@ -308,7 +317,14 @@ def test_circus_itself_reads_what_we_render(tmp_path: Path) -> None:
     home.make_dirs()
     write_atomic(
         home.circus_ini,
-        render_circus_ini(home, python=PY, listen="x", embedded_pg=PG, sandbox=None),
+        render_circus_ini(
+            home,
+            python=PY,
+            listen="x",
+            embedded_pg=PG,
+            sandbox=None,
+            plugin_path=["/srv/plugins"],
+        ),
     )
     write_atomic(
         home.watcher_file("shop"),
@@ -335,7 +351,10 @@ def test_circus_itself_reads_what_we_render(tmp_path: Path) -> None:
     # udp://237.219.251.97:12027 on 0.0.0.0).
     assert config["multicast_endpoint"] == ""
     watchers = {w["name"]: w for w in config["watchers"]}
-    assert set(watchers) == {"controller", "postgres", "bot-shop"}
+    assert set(watchers) == {"controller", "postgres", "forkserver", "bot-shop"}
+    forkserver = watchers["forkserver"]
+    assert forkserver["args"] == f"-m botrunner.forkserver {home.root}"
+    assert forkserver["env"]["PYTHONPATH"] == "/srv/plugins"  # third-party plugins: in the child
     bot = watchers["bot-shop"]
     assert bot["rlimits"] == {"data": 200 * 1024 * 1024, "nofile": 1024, "nproc": 100, "core": 0}
     assert (bot["uid"], bot["gid"]) == ("nobody", "nogroup")
@@ -353,6 +372,31 @@ def test_circus_itself_reads_what_we_render(tmp_path: Path) -> None:
         "TGFLEET_GENERATION": "0",
     }
     assert watchers["postgres"]["stop_signal"] == 2
+
+
+def test_a_fork_mode_watcher_runs_the_launcher(tmp_path: Path) -> None:
+    home = Home(tmp_path)
+    forked = parse(render_watcher(home, BotWatcher("shop", True, 256, launch="fork"), python=PY))
+    section = forked["watcher:bot-shop"]
+    assert section["cmd"] == PY
+    # -S -I: a few MB; it execs `-m botrunner <config>` itself when no fork server answers
+    assert section["args"].split() == [
+        "-S",
+        "-I",
+        str(LAUNCHER),
+        str(home.fork_socket),
+        "shop",
+        str(home.bot_config("shop")),
+    ]
+    assert LAUNCHER.is_file()
+    # Circus' limits reach the launcher; the fork server copies them into the bot
+    assert section["rlimit_data"] == str(256 * 1024 * 1024)
+    execd = parse(render_watcher(home, BotWatcher("shop", True, 256), python=PY))
+    assert execd["watcher:bot-shop"]["args"].split() == [
+        "-m",
+        "botrunner",
+        str(home.bot_config("shop")),
+    ]
 
 
 def test_write_atomic(tmp_path: Path) -> None:

@@ -1,0 +1,349 @@
+"""Fork mode and exec mode, side by side; the fork server's own failures.
+
+A fork-mode bot's watcher runs the launcher, the bot itself is a child of the fork
+server: each test checks what a user sees (the API's pid is the bot's own process,
+its limits, its answers) and what Circus sees (respawn, stop, crash loop).
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import drills
+import psutil
+import pytest
+from harness import Fleet, Sandbox, holds_for, running_fleet, short_tmpdir, wait_for
+
+from botspec import forked
+from controller.botusers import bot_user_name
+
+pytestmark = pytest.mark.integration
+
+MIB = 1024 * 1024
+LAUNCHES = ["fork", "exec"]
+
+
+def circus_pids(fleet: Fleet, watcher: str) -> list[int]:
+    listed = fleet.circusctl("list", watcher).replace(",", " ").split()
+    return [int(p) for p in listed if p.isdigit()]
+
+
+def forkserver_pid(fleet: Fleet) -> int:
+    pids = wait_for("the fork server", lambda: circus_pids(fleet, "forkserver"))
+    return pids[0]
+
+
+def add(
+    fleet: Fleet,
+    sandbox: Sandbox,
+    prefix: str,
+    launch: str,
+    *,
+    wait: bool = True,
+    plugins: list[str] | None = None,
+    **fields: Any,
+) -> str:
+    name = f"{prefix}-{launch}-{next(drills._serial)}"
+    token = sandbox.create_bot(drills.sandbox_name(name))
+    spec = {
+        "name": name,
+        "token": token,
+        "plugins": plugins or [drills.CHAOS],
+        "launch": launch,
+        **fields,
+    }
+    fleet.api("POST", "/api/v1/bots", spec)
+    if wait:
+        drills.connected(fleet, name)
+    return name
+
+
+def check_process(fleet: Fleet, name: str, launch: str) -> int:
+    """The API's pid is the bot's own process, placed as its launch mode says; its pid."""
+    pid = int(fleet.bot(name)["pid"])
+    [watcher] = circus_pids(fleet, f"bot-{name}")
+    bot = psutil.Process(pid)
+    if launch == "fork":
+        assert pid != watcher, "the API shows the launcher's pid, not the bot's"
+        assert bot.ppid() == forkserver_pid(fleet)
+        assert psutil.Process(watcher).cmdline()[1:3] == ["-S", "-I"]
+        assert forked.bot_pid(fleet.home.run_dir, name, watcher) == pid
+    else:
+        assert pid == watcher
+        assert bot.cmdline()[1:3] == ["-m", "botrunner"]
+    if os.geteuid() == 0:
+        assert bot.uids().real == pwd.getpwnam(bot_user_name(fleet.home, name)).pw_uid
+    return pid
+
+
+def data_limit(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max data size"):
+            return int(line.split()[3])
+    raise AssertionError(f"no data limit in /proc/{pid}/limits")
+
+
+def gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+@pytest.mark.parametrize("launch", LAUNCHES)
+def test_a_bot_lives_its_life_in_either_launch_mode(
+    fleet: Fleet, sandbox: Sandbox, launch: str
+) -> None:
+    name = add(fleet, sandbox, "life", launch, memory_limit_mb=300)
+    pid = check_process(fleet, name, launch)
+    assert data_limit(pid) == 300 * MIB
+    assert drills.answered_in(sandbox, name, time.monotonic(), "hello") < 30
+
+    # kill -9: Circus respawns it (through a new launcher in fork mode)
+    drills.kill_9(fleet, sandbox, name)
+    crashes = drills.health_events(fleet, name, "crash")
+    assert crashes and crashes[0]["data"]["exit_code"] == -9
+    assert crashes[0]["reason"].startswith(f"process {pid} exited with code -9")
+    pid = check_process(fleet, name, launch)
+
+    # SIGSTOP: the health checker kills the hung process, a new one answers
+    drills.sigstop(fleet, sandbox, name)
+    assert gone(pid)
+    pid = check_process(fleet, name, launch)
+
+    # stop: SIGTERM reaches the bot, which drains and exits within its graceful timeout
+    crashes_before = len(drills.health_events(fleet, name, "crash"))
+    started = time.monotonic()
+    fleet.api("POST", f"/api/v1/bots/{name}/stop")
+    fleet.wait_state(name, "stopped")
+    wait_for("the bot's process to end", lambda: gone(pid), timeout=10)
+    assert time.monotonic() - started < 5.0 + 3.0  # graceful_timeout_s plus the API's round trips
+    assert len(drills.health_events(fleet, name, "crash")) == crashes_before  # it exited with 0
+
+    fleet.api("POST", f"/api/v1/bots/{name}/start")
+    drills.connected(fleet, name, not_pid=pid)
+    check_process(fleet, name, launch)
+    fleet.api("DELETE", f"/api/v1/bots/{name}")
+
+
+@pytest.mark.parametrize("launch", LAUNCHES)
+def test_a_crash_loop_ends_in_failed(fleet: Fleet, sandbox: Sandbox, launch: str) -> None:
+    name = add(fleet, sandbox, "loop", launch, settings={"exit_at_start": 3}, wait=False)
+    bot = fleet.wait_state(name, "failed", timeout=60)
+    assert "exit code 3" in bot["reason"]
+    assert bot["health"]["last_failure"]["kind"] == "crash_loop"
+    fleet.api("DELETE", f"/api/v1/bots/{name}")
+
+
+# ---------------------------------------------------------------- the fork server itself
+
+PLUGIN = "tgf_version_plugin"
+PLUGIN_SOURCE = """
+from telethon import events
+
+VERSION = {version!r}
+
+
+def setup(client, ctx):
+    @client.on(events.NewMessage(pattern="/version"))
+    async def version(event):
+        await event.reply("version " + VERSION)
+"""
+
+
+def write_plugin(plugin_dir: Path, version: str) -> None:
+    path = plugin_dir / f"{PLUGIN}.py"
+    temp = path.with_suffix(".tmp")
+    temp.write_text(PLUGIN_SOURCE.format(version=version))
+    temp.chmod(0o644)
+    os.replace(temp, path)
+
+
+@pytest.fixture(scope="module")
+def plugin_dir() -> Iterator[Path]:
+    root = short_tmpdir("tgfp")
+    write_plugin(root, "1")
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def own_fleet(sandbox: Sandbox, plugin_dir: Path) -> Iterator[Fleet]:
+    """A fleet of this module's own (its fork server is killed and stopped here), with a
+    plugin dir of third-party code."""
+    root = short_tmpdir("tgfk")
+    try:
+        with running_fleet(root, sandbox, env={"TGFLEET_PLUGIN_PATH": str(plugin_dir)}) as fleet:
+            yield fleet
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def version_of(sandbox: Sandbox, name: str) -> str:
+    answers: list[str] = []
+    drills._answer(sandbox, name, "/version", lambda r: answers.append(r) or True, 30)
+    return answers[-1]
+
+
+def test_a_plugin_edited_on_disk_reaches_new_bots(
+    own_fleet: Fleet, sandbox: Sandbox, plugin_dir: Path
+) -> None:
+    plugins = [f"{PLUGIN}:setup"]
+    old = add(own_fleet, sandbox, "plug", "fork", plugins=plugins)
+    assert version_of(sandbox, old) == "version 1"
+    write_plugin(plugin_dir, "2")
+    new = add(own_fleet, sandbox, "plug", "fork", plugins=plugins)
+    check_process(own_fleet, new, "fork")
+    assert version_of(sandbox, new) == "version 2"
+    assert version_of(sandbox, old) == "version 1"  # a running bot keeps its process
+    own_fleet.api("POST", f"/api/v1/bots/{old}/restart")
+    wait_for(f"{old} on the new code", lambda: version_of(sandbox, old) == "version 2", 60)
+    for name in (old, new):
+        own_fleet.api("DELETE", f"/api/v1/bots/{name}")
+
+
+def test_the_fork_server_killed_during_traffic_touches_no_bot(
+    own_fleet: Fleet, sandbox: Sandbox
+) -> None:
+    names = [add(own_fleet, sandbox, "traffic", "fork") for _ in range(3)]
+    before = drills.snapshot(own_fleet, names)
+    server = forkserver_pid(own_fleet)
+    lost: list[str] = []
+    sent = 0
+
+    def talk() -> None:
+        nonlocal sent
+        for round_ in range(6):
+            for name in names:
+                text = f"traffic {round_}"
+                sent += 1
+                try:
+                    drills.answered_in(sandbox, name, time.monotonic(), text, wait=30)
+                except AssertionError as exc:
+                    lost.append(f"{name}: {exc}")
+
+    talker = threading.Thread(target=talk)
+    talker.start()
+    wait_for("traffic to flow", lambda: sent >= 3)
+    os.kill(server, signal.SIGKILL)
+    talker.join()
+    assert lost == [] and sent == 18
+    assert drills.untouched(own_fleet, before) == []
+    respawned = wait_for(
+        "a new fork server", lambda: set(circus_pids(own_fleet, "forkserver")) - {server}
+    )
+    # the respawned fork server serves new bots
+    late = add(own_fleet, sandbox, "traffic", "fork")
+    assert psutil.Process(check_process(own_fleet, late, "fork")).ppid() in respawned
+    for name in (*names, late):
+        own_fleet.api("DELETE", f"/api/v1/bots/{name}")
+
+
+def test_without_a_fork_server_a_bot_starts_by_exec_within_a_second(
+    own_fleet: Fleet, sandbox: Sandbox
+) -> None:
+    server = psutil.Process(forkserver_pid(own_fleet))
+    server.suspend()  # it accepts connections and answers none: the worst case for a launcher
+    try:
+        name = add(own_fleet, sandbox, "fallback", "fork")
+        pid = int(own_fleet.bot(name)["pid"])
+        assert circus_pids(own_fleet, f"bot-{name}") == [pid]  # the launcher became the bot
+        log = own_fleet.home.watcher_log(f"bot-{name}", "err").read_text()
+        assert "starting the bot by exec" in log
+        assert drills.answered_in(sandbox, name, time.monotonic(), "hello") < 30
+    finally:
+        server.resume()
+
+    # the request the stopped server finds in its queue is from a launcher that gave up
+    # on it: it must not leave a second process of the bot running
+    def forked_twins() -> list[int]:
+        return [
+            p.pid for p in psutil.process_iter(["name"]) if p.info["name"] == f"tgf:{name}"[:15]
+        ]
+
+    wait_for("the late fork to be undone", lambda: forked_twins() == [])
+    holds_for("no second process of the bot", lambda: forked_twins() == [], 1.0)
+    assert psutil.pid_exists(pid)
+    own_fleet.api("DELETE", f"/api/v1/bots/{name}")
+
+
+def memory_holds(pid: int, needle: bytes) -> bool:
+    """Whether ``needle`` is anywhere in the readable memory of process ``pid`` (root)."""
+    with open(f"/proc/{pid}/maps") as maps, open(f"/proc/{pid}/mem", "rb", 0) as mem:
+        for line in maps:
+            span, perms = line.split()[:2]
+            if not perms.startswith("r"):
+                continue
+            start, end = (int(x, 16) for x in span.split("-"))
+            try:
+                mem.seek(start)
+                if needle in mem.read(end - start):
+                    return True
+            except (OSError, ValueError, OverflowError):
+                continue  # e.g. [vvar]
+    return False
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="reads other processes' memory: root only")
+def test_one_bot_s_secret_is_not_in_another_bot_s_memory(
+    own_fleet: Fleet, sandbox: Sandbox
+) -> None:
+    first, second = (add(own_fleet, sandbox, "secret", "fork") for _ in range(2))
+    config = own_fleet.home.bot_config(first).read_text()
+    token = next(t for t in config.split('"') if ":" in t and t.split(":")[0].isdigit())
+    secret = token.split(":", 1)[1].encode()
+    first_pid = int(own_fleet.bot(first)["pid"])
+    assert memory_holds(first_pid, secret)  # the search finds what is there
+    assert not memory_holds(int(own_fleet.bot(second)["pid"]), secret)
+    assert not memory_holds(forkserver_pid(own_fleet), secret)
+    for name in (first, second):
+        own_fleet.api("DELETE", f"/api/v1/bots/{name}")
+
+
+def test_a_restarted_controller_finds_the_forked_bot_s_own_pid(
+    own_fleet: Fleet, sandbox: Sandbox
+) -> None:
+    name = add(own_fleet, sandbox, "seen", "fork")
+    before = own_fleet.bot(name)
+    own_fleet.circusctl("restart", "controller")
+    # at once (from circusd's pid and the fork server's record), not from a heartbeat
+    seen = wait_for("the controller back", lambda: own_fleet.bot(name)["pid"])
+    assert seen == before["pid"]
+    holds_for(
+        f"{name} keeps its process and no restart is counted",
+        lambda: (
+            (bot := own_fleet.bot(name))["pid"] == before["pid"]
+            and bot["restarts"] == before["restarts"]
+        ),
+        3.0,
+    )
+    own_fleet.api("DELETE", f"/api/v1/bots/{name}")
+
+
+def test_a_bot_whose_launcher_dies_dies_too_even_with_its_fork_server_away(
+    own_fleet: Fleet, sandbox: Sandbox
+) -> None:
+    """No orphans: the fork server kills a bot whose launcher is gone; while it cannot
+    (suspended here), the bot notices on its own."""
+    name = add(own_fleet, sandbox, "orphan", "fork")
+    pid = check_process(own_fleet, name, "fork")
+    [launcher] = circus_pids(own_fleet, f"bot-{name}")
+    server = psutil.Process(forkserver_pid(own_fleet))
+    server.suspend()
+    try:
+        os.kill(launcher, signal.SIGKILL)
+        wait_for("the orphaned bot to end", lambda: gone(pid), timeout=10)
+    finally:
+        server.resume()
+    # Circus respawned the launcher (by exec while the fork server slept, or by fork)
+    drills.connected(own_fleet, name, not_pid=pid)
+    assert drills.answered_in(sandbox, name, time.monotonic(), "still here") < 30
+    own_fleet.api("DELETE", f"/api/v1/bots/{name}")

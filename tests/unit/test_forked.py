@@ -1,0 +1,87 @@
+"""The fork server's wire format (botrunner/launcher.py) and its record (botspec.forked)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from botrunner import launcher
+from botspec import forked, procinfo
+
+
+def test_a_request_round_trips() -> None:
+    env = {"HOME": "/srv/fleet/bots/shop", "PYTHONPATH": "/a:/b", "EMPTY": "", "EQ": "a=b"}
+    assert launcher.decode_request(launcher.encode_request("shop", env)) == ("shop", env)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"", b"tgfleet-fork 2\0shop", b"tgfleet-fork 1", b"tgfleet-fork 1\0shop\0NOEQUALS"],
+)
+def test_a_bad_request_is_refused(data: bytes) -> None:
+    with pytest.raises(ValueError):
+        launcher.decode_request(data)
+
+
+def test_file_descriptors_round_trip() -> None:
+    assert launcher.unpack_fds(launcher.pack_fds([0, 1, 2, 17])) == [0, 1, 2, 17]
+    assert launcher.unpack_fds([(0, 0, b"junk")]) == []
+
+
+def test_the_record_names_a_live_bot_only(tmp_path: Path) -> None:
+    forked.registry_dir(tmp_path).mkdir()
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        started = forked.start_time(sleeper.pid)
+        assert started is not None
+        forked.write(tmp_path, "shop", forked.Forked(os.getpid(), sleeper.pid, started))
+        assert forked.bot_pid(tmp_path, "shop", os.getpid()) == sleeper.pid
+        assert forked.bot_pid(tmp_path, "shop", 1) == 1  # another launcher: not its bot
+        assert forked.bot_pid(tmp_path, "other", os.getpid()) == os.getpid()
+        # a recycled pid has another start time
+        forked.write(tmp_path, "shop", forked.Forked(os.getpid(), sleeper.pid, started + 1))
+        assert forked.bot_pid(tmp_path, "shop", os.getpid()) == os.getpid()
+        forked.remove(tmp_path, "shop", sleeper.pid + 1)  # not its bot: kept
+        assert forked.read(tmp_path, "shop") is not None
+        forked.remove(tmp_path, "shop", sleeper.pid)
+        assert forked.read(tmp_path, "shop") is None
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert forked.start_time(sleeper.pid) is None
+
+
+def test_the_launcher_stays_small_and_stdlib_only() -> None:
+    """Run as its watcher runs it (-S -I), it imports only the interpreter's C modules
+    (``socket``, ``signal`` would bring enum and selectors: ~1 MB per bot)."""
+    done = subprocess.run(
+        [sys.executable, "-S", "-I", "-X", "importtime", launcher.__file__],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 64 and "usage: launcher.py" in done.stderr  # no arguments
+    imported = {
+        line.rsplit("|", 1)[1].strip()
+        for line in done.stderr.splitlines()
+        if line.startswith("import time:") and "|" in line
+    }
+    assert {"_socket", "select"} <= imported
+    assert not imported & {"socket", "signal", "enum", "selectors", "json", "site", "contextlib"}
+
+
+def test_a_zombie_is_told_from_a_living_process() -> None:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    wait_for_exit = 0
+    while not procinfo.is_zombie(child.pid) and wait_for_exit < 1000:
+        time.sleep(0.01)
+        wait_for_exit += 1
+    assert procinfo.is_zombie(child.pid)  # ended, not reaped yet
+    assert not procinfo.is_zombie(os.getpid())
+    child.wait()
+    assert not procinfo.is_zombie(child.pid)  # gone
