@@ -285,9 +285,16 @@ def bot_manifests(
     return [secret, deployment]
 
 
-def controller_manifests(options: K8sOptions) -> list[dict[str, Any]]:
+def controller_host(cluster: str) -> str:
+    """The controller's own host name when the bots of host ``cluster`` run as pods: not
+    ``cluster`` itself, or its circusd would take those bots and run each twice."""
+    return f"{cluster}-controller"
+
+
+def controller_manifests(options: K8sOptions, cluster: str | None = None) -> list[dict[str, Any]]:
     """The controller: its home's claim, its Deployment (`tgfleet up` on the
-    PostgreSQL of the ``database_secret``) and its API's Service."""
+    PostgreSQL of the ``database_secret``) and its API's Service. With ``cluster`` (the
+    host of the bots that run as pods) the controller is a host of its own beside it."""
     name = "tgfleet-controller"
     labels = _labels("tgfleet-controller", "controller")
     home = str(POD_HOME)
@@ -336,7 +343,12 @@ def controller_manifests(options: K8sOptions) -> list[dict[str, Any]]:
                                             "key": "url",
                                         }
                                     },
-                                }
+                                },
+                                *(
+                                    [{"name": "TGFLEET_HOST", "value": controller_host(cluster)}]
+                                    if cluster is not None
+                                    else []
+                                ),
                             ],
                             "ports": [{"name": "api", "containerPort": API_PORT}],
                             "readinessProbe": {
@@ -409,7 +421,7 @@ def manifests(
                 "(it has no host per bot)"
             )
         chosen = [bot for bot in chosen if bot.host == host]
-    out = controller_manifests(options) if with_controller and only is None else []
+    out = controller_manifests(options, host) if with_controller and only is None else []
     for bot in sorted(chosen, key=lambda b: b.name):
         out += bot_manifests(bot, defaults, secrets, options, new_bus_key())
     return out

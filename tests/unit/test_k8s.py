@@ -170,6 +170,15 @@ def test_host_picks_the_cluster_s_bots_where_the_api_places_bots() -> None:
     docs = manifests([here, there], DEFAULTS, secrets, K8sOptions(), host="cluster")
     bots = {d["metadata"]["name"] for d in docs if d["kind"] == "Deployment"}
     assert bots == {"tgfleet-controller", "tgfleet-bot-here"}
+    # The controller is a host of its own: its circusd holds none of the cluster's bots.
+    (controller,) = [
+        d for d in docs if d["kind"] == "Deployment" and "controller" in d["metadata"]["name"]
+    ]
+    env = {
+        e["name"]: e.get("value")
+        for e in controller["spec"]["template"]["spec"]["containers"][0]["env"]
+    }
+    assert env["TGFLEET_HOST"] == "cluster-controller"
     with pytest.raises(K8sRenderError, match="gives no host for shop"):
         manifests([SHOP], DEFAULTS, SECRETS, K8sOptions(), host="cluster")
 
