@@ -741,10 +741,12 @@ async def openapi(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    """Prometheus text: every bot (as GET /api/v1/bots shows it), then the controller."""
+    """Prometheus text: every bot this host holds (as GET /api/v1/bots shows it), then
+    the controller. Another host's bots are that host's to export: with every host
+    scraped, each bot is counted once."""
     app = request.app
     fleet = app[FLEET]
-    bots = await fleet.list()
+    bots = [bot for bot in await fleet.list() if bot.get("local", True)]
     text = render([*bot_families(bots, fleet.healer.failures), *controller_families(app)])
     return web.Response(body=text.encode(), headers=METRICS_CONTENT_TYPE)
 

@@ -98,6 +98,14 @@ API = (
 NAME = opt("name", help="The bot's name.")
 
 
+def segment(value: str) -> str:
+    """``value`` as one path segment of a URL: `bots destroy 'shop?x'` must not
+    destroy shop (the API refuses the name it does not know, by that name)."""
+    from urllib.parse import quote
+
+    return quote(value, safe="")
+
+
 def call(args: argparse.Namespace, method: str, path: str, body: object | None = None) -> Any:
     """One request to the API; an error answer or an unreachable API ends the command."""
     from controller.client import ApiClient, ApiError, ApiUnreachable
@@ -314,7 +322,7 @@ def bots_list(args: argparse.Namespace) -> None:
 @command("bots show", NAME, *API)
 def bots_show(args: argparse.Namespace) -> None:
     """One bot in full."""
-    bot = call(args, "GET", f"/api/v1/bots/{args.name}")
+    bot = call(args, "GET", f"/api/v1/bots/{segment(args.name)}")
     lines = [
         bots_table([bot], colour_wanted()),
         "",
@@ -413,7 +421,7 @@ def bots_update(args: argparse.Namespace) -> None:
     body = _spec_from_options(args)
     if not body:
         raise UsageError("give at least one change (--setting, --plugin, --memory-limit, …)")
-    bot = call(args, "PATCH", f"/api/v1/bots/{args.name}", body)
+    bot = call(args, "PATCH", f"/api/v1/bots/{segment(args.name)}", body)
     show(
         bot, args.as_json, f"updated {bot['name']}: {bot['state']} (generation {bot['generation']})"
     )
@@ -421,7 +429,7 @@ def bots_update(args: argparse.Namespace) -> None:
 
 def _lifecycle(op: str) -> None:
     def run(args: argparse.Namespace) -> None:
-        bot = call(args, "POST", f"/api/v1/bots/{args.name}/{op}")
+        bot = call(args, "POST", f"/api/v1/bots/{segment(args.name)}/{op}")
         show(bot, args.as_json, f"{bot['name']}: {bot['state']}")
 
     run.__doc__ = f"{op.capitalize()} a bot."
@@ -435,7 +443,7 @@ for _op in ("start", "stop", "restart"):
 @command("bots destroy", NAME, *API)
 def bots_destroy(args: argparse.Namespace) -> None:
     """Stop a bot and remove its watcher, files and private dir (its events stay)."""
-    result = call(args, "DELETE", f"/api/v1/bots/{args.name}")
+    result = call(args, "DELETE", f"/api/v1/bots/{segment(args.name)}")
     show(result, args.as_json, f"destroyed {args.name}")
 
 
@@ -456,12 +464,16 @@ def bots_logs(args: argparse.Namespace) -> None:
     import time
 
     name, stream = args.name, args.stream
-    result = call(args, "GET", f"/api/v1/bots/{name}/logs?stream={stream}&lines={args.lines}")
+    result = call(
+        args, "GET", f"/api/v1/bots/{segment(name)}/logs?stream={stream}&lines={args.lines}"
+    )
     show(result, args.as_json, "\n".join(result["lines"]))
     seen = result["lines"]
     while args.follow:
         time.sleep(1)
-        latest = call(args, "GET", f"/api/v1/bots/{name}/logs?stream={stream}&lines=200")["lines"]
+        latest = call(args, "GET", f"/api/v1/bots/{segment(name)}/logs?stream={stream}&lines=200")[
+            "lines"
+        ]
         for line in new_lines(seen, latest):
             echo(line)
         seen = latest
@@ -483,7 +495,7 @@ def new_lines(seen: list[str], latest: list[str]) -> list[str]:
 )
 def bots_events(args: argparse.Namespace) -> None:
     """A bot's event history: who changed what, when and why."""
-    result = call(args, "GET", f"/api/v1/bots/{args.name}/events?limit={args.limit}")
+    result = call(args, "GET", f"/api/v1/bots/{segment(args.name)}/events?limit={args.limit}")
     rows = [
         [
             e["at"][:19],
@@ -590,7 +602,7 @@ def token_list(args: argparse.Namespace) -> None:
 @command("token revoke", opt("name", help="The token's name."), *API)
 def token_revoke(args: argparse.Namespace) -> None:
     """Revoke an API token."""
-    result = call(args, "DELETE", f"/api/v1/tokens/{args.name}")
+    result = call(args, "DELETE", f"/api/v1/tokens/{segment(args.name)}")
     show(result, args.as_json, f"revoked {args.name}")
 
 

@@ -285,10 +285,12 @@ def bot_manifests(
     return [secret, deployment]
 
 
-def controller_host(cluster: str) -> str:
-    """The controller's own host name when the bots of host ``cluster`` run as pods: not
-    ``cluster`` itself, or its circusd would take those bots and run each twice."""
-    return f"{cluster}-controller"
+def controller_host(cluster: str | None) -> str:
+    """The controller's own host name: fixed (a pod's hostname changes with every new
+    pod, and the bots placed on the old name would wait for it), and, when the bots of
+    host ``cluster`` run as pods, not ``cluster`` itself, or its circusd would take
+    those bots and run each twice."""
+    return "tgfleet-controller" if cluster is None else f"{cluster}-controller"
 
 
 def controller_manifests(options: K8sOptions, cluster: str | None = None) -> list[dict[str, Any]]:
@@ -344,11 +346,7 @@ def controller_manifests(options: K8sOptions, cluster: str | None = None) -> lis
                                         }
                                     },
                                 },
-                                *(
-                                    [{"name": "TGFLEET_HOST", "value": controller_host(cluster)}]
-                                    if cluster is not None
-                                    else []
-                                ),
+                                {"name": "TGFLEET_HOST", "value": controller_host(cluster)},
                             ],
                             "ports": [{"name": "api", "containerPort": API_PORT}],
                             "readinessProbe": {

@@ -343,14 +343,15 @@ def render_circus_ini(
             )
         )
     out, err = _logs(home, FORKSERVER_WATCHER)
+    # No PYTHONPATH, and -I (no cwd, no PYTHON* variables on its path; -u for what
+    # PYTHONUNBUFFERED did): as root it imports only what ships with tgfleet; a bot's
+    # plugin dirs reach its own child, after the drop to the bot's user.
     forkserver_env = _base_env(home, home_env=home.root) | {"MALLOC_ARENA_MAX": "2"}
-    if plugin_path:
-        forkserver_env["PYTHONPATH"] = _pythonpath(plugin_path)
     watchers.append(
         _Watcher(
             name=FORKSERVER_WATCHER,
             cmd=_command_line([python]),
-            args=_command_line(["-m", "botrunner.forkserver", str(home.root)]),
+            args=_command_line(["-I", "-u", "-m", "botrunner.forkserver", str(home.root)]),
             working_dir=home.root,
             priority=15,  # before the controller, which starts the bots
             stop_signal="TERM",

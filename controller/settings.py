@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import math
 import re
 import socket
 from collections.abc import Mapping
@@ -45,8 +46,9 @@ def host_problem(host: str) -> str | None:
 
 
 def default_host() -> str:
-    """This machine's host name, lower-cased: the controller's host unless told otherwise."""
-    return socket.gethostname().lower()
+    """This machine's host name, lower-cased and with '_' as '-' (a host name as a bot's
+    ``host`` must be): the controller's host unless told otherwise."""
+    return socket.gethostname().lower().replace("_", "-")
 
 
 def is_loopback(host: str) -> bool:
@@ -73,9 +75,24 @@ def env_number(environ: Mapping[str, str], key: str, default: float) -> float:
     if not raw:
         return default
     try:
-        return float(raw)
+        value = float(raw)
     except ValueError:
         raise SettingsError(f"{key} must be a number, not {raw!r}") from None
+    if not math.isfinite(value):
+        raise SettingsError(f"{key} must be a finite number, not {raw!r}")
+    return value
+
+
+def env_integer(environ: Mapping[str, str], key: str, default: int) -> int:
+    """A whole number from the environment (``default`` when unset); SettingsError when
+    not one (``1.9`` is refused, not read as 1)."""
+    raw = environ.get(key, "").strip()
+    if not raw:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise SettingsError(f"{key} must be a whole number, not {raw!r}") from None
 
 
 @dataclass(frozen=True)
@@ -177,6 +194,6 @@ class ControllerSettings:
                 f"forget_after_s must be from 5 to 86400 seconds, not {self.forget_after_s}"
             )
         if problem := host_problem(self.host):
-            raise SettingsError(f"{problem} (set TGFLEET_HOST)")
+            raise SettingsError(f"{problem} (set TGFLEET_HOST or --host)")
         if self.outbox_limit < 1:
             raise SettingsError(f"outbox_limit must be at least 1, not {self.outbox_limit}")

@@ -38,6 +38,7 @@ from controller.settings import (
     ControllerSettings,
     SettingsError,
     default_host,
+    env_integer,
     env_number,
     is_loopback,
     parse_hostport,
@@ -104,11 +105,11 @@ def options_from_env(
         event_retention_days=env_number(
             env, "TGFLEET_EVENT_RETENTION_DAYS", DEFAULT_EVENT_RETENTION_DAYS
         ),
-        event_retention_count=int(
-            env_number(env, "TGFLEET_EVENT_RETENTION_COUNT", DEFAULT_EVENT_RETENTION_COUNT)
+        event_retention_count=env_integer(
+            env, "TGFLEET_EVENT_RETENTION_COUNT", DEFAULT_EVENT_RETENTION_COUNT
         ),
-        auth_failure_limit=int(
-            env_number(env, "TGFLEET_AUTH_FAILURE_LIMIT", DEFAULT_AUTH_FAILURE_LIMIT)
+        auth_failure_limit=env_integer(
+            env, "TGFLEET_AUTH_FAILURE_LIMIT", DEFAULT_AUTH_FAILURE_LIMIT
         ),
         trusted_proxies=tuple(
             e for e in env.get("TGFLEET_TRUSTED_PROXIES", "").split(",") if e.strip()

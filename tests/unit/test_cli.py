@@ -289,3 +289,36 @@ def test_a_dash_without_a_credential_on_stdin_is_refused(
     args += [*(["--token", token] if token else []), *(["--session", session] if session else [])]
     assert run(args) == 2
     assert says in capsys.readouterr().err
+
+
+def test_a_bot_name_is_one_path_segment() -> None:
+    from controller.cli import segment
+
+    assert segment("shop") == "shop"
+    assert segment("shop?x") == "shop%3Fx"  # not /bots/shop with a query
+    assert segment("a/../b c") == "a%2F..%2Fb%20c"
+
+
+@pytest.mark.parametrize(
+    ("key", "raw", "says"),
+    [
+        ("TGFLEET_AUTH_FAILURE_LIMIT", "nan", "must be a whole number, not 'nan'"),
+        ("TGFLEET_AUTH_FAILURE_LIMIT", "1.9", "must be a whole number, not '1.9'"),
+        ("TGFLEET_EVENT_RETENTION_COUNT", "1e400", "must be a whole number"),
+        ("TGFLEET_DATABASE_TIMEOUT_S", "inf", "must be a finite number, not 'inf'"),
+    ],
+)
+def test_a_bad_number_in_the_environment_is_named_and_nothing_is_made(
+    key: str,
+    raw: str,
+    says: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv(key, raw)
+    home = tmp_path / "home"
+    assert run(["render", "circus-ini", "--home", str(home), "--write"]) == 1
+    err = capsys.readouterr().err
+    assert f"{key} {says}" in err and err.count("\n") == 1, err
+    assert not home.exists()

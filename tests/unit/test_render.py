@@ -353,8 +353,9 @@ def test_circus_itself_reads_what_we_render(tmp_path: Path) -> None:
     watchers = {w["name"]: w for w in config["watchers"]}
     assert set(watchers) == {"controller", "postgres", "forkserver", "bot-shop"}
     forkserver = watchers["forkserver"]
-    assert forkserver["args"] == f"-m botrunner.forkserver {home.root}"
-    assert forkserver["env"]["PYTHONPATH"] == "/srv/plugins"  # third-party plugins: in the child
+    assert forkserver["args"] == f"-I -u -m botrunner.forkserver {home.root}"
+    # Third-party plugins reach each bot's child (its launcher's env), never the root parent.
+    assert "PYTHONPATH" not in forkserver["env"]
     bot = watchers["bot-shop"]
     assert bot["rlimits"] == {"data": 200 * 1024 * 1024, "nofile": 1024, "nproc": 100, "core": 0}
     assert (bot["uid"], bot["gid"]) == ("nobody", "nogroup")
