@@ -255,6 +255,19 @@ UP_OPTIONS = (
 )
 
 
+def _up_options(args: argparse.Namespace) -> dict[str, Any]:
+    """UP_OPTIONS (and --demo) as `controller.up.options_from_env` takes them."""
+    return {
+        "home": args.home,
+        "listen": args.listen,
+        "demo": args.demo,
+        "tls_cert": args.tls_cert,
+        "tls_key": args.tls_key,
+        "insecure_listen": args.insecure_listen,
+        "host": args.host,
+    }
+
+
 @command(
     "up",
     opt("--demo", action="store_true", help="Also run the local Telegram sandbox with demo bots."),
@@ -270,15 +283,7 @@ def up(args: argparse.Namespace) -> NoReturn:
     from controller.settings import SettingsError
 
     try:
-        options = up_module.options_from_env(
-            home=args.home,
-            listen=args.listen,
-            demo=args.demo,
-            tls_cert=args.tls_cert,
-            tls_key=args.tls_key,
-            insecure_listen=args.insecure_listen,
-            host=args.host,
-        )
+        options = up_module.options_from_env(**_up_options(args))
         resolved = options.home
         warning = up_module.insecure_listen_warning(options)
         if warning is not None and args.insecure_listen:
@@ -665,15 +670,7 @@ def render_circus_ini(args: argparse.Namespace) -> None:
     from controller.settings import SettingsError
 
     try:
-        options = up_module.options_from_env(
-            home=args.home,
-            listen=args.listen,
-            demo=args.demo,
-            tls_cert=args.tls_cert,
-            tls_key=args.tls_key,
-            insecure_listen=args.insecure_listen,
-            host=args.host,
-        )
+        options = up_module.options_from_env(**_up_options(args))
         text, notes = deploy.render_circus_ini_command(options, write=args.write)
     except (up_module.UpError, HomeError, SettingsError, EmbeddedPgError) as exc:
         fail(str(exc))

@@ -39,7 +39,7 @@ from botspec.config import BotConfig, dump
 from controller.botfiles import runtime_config
 from controller.buskeys import IssuedKey
 from controller.home import Home
-from controller.spec import effective
+from controller.spec import deep_merge, effective
 
 # Where things are inside the pods.
 POD_HOME = Path("/var/lib/tgfleet")
@@ -112,16 +112,6 @@ def _check_secret_fields(fields: object, where: str, *, allow_credentials: bool)
         raise K8sRenderError(f"{where}.telegram: only api_hash belongs here")
 
 
-def _merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in over.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
 def _k8s_name(bot: str) -> str:
     # Bot names are DNS labels but for a trailing '-', which Kubernetes refuses.
     if bot.endswith("-"):
@@ -169,8 +159,8 @@ def bot_manifests(
     """The Secret and the Deployment of one bot."""
     name = _k8s_name(bot.name)
     own = {k: v for k, v in bot.own.items() if k not in ("name", "credential")}
-    own = _merge(own, secrets.bots.get(bot.name, {}))
-    merged_defaults = _merge(defaults, secrets.defaults)
+    own = deep_merge(own, secrets.bots.get(bot.name, {}))
+    merged_defaults = deep_merge(defaults, secrets.defaults)
     try:
         spec = effective(own, merged_defaults)
     except msgspec.ValidationError as exc:

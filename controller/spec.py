@@ -266,11 +266,12 @@ def _keep_left_out(
     return new
 
 
-def _merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+def deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """``over``'s fields over ``base``'s, nested objects merged field by field."""
     merged = dict(base)
     for key, value in over.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
+            merged[key] = deep_merge(merged[key], value)
         else:
             merged[key] = value
     return merged
@@ -280,7 +281,7 @@ def effective(own: Mapping[str, Any], fleet_defaults: Mapping[str, Any]) -> BotS
     """A bot's effective spec: its own fields over the fleet defaults over the built-ins.
 
     Both were validated when they were stored; the declared defaults fill the rest."""
-    return msgspec.convert(_merge(fleet_defaults, own), BotSpec)
+    return msgspec.convert(deep_merge(fleet_defaults, own), BotSpec)
 
 
 def process_view(spec: BotSpec) -> BotSpec:
