@@ -18,6 +18,8 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta, Struct
 
+from botspec.hostname import FLEET_HOST_PATTERN, MAX_FLEET_HOST
+
 # ----------------------------------------------------------------- field types
 # ``extra["must"]`` is how a refusal reads when the declaration alone cannot say
 # it well (a pattern); otherwise botspec.validate words it from the constraints.
@@ -27,9 +29,6 @@ TOKEN_PATTERN = r"^[0-9]{1,20}:[A-Za-z0-9_-]{1,128}$"
 PLUGIN_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$"
 TOPIC_PATTERN = r"^[A-Za-z0-9_.:-]{1,64}$"
 HOST_PATTERN = r"^[A-Za-z0-9.:-]{1,253}$"
-#: A controller's host name (DNS-label-like, lower case, dots between labels).
-FLEET_HOST_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$"
-MAX_FLEET_HOST = 253
 
 MIN_MEMORY_MB = 128
 MAX_MEMORY_MB = 65536

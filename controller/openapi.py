@@ -15,7 +15,8 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
-from botspec.spec import FLEET_HOST_PATTERN, MAX_FLEET_HOST, NAME_PATTERN, FleetDefaults, NewBot
+from botspec.hostname import FLEET_HOST_PATTERN, MAX_FLEET_HOST
+from botspec.spec import NAME_PATTERN, FleetDefaults, NewBot
 from controller.access import Scope
 from controller.schemas import BotPatch, Problem
 

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from botspec.hostname import FLEET_HOST_PATTERN, MAX_FLEET_HOST
 from controller.access import trusted_networks
 from controller.atomicfile import write_atomic
 from controller.home import Home
@@ -34,9 +35,6 @@ class SettingsError(ValueError):
 
 def host_problem(host: str) -> str | None:
     """Why ``host`` is no controller host name (the pattern a bot's ``host`` has), or None."""
-    # Here, not at the top: the CLI reads settings, and msgspec is no business of its own.
-    from botspec.spec import FLEET_HOST_PATTERN, MAX_FLEET_HOST
-
     if len(host) > MAX_FLEET_HOST or not re.fullmatch(FLEET_HOST_PATTERN, host):
         return (
             f"the host name {host!r} must be lower-case letters, digits and '-' in "

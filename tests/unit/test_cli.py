@@ -82,7 +82,8 @@ HEAVY_FOR_THE_CLI = [
     "asyncio",
     "controller.app",
     "controller.fleet",
-    "botspec",
+    "botspec.spec",  # (botspec.hostname, stdlib only, is how settings check a host name)
+    "botspec.validate",
 ]
 
 
@@ -97,6 +98,19 @@ def test_an_api_command_loads_the_http_client_only() -> None:
     code = "from controller.cli import run\nrun(['bots', 'list', '--api', 'http://127.0.0.1:9'])"
     assert loaded_after(code, HEAVY_FOR_THE_CLI) == []
     assert loaded_after(code, ["controller.client"]) == ["controller.client"]
+
+
+def test_an_api_command_that_reads_the_home_s_settings_loads_no_more(tmp_path: Path) -> None:
+    # As a user runs it: the API's address from <home>/controller.json (its checks too).
+    from controller.home import Home
+    from controller.settings import ControllerSettings
+
+    home = Home(tmp_path / "home")
+    home.make_dirs()
+    ControllerSettings(listen="127.0.0.1:9", database_url="postgresql://x@h/d").save(home)
+    code = f"from controller.cli import run\nrun(['bots', 'list', '--home', {str(home.root)!r}])"
+    assert loaded_after(code, HEAVY_FOR_THE_CLI) == []
+    assert loaded_after(code, ["controller.settings"]) == ["controller.settings"]
 
 
 def test_every_command_has_help_and_parses_its_own_help(
