@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from imports_probe import loaded_after
 
 from controller.cli import (
     COMMANDS,
@@ -50,19 +51,6 @@ def test_settings_values_are_json_when_they_can_be() -> None:
 def test_settings_that_are_not_key_value_are_a_usage_error() -> None:
     with pytest.raises(UsageError, match="'novalue' is not key=value"):
         parse_settings(["a=1", "novalue"])
-
-
-def loaded_after(code: str, modules: list[str]) -> list[str]:
-    """Which of ``modules`` a fresh interpreter has loaded after running ``code``
-    (this one has imported everything the other tests use)."""
-    probe = (
-        f"import sys\n{code}\n"
-        "print('loaded:', *(m for m in sys.argv[1:] if sys.modules.get(m)), file=sys.stderr)"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", probe, *modules], capture_output=True, text=True, check=True
-    )
-    return done.stderr.splitlines()[-1].split()[1:]
 
 
 #: What no command but `up` and `sandbox` needs: each costs the CLI tens of ms.

@@ -6,21 +6,8 @@ the listed modules it loaded. A module named here costs the fleet's manager
 megabytes for as long as it runs (bench/memory.py has the figures).
 """
 
-import subprocess
-import sys
-
 import pytest
-
-
-def loaded_after(code: str, modules: list[str]) -> list[str]:
-    probe = (
-        f"import sys\n{code}\n"
-        "print('loaded:', *(m for m in sys.argv[1:] if sys.modules.get(m)), file=sys.stderr)"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", probe, *modules], capture_output=True, text=True, check=True
-    )
-    return done.stderr.splitlines()[-1].split()[1:]
+from imports_probe import loaded_after
 
 
 @pytest.mark.parametrize(
