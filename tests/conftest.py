@@ -11,18 +11,13 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from harness import Fleet, Sandbox, WebhookSink, running_fleet, short_tmpdir
+from harness import Fleet, Sandbox, WebhookSink, running_fleet, sandbox_in_tmp, short_tmpdir
 
 
 @pytest.fixture(scope="session")
 def sandbox() -> Iterator[Sandbox]:
-    root = short_tmpdir("tgfs")
-    box = Sandbox.start(root / "sandbox")
-    try:
+    with sandbox_in_tmp("tgfs") as box:
         yield box
-    finally:
-        box.stop()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

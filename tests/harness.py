@@ -9,6 +9,7 @@ import http.server
 import inspect
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -414,6 +415,18 @@ class Sandbox:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+
+
+@contextlib.contextmanager
+def sandbox_in_tmp(prefix: str) -> Iterator[Sandbox]:
+    """A sandbox of its own in a short temp dir, stopped and removed on the way out."""
+    root = short_tmpdir(prefix)
+    box = Sandbox.start(root / "sandbox")
+    try:
+        yield box
+    finally:
+        box.stop()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 @dataclass

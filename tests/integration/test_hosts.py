@@ -21,6 +21,7 @@ from harness import (
     echo_spec,
     holds_for,
     kill_tree,
+    sandbox_in_tmp,
     short_tmpdir,
     wait_for,
 )
@@ -37,13 +38,8 @@ _SESSION_LINE = re.compile(r"conn (\d+) from \S+ account (\d+): (logged in|close
 @pytest.fixture(scope="module")
 def own_sandbox() -> Iterator[Sandbox]:
     """A sandbox of this module's own: its log holds only these tests' connections."""
-    root = short_tmpdir("tgfh")
-    box = Sandbox.start(root / "sandbox")
-    try:
+    with sandbox_in_tmp("tgfh") as box:
         yield box
-    finally:
-        box.stop()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def sandbox_log(sandbox: Sandbox) -> str:
