@@ -84,8 +84,11 @@ def echo(text: str = "", *, err: bool = False) -> None:
     print(text, file=sys.stderr if err else sys.stdout, flush=True)
 
 
+#: Where the fleet keeps its state (every command that finds the fleet takes it).
+HOME = opt("--home", help="State dir (default $TGFLEET_HOME or ./.tgfleet).")
+
 API = (
-    opt("--home", help="State dir (default $TGFLEET_HOME or ./.tgfleet)."),
+    HOME,
     opt("--api", help="API URL (default from the home dir)."),
     opt(
         "--api-token",
@@ -242,7 +245,7 @@ def bots_table(bots: list[dict[str, Any]], colour: bool = False) -> str:
 
 #: What `tgfleet up` and `tgfleet render circus-ini` both take.
 UP_OPTIONS = (
-    opt("--home", help="State dir (default $TGFLEET_HOME or ./.tgfleet)."),
+    HOME,
     opt("--listen", help="API HOST:PORT (default $TGFLEET_LISTEN or 127.0.0.1:8710)."),
     opt("--tls-cert", help="Serve the API over HTTPS with this PEM cert."),
     opt("--tls-key", help="The private key (PEM) of --tls-cert."),
