@@ -10,9 +10,8 @@ watcher at once (``ordered_stop``, from a thread: it speaks to circusd's control
 socket like any client). A second Ctrl-C leaves it to circusd to stop everything
 at once.
 
-circusd is started without the modules it can do without (``OPTIONAL``): ssl
-(asyncio and tornado take it when there, and circusd serves no TLS), PyYAML
-(logger configs in YAML) and curses (coloured terminal logs): 5.5 MB of its RSS.
+circusd itself runs through ``controller.circusd`` (as in a deployed unit), which
+leaves out the modules it can do without.
 
 circusd installs its own SIGINT/SIGTERM handlers (stop everything at once) when it
 starts; ours take them back on its event loop's first turn. (After a `circusctl
@@ -41,12 +40,12 @@ from collections.abc import Callable
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
+from controller.circusd import leave_out_optional_modules
+from controller.circusd import run as run_circusd
+
 if TYPE_CHECKING:
     from controller.home import Home
 
-#: Imported by circusd's libraries only if present, and used by none of what we run
-#: (no TLS, no YAML logger config, no terminal colours): kept out of its process.
-OPTIONAL = ("ssl", "yaml", "curses")
 API_WAIT_S = 90.0
 POLL_S = 0.1
 STOP_WAIT_S = 60.0
@@ -57,13 +56,6 @@ def say(text: str) -> None:
     # OSError: the terminal is gone (SIGHUP is ignored), and stopping must go on.
     with contextlib.suppress(OSError):
         print(text, flush=True)
-
-
-def leave_out_optional_modules() -> None:
-    """Make ``OPTIONAL`` unimportable here: each importer then takes its fallback."""
-    for name in OPTIONAL:
-        if name not in sys.modules:
-            sys.modules[name] = None  # type: ignore[assignment]  # "not installed"
 
 
 async def ordered_stop(home: Home, say: Callable[[str], None]) -> bool:
@@ -89,7 +81,7 @@ async def ordered_stop(home: Home, say: Callable[[str], None]) -> bool:
 
 def api_answers(healthz_url: str) -> bool:
     """Whether the controller answers (liveness only: no token is sent). An https API
-    is only connected to: this process has no ssl (``OPTIONAL``), and real clients
+    is only connected to: this process has no ssl (``controller.circusd.OPTIONAL``), and real clients
     check its certificate anyway."""
     from controller import http1
 
@@ -185,7 +177,7 @@ class Resident:
         # (Unblocked before circusd starts a watcher: children inherit the mask.)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, set(STOP_SIGNALS))
         leave_out_optional_modules()
-        from circus import circusd, logger
+        from circus import logger
         from circus.util import configure_logger
         from tornado.ioloop import IOLoop
 
@@ -197,12 +189,9 @@ class Resident:
         threading.Thread(target=self.announce, name="banner", daemon=True).start()
         log = home.logs_dir / "circusd.log"
         configure_logger(logger, "info", str(log))  # what circusd says before its own set-up
-        sys.argv = ["circusd", "--log-output", str(log), str(home.circus_ini)]
         code: int = 0
         try:
-            circusd.main()  # returns when circusd quits (sys.exit(0))
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+            code = run_circusd(["--log-output", str(log), str(home.circus_ini)])
         except Exception as exc:  # circusd stopped its watchers at once and gave up
             say(f"circusd failed: {exc!r}; see {log}")
             code = 1

@@ -248,7 +248,7 @@ def test_the_role_deploys_a_fleet_idempotently_and_its_bots_answer(
     assert ("[watcher:postgres]" in circus_ini) == (deployment.database is None)
 
     unit = deployment.unit.read_text()
-    assert f"ExecStart={deployment.venv}/bin/python -m circus.circusd" in unit
+    assert f"ExecStart={deployment.venv}/bin/python -m controller.circusd" in unit
     assert f"User={deployment.user}" in unit
     verify_unit(deployment.unit)
 

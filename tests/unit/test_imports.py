@@ -25,7 +25,7 @@ from imports_probe import loaded_after
             # What `tgfleet up` leaves resident while the fleet runs: circusd, and of
             # tgfleet only its own small modules (the ordered stop imports more, then).
             "resident `tgfleet up` (circusd)",
-            "import controller.upwait as u\nu.leave_out_optional_modules()\n"
+            "import controller.circusd as u\nu.leave_out_optional_modules()\n"
             "import controller.http1, controller.home, circus.circusd, tornado.ioloop",
             [
                 *("ssl", "_ssl", "yaml", "curses"),
