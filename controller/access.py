@@ -98,6 +98,66 @@ def client_address(
     return client
 
 
+#: What a trusted proxy may say the client used (X-Forwarded-Proto).
+FORWARDED_SCHEMES = frozenset({"http", "https"})
+#: A host as a proxy may forward it (X-Forwarded-Host): a DNS name or an IP address, in
+#: brackets for IPv6, and a port; nothing that could carry a path, user or second host.
+_FORWARDED_HOST = re.compile(
+    r"(?P<name>[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?(?:\.[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?)*"
+    r"|\[(?P<ipv6>[0-9a-f:.]+)\])(?::(?P<port>[0-9]{1,5}))?",
+    re.IGNORECASE,
+)
+
+
+def _first_value(headers: Iterable[str]) -> str | None:
+    """The first value of a header that may be repeated or comma-separated: what the
+    outermost proxy, the one the browser spoke to, wrote."""
+    for header in headers:
+        return header.split(",")[0].strip()
+    return None
+
+
+def forwarded_host_valid(host: str) -> bool:
+    """Whether ``host`` is a host (and port) a proxy may forward."""
+    found = _FORWARDED_HOST.fullmatch(host)
+    if found is None or len(host) > 261:  # 253 for the name, 6 for ":65535", 2 for []
+        return False
+    if found["port"] is not None and not 0 < int(found["port"]) <= 65535:
+        return False
+    if found["ipv6"] is not None:
+        try:
+            ipaddress.IPv6Address(found["ipv6"])
+        except ValueError:
+            return False
+    return True
+
+
+def forwarded_origin(
+    remote: str | None,
+    scheme: str,
+    host: str,
+    forwarded_proto: Iterable[str],
+    forwarded_host: Iterable[str],
+    proxies: tuple[IPNetwork, ...],
+) -> tuple[str, str]:
+    """The scheme and host the client asked for: the request's own, unless the peer is
+    a trusted proxy; then the first value of its ``X-Forwarded-Proto`` and
+    ``X-Forwarded-Host`` where it sent them (a TLS-terminating proxy speaks plain HTTP
+    to us on another address than the one the browser used).
+
+    A peer we do not trust cannot change either; a value that is no scheme or host is
+    ignored (the request's own stays, which a browser's Origin will not match)."""
+    if remote is None or not proxies or not _trusted(remote, proxies):
+        return scheme, host
+    proto = _first_value(forwarded_proto)
+    if proto is not None and proto.lower() in FORWARDED_SCHEMES:
+        scheme = proto.lower()
+    named = _first_value(forwarded_host)
+    if named is not None and forwarded_host_valid(named):
+        host = named
+    return scheme, host
+
+
 @dataclass
 class AuthThrottle:
     """Failed authentications per client address, in a sliding window.

@@ -27,6 +27,7 @@ from controller.access import (
     Refusals,
     allows,
     client_address,
+    forwarded_origin,
     token_in_query,
 )
 from controller.circus import SupervisorError
@@ -254,14 +255,24 @@ def cookie_session(request: web.Request) -> Session:
             app[REFUSALS].count("csrf")
             raise Forbidden(f"a write with the session cookie needs the {CSRF_HEADER} header")
         if not same_origin(
-            request.headers.get("Origin"),
-            request.headers.get("Referer"),
-            request.scheme,
-            request.host,
+            request.headers.get("Origin"), request.headers.get("Referer"), *public_origin(request)
         ):
             app[REFUSALS].count("csrf")
             raise Forbidden("a write with the session cookie must come from this server's pages")
     return session
+
+
+def public_origin(request: web.Request) -> tuple[str, str]:
+    """The scheme and host the browser used: the request's own, or what a trusted
+    reverse proxy (TGFLEET_TRUSTED_PROXIES) says in X-Forwarded-Proto and -Host."""
+    return forwarded_origin(
+        request.remote,
+        request.scheme,
+        request.host,
+        request.headers.getall("X-Forwarded-Proto", []),
+        request.headers.getall("X-Forwarded-Host", []),
+        request.app[THROTTLE].trusted_proxies,
+    )
 
 
 async def authenticate(

@@ -37,6 +37,7 @@ from controller.api import (
     STORE,
     authenticate,
     hash_token,
+    public_origin,
     tail,
 )
 from controller.errors import NotFound, StoreUnavailable, TooManyRequests, Unauthorized
@@ -148,7 +149,7 @@ async def viewer(request: web.Request) -> tuple[Session, TokenRow] | None:
 
 def _from_here(request: web.Request) -> bool:
     return same_origin(
-        request.headers.get("Origin"), request.headers.get("Referer"), request.scheme, request.host
+        request.headers.get("Origin"), request.headers.get("Referer"), *public_origin(request)
     )
 
 
@@ -183,10 +184,10 @@ async def login(request: web.Request) -> web.StreamResponse:
     session_id, _ = request.app[SESSIONS].open(digest, row.name, _now())
     log.info("dashboard login with token %r from %s", row.name, request.remote)
     answer = web.HTTPSeeOther(target)
-    # Not readable by scripts, never sent with another site's request, Secure under TLS.
-    answer.set_cookie(
-        COOKIE, session_id, httponly=True, samesite="Strict", secure=request.secure, path="/"
-    )
+    # Not readable by scripts, never sent with another site's request, Secure under TLS
+    # (ours, or a trusted proxy's that terminates it).
+    secure = public_origin(request)[0] == "https"
+    answer.set_cookie(COOKIE, session_id, httponly=True, samesite="Strict", secure=secure, path="/")
     raise answer
 
 

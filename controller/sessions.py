@@ -95,13 +95,42 @@ def csrf_matches(session: Session, presented: str | None) -> bool:
     return presented is not None and hmac.compare_digest(session.csrf, presented)
 
 
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def _canonical(origin: str) -> str | None:
+    """``scheme://host[:port]`` lower-cased, without the scheme's default port (a proxy
+    may forward ``fleet.example:443`` where the browser's Origin says ``fleet.example``);
+    None for anything else (``null``, a path, a user, a bad port)."""
+    parts = urllib.parse.urlsplit(origin.strip().lower())
+    try:
+        port = parts.port
+    except ValueError:
+        return None
+    if (
+        parts.scheme not in _DEFAULT_PORTS
+        or not parts.hostname
+        or parts.username is not None
+        or parts.path
+        or parts.query
+        or parts.fragment
+    ):
+        return None
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    if port is None or port == _DEFAULT_PORTS[parts.scheme]:
+        return f"{parts.scheme}://{host}"
+    return f"{parts.scheme}://{host}:{port}"
+
+
 def same_origin(origin: str | None, referer: str | None, scheme: str, host: str) -> bool:
     """Whether a write comes from a page of this server: its Origin header (or, when a
     browser sent none, its Referer) names ``scheme://host``. Neither: refused."""
-    expected = f"{scheme}://{host}".lower()
+    expected = _canonical(f"{scheme}://{host}")
+    if expected is None:
+        return False
     if origin is not None:
-        return origin.strip().lower() == expected
+        return _canonical(origin) == expected
     if referer:
         parts = urllib.parse.urlsplit(referer)
-        return f"{parts.scheme}://{parts.netloc}".lower() == expected
+        return _canonical(f"{parts.scheme}://{parts.netloc}") == expected
     return False

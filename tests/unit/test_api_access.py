@@ -20,6 +20,7 @@ from controller.access import (
     AuthThrottle,
     allows,
     client_address,
+    forwarded_origin,
     parse_duration,
     token_in_query,
     trusted_networks,
@@ -387,3 +388,47 @@ async def test_behind_a_trusted_proxy_each_client_has_its_own_throttle(api: Api)
     # The guesser cannot step out of its throttle by naming someone else before it.
     spoofed = f"{bystander}, {guesser}"
     assert_problem(await api.call("GET", "/api/v1/bots", "tgf_x", forwarded_for=spoofed), 429)
+
+
+@pytest.mark.parametrize(
+    ("remote", "proto", "host", "proxies", "origin"),
+    [
+        # A trusted TLS-terminating proxy: the browser's scheme and host.
+        ("127.0.0.1", ["https"], ["fleet.example"], PROXIES, ("https", "fleet.example")),
+        ("10.1.2.3", ["HTTPS"], ["Fleet.Example:8443"], PROXIES, ("https", "Fleet.Example:8443")),
+        ("fd00::1", ["https"], ["[2001:db8::1]:443"], PROXIES, ("https", "[2001:db8::1]:443")),
+        # Only one of them sent: the other stays the request's own.
+        ("127.0.0.1", ["https"], [], PROXIES, ("https", "127.0.0.1:8710")),
+        ("127.0.0.1", [], ["fleet.example"], PROXIES, ("http", "fleet.example")),
+        # Chained proxies: the first value is what the outermost one saw.
+        (
+            "127.0.0.1",
+            ["https, http"],
+            ["fleet.example, inner:8080"],
+            PROXIES,
+            ("https", "fleet.example"),
+        ),
+        (
+            "127.0.0.1",
+            ["https", "http"],
+            ["fleet.example", "inner"],
+            PROXIES,
+            ("https", "fleet.example"),
+        ),
+        # Not believed: an untrusted peer, or no proxies named.
+        ("192.0.2.9", ["https"], ["fleet.example"], PROXIES, ("http", "127.0.0.1:8710")),
+        ("127.0.0.1", ["https"], ["fleet.example"], (), ("http", "127.0.0.1:8710")),
+        (None, ["https"], ["fleet.example"], PROXIES, ("http", "127.0.0.1:8710")),
+        # Not a scheme or a host: ignored.
+        ("127.0.0.1", ["javascript"], ["fleet.example/x"], PROXIES, ("http", "127.0.0.1:8710")),
+        ("127.0.0.1", [""], ["user@fleet.example"], PROXIES, ("http", "127.0.0.1:8710")),
+        ("127.0.0.1", ["https"], ["fleet.example:99999"], PROXIES, ("https", "127.0.0.1:8710")),
+        ("127.0.0.1", ["https"], ["[not:v6:zz]"], PROXIES, ("https", "127.0.0.1:8710")),
+        ("127.0.0.1", ["https"], ["a b"], PROXIES, ("https", "127.0.0.1:8710")),
+        ("127.0.0.1", ["https"], ["-bad.example"], PROXIES, ("https", "127.0.0.1:8710")),
+    ],
+)
+def test_the_origin_a_browser_used_behind_trusted_proxies(
+    remote: str | None, proto: list[str], host: list[str], proxies: Any, origin: tuple[str, str]
+) -> None:
+    assert forwarded_origin(remote, "http", "127.0.0.1:8710", proto, host, proxies) == origin

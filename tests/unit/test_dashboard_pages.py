@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from controller import api
-from controller.access import AuthThrottle
+from controller.access import AuthThrottle, trusted_networks
 from controller.api import build_app, hash_token
 from controller.botfiles import BotFiles
 from controller.buskeys import BusKeys
@@ -90,7 +90,9 @@ class Browser:
         return (await self.store.get_bot(name)).desired
 
 
-async def dashboard_app(tmp_path: Path) -> tuple[web.Application, InMemoryStore, Fleet]:
+async def dashboard_app(
+    tmp_path: Path, trusted_proxies: tuple[str, ...] = ()
+) -> tuple[web.Application, InMemoryStore, Fleet]:
     store = InMemoryStore()
     home = Home(tmp_path / "home")
     for directory in (home.root, home.bots_d, home.bots_dir, home.logs_dir):
@@ -106,9 +108,8 @@ async def dashboard_app(tmp_path: Path) -> tuple[web.Application, InMemoryStore,
     spec = {"token": "1:abc", "telegram": {"api_id": 1, "api_hash": "h"}}
     await store.create_bot("echo", spec, "stopped", "tester")
     (home.logs_dir / "bot-echo.err.log").write_text("echo: started\n<b>not markup</b>\n")
-    app = build_app(
-        fleet, store, home, lambda topic, event: None, AuthThrottle(limit=THROTTLE_LIMIT)
-    )
+    throttle = AuthThrottle(limit=THROTTLE_LIMIT, trusted_proxies=trusted_networks(trusted_proxies))
+    app = build_app(fleet, store, home, lambda topic, event: None, throttle)
     add_dashboard(app, sample_every_s=0.05)
     return app, store, fleet
 
@@ -179,6 +180,87 @@ async def test_under_tls_the_session_cookie_is_secure(tmp_path: Path) -> None:
     finally:
         await client.close()
         await fleet.close()
+
+
+#: What a TLS-terminating reverse proxy (nginx's `proxy_set_header`, Caddy's defaults)
+#: adds when a browser at https://fleet.example reaches it.
+PROXIED = {"X-Forwarded-Proto": "https", "X-Forwarded-Host": "fleet.example"}
+OUTSIDE = "https://fleet.example"
+
+
+async def proxied_login_and_write(
+    tmp_path: Path, trusted_proxies: tuple[str, ...]
+) -> tuple[ClientResponse, int, str]:
+    """A browser at https://fleet.example, through a proxy on 127.0.0.1 to our plain
+    HTTP: its login, then a start from the page; (login answer, start status, detail)."""
+    app, store, fleet = await dashboard_app(tmp_path, trusted_proxies)
+    client: TestClient[Any, Any] = TestClient(TestServer(app, host="127.0.0.1"))
+    await client.start_server()
+    try:
+        login = await client.post(
+            "/login",
+            data={"token": TOKENS["ops"], "next": "/"},
+            headers={"Origin": OUTSIDE, **PROXIED},
+            allow_redirects=False,
+        )
+        cookie = login.cookies.get(COOKIE)
+        if cookie is None:
+            return login, 0, ""
+        # The browser sends a Secure cookie only over https, which it speaks to the proxy.
+        jar = {"Cookie": f"{COOKIE}={cookie.value}"}
+        page = await client.get("/", headers={**jar, **PROXIED})
+        found = re.search(r'<meta name="csrf-token" content="([^"]+)">', await page.text())
+        assert found
+        start = await client.post(
+            "/api/v1/bots/echo/start",
+            headers={**jar, **PROXIED, "Origin": OUTSIDE, "X-CSRF-Token": found.group(1)},
+        )
+        detail = (await start.json(content_type=None)).get("detail", "")
+        desired = (await store.get_bot("echo")).desired
+        assert desired == ("running" if start.status == 200 else "stopped")
+        return login, start.status, detail
+    finally:
+        await client.close()
+        await fleet.close()
+
+
+async def test_behind_a_trusted_tls_proxy_the_outside_origin_is_this_server_s(
+    tmp_path: Path,
+) -> None:
+    login, status, _ = await proxied_login_and_write(tmp_path, ("127.0.0.1",))
+    assert login.status == 303
+    cookie = login.headers["Set-Cookie"]
+    assert "Secure" in cookie and "HttpOnly" in cookie and "SameSite=Strict" in cookie
+    assert status == 200
+
+
+async def test_an_untrusted_peer_cannot_name_the_origin_or_the_scheme(tmp_path: Path) -> None:
+    # The same headers from a peer not in TGFLEET_TRUSTED_PROXIES are not believed.
+    login, _, _ = await proxied_login_and_write(tmp_path / "none", ())
+    assert login.status == 403 and "Set-Cookie" not in login.headers
+    login, _, _ = await proxied_login_and_write(tmp_path / "other", ("10.0.0.0/8",))
+    assert login.status == 403 and "Set-Cookie" not in login.headers
+
+
+async def test_behind_a_trusted_proxy_another_site_is_still_refused(browser: Browser) -> None:
+    browser.client.app[api.THROTTLE].trusted_proxies = trusted_networks(["127.0.0.1"])
+    await browser.login(TOKENS["ops"])
+    csrf = await browser.csrf()
+    for origin, forwarded in [
+        ("https://evil.example", PROXIED),  # the proxy's host, another site's page
+        (OUTSIDE, {**PROXIED, "X-Forwarded-Proto": "http"}),  # https page, http origin
+        (OUTSIDE, {**PROXIED, "X-Forwarded-Host": "fleet.example/evil"}),  # not a host
+        (OUTSIDE, {"X-Forwarded-Proto": "gopher", "X-Forwarded-Host": "fleet.example"}),
+    ]:
+        answer = await browser.client.post(
+            "/api/v1/bots/echo/start",
+            headers={"X-CSRF-Token": csrf, "Origin": origin, **forwarded},
+        )
+        assert answer.status == 403, (origin, forwarded)
+    assert await browser.desired() == "stopped"
+    # Direct requests to the controller (no forwarded headers) still work as before.
+    status, _ = await browser.write("/api/v1/bots/echo/start", csrf)
+    assert status == 200
 
 
 async def test_pages_send_a_stranger_to_the_login_form(browser: Browser) -> None:

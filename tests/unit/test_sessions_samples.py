@@ -54,12 +54,34 @@ def test_the_csrf_token_must_match_exactly() -> None:
         (None, "http://127.0.0.1:8710.evil.example/", False),
         (None, None, False),
         (None, "", False),
+        ("http://127.0.0.1:8710/", None, False),  # an Origin has no path
+        ("http://127.0.0.1:8710:80", None, False),
+        ("http://user@127.0.0.1:8710", None, False),
     ],
 )
 def test_writes_come_from_this_origin(
     origin: str | None, referer: str | None, expected: bool
 ) -> None:
     assert same_origin(origin, referer, "http", "127.0.0.1:8710") is expected
+
+
+@pytest.mark.parametrize(
+    ("origin", "scheme", "host", "expected"),
+    [
+        # A scheme's default port is no part of its origin (a proxy may still name it).
+        ("https://fleet.example", "https", "fleet.example:443", True),
+        ("https://fleet.example:443", "https", "fleet.example", True),
+        ("http://fleet.example", "http", "fleet.example:80", True),
+        ("https://fleet.example", "https", "fleet.example:80", False),
+        ("http://fleet.example", "http", "fleet.example:8080", False),
+        ("https://[2001:db8::1]", "https", "[2001:DB8::1]:443", True),
+        ("https://fleet.example", "https", "fleet.example/evil", False),
+    ],
+)
+def test_default_ports_are_the_same_origin(
+    origin: str, scheme: str, host: str, expected: bool
+) -> None:
+    assert same_origin(origin, None, scheme, host) is expected
 
 
 @pytest.mark.parametrize(
