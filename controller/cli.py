@@ -51,6 +51,7 @@ class Command(NamedTuple):
 #: first command was registered).
 GROUPS: dict[str, str] = {
     "bots": "Create, change, start, stop and destroy bots.",
+    "hosts": "The controllers sharing one database (several servers).",
     "token": "API tokens.",
     "secret": "The key that seals secrets in the database.",
     "render": "Print deploy files: circus.ini, Kubernetes manifests.",
@@ -368,6 +369,12 @@ SPEC = (
     opt("--plugin", action="append", metavar="MODULE:FUNCTION", help="A plugin (repeatable)."),
     opt("--setting", action="append", metavar="KEY=VALUE", help="For plugins (repeatable)."),
     opt("--memory-limit", type=int, metavar="MB", help="Memory limit in MB."),
+    opt(
+        "--host",
+        dest="bot_host",
+        metavar="NAME",
+        help="The host whose controller runs it (on update: moves it there).",
+    ),
     opt("--spec-file", metavar="FILE", help="JSON file with more spec fields."),
 )
 
@@ -395,6 +402,8 @@ def _spec_from_options(args: argparse.Namespace) -> dict[str, Any]:
         body["settings"] = parse_settings(args.setting)
     if args.memory_limit is not None:
         body["memory_limit_mb"] = args.memory_limit
+    if args.bot_host is not None:
+        body["host"] = args.bot_host
     return body
 
 
@@ -428,7 +437,9 @@ def bots_update(args: argparse.Namespace) -> None:
     """Change a bot (settings merge key by key); that bot alone restarts."""
     body = _spec_from_options(args)
     if not body:
-        raise UsageError("give at least one change (--setting, --plugin, --memory-limit, …)")
+        raise UsageError(
+            "give at least one change (--setting, --plugin, --memory-limit, --host, …)"
+        )
     bot = call(args, "PATCH", f"/api/v1/bots/{segment(args.name)}", body)
     show(
         bot, args.as_json, f"updated {bot['name']}: {bot['state']} (generation {bot['generation']})"
@@ -548,6 +559,43 @@ def status(args: argparse.Namespace) -> None:
     if listing["bots"]:
         text += ["", bots_table(listing["bots"], colour_wanted())]
     show({**summary, "bot_list": listing["bots"]}, args.as_json, "\n".join(text))
+
+
+# ------------------------------------------------------------------- hosts
+
+
+def hosts_table(hosts: list[dict[str, Any]]) -> str:
+    rows = [
+        [
+            h["name"],
+            "yes" if h["alive"] else "no",
+            "never" if h["silent_s"] is None else f"{_age(h['silent_s'])} ago",
+            str(h["held"]),
+            str(h["placed"]),
+            "yes" if h["answering"] else "",
+            h["api_url"] or "-",
+        ]
+        for h in hosts
+    ]
+    return table(rows, ["NAME", "ALIVE", "SEEN", "HELD", "PLACED", "ANSWERING", "API"])
+
+
+@command("hosts list", *API)
+def hosts_list(args: argparse.Namespace) -> None:
+    """The controllers sharing the database: alive, last seen, bots held and placed."""
+    result = call(args, "GET", "/api/v1/hosts")
+    show(result, args.as_json, hosts_table(result["hosts"]))
+
+
+@command("hosts forget", opt("name", help="The host's name."), *API)
+def hosts_forget(args: argparse.Namespace) -> None:
+    """Forget a host that is gone for good: the bots it held may start on their hosts.
+
+    Refused while that host was seen lately (TGFLEET_HOST_FORGET_AFTER_S): it may still
+    run them. Move its bots first (`tgfleet bots update NAME --host OTHER`)."""
+    result = call(args, "DELETE", f"/api/v1/hosts/{segment(args.name)}")
+    released = ", ".join(result["released"]) or "no bots"
+    show(result, args.as_json, f"forgot {result['host']}: it held {released}")
 
 
 # ------------------------------------------------------------------ tokens

@@ -8,6 +8,7 @@ keeps its bots down until the operator forgets it."""
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from collections.abc import Iterator
@@ -119,9 +120,10 @@ def test_each_host_runs_only_its_bots_and_a_move_never_runs_a_bot_twice(
 ) -> None:
     shop_token = own_sandbox.create_bot("hshop")
     news_token = own_sandbox.create_bot("hnews")
-    # Both created through alpha's API; news is placed on beta.
+    # Both created through alpha's API; news is placed on beta (with the CLI, as a user).
     pair.alpha.api("POST", "/api/v1/bots", echo_spec("hshop", shop_token, prefix="alpha: "))
-    pair.alpha.api("POST", "/api/v1/bots", {**echo_spec("hnews", news_token), "host": "beta"})
+    plugin = "botrunner.plugins.echo:setup"
+    pair.alpha.cli("bots", "create", "hnews", "--token", news_token, "--plugin", plugin, "--host", "beta")  # fmt: skip
     shop = wait_for("hshop running on alpha", lambda: pair.running_here(pair.alpha, "hshop"))
     wait_for("hnews running on beta", lambda: pair.running_here(pair.beta, "hnews"))
     assert "bot-hshop" in watchers(pair.alpha) and "bot-hnews" not in watchers(pair.alpha)
@@ -141,11 +143,26 @@ def test_each_host_runs_only_its_bots_and_a_move_never_runs_a_bot_twice(
         "alpha": (True, 1, False),
         "beta": (True, 1, True),
     }
+    listed = json.loads(pair.beta.cli("hosts", "list", "--json").stdout)["hosts"]
+    assert sorted(h["name"] for h in listed) == ["alpha", "beta"]
+    header, *rows = pair.beta.cli("hosts", "list").stdout.splitlines()
+    assert header.split()[:6] == ["NAME", "ALIVE", "SEEN", "HELD", "PLACED", "ANSWERING"]
+    assert sorted(row.split()[:2] + row.split()[4:7] for row in rows) == [
+        ["alpha", "yes", "1", "1", "http://" + pair.alpha.listen],
+        ["beta", "yes", "1", "1", "yes"],
+    ]
 
-    # Move hshop to beta through beta's API.
+    # A bad host name is refused by the API, named, and changes nothing.
+    version = pair.beta.bot("hshop")["version"]
+    refused = pair.beta.cli("bots", "update", "hshop", "--host", "Not_A_Host", check=False)
+    assert refused.returncode == 1 and "(HTTP 422)" in refused.stderr, refused.stderr
+    assert "\n  host: must be a host name" in refused.stderr, refused.stderr
+    assert (pair.beta.bot("hshop")["host"], pair.beta.bot("hshop")["version"]) == ("alpha", version)
+
+    # Move hshop to beta through beta's API (the CLI's `bots update --host`).
     sent = own_sandbox.say("carol", "hshop_bot", "before")
     assert own_sandbox.reply("carol", "hshop_bot", sent) == "alpha: before"
-    pair.beta.api("PATCH", "/api/v1/bots/hshop", {"host": "beta", "settings": {"prefix": "beta: "}})
+    pair.beta.cli("bots", "update", "hshop", "--host", "beta", "--setting", "prefix=beta: ")
     moved = wait_for(
         "hshop running on beta", lambda: pair.running_here(pair.beta, "hshop"), timeout=60
     )
@@ -180,7 +197,7 @@ def test_a_dead_host_keeps_its_bots_down_until_the_operator_forgets_it(
     assert pair.alpha.proc is not None
     kill_tree(pair.alpha.proc)
     pair.alpha.proc.wait()
-    pair.beta.api("PATCH", "/api/v1/bots/hlone", {"host": "beta"})
+    pair.beta.cli("bots", "update", "hlone", "--host", "beta")
     account = int(token.split(":")[0])
     before = sessions(sandbox_log(own_sandbox), account)[0]
 
@@ -193,13 +210,22 @@ def test_a_dead_host_keeps_its_bots_down_until_the_operator_forgets_it(
     with pytest.raises(ApiError) as refused:
         pair.beta.api("DELETE", "/api/v1/hosts/alpha")
     assert refused.value.status == 409
-    forgotten = wait_for(
-        "alpha silent long enough to forget",
-        lambda: pair.beta.api("DELETE", "/api/v1/hosts/alpha"),
-        timeout=30,
-        every=0.5,
+    # The CLI says the same, and so does it for a name that is no host name.
+    early = pair.beta.cli("hosts", "forget", "alpha", check=False)
+    assert (
+        early.returncode == 1 and "(HTTP 409)" in early.stderr and "alpha was seen" in early.stderr
     )
-    assert forgotten == {"host": "alpha", "released": ["hlone"]}
+    bad = pair.beta.cli("hosts", "forget", "Bad_Host", check=False)
+    assert bad.returncode == 1 and "(HTTP 422)" in bad.stderr, bad.stderr
+    assert "host: the host name 'Bad_Host' must be" in bad.stderr, bad.stderr
+    assert pair.beta.bot("hlone")["held_by"] == "alpha"
+
+    def forget() -> str | None:
+        done = pair.beta.cli("hosts", "forget", "alpha", check=False)
+        return done.stdout if done.returncode == 0 else None
+
+    forgotten = wait_for("alpha silent long enough to forget", forget, timeout=30, every=0.5)
+    assert forgotten == "forgot alpha: it held hlone\n"
     wait_for("hlone running on beta", lambda: pair.running_here(pair.beta, "hlone"), timeout=60)
     sent = own_sandbox.say("dave", "hlone_bot", "still there?")
     assert own_sandbox.reply("dave", "hlone_bot", sent) == "still there?"

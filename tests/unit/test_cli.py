@@ -16,6 +16,7 @@ from controller.cli import (
     _spec_from_options,
     bots_table,
     build_parser,
+    hosts_table,
     new_lines,
     parse_settings,
     run,
@@ -291,6 +292,36 @@ def test_a_dash_without_a_credential_on_stdin_is_refused(
     args += [*(["--token", token] if token else []), *(["--session", session] if session else [])]
     assert run(args) == 2
     assert says in capsys.readouterr().err
+
+
+def test_host_moves_a_bot_on_update_and_places_it_on_create() -> None:
+    assert _spec_from_options(_create_args("--host", "beta")) == {"host": "beta"}
+    update = build_parser().parse_args(["bots", "update", "shop", "--host", "alpha"])
+    assert _spec_from_options(update) == {"host": "alpha"}
+    # The host of `up` and `render` is this controller's own, not a bot's.
+    up = build_parser().parse_args(["render", "circus-ini", "--host", "alpha"])
+    assert up.host == "alpha"
+
+
+def test_hosts_table_says_who_is_alive_and_who_answered() -> None:
+    hosts = [
+        {"name": "alpha", "alive": True, "silent_s": 0.4, "held": 2, "placed": 3,
+         "answering": True, "api_url": "https://alpha:8710"},
+        {"name": "beta", "alive": False, "silent_s": 3700.0, "held": 1, "placed": 0,
+         "answering": False, "api_url": ""},
+        {"name": "gamma", "alive": False, "silent_s": None, "held": 0, "placed": 1,
+         "answering": False, "api_url": ""},
+    ]  # fmt: skip
+    header, *rows = hosts_table(hosts).splitlines()
+    assert header.split() == ["NAME", "ALIVE", "SEEN", "HELD", "PLACED", "ANSWERING", "API"]
+    assert rows[0].split() == ["alpha", "yes", "0s", "ago", "2", "3", "yes", "https://alpha:8710"]
+    assert rows[1].split() == ["beta", "no", "1h01m", "ago", "1", "0", "-"]
+    assert rows[2].split() == ["gamma", "no", "never", "0", "1", "-"]
+
+
+def test_a_hosts_command_loads_the_http_client_only() -> None:
+    code = "from controller.cli import run\nrun(['hosts', 'list', '--api', 'http://127.0.0.1:9'])"
+    assert loaded_after(code, HEAVY_FOR_THE_CLI) == []
 
 
 def test_a_bot_name_is_one_path_segment() -> None:
