@@ -2,8 +2,9 @@
 
 `ansible-playbook -c local` installs tgfleet from a wheel of this checkout into a
 temporary prefix, starts circusd as a daemon (no systemd runs here; the unit is
-still installed and checked with `systemd-analyze verify`), and declares two bots
-on the sandbox through the API. A second run changes nothing; `--check --diff`
+still installed and checked with `systemd-analyze verify`), serves the API over
+HTTPS (`tgfleet_tls_cert`/`tgfleet_tls_key`), and declares two bots on the sandbox
+through the API, one with its `host`. A second run changes nothing; `--check --diff`
 shows a change without making it; the bots answer; everything stops afterwards.
 """
 
@@ -31,12 +32,13 @@ from harness import (
     create_database,
     drop_database,
     free_port,
+    self_signed_certificate,
     short_tmpdir,
     wait_for,
 )
 from test_wheel import build_wheel
 
-from controller.client import ApiClient
+from controller.client import ApiClient, ApiUnreachable
 from controller.sysusers import delete_group
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
@@ -58,6 +60,7 @@ class Deployment:
     user: str
     listen: str
     database: str | None = None  # its own database on the external server, if any
+    ca_file: Path | None = None  # the API's certificate, when it serves HTTPS
 
     @property
     def prefix(self) -> Path:
@@ -126,7 +129,9 @@ class Deployment:
 
     def api(self) -> ApiClient:
         token = (self.home / "admin.token").read_text().strip()
-        return ApiClient(f"http://{self.listen}", token, timeout_s=30)
+        if self.ca_file is None:
+            return ApiClient(f"http://{self.listen}", token, timeout_s=30)
+        return ApiClient(f"https://{self.listen}", token, timeout_s=30, cafile=str(self.ca_file))
 
     def processes(self) -> list[psutil.Process]:
         found = []
@@ -204,6 +209,12 @@ def test_the_role_deploys_a_fleet_idempotently_and_its_bots_answer(
     wheel = build_wheel(deployment.root)
     tag = secrets.token_hex(2)
     tokens = {name: sandbox.create_bot(f"ans{tag}_{name}") for name in ("one", "two")}
+    tls = deployment.root / "tls"
+    tls.mkdir(mode=0o755)
+    cert, key = self_signed_certificate(tls)
+    key.chmod(0o644)  # a test's key: the fleet's user, made by the role, must read it
+    deployment.ca_file = cert
+    host = f"ans{tag}"  # the controller's TGFLEET_HOST, and bot two's declared host
     variables: dict[str, Any] = {
         "tgfleet_prefix": str(deployment.prefix),
         "tgfleet_wheel": str(wheel),
@@ -211,11 +222,14 @@ def test_the_role_deploys_a_fleet_idempotently_and_its_bots_answer(
         "tgfleet_user": deployment.user,
         "tgfleet_service_manager": "daemon",
         "tgfleet_listen": deployment.listen,
+        "tgfleet_tls_cert": str(cert),
+        "tgfleet_tls_key": str(key),
+        "tgfleet_environment": {"TGFLEET_HOST": host},
         "tgfleet_database_url": deployment.database or "",
         "tgfleet_fleet_defaults": {"telegram": sandbox.telegram_defaults()},
         "tgfleet_bots": [
             bot_decl("one", tokens["one"], "one: "),
-            bot_decl("two", tokens["two"], "two: "),
+            {**bot_decl("two", tokens["two"], "two: "), "host": host},
         ],
     }
     deployment.write_vars(variables)
@@ -246,6 +260,16 @@ def test_the_role_deploys_a_fleet_idempotently_and_its_bots_answer(
     assert circus_ini.startswith("# Rendered by `tgfleet up`")
     # The embedded PostgreSQL is a watcher exactly when no DSN was given.
     assert ("[watcher:postgres]" in circus_ini) == (deployment.database is None)
+    # The controller serves HTTPS with the role's certificate, and nothing in clear.
+    settings = json.loads((deployment.home / "controller.json").read_text())
+    assert (settings["tls_cert"], settings["tls_key"], settings["host"]) == (
+        str(cert),
+        str(key),
+        host,
+    )
+    with pytest.raises(ApiUnreachable):
+        ApiClient(f"http://{deployment.listen}", None, timeout_s=10).request("GET", "/healthz")
+    assert api.request("GET", "/api/v1/bots/two")["host"] == host
 
     unit = deployment.unit.read_text()
     assert f"ExecStart={deployment.venv}/bin/python -m controller.circusd" in unit
@@ -254,12 +278,15 @@ def test_the_role_deploys_a_fleet_idempotently_and_its_bots_answer(
 
     # --check --diff shows what a changed declaration would do, and does nothing.
     variables["tgfleet_bots"][0]["settings"] = {"prefix": "uno: "}
+    variables["tgfleet_bots"][1]["host"] = "elsewhere"
     deployment.write_vars(variables)
     checked, output = deployment.play("--check", "--diff")
     assert checked["changed"] == 1, output
     assert '+        "prefix": "uno: "' in output, output
+    assert f'-    "host": "{host}",' in output and '+    "host": "elsewhere",' in output, output
     assert tokens["one"] not in output
     assert api.request("GET", "/api/v1/bots/one")["spec"]["settings"] == {"prefix": "one: "}
+    assert api.request("GET", "/api/v1/bots/two")["host"] == host
 
 
 def test_ansible_lint_passes_on_the_role_and_playbook(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import ssl
 import urllib.error
 import urllib.request
 from typing import Any
@@ -23,11 +24,19 @@ description:
     anyway, and always with I(update_secrets).
   - Fields a bot's declaration leaves out are left as they are (a JSON merge patch);
     declare a field as null to reset it to the fleet default.
+  - A bot's C(host) (the controller that runs it) is compared with the host the API
+    shows; a different one moves the bot there (PATCH host). Null means the host whose
+    API answers.
 options:
   api:
-    description: The API's base URL, e.g. http://127.0.0.1:8710.
+    description: The API's base URL, e.g. http://127.0.0.1:8710 or https://…
     type: str
     required: true
+  ca_file:
+    description:
+      - The certificate (PEM) an https API must present, e.g. the controller's own
+        --tls-cert; unset, the system's certificate authorities.
+    type: path
   token_file:
     description: A file holding an API token with the admin scope (the fleet's admin.token).
     type: path
@@ -77,9 +86,17 @@ class ApiFailure(Exception):
 
 
 class Api:
-    def __init__(self, base: str, token: str) -> None:
+    def __init__(self, base: str, token: str, ca_file: str | None = None) -> None:
         self.base = base.rstrip("/")
         self.token = token
+        self.context = ssl.create_default_context(cafile=ca_file) if ca_file else None
+        self._host: str | None = None
+
+    def answering_host(self) -> str:
+        """The host whose controller answers this API (where a null ``host`` places a bot)."""
+        if self._host is None:
+            self._host = str(self.ok("GET", "/api/v1/status")["controller"]["host"])
+        return self._host
 
     def call(self, method: str, path: str, body: object = None) -> tuple[int, Any]:
         data = None if body is None else json.dumps(body).encode()
@@ -88,7 +105,7 @@ class Api:
         if data is not None:
             request.add_header("Content-Type", "application/json")
         try:
-            with urllib.request.urlopen(request, timeout=60) as answer:
+            with urllib.request.urlopen(request, timeout=60, context=self.context) as answer:
                 raw = answer.read()
                 return answer.status, json.loads(raw) if raw else None
         except urllib.error.HTTPError as exc:
@@ -170,35 +187,53 @@ def plan_bot(
 ) -> tuple[list[tuple[str, str, Any]], Any, Any]:
     name = declared["name"]
     state = declared.get("state", "running")
-    spec = {k: v for k, v in declared.items() if k not in ("name", "state")}
+    # The API shows a bot's host beside its spec, not in it: compared on its own.
+    spec = {k: v for k, v in declared.items() if k not in ("name", "state", "host")}
     status, current = api.call("GET", f"/api/v1/bots/{name}")
     if status == 404:
         if state == "absent":
             return [], None, None
         body = {"name": name, **spec}
+        if declared.get("host") is not None:
+            body["host"] = declared["host"]
         if state == "stopped":
             body["autostart"] = body.get("autostart", False)
         steps = [("POST", "/api/v1/bots", body)]
         if state == "stopped" and body["autostart"]:
             steps.append(("POST", f"/api/v1/bots/{name}/stop", None))
-        return steps, None, {"name": name, "state": state, "spec": without_secrets(spec)}
+        after = {"name": name, "state": state, "spec": without_secrets(spec)}
+        if "host" in declared:
+            after["host"] = declared["host"] or api.answering_host()
+        return steps, None, after
     if status >= 400:
         raise ApiFailure(f"GET /api/v1/bots/{name}: HTTP {status}: {current}")
-    before = {"name": name, "state": current["desired"], "spec": current["spec"]}
+    before = {
+        "name": name,
+        "state": current["desired"],
+        "host": current.get("host"),
+        "spec": current["spec"],
+    }
     if state == "absent":
         return [("DELETE", f"/api/v1/bots/{name}", None)], before, None
     steps = []
     public = without_secrets(spec)
-    if differs(public, current["spec"]) or (update_secrets and has_secrets(spec)):
-        patch = dict(public)
-        if update_secrets:
-            patch = dict(spec)
+    host = current.get("host")
+    if "host" in declared:
+        host = declared["host"] or api.answering_host()
+    if (
+        differs(public, current["spec"])
+        or host != current.get("host")
+        or (update_secrets and has_secrets(spec))
+    ):
+        patch = dict(spec) if update_secrets else dict(public)
+        if host != current.get("host"):
+            patch["host"] = host  # a move: the old host stops it before the new one starts it
         steps.append(("PATCH", f"/api/v1/bots/{name}", patch))
     if current["desired"] != state:
         steps.append(
             ("POST", f"/api/v1/bots/{name}/{'start' if state == 'running' else 'stop'}", None)
         )
-    after = {"name": name, "state": state, "spec": merge(current["spec"], public)}
+    after = {"name": name, "state": state, "host": host, "spec": merge(current["spec"], public)}
     return steps, before, after
 
 
@@ -206,6 +241,7 @@ def main() -> None:
     module = AnsibleModule(
         argument_spec={
             "api": {"type": "str", "required": True},
+            "ca_file": {"type": "path", "default": None},
             "token_file": {"type": "path", "required": True, "no_log": False},
             "defaults": {"type": "dict", "default": {}},
             "bots": {"type": "list", "elements": "dict", "default": []},
@@ -226,6 +262,8 @@ def main() -> None:
     for index, bot in enumerate(params["bots"]):
         if not isinstance(bot.get("name"), str):
             module.fail_json(msg=f"bots[{index}].name: every bot needs a name")
+        if bot.get("host") is not None and not isinstance(bot["host"], str):
+            module.fail_json(msg=f"bots[{index}].host: a host name (a string) or null")
         if bot.get("state", "running") not in STATES:
             module.fail_json(
                 msg=f"bots[{index}].state: one of {', '.join(STATES)}, not {bot.get('state')!r}"
@@ -237,7 +275,7 @@ def main() -> None:
         if module.check_mode:
             module.exit_json(changed=True, actions=[f"the fleet is not set up yet ({exc})"])
         module.fail_json(msg=f"cannot read the API token: {exc}")
-    api = Api(params["api"], token)
+    api = Api(params["api"], token, params["ca_file"])
     steps: list[tuple[str, str, Any]] = []
     before: dict[str, Any] = {}
     after: dict[str, Any] = {}
