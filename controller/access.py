@@ -119,8 +119,10 @@ def _first_value(headers: Iterable[str]) -> str | None:
 
 def forwarded_host_valid(host: str) -> bool:
     """Whether ``host`` is a host (and port) a proxy may forward."""
+    if len(host) > 261:  # 253 for the name, 6 for ":65535", 2 for []
+        return False
     found = _FORWARDED_HOST.fullmatch(host)
-    if found is None or len(host) > 261:  # 253 for the name, 6 for ":65535", 2 for []
+    if found is None:
         return False
     if found["port"] is not None and not 0 < int(found["port"]) <= 65535:
         return False
