@@ -426,7 +426,7 @@ async def test_behind_a_trusted_proxy_each_client_has_its_own_throttle(api: Api)
         ("127.0.0.1", ["https"], ["[not:v6:zz]"], PROXIES, ("https", "127.0.0.1:8710")),
         ("127.0.0.1", ["https"], ["a b"], PROXIES, ("https", "127.0.0.1:8710")),
         ("127.0.0.1", ["https"], ["-bad.example"], PROXIES, ("https", "127.0.0.1:8710")),
-        ("127.0.0.1", ["https"], [("a" * 60 + ".") * 5], PROXIES, ("https", "127.0.0.1:8710")),
+        ("127.0.0.1", ["https"], [".".join(["a" * 60] * 5)], PROXIES, ("https", "127.0.0.1:8710")),
     ],
 )
 def test_the_origin_a_browser_used_behind_trusted_proxies(
