@@ -17,11 +17,14 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     echo "$want" > "$stamp"
 fi
 # The dashboard's browser test (tests/integration/test_dashboard.py) runs Debian's
-# Chromium; Playwright's own browser downloads cannot work here.
-if [ "$extras" = "test" ] && [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null; then
-    echo "installing Debian's chromium for the browser test"
+# Chromium (Playwright's own browser downloads cannot work here), and puts Debian's
+# nginx in front of the controller as a TLS-terminating reverse proxy.
+if [ "$extras" = "test" ] && { [ ! -x /usr/bin/chromium ] || [ ! -x /usr/sbin/nginx ]; } \
+    && command -v apt-get >/dev/null; then
+    echo "installing Debian's chromium and nginx-light for the browser test"
     sudo=""
     if [ "$(id -u)" != 0 ]; then sudo="sudo"; fi
     $sudo apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends chromium
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends \
+        chromium nginx-light
 fi

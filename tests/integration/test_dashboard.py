@@ -4,24 +4,29 @@ Playwright for Python) against `tgfleet up --demo` with its sandbox and demo bot
 What a user checks: logging in with a token, the demo bots in the table, a bot
 stopped through the API turning `stopped` on the page without a reload, the restart
 button restarting a bot (its pid changes), a read-only token seeing no buttons, and
-a forged cross-site POST refused without changing anything. A screenshot of the
+a forged cross-site POST refused without changing anything; and all of that working
+at https://… through nginx terminating TLS in front of the controller's plain HTTP
+(Debian's nginx-light, which scripts/test installs beside chromium). A screenshot of the
 fleet page is written to $TGFLEET_DASHBOARD_SCREENSHOT (else the test's tmp dir), and
 one of a bot's page beside it (``-bot`` added to its name).
 """
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import os
 import re
 import shutil
+import socket
+import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import Fleet, free_port, short_tmpdir, wait_for
+from harness import Fleet, free_port, self_signed_certificate, short_tmpdir, wait_for
 
 CHROMIUM = Path("/usr/bin/chromium")
 # Headless, as root, on a machine with no route out: nothing in the background.
@@ -46,14 +51,25 @@ pytestmark = [
 ]
 
 
+NGINX = Path("/usr/sbin/nginx")
+
+
 @pytest.fixture
 def demo() -> Iterator[Fleet]:
-    """`tgfleet up --demo` on free ports, its three demo bots connected."""
+    with demo_fleet() as fleet:
+        yield fleet
+
+
+@contextlib.contextmanager
+def demo_fleet(**env: str) -> Iterator[Fleet]:
+    """`tgfleet up --demo` on free ports (and this environment), its three demo bots
+    connected; stopped, and nothing of it left, on the way out."""
     root = short_tmpdir("tgfd")
     fleet = Fleet.create(root)
     fleet.env = {
         "TGFLEET_SANDBOX_LISTEN": f"127.0.0.1:{free_port()}",
         "TGFLEET_SANDBOX_ADMIN": f"127.0.0.1:{free_port()}",
+        **env,
     }
     try:
         fleet.start("--demo")
@@ -124,6 +140,83 @@ class EvilSite:
         self.server.shutdown()
         self.server.server_close()
         self.thread.join()
+
+
+@contextlib.contextmanager
+def nginx_in_front(upstream: str, directory: Path) -> Iterator[str]:
+    """nginx serving https://127.0.0.1:PORT with a certificate of its own and passing
+    every request on to ``upstream`` in plain HTTP, as a site's reverse proxy would
+    (its Host header is the upstream's; the browser's scheme and host go in
+    X-Forwarded-Proto and X-Forwarded-Host). Yields its URL; stopped on the way out."""
+    cert, key = self_signed_certificate(directory)
+    port = free_port()
+    conf = directory / "nginx.conf"
+    conf.write_text(
+        f"""
+daemon off;
+{"user root root;" if os.geteuid() == 0 else ""}
+worker_processes 1;
+pid {directory}/nginx.pid;
+error_log {directory}/error.log;
+events {{ worker_connections 64; }}
+http {{
+    access_log {directory}/access.log;
+    client_body_temp_path {directory}/body;
+    proxy_temp_path {directory}/proxy;
+    fastcgi_temp_path {directory}/fastcgi;
+    uwsgi_temp_path {directory}/uwsgi;
+    scgi_temp_path {directory}/scgi;
+    server {{
+        listen 127.0.0.1:{port} ssl;
+        ssl_certificate {cert};
+        ssl_certificate_key {key};
+        location / {{
+            proxy_pass http://{upstream};
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header X-Forwarded-Proto $scheme;
+            proxy_set_header X-Forwarded-Host $http_host;
+            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+            proxy_buffering off;
+            proxy_read_timeout 1h;
+        }}
+    }}
+}}
+"""
+    )
+    log = directory / "nginx.out"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [
+                str(NGINX),
+                "-p",
+                f"{directory}/",
+                "-e",
+                str(directory / "error.log"),
+                "-c",
+                str(conf),
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+
+        def listening() -> bool:
+            if proc.poll() is not None:
+                raise AssertionError(f"nginx exited with {proc.returncode}: {log.read_text()}")
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+                return True
+            return False
+
+        wait_for("nginx listening", listening, timeout=30)
+        yield f"https://127.0.0.1:{port}"
+    finally:
+        proc.terminate()  # nginx's fast shutdown: the master stops its workers
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def log_in(browser: Any, fleet: Fleet, token: str) -> Any:
@@ -253,3 +346,55 @@ def test_the_dashboard_in_a_browser(demo: Fleet, browser: Any, tmp_path: Path) -
     expect(page.locator('#facts dd[data-field="state"]')).to_have_text("running")
     assert page.locator("button[data-op]").count() == 0
     page.context.close()
+
+
+@pytest.mark.skipif(
+    not NGINX.exists(), reason="Debian's nginx-light is not installed (scripts/test does)"
+)
+def test_the_dashboard_behind_nginx_terminating_tls(browser: Any, tmp_path: Path) -> None:
+    expect = playwright_api.expect
+    with (
+        demo_fleet(TGFLEET_TRUSTED_PROXIES="127.0.0.1") as fleet,
+        nginx_in_front(fleet.listen, tmp_path) as outside,
+    ):
+        ops = fleet.api("POST", "/api/v1/tokens", {"name": "ops", "scope": "operate"})["token"]
+        context = browser.new_context(ignore_https_errors=True)  # nginx's own certificate
+        page = context.new_page()
+        page.set_default_timeout(PAGE_WAIT_MS)
+        page.goto(f"{outside}/")
+        assert page.url.startswith(f"{outside}/login")
+        page.fill("#token", ops)
+        page.click("form.login button[type=submit]")
+        page.wait_for_url(f"{outside}/")  # the login was taken: it came from this origin
+        (cookie,) = context.cookies()
+        assert cookie["name"] == "tgfleet_session" and cookie["secure"] and cookie["httpOnly"]
+        expect(cell(page, "echo", "state")).to_have_text("running")
+        expect(page.locator("#live")).to_have_class("live on")  # the stream, through nginx
+
+        # A write from the page (the restart button) is accepted and done.
+        before = fleet.bot("echo")["pid"]
+        page.click('#fleet tr[data-bot="echo"] button[data-op="restart"]')
+        after = wait_for(
+            "echo running in a new process",
+            lambda: (
+                (b := fleet.bot("echo"))["state"] == "running"
+                and b["pid"] not in (None, before)
+                and b["pid"]
+            ),
+            timeout=60,
+        )
+        expect(cell(page, "echo", "pid")).to_have_text(str(after))
+        events = fleet.api("GET", "/api/v1/bots/echo/events?limit=1000")["events"]
+        assert any(e["actor"] == "api:ops" and e["reason"] == "restart requested" for e in events)
+
+        # Through the same proxy, a write from another origin is still refused.
+        csrf = page.locator('meta[name="csrf-token"]').get_attribute("content")
+        parrot = fleet.bot("parrot")
+        forged = context.request.post(
+            f"{outside}/api/v1/bots/parrot/stop",
+            headers={"X-CSRF-Token": csrf, "Origin": "https://evil.example"},
+        )
+        assert forged.status == 403
+        now = fleet.bot("parrot")
+        assert (now["state"], now["desired"], now["pid"]) == ("running", "running", parrot["pid"])
+        context.close()
