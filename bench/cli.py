@@ -3,8 +3,9 @@
 Run: .venv/bin/python bench/cli.py [--bots N] [--runs N]
 
 Starts a real fleet (`tgfleet up`, embedded PostgreSQL, the sandbox, N echo bots),
-then times `tgfleet bots list`, `tgfleet status` and `tgfleet --help` as a user
-runs them (a new process each time, the installed `tgfleet` script), N runs each:
+then times `tgfleet bots list`, `tgfleet status`, `tgfleet hosts list` and
+`tgfleet --help` as a user runs them (a new process each time, the installed
+`tgfleet` script), N runs each:
 median and p90 (goal for `bots list`: ≤ 0.25 s). Then the heaviest imports of
 `bots list` (`python -X importtime`, cumulative µs), and a bare interpreter's
 time for reference.
@@ -28,6 +29,7 @@ TGFLEET = str(Path(sys.executable).parent / "tgfleet")
 COMMANDS = {
     "tgfleet bots list": [TGFLEET, "bots", "list"],
     "tgfleet status": [TGFLEET, "status"],
+    "tgfleet hosts list": [TGFLEET, "hosts", "list"],
     "tgfleet --help": [TGFLEET, "--help"],
     "python -c pass (reference)": [sys.executable, "-c", "pass"],
 }
