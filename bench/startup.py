@@ -16,14 +16,11 @@ lines (`logged in`, `ready`).
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import os
 import shutil
 import statistics
 import time
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 from _fleet import (
@@ -31,9 +28,11 @@ from _fleet import (
     Sandbox,
     echo_spec,
     free_port,
+    logged_at,
     median_max,
     running_fleet,
     short_tmpdir,
+    started_at,
     use_launch,
     wait_for,
 )
@@ -52,27 +51,6 @@ STEPS = (
     "ready sent",
     "running (DB)",
 )
-TICKS_PER_S = os.sysconf("SC_CLK_TCK")
-
-
-def started_at(pid: int) -> float | None:
-    """A process's start as wall time (from /proc's ticks since boot: 10 ms steps)."""
-    ticks = forked.start_time(pid)
-    if ticks is None:
-        return None
-    age = time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / TICKS_PER_S
-    return time.time() - age
-
-
-def logged_at(path: Path, fragment: str) -> float | None:
-    """Wall time of the first JSON log line of ``path`` whose message holds ``fragment``."""
-    with contextlib.suppress(OSError):
-        for line in path.read_text(errors="replace").splitlines():
-            with contextlib.suppress(ValueError):
-                entry = json.loads(line)
-                if fragment in str(entry.get("message", "")):
-                    return datetime.fromisoformat(entry["ts"]).timestamp()
-    return None
 
 
 def steps_of(
