@@ -21,8 +21,10 @@ from botrunner.telegram import (
     Transient,
     classify,
     error_name,
+    factorize_pq,
     retry_delay_s,
     session_owner,
+    use_native_factorization,
 )
 from botspec import protocol
 from botspec.config import parse
@@ -391,3 +393,26 @@ assert downloads.aiohttp is None
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
     )
     assert done.returncode == 0, done.stderr
+
+
+# (p, q) pairs like a server's: 31-bit primes (the sandbox's and Telegram's size), and
+# small ones at the edges.
+PQ_PAIRS = [
+    (3, 5),  # cryptg gives up on it: Telethon's own factorization answers
+    (1_000_003, 1_000_033),
+    (1_073_741_827, 2_147_483_647),
+    (2_147_483_629, 2_147_483_647),
+]
+
+
+@pytest.mark.parametrize(("p", "q"), PQ_PAIRS)
+def test_factorize_pq_gives_the_factors_smaller_first(p: int, q: int) -> None:
+    assert factorize_pq(p * q) == (p, q)
+
+
+def test_telethons_auth_key_exchange_uses_native_factorization() -> None:
+    from telethon.crypto.factorization import Factorization
+
+    use_native_factorization()
+    for p, q in [(1_000_003, 1_000_033), (2_147_483_629, 2_147_483_647)]:
+        assert Factorization.factorize(p * q) == (p, q)
