@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,11 +139,30 @@ def open_session(config: BotConfig) -> SQLiteSession | StringSession:
     except FileNotFoundError:
         known_owner = None
     if known_owner != owner:
-        for stale in (data_dir / SESSION_FILE, data_dir / f"{SESSION_FILE}-journal"):
-            stale.unlink(missing_ok=True)
+        for suffix in ("", "-journal", "-wal", "-shm"):
+            (data_dir / f"{SESSION_FILE}{suffix}").unlink(missing_ok=True)
         owner_file.write_text(owner + "\n")
         owner_file.chmod(0o600)
-    return SQLiteSession(str(data_dir / SESSION_FILE))
+    return WalSession(str(data_dir / SESSION_FILE))
+
+
+class WalSession(SQLiteSession):  # type: ignore[misc]  # Telethon is untyped
+    """Telethon's SQLite session in write-ahead-log mode with ``synchronous=NORMAL``:
+    a commit (creating the file, saving a new auth key, each update-state checkpoint)
+    no longer waits on fsync. Creating a session took 27-97 ms here against 15-18 ms,
+    on the path of every new bot's first connect. What a power cut can cost is the
+    last commits, never a corrupt file: a token bot then makes a new auth key, and
+    catch-up fetches again what came after an older update state."""
+
+    _conn: sqlite3.Connection | None  # Telethon's, opened on first use
+
+    def _cursor(self) -> sqlite3.Cursor:
+        if self._conn is None:
+            conn = sqlite3.connect(self.filename, check_same_thread=False)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            self._conn = conn
+        return self._conn.cursor()
 
 
 #: Requests that send messages, and how many each sends.
