@@ -43,7 +43,6 @@ class ChildWatch:
     def __init__(self, arbiter: Any) -> None:
         self.arbiter = arbiter
         self.pending = False  # a pass is scheduled and has not begun
-        self.passes = 0  # passes run because a child ended (for tests and curiosity)
 
     def install(self) -> None:
         """Handle SIGCHLD on the arbiter's asyncio loop (main thread, before it runs)."""
@@ -66,7 +65,6 @@ class ChildWatch:
             return
         # A child that ends from here on asks for a pass of its own.
         self.pending = False
-        self.passes += 1
         arbiter.loop.add_future(arbiter.manage_watchers(), _log_failure)
 
 
