@@ -1,12 +1,17 @@
 """Circus' check_delay: what polling for dead processes costs, against how fast it respawns.
 
 Run: .venv/bin/python bench/check_delay.py [--children 100] [--seconds 10] [--kills 10]
+        [--circusd circus,tgfleet] [--delays 0.1,0.25,0.5,1]
 
 For each check_delay, a real circusd runs one watcher of N idle children
 (``sleep``); the script reports circusd's CPU (% of one core, from /proc over
 --seconds) and the time from kill -9 of a child to circusd's new child (median /
-max of --kills). Crash detection is polled every check_delay, so that is the
-trade-off: lower costs CPU at many children, higher delays every respawn.
+max of --kills). Circus' own circusd finds dead processes only by its poll every
+check_delay, so that is its trade-off: lower costs CPU at many children, higher
+delays every respawn. tgfleet's circusd (``python -m controller.circusd``, what
+`tgfleet up` and the deployed unit run) also respawns on SIGCHLD
+(controller/childwatch.py): its respawn should not depend on check_delay, which
+then only sets the poll's CPU.
 """
 
 from __future__ import annotations
@@ -22,7 +27,12 @@ import time
 from pathlib import Path
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-DELAYS = (0.1, 0.25, 0.5, 1.0)
+DELAYS = "0.1,0.25,0.5,1"
+#: How each circusd is run.
+COMMANDS = {
+    "circus": [sys.executable, "-m", "circus.circusd"],
+    "tgfleet": [sys.executable, "-m", "controller.circusd"],
+}
 
 
 def cpu_seconds(pid: int) -> float:
@@ -48,7 +58,7 @@ def wait_for(what: str, check: object, timeout: float = 30.0) -> None:
 
 
 def measure(
-    check_delay: float, count: int, seconds: float, kills: int
+    command: list[str], check_delay: float, count: int, seconds: float, kills: int
 ) -> tuple[float, list[float]]:
     with tempfile.TemporaryDirectory(prefix="tgcd") as tmp:
         ini = Path(tmp) / "circus.ini"
@@ -63,7 +73,7 @@ def measure(
             "graceful_timeout = 0.5\n"
         )
         circusd = subprocess.Popen(
-            [sys.executable, "-m", "circus.circusd", str(ini)],
+            [*command, str(ini)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -102,15 +112,22 @@ def main() -> None:
     parser.add_argument("--children", type=int, default=100)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--kills", type=int, default=10)
+    parser.add_argument("--circusd", default="circus,tgfleet", help="which circusd, in turn")
+    parser.add_argument("--delays", default=DELAYS, help="check_delay values, seconds")
     args = parser.parse_args()
+    delays = [float(d) for d in args.delays.split(",")]
     print(f"{os.cpu_count()} CPUs; {args.children} idle children; {args.kills} kills each")
-    print(f"{'check_delay':>11} {'circusd CPU':>12} {'respawn median':>15} {'max':>7}")
-    for delay in DELAYS:
-        cpu, respawns = measure(delay, args.children, args.seconds, args.kills)
-        print(
-            f"{delay:>10.2f}s {cpu:>11.1f}% {statistics.median(respawns):>14.3f}s "
-            f"{max(respawns):>6.3f}s"
-        )
+    print(
+        f"{'circusd':>8} {'check_delay':>11} {'circusd CPU':>12} {'respawn median':>15} {'max':>7}"
+    )
+    for which in args.circusd.split(","):
+        for delay in delays:
+            cpu, respawns = measure(COMMANDS[which], delay, args.children, args.seconds, args.kills)
+            print(
+                f"{which:>8} {delay:>10.2f}s {cpu:>11.1f}% "
+                f"{statistics.median(respawns):>14.3f}s {max(respawns):>6.3f}s"
+            )
+    print(f"load average {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":

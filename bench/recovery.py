@@ -1,6 +1,7 @@
 """Recovery figures: seconds from a fault to the bot answering again, failure kind by kind.
 
 Run: .venv/bin/python bench/recovery.py [--runs N] [--kinds kill9,sigstop,...] [--launch fork|exec]
+(kind kill9hops, not in the default set: kill -9 with the time of each hop printed)
 Starts a sandbox and a fleet with 5 bystander bots (the chaos plugin), then runs each
 fire drill of tests/drills.py N times (default 5), each time on a fresh victim bot (no
 backoff streak carries over) that is destroyed afterwards. "Recovered" is what a user
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import statistics
 import time
 import traceback
@@ -24,7 +26,18 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from _fleet import Fleet, Sandbox, drills, running_fleet, short_tmpdir, use_launch
+from _fleet import (
+    Fleet,
+    Sandbox,
+    drills,
+    logged_at,
+    running_fleet,
+    short_tmpdir,
+    started_at,
+    use_launch,
+)
+
+from botspec import forked
 
 BYSTANDERS = 5
 
@@ -64,6 +77,64 @@ def on_victim(
     return run
 
 
+#: The hops of a kill -9 recovery, in order, as --kinds kill9hops prints them.
+KILL_HOPS = (
+    "killed",
+    "new watcher process started",
+    "new bot process forked",
+    "logged in to Telegram again",
+    "answered",
+)
+#: Per run of kill9hops: when each hop happened (wall time; None: not seen).
+kill_hops: list[dict[str, float | None]] = []
+
+
+def kill_9_hops(fleet: Fleet, sandbox: Sandbox, name: str) -> float:
+    """The kill -9 drill, noting when each of KILL_HOPS happened: circusd's respawn of
+    the watcher process (its start in /proc), the fork server's fork of the bot (fork
+    mode), the bot's `logged in` log line, the answer's arrival."""
+    pid = fleet.bot(name)["pid"]
+    killed, started = time.time(), time.monotonic()
+    os.kill(pid, signal.SIGKILL)
+    took = drills.answered_in(sandbox, name, started, f"after kill at {killed:.6f}")
+    drills.connected(fleet, name, not_pid=pid)
+    bot_pid = fleet.bot(name)["pid"]
+    record = forked.read(fleet.home.run_dir, name)
+    launched = record is not None and record.bot_pid == bot_pid
+    watcher_pid = record.launcher_pid if record is not None and launched else bot_pid
+    err_log = fleet.home.watcher_log(f"bot-{name}", "err")
+    kill_hops.append(
+        {
+            "killed": killed,
+            "new watcher process started": started_at(watcher_pid),
+            "new bot process forked": started_at(bot_pid) if launched else None,
+            # log lines have whole milliseconds: one that ends the kill's ms counts
+            "logged in to Telegram again": logged_at(err_log, "logged in", killed - 0.001),
+            "answered": killed + took,
+        }
+    )
+    return took
+
+
+def print_kill_hops() -> None:
+    """Median time of each hop after the kill, and from the hop before."""
+    print(f"kill -9, hop by hop (median of {len(kill_hops)}, seconds)")
+    print(f"  {'hop':<30} {'since kill':>10} {'this hop':>9}")
+    previous = KILL_HOPS[0]
+    for hop in KILL_HOPS[1:]:
+        since, step = [], []
+        for run in kill_hops:
+            at, killed, before = run[hop], run["killed"], run[previous]
+            if at is not None and killed is not None:
+                since.append(at - killed)
+                if before is not None:
+                    step.append(at - before)
+        if not since:
+            continue  # not a hop of this launch mode
+        print(f"  {hop:<30} {statistics.median(since):>10.3f} {statistics.median(step):>9.3f}")
+        previous = hop
+
+
 def crash_loop(fleet: Fleet, sandbox: Sandbox) -> float:
     """Seconds from `created` to `→ failed` of a bot that exits at start (DB clock)."""
     name = drills.add_bot(fleet, sandbox, "loop", settings={"exit_at_start": 3}, wait=False)
@@ -79,6 +150,7 @@ def crash_loop(fleet: Fleet, sandbox: Sandbox) -> float:
 
 KINDS = [
     Kind("kill9", "kill -9", "≤ 3 s", on_victim("kill", drills.kill_9)),
+    Kind("kill9hops", "kill -9 (hops noted)", "≤ 3 s", on_victim("kill", kill_9_hops)),
     Kind("sigstop", "hung (SIGSTOP)", "≤ 15 s", on_victim("stop", drills.sigstop)),
     Kind("spin", "hung (CPU spin)", "≤ 15 s", on_victim("spin", drills.cpu_spin)),
     Kind(
@@ -131,7 +203,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument(
         "--kinds",
-        default=",".join(k.key for k in KINDS),
+        default=",".join(k.key for k in KINDS if k.key != "kill9hops"),
         help=f"comma-separated subset of: {', '.join(k.key for k in KINDS)}",
     )
     parser.add_argument("--launch", choices=["fork", "exec"], default="fork")
@@ -194,6 +266,8 @@ def main() -> None:
         median = f"{statistics.median(times):.2f}" if times else "-"
         worst = f"{max(times):.2f}" if times else "-"
         print(f"{kind.label:<22}{kind.goal:<16}{median:>10}{worst:>10}{len(times):>4}/{args.runs}")
+    if kill_hops:
+        print_kill_hops()
     if first is None or last is None:
         print("bystanders: never heard from, no figures")
         return

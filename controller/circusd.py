@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import sys
 
+from controller.childwatch import respawn_at_once
+
 #: Imported by circusd's libraries only if present, and used by none of what we run
 #: (no TLS, no YAML logger config, no terminal colours): kept out of its process.
 OPTIONAL = ("ssl", "yaml", "curses")
@@ -32,6 +34,7 @@ def run(argv: list[str]) -> int:
     leave_out_optional_modules()
     from circus import circusd
 
+    respawn_at_once(circusd)  # a dead child is reaped and respawned on SIGCHLD
     sys.argv = ["circusd", *argv]
     try:
         circusd.main()  # returns when circusd quits (sys.exit(0))

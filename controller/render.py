@@ -280,7 +280,7 @@ def render_circus_ini(
     listen: str,
     embedded_pg: PgWatcher | None,
     sandbox: SandboxWatcher | None,
-    check_delay: float = 0.5,
+    check_delay: float = 1.0,
     controller_argv: Sequence[str] | None = None,
     plugin_path: Sequence[str] = (),
     log: LogRotation = LogRotation(),

@@ -27,6 +27,12 @@ DH_PRIME = int(
 )
 DH_G = 2
 DH_PRIME_BYTES = DH_PRIME.to_bytes(256, "big")
+#: Bits of the server's secret DH exponent. RFC 7919 (section 5.2) asks for at least
+#: twice the group's security strength (~103 bits for ffdhe2048), as OpenSSL uses
+#: for these groups: a full 2048-bit exponent only made each of the server's two
+#: modular powers per new auth key 8x slower (~24 ms each in Python on a busy host),
+#: time every new bot waited on the sandbox. The client cannot tell the difference.
+DH_EXPONENT_BITS = 320
 
 PUBLIC_KEY_FILE = "public.pem"
 PRIVATE_KEY_FILE = "private.pem"
@@ -135,6 +141,12 @@ class ServerKey:
     e: int
     d: int
     public_pem: bytes
+    # The private primes and CRT exponents: decryption as two half-size powers (4x faster).
+    p: int = 0
+    q: int = 0
+    dmp1: int = 0
+    dmq1: int = 0
+    iqmp: int = 0
 
     @property
     def fingerprint(self) -> int:
@@ -147,7 +159,12 @@ class ServerKey:
         value = int.from_bytes(cipher, "big")
         if not 0 < value < self.n:
             raise CryptoError("RSA ciphertext out of range")
-        return pow(value, self.d, self.n).to_bytes(256, "big")
+        if not self.p:
+            return pow(value, self.d, self.n).to_bytes(256, "big")
+        # Chinese remainder theorem: the same result as pow(value, d, n).
+        m1, m2 = pow(value, self.dmp1, self.p), pow(value, self.dmq1, self.q)
+        plain = m2 + (self.iqmp * (m1 - m2) % self.p) * self.q
+        return plain.to_bytes(256, "big")
 
     @classmethod
     def load_or_create(cls, data_dir: Path) -> ServerKey:
@@ -178,6 +195,11 @@ class ServerKey:
             e=numbers.public_numbers.e,
             d=numbers.d,
             public_pem=public_pem,
+            p=numbers.p,
+            q=numbers.q,
+            dmp1=numbers.dmp1,
+            dmq1=numbers.dmq1,
+            iqmp=numbers.iqmp,
         )
 
 

@@ -17,6 +17,7 @@ from telethon.extensions import BinaryReader
 from telethon.tl import functions, types
 
 from .crypto import (
+    DH_EXPONENT_BITS,
     DH_G,
     DH_PRIME,
     DH_PRIME_BYTES,
@@ -143,8 +144,10 @@ class Handshake:
             raise HandshakeError("p_q_inner_data nonces do not match")
         assert self._server_nonce is not None
         self._new_nonce = _le(inner.new_nonce, 32)
-        self._a = int.from_bytes(os.urandom(256), "big")
-        g_a = pow(DH_G, self._a, DH_PRIME)
+        g_a = 0
+        while not SAFETY <= g_a <= DH_PRIME - SAFETY:  # as the client checks it
+            self._a = secrets.randbits(DH_EXPONENT_BITS) | 1 << (DH_EXPONENT_BITS - 1)
+            g_a = pow(DH_G, self._a, DH_PRIME)
         answer = bytes(
             types.ServerDHInnerData(
                 nonce=self._nonce,

@@ -92,11 +92,16 @@ class Circusd:
                 continue
 
 
-def spawn_circusd(home: Home) -> subprocess.Popen[bytes]:
-    """Fork circusd on ``home.circus_ini`` (returns at once; its log in logs/circusd.log)."""
+#: circusd as tgfleet runs it: circus' main in a process tgfleet prepared (SIGCHLD handled).
+TGFLEET_CIRCUSD = [PYTHON, "-m", "controller.circusd"]
+
+
+def spawn_circusd(home: Home, command: list[str] | None = None) -> subprocess.Popen[bytes]:
+    """Fork circusd on ``home.circus_ini`` (returns at once; its log in logs/circusd.log);
+    ``command``: how to run it (circus' own ``circusd`` by default)."""
     with (home.logs_dir / "circusd.log").open("ab") as log:
         return subprocess.Popen(
-            [str(CIRCUSD), str(home.circus_ini)],
+            [*(command or [str(CIRCUSD)]), str(home.circus_ini)],
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -108,12 +113,13 @@ def spawn_circusd(home: Home) -> subprocess.Popen[bytes]:
 
 
 @pytest.fixture
-async def circusd_factory() -> AsyncIterator[Callable[[Home], Awaitable[Circusd]]]:
-    """Start circusd on ``home.circus_ini`` (already written); stopped at teardown."""
+async def circusd_factory() -> AsyncIterator[Callable[..., Awaitable[Circusd]]]:
+    """Start circusd on ``home.circus_ini`` (already written), with ``command`` if given
+    (as spawn_circusd); stopped at teardown."""
     started: list[Circusd] = []
 
-    async def start(home: Home) -> Circusd:
-        process = spawn_circusd(home)
+    async def start(home: Home, command: list[str] | None = None) -> Circusd:
+        process = spawn_circusd(home, command)
         daemon = Circusd(home, process, CircusClient(home.circus_endpoint, timeout_s=5.0))
         started.append(daemon)
 

@@ -15,6 +15,7 @@ import psutil
 import pytest
 from circus_fixtures import (  # noqa: F401  (fixtures; tests/integration is on sys.path)
     PYTHON,
+    TGFLEET_CIRCUSD,
     Circusd,
     circusd_factory,
     short_home,
@@ -29,10 +30,12 @@ from controller.render import BotWatcher, render_circus_ini, render_watcher
 pytestmark = pytest.mark.integration
 
 CHECK_DELAY_S = 0.5
-Factory = Callable[[Home], Awaitable[Circusd]]
+#: A poll no test waits for: what circusd then notices, it learned from SIGCHLD.
+NO_POLL_S = 3600
+Factory = Callable[..., Awaitable[Circusd]]
 
 
-def write_circus_ini(home: Home) -> None:
+def write_circus_ini(home: Home, *, poll_s: float | None = None) -> None:
     text = render_circus_ini(
         home,
         python=PYTHON,
@@ -42,6 +45,10 @@ def write_circus_ini(home: Home) -> None:
         check_delay=CHECK_DELAY_S,
         controller_argv=[PYTHON, "-c", "import time; time.sleep(1e6)"],
     )
+    if poll_s is not None:  # beyond what render allows (a fleet's circusd must poll too)
+        line = f"check_delay = {CHECK_DELAY_S}\n"
+        assert line in text
+        text = text.replace(line, f"check_delay = {poll_s}\n")
     write_atomic(home.circus_ini, text, 0o600)
 
 
@@ -143,6 +150,51 @@ async def test_kill_9_respawns_within_check_delay(
     assert 0 < stats[pid].rss_bytes < 50 * 2**20  # a sleep(1)
     print(f"kill -9 -> respawn at check_delay={CHECK_DELAY_S}s: {[round(t, 2) for t in timings]}")
     assert max(timings) < CHECK_DELAY_S + 0.5
+
+
+async def test_tgfleet_circusd_respawns_a_killed_child_on_sigchld(
+    short_home: Home, circusd_factory: Factory
+) -> None:
+    """circusd as tgfleet runs it respawns a child killed -9 although its poll is an hour
+    away, also while another command holds its lock (a 2 s graceful stop), and leaves
+    the other watchers' processes alone."""
+    home = short_home
+    write_circus_ini(home, poll_s=NO_POLL_S)
+    write_bot(home, BotWatcher("victim", autostart=True, memory_limit_mb=128), sleeper_in(home))
+    write_bot(home, BotWatcher("calm", autostart=True, memory_limit_mb=128), sleeper_in(home))
+    stubborn = str(write_sleeper(home.root / "stubborn", ignore_term=True))
+    write_bot(
+        home,
+        BotWatcher("slow", autostart=True, memory_limit_mb=128, graceful_timeout_s=2.0),
+        stubborn,
+    )
+    circusd = await circusd_factory(home, TGFLEET_CIRCUSD)
+    client = circusd.client
+    watchers = ["bot-victim", "bot-calm", "bot-slow"]
+    await circusd.wait_for("the watchers active", lambda: _all_active(client, watchers))
+    await circusd.remember_pids()
+    calm = await client.pids("bot-calm")
+
+    for _ in range(3):
+        (old,) = await client.pids("bot-victim")
+        psutil.Process(old).kill()
+        await circusd.wait_for(
+            "the victim respawned", lambda old=old: _respawned(client, "bot-victim", old)
+        )
+        await circusd.remember_pids()
+
+    # the lock is held by a graceful stop when the victim dies: respawned after it
+    (old,) = await client.pids("bot-victim")
+    await client.stop("bot-slow")  # answers at once; circusd holds its lock ~2 s
+    psutil.Process(old).kill()
+    await circusd.wait_for(
+        "the victim respawned after the stop",
+        lambda: _respawned(client, "bot-victim", old),
+    )
+    await circusd.remember_pids()
+    assert (await client.status())["bot-slow"] == "stopped"
+    assert await client.pids("bot-calm") == calm
+    assert psutil.Process(calm[0]).is_running()
 
 
 def sleeper_in(home: Home) -> str:

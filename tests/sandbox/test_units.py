@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import os
 import struct
+from pathlib import Path
 
 import pytest
 from telethon.crypto import AES
 from telethon.crypto import AuthKey as TelethonAuthKey
 
 from tgsandbox import envelope
-from tgsandbox.crypto import DH_G, DH_PRIME, AuthKey, ige_decrypt, ige_encrypt
+from tgsandbox.crypto import DH_G, DH_PRIME, AuthKey, ServerKey, ige_decrypt, ige_encrypt
 from tgsandbox.envelope import EnvelopeError, Item, MsgIdClock
 from tgsandbox.faults import (
     ALL,
@@ -48,6 +49,18 @@ def test_auth_key_id_and_nonce_hash_match_telethon() -> None:
     assert int.from_bytes(
         ours.new_nonce_hash(new_nonce.to_bytes(32, "little", signed=True), 1), "little", signed=True
     ) == theirs.calc_new_nonce_hash(new_nonce, 1)
+
+
+def test_rsa_decryption_by_crt_is_textbook_rsa(tmp_path: Path) -> None:
+    key = ServerKey.load_or_create(tmp_path)
+    assert key.p * key.q == key.n
+    for _ in range(5):
+        plain = b"\0" + os.urandom(255)
+        cipher = pow(int.from_bytes(plain, "big"), key.e, key.n).to_bytes(256, "big")
+        assert key.decrypt_raw(cipher) == plain
+        assert key.decrypt_raw(cipher) == pow(int.from_bytes(cipher, "big"), key.d, key.n).to_bytes(
+            256, "big"
+        )
 
 
 def test_dh_group_is_what_mtproto_accepts() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +22,11 @@ from botrunner.telegram import (
     Transient,
     classify,
     error_name,
+    factorize_pq,
+    open_session,
     retry_delay_s,
     session_owner,
+    use_native_factorization,
 )
 from botspec import protocol
 from botspec.config import parse
@@ -170,6 +174,27 @@ def test_session_owner_changes_with_the_token_not_with_settings() -> None:
     assert session_owner(_config(settings={"prefix": "x"})) == base
     assert session_owner(_config(token="2:b")) != base
     assert "1:a" not in base
+
+
+def test_session_file_is_in_wal_mode_keeps_what_was_saved_and_goes_with_a_new_token(
+    tmp_path: Path,
+) -> None:
+    config = _config(data_dir=str(tmp_path))
+    session = open_session(config)
+    session.set_dc(2, "127.0.0.1", 4321)
+    session.save()
+    with sqlite3.connect(tmp_path / "telegram.session") as other:
+        assert other.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+        assert other.execute("SELECT dc_id, port FROM sessions").fetchall() == [(2, 4321)]
+    session.close()
+    again = open_session(config)  # the same token: the same file, as saved
+    assert (again.dc_id, again.port) == (2, 4321)
+    again.close()
+    (tmp_path / "telegram.session-wal").write_bytes(b"stale")
+    fresh = open_session(_config(data_dir=str(tmp_path), token="2:b"))
+    assert fresh.dc_id == 0 and fresh.port is None  # another bot's token: a new session
+    assert not (tmp_path / "telegram.session-wal").read_bytes().startswith(b"stale")
+    fresh.close()
 
 
 # ---------------------------------------------------------------- plugin host
@@ -391,3 +416,24 @@ assert downloads.aiohttp is None
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
     )
     assert done.returncode == 0, done.stderr
+
+
+# (p, q) pairs like a server's: 20- and 31-bit primes (the sandbox's and Telegram's size).
+PQ_PAIRS = [
+    (1_000_003, 1_000_033),
+    (1_073_741_827, 2_147_483_647),
+    (2_147_483_629, 2_147_483_647),
+]
+
+
+@pytest.mark.parametrize(("p", "q"), PQ_PAIRS)
+def test_factorize_pq_gives_the_factors_smaller_first(p: int, q: int) -> None:
+    assert factorize_pq(p * q) == (p, q)
+
+
+def test_telethons_auth_key_exchange_uses_native_factorization() -> None:
+    from telethon.crypto.factorization import Factorization
+
+    use_native_factorization()
+    for p, q in [(1_000_003, 1_000_033), (2_147_483_629, 2_147_483_647)]:
+        assert Factorization.factorize(p * q) == (p, q)

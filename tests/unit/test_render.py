@@ -344,7 +344,7 @@ def test_circus_itself_reads_what_we_render(tmp_path: Path) -> None:
         ),
     )
     config = get_config(str(home.circus_ini))
-    assert config["check_delay"] == 0.5
+    assert config["check_delay"] == 1.0
     assert config["umask"] == 0o077
     assert config["statsd"] is False
     # Empty: circusd's controller then binds no UDP multicast socket (its default is
