@@ -22,7 +22,7 @@ def main() -> None:
     loader = _bootstrap_external.SourceFileLoader(NAME, source)
     module = type(sys)(NAME)
     module.__file__ = source
-    sys.modules[NAME] = module  # as an import would: its dataclasses and the like look here
+    sys.modules[NAME] = module  # as an import would: what looks it up by name finds it
     code = loader.get_code(NAME)
     assert code is not None, source  # a source file always has code
     exec(code, module.__dict__)

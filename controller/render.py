@@ -363,12 +363,7 @@ def render_circus_ini(
         )
     )
     out, err = _logs(home, "controller")
-    # Two malloc arenas for its threads (ZeroMQ's, asyncio's executor): glibc's default,
-    # one per thread up to 8 per core, each keeping its own free memory.
-    controller_env = _base_env(home, home_env=home.root) | {
-        "TGFLEET_LISTEN": listen,
-        "MALLOC_ARENA_MAX": "2",
-    }
+    controller_env = _base_env(home, home_env=home.root) | {"TGFLEET_LISTEN": listen}
     if plugin_path:
         controller_env["PYTHONPATH"] = _pythonpath(plugin_path)
     watchers.append(

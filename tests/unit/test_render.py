@@ -240,7 +240,6 @@ def test_circus_ini_every_field() -> None:
     assert dict(parsed["env:controller"]) == {
         "HOME": "/srv/fleet",
         "LANG": "C.UTF-8",
-        "MALLOC_ARENA_MAX": "2",
         "PYTHONUNBUFFERED": "1",
         "TGFLEET_HOME": "/srv/fleet",
         "TGFLEET_LISTEN": "127.0.0.1:8710",
