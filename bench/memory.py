@@ -31,7 +31,7 @@ def classify(proc: psutil.Process) -> str:
     cmd = " ".join(proc.cmdline())
     if proc.name().startswith("tgf:"):
         return "bots"  # forked by the fork server: its command line is the fork server's
-    if "launcher.py" in cmd:
+    if "botrunner/launch" in cmd:  # launch.py (launcher.py before)
         return "launchers"
     if "botrunner.forkserver" in cmd:
         return "forkserver"

@@ -1,4 +1,5 @@
-"""A fork-mode bot's watcher process: ``python -S -I launcher.py SOCKET NAME CONFIG``.
+"""A fork-mode bot's watcher process: ``python -S -I launcher.py SOCKET NAME CONFIG``
+(its watcher runs it through ``launch.py``, from its compiled bytecode).
 
 Circus supervises it as it would the bot (respawn, stop, signals, exit codes); it
 asks the fleet's fork server (``botrunner.forkserver``) for the bot, hands it its

@@ -17,6 +17,7 @@ import importlib
 import inspect
 import logging
 import re
+import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -111,7 +112,12 @@ class PluginHost:
 
     def import_all(self) -> None:
         """Import every plugin's setup function; PluginFailed on the first that fails."""
-        for ref in map(PluginRef.parse, self.config.plugins):
+        refs = [PluginRef.parse(plugin) for plugin in self.config.plugins]
+        if any(ref.module not in sys.modules for ref in refs):
+            # A bot forked from the fork server inherits its directory listings: a plugin
+            # added on disk since must be found (importlib's own advice for new files).
+            importlib.invalidate_caches()
+        for ref in refs:
             try:
                 module = importlib.import_module(ref.module)
                 setup = getattr(module, ref.function)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
-import importlib.metadata
 import json
 import logging
 import os
@@ -748,7 +748,7 @@ async def forget_host(request: web.Request) -> web.Response:
 
 
 async def openapi(request: web.Request) -> web.Response:
-    return ok(OPENAPI)
+    return ok(openapi_document())
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -1008,7 +1008,14 @@ ROUTES: tuple[Route, ...] = (
     ),
 )
 
-OPENAPI = build_openapi(ROUTES, importlib.metadata.version("tgfleet"))
+
+@functools.cache
+def openapi_document() -> dict[str, Any]:
+    """The OpenAPI document, built on first request: it and importlib.metadata (which
+    reads the version) are ~1.5 MB that a fleet nobody asks for it never needs."""
+    import importlib.metadata
+
+    return build_openapi(ROUTES, importlib.metadata.version("tgfleet"))
 
 
 def build_app(

@@ -60,13 +60,14 @@ _FORBIDDEN = ("\n", "\r", "\x00", " ;", "\t;", "%", "$(", "((")
 FORKSERVER_WATCHER = "forkserver"
 
 
-#: A fork-mode bot's watcher runs this file (stdlib only) with ``python -S -I``.
+#: A fork-mode bot's watcher runs this file (stdlib only) with ``python -S -I``: it runs
+#: botrunner/launcher.py from its compiled bytecode.
 def _launcher_path() -> Path:
-    """botrunner/launcher.py, found without importing botrunner: the controller keeps
+    """botrunner/launch.py, found without importing botrunner: the controller keeps
     out of the bots' code (tests/unit/test_imports.py)."""
     spec = importlib.util.find_spec("botrunner")
     assert spec is not None and spec.origin is not None, "botrunner is part of tgfleet"
-    return Path(spec.origin).parent / "launcher.py"
+    return Path(spec.origin).parent / "launch.py"
 
 
 LAUNCHER = _launcher_path()

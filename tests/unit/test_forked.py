@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import py_compile
+import shutil
 import subprocess
 import sys
 import time
@@ -56,11 +58,15 @@ def test_the_record_names_a_live_bot_only(tmp_path: Path) -> None:
     assert forked.start_time(sleeper.pid) is None
 
 
-def test_the_launcher_stays_small_and_stdlib_only() -> None:
+LAUNCH = str(Path(launcher.__file__).with_name("launch.py"))
+
+
+@pytest.mark.parametrize("script", [launcher.__file__, LAUNCH], ids=["launcher.py", "launch.py"])
+def test_the_launcher_stays_small_and_stdlib_only(script: str) -> None:
     """Run as its watcher runs it (-S -I), it imports only the interpreter's C modules
     (``socket``, ``signal`` would bring enum and selectors: ~1 MB per bot)."""
     done = subprocess.run(
-        [sys.executable, "-S", "-I", "-X", "importtime", launcher.__file__],
+        [sys.executable, "-S", "-I", "-X", "importtime", script],
         capture_output=True,
         text=True,
         check=False,
@@ -85,3 +91,45 @@ def test_a_zombie_is_told_from_a_living_process() -> None:
     assert not procinfo.is_zombie(os.getpid())
     child.wait()
     assert not procinfo.is_zombie(child.pid)  # gone
+
+
+def test_the_watcher_s_launcher_runs_from_compiled_bytecode(tmp_path: Path) -> None:
+    """launch.py runs launcher.py's cached bytecode (compiling it anew left ~1 MB in each
+    launcher): with a fresh cache, a source of the same size and mtime is not read."""
+    source = tmp_path / "launcher.py"
+    shutil.copy(launcher.__file__, source)
+    shutil.copy(LAUNCH, tmp_path / "launch.py")
+    py_compile.compile(str(source), doraise=True)
+    stat = source.stat()
+    other = b"def main(argv):\n    raise SystemExit(3)\n"
+    source.write_bytes(other.ljust(stat.st_size, b"#"))  # same size, another program
+    os.utime(source, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    run = [sys.executable, "-S", "-I", str(tmp_path / "launch.py")]
+    done = subprocess.run(run, capture_output=True, text=True, check=False)
+    assert done.returncode == 64 and "usage: launcher.py" in done.stderr
+    os.utime(source, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # stale: the source runs
+    assert subprocess.run(run, capture_output=True, check=False).returncode == 3
+
+
+def test_children_forked_after_the_warm_up_draw_their_own_randomness() -> None:
+    """The fork server sets OpenSSL's generator up before it forks (warm_up): each
+    child must still draw bytes of its own, from ``ssl`` and from ``random``."""
+    probe = (
+        "import os, random, ssl, sys\n"
+        "from botrunner import forkserver\n"
+        "forkserver.warm_up()\n"
+        "for _ in range(2):\n"
+        "    r, w = os.pipe()\n"
+        "    if os.fork() == 0:\n"
+        "        forkserver._reseed()\n"
+        "        os.write(w, (ssl.RAND_bytes(16).hex() + random.randbytes(16).hex()).encode())\n"
+        "        os._exit(0)\n"
+        "    os.close(w)\n"
+        "    print(os.read(r, 200).decode())\n"
+        "    os.wait()\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60
+    )
+    first, second = done.stdout.split()
+    assert len(first) == 64 and first[:32] != second[:32] and first[32:] != second[32:]

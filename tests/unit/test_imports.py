@@ -16,10 +16,14 @@ from imports_probe import loaded_after
         (
             # The controller: the sandbox and Telethon are the bots' business; typer is
             # the sandbox CLI's; jinja2 comes with the first watcher it renders, psutil
-            # with the first bot user it removes.
+            # with the first bot user it removes, importlib.metadata with the first
+            # request for the OpenAPI document.
             "controller",
             "import controller.app",
-            ["telethon", "tgsandbox", "botrunner", "typer", "click", "jinja2", "psutil"],
+            [
+                *("telethon", "tgsandbox", "botrunner", "typer", "click", "jinja2", "psutil"),
+                "importlib.metadata",
+            ],
         ),
         (
             # What `tgfleet up` leaves resident while the fleet runs: circusd, and of
