@@ -4,21 +4,19 @@ from __future__ import annotations
 
 import re
 import resource
-import shutil
 from collections.abc import Sequence
-from pathlib import Path
 
 from botspec import forked
 from botspec.config import BotConfig, RuntimeTelegram, dump
 from botspec.spec import process_health
 from controller.atomicfile import write_atomic
-from controller.botusers import BotAccount, BotUsers
+from controller.botusers import BotUsers
 from controller.buskeys import BusKeys, IssuedKey
 from controller.home import Home
+from controller.keeper import for_fleet
 from controller.reconcile import Rendered
 from controller.render import BotWatcher, LogRotation, render_watcher
 from controller.spec import EffectiveSpec
-from controller.sysusers import give_tree
 
 # The user is in the mark so that a file rendered for another user (before an
 # upgrade that brought a user per bot) is rendered again, which restarts the bot.
@@ -76,22 +74,20 @@ class BotFiles:
         self.python = python
         self.keys = keys
         self.users = users if users is not None else BotUsers(home, enabled=False)
+        # As the service user of a fleet run as root: the keeper, in circusd.
+        self.privileged = for_fleet(self.users)
         self.plugin_path = tuple(plugin_path)
         self._rendered: dict[str, Rendered] = {}
 
     def write(self, name: str, generation: int, spec: EffectiveSpec, autostart: bool) -> None:
-        account = self.users.ensure(name)
-        bot_dir = self.home.bot_dir(name)
-        bot_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        bot_dir.chmod(0o700)
-        owner = None
-        if account is not None:
-            owner = (account.uid, account.gid)
-            _own_tree(bot_dir, account)
+        account = self.privileged.ensure_user(name)
+        # The dir and what is in it are the bot's user's (a dir written before the bot
+        # had a user of its own holds root's files: its session among them).
+        self.privileged.own_dir(name)
         # Each write gives the bot a new bus key pair (the keyring still accepts the
         # previous one, for the process running until the reload restarts it).
         config = runtime_config(self.home, name, generation, spec, self.keys.issue(name))
-        write_atomic(self.home.bot_config(name), dump(config).decode(), 0o600, owner)
+        self.privileged.write_config(name, dump(config).decode())
         bot = BotWatcher(
             name=name,
             autostart=autostart,
@@ -148,16 +144,8 @@ class BotFiles:
         """The bot is destroyed: its dir and config go, its bus keys are forgotten, and
         its user: a later bot of that name inherits nothing."""
         self.keys.forget(name)
-        path: Path = self.home.bot_dir(name)
-        if path.exists():
-            shutil.rmtree(path)
-        self.users.remove(name)
-
-
-def _own_tree(bot_dir: Path, account: BotAccount) -> None:
-    """Give the bot's dir and what is in it to its user (a dir written before the bot
-    had a user of its own holds root's files: its session among them)."""
-    give_tree(bot_dir, account.uid, account.gid)  # never a hard link: it lives elsewhere too
+        self.privileged.remove_dir(name)
+        self.privileged.remove_user(name)
 
 
 def _open_files(wanted: int) -> int:

@@ -108,6 +108,19 @@ def _service_comment(home: Home) -> str:
     return "tgfleet service" + _comment_tail(home)
 
 
+def is_service_user(home: Home, uid: int | None = None) -> bool:
+    """Whether ``uid`` (default: this process's) is the fleet's service user: then the
+    fleet runs as root, and this process (the controller) is not."""
+    uid = os.geteuid() if uid is None else uid
+    if uid == 0:
+        return False
+    try:
+        entry = pwd.getpwuid(uid)
+    except KeyError:
+        return False
+    return entry.pw_name == service_user_name(home) and entry.pw_gecos == _service_comment(home)
+
+
 def bot_code_paths(python: str, plugin_path: Sequence[str] = ()) -> list[Path]:
     """What a bot process reads to run: the interpreter, its standard library, the
     venv's packages, tgfleet's own bot-side packages (an editable install lives
@@ -162,12 +175,19 @@ class BotUsers:
         shared_writable: Iterable[Path] = SHARED_WRITABLE,
     ) -> None:
         self.home = home
-        self.enabled = os.geteuid() == 0 if enabled is None else enabled
+        if enabled is None:  # root, or the service user of a fleet run as root
+            enabled = os.geteuid() == 0 or is_service_user(home)
+        self.enabled = enabled
         self.shared_writable = tuple(shared_writable)
 
     @property
     def fleet_group(self) -> str:
         return fleet_group_name(self.home)
+
+    @property
+    def service_comment(self) -> str:
+        """The comment (GECOS) the fleet's service user has: whose it is."""
+        return _service_comment(self.home)
 
     def user_name(self, name: str) -> str | None:
         """The user bot ``name`` runs as; None: the fleet's own."""
@@ -202,8 +222,11 @@ class BotUsers:
         """Let the fleet's bots connect to the unix socket ``path`` (0660, the fleet group)."""
         if not self.enabled:
             return
-        # ensure: a controller started on its own (no `tgfleet up` before it) works too
-        os.chown(path, 0, ensure_group(self.fleet_group).gr_gid)
+        if os.geteuid() == 0:
+            # ensure: a controller started on its own (no `tgfleet up` before it) works too
+            os.chown(path, 0, ensure_group(self.fleet_group).gr_gid)
+        else:  # the service user, whose primary group the fleet's is (circus.ini)
+            os.chown(path, -1, grp.getgrnam(self.fleet_group).gr_gid)
         path.chmod(0o660)
 
     def ensure_service(self) -> BotAccount | None:

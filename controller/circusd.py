@@ -32,6 +32,10 @@ def run(argv: list[str]) -> int:
     leave_out_optional_modules()
     from circus import circusd
 
+    from controller.keeper import start_keeper
+
+    start_keeper(argv)  # as root: the controller's privileged operations, from a thread
+
     sys.argv = ["circusd", *argv]
     try:
         circusd.main()  # returns when circusd quits (sys.exit(0))

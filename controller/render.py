@@ -284,8 +284,13 @@ def render_circus_ini(
     controller_argv: Sequence[str] | None = None,
     plugin_path: Sequence[str] = (),
     log: LogRotation = LogRotation(),
+    controller_account: tuple[str, str] | None = None,
 ) -> str:
     """The text of ``<home>/circus.ini``: circusd's endpoints and the fleet's own watchers.
+
+    ``controller_account`` (user, group) runs the controller: as root, the fleet's
+    service user with the fleet's group as its primary one (it traverses ``run/`` and
+    ``bots/`` and shares the bus socket with the bots); None: circusd's own user.
 
     ``controller_argv`` replaces the controller's command line (tests run a
     stand-in); by default it is ``<python> -m controller serve --home <home>``.
@@ -361,6 +366,10 @@ def render_circus_ini(
             env=_env_pairs(forkserver_env),
         )
     )
+    if controller_account is not None:
+        for account in controller_account:
+            if not _ACCOUNT.fullmatch(account):
+                raise InvalidWatcherValue(f"{account!r} is not a user or group name")
     out, err = _logs(home, "controller")
     controller_env = _base_env(home, home_env=home.root) | {"TGFLEET_LISTEN": listen}
     if plugin_path:
@@ -377,6 +386,8 @@ def render_circus_ini(
             stdout_log=out,
             stderr_log=err,
             env=_env_pairs(controller_env),
+            uid=controller_account[0] if controller_account else None,
+            gid=controller_account[1] if controller_account else None,
         )
     )
     return (

@@ -11,8 +11,12 @@ and the rest.
 from __future__ import annotations
 
 import asyncio
+import grp
+import importlib.util
 import os
+import pwd
 import signal
+import stat
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,7 +25,13 @@ from typing import NoReturn
 
 from controller.access import trusted_networks
 from controller.atomicfile import write_atomic
-from controller.botusers import BotAccount, BotUsers, bot_code_paths, service_user_name
+from controller.botusers import (
+    BotAccount,
+    BotUsers,
+    bot_code_paths,
+    fleet_group_name,
+    service_user_name,
+)
 from controller.circus import CircusClient, SupervisorError
 from controller.home import Home
 from controller.pg import PgWatcher, prepare_embedded_pg
@@ -43,7 +53,7 @@ from controller.settings import (
     is_loopback,
     parse_hostport,
 )
-from controller.sysusers import SystemUserError, give_tree
+from controller.sysusers import SystemUserError, give_tree, grant_user
 
 
 class UpError(Exception):
@@ -207,12 +217,12 @@ def circus_ini_text(
     for a render that prepares nothing)."""
     home = options.home
     sandbox = None
+    user = group = None
+    if service is not None:
+        user, group = service.user, service.group
+    elif os.geteuid() == 0:  # useradd --user-group names its group after it
+        user = group = service_user_name(home)
     if options.demo:
-        user = group = None
-        if service is not None:
-            user, group = service.user, service.group
-        elif BotUsers(home).enabled:  # useradd --user-group names its group after it
-            user = group = service_user_name(home)
         sandbox = SandboxWatcher(
             options.sandbox_listen, options.sandbox_admin, home.sandbox_dir, user, group
         )
@@ -224,6 +234,7 @@ def circus_ini_text(
         sandbox=sandbox,
         plugin_path=options.plugin_path,
         log=log_rotation(),
+        controller_account=(user, fleet_group_name(home)) if user is not None else None,
     )
 
 
@@ -264,30 +275,64 @@ def prepare_home(options: UpOptions) -> ControllerSettings:
     right stays."""
     home = options.home
     home.make_dirs()
-    pg = None
-    database_url = options.database_url
-    if not database_url:
-        pg = prepare_embedded_pg(home)
-        database_url = pg.dsn
     users = BotUsers(home)
-    code = bot_code_paths(sys.executable, options.plugin_path)
+    # The service user runs the controller, the embedded PostgreSQL and the sandbox.
+    code = [*bot_code_paths(sys.executable, options.plugin_path), _package_dir("controller")]
     if options.demo:
-        import tgsandbox
-
-        code.append(Path(str(tgsandbox.__file__)).parent)  # run by the service user
+        code.append(_package_dir("tgsandbox"))
     try:
         # As root: the bots' group, and the code every bot user must read (o+r, never o+w).
         users.prepare(code)
-        service = users.ensure_service() if options.demo else None
+        service = users.ensure_service()
     except SystemUserError as exc:
         raise UpError(f"cannot prepare the bots' users: {exc}") from exc
+    pg = None
+    database_url = options.database_url
+    if not database_url:
+        run_as = pwd.getpwuid(service.uid) if service is not None else None
+        pg = prepare_embedded_pg(home, run_as)
+        database_url = pg.dsn
     if options.demo:
         _open_sandbox_dir(options, service)
     settings = controller_settings(options, database_url)
     write_atomic(home.circus_ini, circus_ini_text(options, pg, service), 0o600)
     write_atomic(home.circus_endpoint_file, home.circus_endpoint + "\n", 0o644)
     settings.save(home)
+    if service is not None:
+        _share_home(home, service, users.fleet_group)
     return settings
+
+
+def _package_dir(name: str) -> Path:
+    """Where package ``name`` lives, found without importing it."""
+    spec = importlib.util.find_spec(name)
+    assert spec is not None and spec.origin is not None, f"{name} ships with tgfleet"
+    return Path(spec.origin).parent
+
+
+def _share_home(home: Home, service: BotAccount, fleet_group: str) -> None:
+    """What the controller, run as the service user, must reach in a home made by root
+    (at each start: a home made by an older tgfleet holds it all as root's).
+
+    The home itself: the service user may create files in it (an ACL entry), and the
+    sticky bit lets it rename or remove only its own, never root's dirs and files.
+    Its own files (keys, admin token, the bots' public keys, the watcher files) are
+    its; ``controller.json`` it reads; ``run/bus/`` (where it binds the bus) is its,
+    with the fleet's group; ``logs/`` and what circusd writes there it reads (a
+    default ACL: rotation makes new files). Never a symlink or a file with a second
+    name (give_tree)."""
+    home.root.chmod(stat.S_IMODE(home.root.stat().st_mode) | stat.S_ISVTX)
+    grant_user(home.root, service.uid, 0o7)
+    for own in (home.secret_key, home.bus_key, home.admin_token, home.bus_keys_dir, home.bots_d):
+        if own.exists() and not own.is_symlink():
+            give_tree(own, service.uid, service.gid)
+    grant_user(home.controller_json, service.uid, 0o4)
+    os.chown(home.bus_dir, service.uid, grp.getgrnam(fleet_group).gr_gid)
+    home.bus_dir.chmod(0o710)
+    grant_user(home.logs_dir, service.uid, 0o5, default=0o4)
+    for entry in home.logs_dir.iterdir():
+        if stat.S_ISREG(entry.lstat().st_mode):
+            grant_user(entry, service.uid, 0o4)
 
 
 def prepare(options: UpOptions) -> ControllerSettings:

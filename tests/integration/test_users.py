@@ -8,6 +8,8 @@ import json
 import os
 import pwd
 import shutil
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,9 +18,9 @@ from typing import Any
 import psutil
 import pytest
 from drills import sandbox_name
-from harness import Fleet, Sandbox, running_fleet, short_tmpdir
+from harness import Fleet, Sandbox, postgres_processes, running_fleet, short_tmpdir
 
-from controller.botusers import bot_user_name, fleet_group_name
+from controller.botusers import bot_user_name, fleet_group_name, service_user_name
 
 pytestmark = [
     pytest.mark.integration,
@@ -169,6 +171,131 @@ def test_only_the_fleet_group_traverses_bots_and_run(fleet: Fleet) -> None:
     for shared in (fleet.home.bots_dir, fleet.home.run_dir):
         info = shared.stat()
         assert (info.st_uid, info.st_gid, info.st_mode & 0o777) == (0, group.gr_gid, 0o710)
+    # The bus is the controller's (the service user's), in a dir of its own in run/.
+    service = pwd.getpwnam(service_user_name(fleet.home))
+    bus_dir = fleet.home.bus_dir.stat()
+    assert (bus_dir.st_uid, bus_dir.st_gid, bus_dir.st_mode & 0o777) == (
+        service.pw_uid,
+        group.gr_gid,
+        0o710,
+    )
     bus = fleet.home.bus_socket.stat()
-    assert (bus.st_uid, bus.st_gid, bus.st_mode & 0o777) == (0, group.gr_gid, 0o660)
+    assert (bus.st_uid, bus.st_gid, bus.st_mode & 0o777) == (service.pw_uid, group.gr_gid, 0o660)
     assert fleet.home.circus_socket.stat().st_mode & 0o077 == 0
+
+
+def test_the_controller_and_postgresql_run_as_the_service_user(fleet: Fleet) -> None:
+    """Only circusd (and the fork server, which becomes each bot's user) stays root."""
+    service = pwd.getpwnam(service_user_name(fleet.home))
+    assert service.pw_uid != 0
+    group = grp.getgrnam(fleet_group_name(fleet.home))
+    pid = int(fleet.circusctl("list", "controller").replace(",", " ").split()[0])
+    controller = psutil.Process(pid)
+    assert controller.uids().real == controller.uids().effective == service.pw_uid
+    assert controller.gids().real == group.gr_gid
+    assert postgres_processes(fleet)[0].uids().effective == service.pw_uid
+    circusd = psutil.Process(fleet.proc.pid if fleet.proc else 0)
+    assert circusd.uids().effective == 0
+    # What it owns in the home, what it may only read.
+    for own in (fleet.home.secret_key, fleet.home.bus_key, fleet.home.admin_token):
+        assert own.stat().st_uid == service.pw_uid, own
+    assert fleet.home.controller_json.stat().st_uid == 0
+    assert fleet.home.logs_dir.stat().st_uid == 0
+
+
+# One request per line on stdin, one answer per line out: run as the service user.
+ASK_KEEPER = """
+import socket, sys
+for line in sys.stdin:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+        conn.settimeout(60)
+        conn.connect(sys.argv[1])
+        conn.sendall(line.encode())
+        conn.shutdown(socket.SHUT_WR)
+        print(conn.makefile().read().strip(), flush=True)
+"""
+
+
+def ask_keeper(fleet: Fleet, requests: list[object], uid: int, gid: int) -> list[dict[str, Any]]:
+    done = subprocess.run(
+        [sys.executable, "-I", "-c", ASK_KEEPER, str(fleet.home.keeper_socket)],
+        input="".join(json.dumps(r) + "\n" for r in requests),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        user=uid,
+        group=gid,
+        extra_groups=[],
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return [json.loads(line) for line in done.stdout.splitlines()]
+
+
+def test_the_keeper_serves_only_the_service_user_and_only_its_operations(fleet: Fleet) -> None:
+    service = pwd.getpwnam(service_user_name(fleet.home))
+    controller_gid = grp.getgrnam(fleet_group_name(fleet.home)).gr_gid  # as circus.ini has it
+    socket_info = fleet.home.keeper_socket.stat()
+    assert (socket_info.st_uid, socket_info.st_mode & 0o777) == (service.pw_uid, 0o600)
+
+    # root may open the socket, but is not the service user: refused by its uid
+    (refused,) = ask_keeper(fleet, [{"op": "ensure_user", "bot": "intruder"}], 0, 0)
+    assert refused == {"ok": False, "error": "uid 0 is not the fleet's service user"}
+    with pytest.raises(KeyError):
+        pwd.getpwnam(bot_user_name(fleet.home, "intruder"))
+
+    answers = ask_keeper(
+        fleet,
+        [
+            {"op": "chown", "bot": "victim"},
+            {"op": "ensure_user", "bot": "../../etc"},
+            {"op": "ensure_user", "bot": "Upper"},
+            {"op": "write_config", "bot": "victim", "text": "{}", "path": "/etc/shadow"},
+            {"op": "write_config", "bot": "victim", "text": json.dumps({"name": "other"})},
+            {"op": "remove_dir", "bot": 7},
+            "ensure_user victim",
+        ],
+        service.pw_uid,
+        controller_gid,
+    )
+    assert [a["ok"] for a in answers] == [False] * 7
+    errors = [a["error"] for a in answers]
+    assert errors[0].startswith("'op' must be one of ensure_user, remove_user, own_dir")
+    assert errors[1] == "'bot' must be a bot name matching ^[a-z][a-z0-9-]{0,31}$, not '../../etc'"
+    assert errors[2].endswith("not 'Upper'")
+    assert errors[3] == "write_config takes no 'path'"
+    assert errors[4] == "the config written for bot 'victim' names another bot"
+    assert errors[5].endswith("not 7")
+    assert errors[6] == "the request must be a JSON object"
+    with pytest.raises(KeyError):
+        pwd.getpwnam(bot_user_name(fleet.home, "victim"))
+    assert not fleet.home.bot_dir("victim").exists()
+
+    # What it is there for, asked as the controller asks it.
+    made, owned, config = ask_keeper(
+        fleet,
+        [
+            {"op": "ensure_user", "bot": "kept"},
+            {"op": "own_dir", "bot": "kept"},
+            {"op": "write_config", "bot": "kept", "text": json.dumps({"name": "kept"})},
+        ],
+        service.pw_uid,
+        controller_gid,
+    )
+    try:
+        assert owned == config == {"ok": True}
+        assert made["ok"] and made["user"] == bot_user_name(fleet.home, "kept")
+        written = fleet.home.bot_config("kept").stat()
+        assert (written.st_uid, written.st_mode & 0o777) == (made["uid"], 0o600) != (0, 0o600)
+        assert json.loads(fleet.home.bot_config("kept").read_text()) == {"name": "kept"}
+    finally:
+        removed_dir, removed = ask_keeper(
+            fleet,
+            [{"op": "remove_dir", "bot": "kept"}, {"op": "remove_user", "bot": "kept"}],
+            service.pw_uid,
+            controller_gid,
+        )
+    assert removed_dir == removed == {"ok": True}
+    assert not fleet.home.bot_dir("kept").exists()
+    with pytest.raises(KeyError):
+        pwd.getpwnam(bot_user_name(fleet.home, "kept"))

@@ -7,9 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from controller.botfiles import BotFiles, _own_tree
+from controller.botfiles import BotFiles
 from controller.botusers import (
-    BotAccount,
     BotUsers,
     bot_user_name,
     fleet_group_name,
@@ -18,6 +17,7 @@ from controller.botusers import (
 from controller.buskeys import BusKeys
 from controller.home import Home
 from controller.reconcile import Rendered
+from controller.sysusers import give_tree
 
 HOME = Home(Path("/srv/fleet"))
 
@@ -125,8 +125,7 @@ def test_a_bots_dir_is_given_to_its_user_but_never_a_hard_link(tmp_path: Path) -
     outside = tmp_path / "shadow"
     outside.write_text("root's secret")
     (bot_dir / "linked").hardlink_to(outside)
-    account = BotAccount("nobody", "nogroup", 65534, 65534)
-    _own_tree(bot_dir, account)
+    give_tree(bot_dir, 65534, 65534)  # what the keeper's own_dir does
     owners = {p.name: (p.stat().st_uid, p.stat().st_gid) for p in (bot_dir, *bot_dir.rglob("*"))}
     assert owners == {
         "shop": (65534, 65534),
