@@ -9,7 +9,6 @@ from collections.abc import Sequence
 from botspec import forked
 from botspec.config import BotConfig, RuntimeTelegram, dump
 from botspec.spec import process_health
-from controller.atomicfile import write_atomic
 from controller.botusers import BotUsers
 from controller.buskeys import BusKeys, IssuedKey
 from controller.home import Home
@@ -75,7 +74,7 @@ class BotFiles:
         self.keys = keys
         self.users = users if users is not None else BotUsers(home, enabled=False)
         # As the service user of a fleet run as root: the keeper, in circusd.
-        self.privileged = for_fleet(self.users)
+        self.privileged = for_fleet(self.users, python)
         self.plugin_path = tuple(plugin_path)
         self._rendered: dict[str, Rendered] = {}
 
@@ -108,7 +107,7 @@ class BotFiles:
         header = (
             f"# tgfleet: generation={generation} autostart={str(autostart).lower()} user={user}\n"
         )
-        write_atomic(self.home.watcher_file(name), header + watcher, 0o600)
+        self.privileged.write_watcher(name, header + watcher)
         self._rendered[name] = Rendered(generation, autostart)
 
     def rendered(self, name: str) -> Rendered | None:
@@ -123,7 +122,7 @@ class BotFiles:
             except FileNotFoundError:
                 return None
             user = self.users.user_name(name) or _FLEET_USER
-            if found is None or found.group(3) != user or not self.home.bot_config(name).exists():
+            if found is None or found.group(3) != user or not self.privileged.has_config(name):
                 return None
             self._rendered[name] = Rendered(int(found.group(1)), found.group(2) == "true")
         return self._rendered[name]
@@ -137,7 +136,7 @@ class BotFiles:
         return sorted(p.stem for p in self.home.bots_d.glob("*.ini"))
 
     def remove_watcher(self, name: str) -> None:
-        self.home.watcher_file(name).unlink(missing_ok=True)
+        self.privileged.remove_watcher(name)
         self._rendered.pop(name, None)
 
     def remove_private(self, name: str) -> None:

@@ -62,6 +62,15 @@ class Home:
         return self.run_dir / "circus-pubsub.sock"
 
     @property
+    def circus_gate_socket(self) -> Path:
+        """The controller's way to circusd (controller.gate: an allow-list in front of it)."""
+        return self.run_dir / "circus-gate.sock"
+
+    @property
+    def circus_gate_endpoint(self) -> str:
+        return f"ipc://{self.circus_gate_socket}"
+
+    @property
     def bus_dir(self) -> Path:
         """The controller's own dir in ``run/``: it binds the bus there (as root, the
         fleet's service user's, which may not write ``run/`` itself)."""

@@ -11,11 +11,15 @@ caps the manager's memory), from a thread started by ``controller.circusd``:
   bot's user (no file with a second name, no symlink followed);
 - ``write_config``: ``bots/<bot>/config.json`` written (0600, the bot's user's)
   through a temp file and a rename, never through a symlink the bot planted;
-- ``remove_dir``: ``bots/<bot>/`` removed.
+- ``remove_dir``: ``bots/<bot>/`` removed; ``has_config``: whether its config is there;
+- ``write_watcher`` / ``remove_watcher``: ``bots.d/<bot>.ini``, which circusd (root)
+  loads, written only when it passes ``controller.watchercheck``'s allow-list (the
+  bot's own user, the fleet's python, its own logs, nothing else); ``bots.d/`` is
+  root's, the service user reads it.
 
 The socket (``run/keeper.sock``) is the service user's, 0600, and the keeper checks
 each peer's uid (``SO_PEERCRED``) against it. One JSON request per connection,
-``{"op": …, "bot": …}`` (plus ``"text"`` for ``write_config``), ended by the
+``{"op": …, "bot": …}`` (plus ``"text"`` for ``write_config`` and ``write_watcher``), ended by the
 client's shutdown of its sending side; one JSON answer, ``{"ok": true, …}`` or
 ``{"ok": false, "error": "…"}``. A bot is named only by its name, checked against
 the bot-name pattern: no request names a path, a uid or a user.
@@ -39,6 +43,7 @@ import shutil
 import socket
 import stat
 import struct
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -57,6 +62,7 @@ from controller.botusers import (
 )
 from controller.home import Home
 from controller.sysusers import SystemUserError, give_tree
+from controller.watchercheck import WatcherRefused, check_watcher
 
 log = logging.getLogger("circus.tgfleet.keeper")
 
@@ -70,7 +76,18 @@ READ_TIMEOUT_S = 5.0
 ANSWER_TIMEOUT_S = 60.0
 #: How often the keeper checks that circusd's sockets are still the service user's.
 SOCKET_CHECK_S = 0.2
-OPERATIONS = ("ensure_user", "remove_user", "own_dir", "write_config", "remove_dir")
+OPERATIONS = (
+    "ensure_user",
+    "remove_user",
+    "own_dir",
+    "write_config",
+    "remove_dir",
+    "write_watcher",
+    "remove_watcher",
+    "has_config",
+)
+#: The operations that carry a "text" (what to write).
+WITH_TEXT = ("write_config", "write_watcher")
 
 
 class KeeperRefused(BotUserError):
@@ -85,6 +102,9 @@ class Privileged(Protocol):
     def own_dir(self, name: str) -> None: ...
     def write_config(self, name: str, text: str) -> None: ...
     def remove_dir(self, name: str) -> None: ...
+    def write_watcher(self, name: str, text: str) -> None: ...
+    def remove_watcher(self, name: str) -> None: ...
+    def has_config(self, name: str) -> bool: ...
 
 
 def check_bot(name: object) -> str:
@@ -97,9 +117,10 @@ def check_bot(name: object) -> str:
 class BotPrivileges:
     """Each operation itself, done in this process (root's when the fleet's is)."""
 
-    def __init__(self, users: BotUsers) -> None:
+    def __init__(self, users: BotUsers, python: str = sys.executable) -> None:
         self.users = users
         self.home = users.home
+        self.python = python  # the only command a watcher file may run
 
     def ensure_user(self, name: str) -> BotAccount | None:
         return self.users.ensure(check_bot(name))
@@ -138,14 +159,39 @@ class BotPrivileges:
         elif path.exists():
             shutil.rmtree(path)  # fd-based: follows no symlink the bot left inside
 
+    def write_watcher(self, name: str, text: str) -> None:
+        """``bots.d/<bot>.ini``, once it passed the allow-list (controller.watchercheck):
+        circusd loads it as root. 0640 under ``bots.d``'s default ACL: the service
+        user reads it back, nobody else."""
+        account = self.users.ensure(check_bot(name))
+        try:
+            check_watcher(
+                self.home,
+                name,
+                text,
+                python=self.python,
+                account=(account.user, account.group) if account is not None else None,
+            )
+        except WatcherRefused as exc:
+            raise KeeperRefused(f"the watcher file of bot {name!r}: {exc}") from None
+        write_atomic(self.home.watcher_file(name), text, 0o640)
 
-def for_fleet(users: BotUsers) -> Privileged:
+    def remove_watcher(self, name: str) -> None:
+        self.home.watcher_file(check_bot(name)).unlink(missing_ok=True)
+
+    def has_config(self, name: str) -> bool:
+        """Whether the bot's config.json is there (in its 0700 dir: only its user, and
+        root, can see)."""
+        return self.home.bot_config(check_bot(name)).is_file()
+
+
+def for_fleet(users: BotUsers, python: str = sys.executable) -> Privileged:
     """The keeper's client when this controller is the service user of a fleet run as
     root (its bots' users and files are the keeper's to make); else each operation
     done here (root itself, or a fleet that is not root's)."""
     if users.enabled and is_service_user(users.home):
         return KeeperClient(users.home)
-    return BotPrivileges(users)
+    return BotPrivileges(users, python)
 
 
 # ---------------------------------------------------------------- the client
@@ -198,6 +244,15 @@ class KeeperClient:
     def remove_dir(self, name: str) -> None:
         self.call("remove_dir", name)
 
+    def write_watcher(self, name: str, text: str) -> None:
+        self.call("write_watcher", name, text=text)
+
+    def remove_watcher(self, name: str) -> None:
+        self.call("remove_watcher", name)
+
+    def has_config(self, name: str) -> bool:
+        return self.call("has_config", name).get("exists") is True
+
 
 def _read_all(conn: socket.socket, limit: int) -> bytes:
     chunks: list[bytes] = []
@@ -235,10 +290,13 @@ class Keeper:
             "remove_user": privileges.remove_user,
             "own_dir": privileges.own_dir,
             "remove_dir": privileges.remove_dir,
+            "remove_watcher": privileges.remove_watcher,
         }
         self.handlers: dict[str, Callable[[str, dict[str, Any]], dict[str, Any]]] = {
             "ensure_user": self._ensure_user,
-            "write_config": self._write_config,
+            "write_config": self._with_text(privileges.write_config),
+            "write_watcher": self._with_text(privileges.write_watcher),
+            "has_config": lambda bot, _: {"exists": privileges.has_config(bot)},
             **{op: _no_answer(call) for op, call in simple.items()},
         }
 
@@ -294,7 +352,7 @@ class Keeper:
         handler = self.handlers.get(op) if isinstance(op, str) else None
         if handler is None:
             return _answer_error(f"'op' must be one of {', '.join(OPERATIONS)}, not {op!r}")
-        allowed = {"op", "bot", *(("text",) if op == "write_config" else ())}
+        allowed = {"op", "bot", *(("text",) if op in WITH_TEXT else ())}
         extra = sorted(set(request) - allowed)
         if extra:
             return _answer_error(f"{op} takes no {', '.join(map(repr, extra))}")
@@ -315,12 +373,18 @@ class Keeper:
         return {"user": account.user, "group": account.group, "uid": account.uid,
                 "gid": account.gid}  # fmt: skip
 
-    def _write_config(self, bot: str, request: dict[str, Any]) -> dict[str, Any]:
-        text = request.get("text")
-        if not isinstance(text, str):
-            raise KeeperRefused("write_config needs 'text', the config's JSON")
-        self.privileges.write_config(bot, text)
-        return {}
+    @staticmethod
+    def _with_text(
+        call: Callable[[str, str], None],
+    ) -> Callable[[str, dict[str, Any]], dict[str, Any]]:
+        def handler(bot: str, request: dict[str, Any]) -> dict[str, Any]:
+            text = request.get("text")
+            if not isinstance(text, str):
+                raise KeeperRefused(f"{request['op']} needs 'text', what to write")
+            call(bot, text)
+            return {}
+
+        return handler
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
@@ -343,7 +407,8 @@ def _answer_error(message: str) -> bytes:
 def share_sockets(uid: int, paths: tuple[Path, ...]) -> None:
     """Keep circusd's sockets ``paths`` (0600, bound by circusd as root, again after a
     restart of the arbiter) owned by ``uid``, the service user that runs the
-    controller. A stat of each every ``SOCKET_CHECK_S``."""
+    controller: its pub/sub socket, whose subscribers can only read. A stat of each
+    every ``SOCKET_CHECK_S``."""
     while True:
         for path in paths:
             try:
@@ -382,10 +447,17 @@ def start_keeper(circusd_argv: list[str]) -> Keeper | None:
     keeper = Keeper(home, service.pw_uid, BotPrivileges(users))
     keeper.listen()
     threading.Thread(target=keeper.serve_forever, name="keeper", daemon=True).start()
+    # circusd's control channel through the gate's allow-list; its events (read only)
+    # straight from its pub/sub socket.
+    from controller.gate import Gate
+
+    gate = Gate(home, service.pw_uid)
+    gate.listen()
+    threading.Thread(target=gate.serve_forever, name="gate", daemon=True).start()
     threading.Thread(
         target=share_sockets,
-        args=(service.pw_uid, (home.circus_socket, home.circus_pubsub_socket)),
-        name="keeper: circusd's sockets",
+        args=(service.pw_uid, (home.circus_pubsub_socket,)),
+        name="keeper: circusd's pub/sub socket",
         daemon=True,
     ).start()
     log.info(

@@ -34,6 +34,7 @@ from controller.botusers import (
 )
 from controller.circus import CircusClient, SupervisorError
 from controller.home import Home
+from controller.keeper import BOT_NAME
 from controller.pg import PgWatcher, prepare_embedded_pg
 from controller.render import LogRotation, SandboxWatcher, render_circus_ini
 from controller.settings import (
@@ -54,6 +55,7 @@ from controller.settings import (
     parse_hostport,
 )
 from controller.sysusers import SystemUserError, give_tree, grant_user
+from controller.watchercheck import WatcherRefused, check_watcher
 
 
 class UpError(Exception):
@@ -303,6 +305,34 @@ def prepare_home(options: UpOptions) -> ControllerSettings:
     return settings
 
 
+def _keep_watcher_files(home: Home, service: BotAccount) -> None:
+    """``bots.d/`` root's (0700, the service user may read: an ACL), and in it only
+    watcher files the keeper would have written."""
+    os.chown(home.bots_d, 0, 0)
+    home.bots_d.chmod(0o700)
+    grant_user(home.bots_d, service.uid, 0o5, default=0o4)
+    users = BotUsers(home, enabled=True)
+    for entry in sorted(home.bots_d.iterdir()):
+        name = entry.name.removesuffix(".ini")
+        problem = None
+        if not stat.S_ISREG(entry.lstat().st_mode) or not BOT_NAME.fullmatch(name):
+            problem = "no bot's watcher file"
+        else:
+            try:
+                user = pwd.getpwnam(users.user_name(name) or "")
+                account = (user.pw_name, grp.getgrgid(user.pw_gid).gr_name)
+                check_watcher(home, name, entry.read_text(), python=sys.executable, account=account)
+            except (KeyError, WatcherRefused, UnicodeDecodeError) as exc:
+                problem = str(exc)
+        if problem is not None:
+            print(f"removing {entry}: {problem} (the controller writes it again)")
+            entry.unlink()
+            continue
+        os.chown(entry, 0, 0)
+        entry.chmod(0o640)
+        grant_user(entry, service.uid, 0o4)
+
+
 def _package_dir(name: str) -> Path:
     """Where package ``name`` lives, found without importing it."""
     spec = importlib.util.find_spec(name)
@@ -316,16 +346,20 @@ def _share_home(home: Home, service: BotAccount, fleet_group: str) -> None:
 
     The home itself: the service user may create files in it (an ACL entry), and the
     sticky bit lets it rename or remove only its own, never root's dirs and files.
-    Its own files (keys, admin token, the bots' public keys, the watcher files) are
-    its; ``controller.json`` it reads; ``run/bus/`` (where it binds the bus) is its,
+    Its own files (keys, admin token, the bots' public keys) are its;
+    ``controller.json`` it reads; ``bots.d/`` (watcher files: circusd loads them as
+    root) stays root's, written by the keeper, read by it, and a file there that
+    fails the keeper's allow-list (one written by an older controller) is removed
+    (the controller renders it again); ``run/bus/`` (where it binds the bus) is its,
     with the fleet's group; ``logs/`` and what circusd writes there it reads (a
     default ACL: rotation makes new files). Never a symlink or a file with a second
     name (give_tree)."""
     home.root.chmod(stat.S_IMODE(home.root.stat().st_mode) | stat.S_ISVTX)
     grant_user(home.root, service.uid, 0o7)
-    for own in (home.secret_key, home.bus_key, home.admin_token, home.bus_keys_dir, home.bots_d):
+    for own in (home.secret_key, home.bus_key, home.admin_token, home.bus_keys_dir):
         if own.exists() and not own.is_symlink():
             give_tree(own, service.uid, service.gid)
+    _keep_watcher_files(home, service)
     grant_user(home.controller_json, service.uid, 0o4)
     os.chown(home.bus_dir, service.uid, grp.getgrnam(fleet_group).gr_gid)
     home.bus_dir.chmod(0o710)

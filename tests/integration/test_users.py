@@ -299,3 +299,128 @@ def test_the_keeper_serves_only_the_service_user_and_only_its_operations(fleet: 
     assert not fleet.home.bot_dir("kept").exists()
     with pytest.raises(KeyError):
         pwd.getpwnam(bot_user_name(fleet.home, "kept"))
+
+
+def test_the_keeper_writes_no_watcher_file_outside_the_allow_list(
+    fleet: Fleet, sandbox: Sandbox
+) -> None:
+    """circusd loads bots.d/ as root: a watcher file is the keeper's to write, for the
+    bot's own user, the fleet's python, its own logs, circus' FileStream, nothing else."""
+    home = fleet.home
+    service = pwd.getpwnam(service_user_name(home))
+    controller_gid = grp.getgrnam(fleet_group_name(home)).gr_gid
+    create(fleet, sandbox, "target", plugins=[ECHO])
+    create(fleet, sandbox, "bystander", plugins=[ECHO])
+    try:
+        bots_d = home.bots_d.stat()
+        assert (bots_d.st_uid, bots_d.st_mode & 0o777) == (0, 0o750)  # ACL: the service user
+        written = home.watcher_file("target").read_text()
+        assert home.watcher_file("target").stat().st_uid == 0
+        own = bot_user_name(home, "target")
+        other = bot_user_name(home, "bystander")
+        out_log = str(home.watcher_log("bot-target", "out"))
+        assert f"uid = {own}\n" in written and out_log in written
+        forged = {
+            "root": written.replace(f"uid = {own}\n", "uid = root\n"),
+            "uid 0": written.replace(f"uid = {own}\n", "uid = 0\n"),
+            "no uid": written.replace(f"uid = {own}\n", ""),
+            "another bot": written.replace(f"uid = {own}\n", f"uid = {other}\n"),
+            "a class": written.replace(
+                "stdout_stream.class = FileStream", "stdout_stream.class = evil.Stream"
+            ),
+            "a log elsewhere": written.replace(out_log, "/etc/cron.d/tgfleet"),
+            "a command": written.replace(f"cmd = {sys.executable}", "cmd = /bin/sh"),
+            "a hook": written.replace(
+                "[watcher:bot-target]\n", "[watcher:bot-target]\nhooks.before_start = os.system\n"
+            ),
+            "a section": written + "[plugin:evil]\nuse = evil.Plugin\n",
+            "a substitution": written.replace("TERM", "$(circus.env.SIGNAL)"),
+        }
+        answers = ask_keeper(
+            fleet,
+            [{"op": "write_watcher", "bot": "target", "text": text} for text in forged.values()],
+            service.pw_uid,
+            controller_gid,
+        )
+        refused = {what: a["error"] for what, a in zip(forged, answers, strict=True)}
+        assert [a["ok"] for a in answers] == [False] * len(forged), refused
+        assert "uid/gid must be the own user and group of bot 'target'" in refused["root"]
+        assert "uid/gid must be the own user and group of bot 'target'" in refused["another bot"]
+        assert "stdout_stream.class must be FileStream" in refused["a class"]
+        assert "stdout_stream.filename must be" in refused["a log elsewhere"]
+        assert "cmd must be the fleet's python" in refused["a command"]
+        assert "key 'hooks.before_start' is not one a bot's watcher has" in refused["a hook"]
+        assert "the only sections are" in refused["a section"]
+        assert "what circus would alter" in refused["a substitution"]
+        assert home.watcher_file("target").read_text() == written
+    finally:
+        for name in ("target", "bystander"):
+            fleet.api("DELETE", f"/api/v1/bots/{name}")
+
+
+# One circus command per line on stdin, its answer per line out: run as the service user.
+ASK_GATE = """
+import json, sys, zmq
+context = zmq.Context()
+for line in sys.stdin:
+    socket = context.socket(zmq.DEALER)
+    socket.setsockopt(zmq.LINGER, 0)
+    socket.setsockopt(zmq.RCVTIMEO, 30000)
+    socket.connect(sys.argv[1])
+    socket.send(line.strip().encode())
+    print(socket.recv().decode(), flush=True)
+    socket.close()
+"""
+
+
+def test_the_gate_forwards_only_what_the_controller_needs(fleet: Fleet, sandbox: Sandbox) -> None:
+    """circusd's own socket is root's; the controller's way to it is the gate, which
+    refuses what would run code as root or touch what is not a bot."""
+    home = fleet.home
+    service = pwd.getpwnam(service_user_name(home))
+    circus = home.circus_socket.stat()
+    assert (circus.st_uid, circus.st_mode & 0o077) == (0, 0)  # root's alone
+    gate = home.circus_gate_socket.stat()
+    assert (gate.st_uid, gate.st_mode & 0o777) == (service.pw_uid, 0o600)
+    bot = create(fleet, sandbox, "gated", plugins=[ECHO])
+    try:
+        commands = [
+            {"command": "set", "properties": {"name": "bot-gated", "key": "uid", "value": 0}},
+            {"command": "add", "properties": {"name": "evil", "cmd": "/bin/sh"}},
+            {"command": "rm", "properties": {"name": "bot-gated"}},
+            {"command": "quit", "properties": {}},
+            {"command": "signal", "properties": {"name": "controller", "signum": 9}},
+            {"command": "signal", "properties": {"name": "forkserver", "signum": 9}},
+            {"command": "stop", "properties": {"name": "bot-*", "match": "glob"}},
+            {"command": "stop", "properties": {}},
+            {"command": "stop", "properties": {"name": "bot-gated", "waiting": True}},
+            {"command": "start", "properties": {"name": "bot-gated", "waiting": True}},
+        ]
+        done = subprocess.run(
+            [sys.executable, "-I", "-c", ASK_GATE, home.circus_gate_endpoint],
+            input="".join(json.dumps({"id": str(i), **c}) + "\n" for i, c in enumerate(commands)),
+            capture_output=True,
+            text=True,
+            timeout=120,
+            user=service.pw_uid,
+            group=grp.getgrnam(fleet_group_name(home)).gr_gid,
+            extra_groups=[],
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+        answers = [json.loads(line) for line in done.stdout.splitlines()]
+        assert [a["id"] for a in answers] == [str(i) for i in range(len(commands))]
+        *refused, stopped, started = answers
+        for answer in refused:
+            assert answer["status"] == "error" and answer["errno"] == 3, answer
+            assert answer["reason"].startswith("refused by tgfleet's gate: "), answer
+        assert "'set' is not one the controller may send" in refused[0]["reason"]
+        assert "not 'controller'" in refused[4]["reason"]
+        assert stopped["status"] == started["status"] == "ok", (stopped, started)
+        # Nothing refused happened: circusd and the controller live, the bot runs again.
+        assert fleet.proc is not None and fleet.proc.poll() is None
+        assert "controller" in fleet.circusctl("list")
+        again = fleet.wait_state("gated", "running")
+        assert again["pid"] != bot["pid"]
+    finally:
+        fleet.api("DELETE", "/api/v1/bots/gated")
