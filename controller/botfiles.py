@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import resource
 from collections.abc import Sequence
+from dataclasses import replace
 
 from botspec import forked
 from botspec.config import BotConfig, RuntimeTelegram, dump
+from botspec.procinfo import ProcSample
 from botspec.spec import process_health
 from controller.botusers import BotUsers
 from controller.buskeys import BusKeys, IssuedKey
 from controller.home import Home
-from controller.keeper import for_fleet
+from controller.keeper import KeeperRefused, for_fleet
 from controller.reconcile import Rendered
 from controller.render import BotWatcher, LogRotation, render_watcher
 from controller.spec import EffectiveSpec
+
+log = logging.getLogger(__name__)
 
 # The user is in the mark so that a file rendered for another user (before an
 # upgrade that brought a user per bot) is rendered again, which restarts the bot.
@@ -126,6 +131,29 @@ class BotFiles:
                 return None
             self._rendered[name] = Rendered(int(found.group(1)), found.group(2) == "true")
         return self._rendered[name]
+
+    def fill_usage(
+        self, samples: dict[str, ProcSample | None], pss: bool
+    ) -> dict[str, ProcSample | None]:
+        """``samples`` with the open files (and, with ``pss``, the PSS) that this process
+        could not read: as the service user, another user's ``/proc/PID/fd`` and
+        ``smaps_rollup`` are the keeper's to read (one request for every bot). Blocking."""
+        missing = {n: s.pid for n, s in samples.items() if s is not None and s.open_files is None}
+        if not missing:
+            return samples
+        try:
+            found = self.privileged.usage(missing, pss)
+        except KeeperRefused as exc:  # the keeper is away (circusd restarting): next pass
+            log.warning("no open files and PSS of %d bots this pass: %s", len(missing), exc)
+            return samples
+        filled = dict(samples)
+        for name, (open_files, pss_bytes) in found.items():
+            sample = filled.get(name)
+            if sample is not None:
+                filled[name] = replace(
+                    sample, open_files=open_files, pss_bytes=pss_bytes or sample.pss_bytes
+                )
+        return filled
 
     def process_pid(self, name: str, watcher_pid: int) -> int:
         """The bot's own pid, given its watcher's (a fork-mode watcher runs a launcher)."""

@@ -280,6 +280,17 @@ class BotUsers:
             log.info("bot %s runs as the new user %s (uid %d)", name, user_name, user.pw_uid)
         return BotAccount(user_name, grp.getgrgid(user.pw_gid).gr_name, user.pw_uid, user.pw_gid)
 
+    def existing_uid(self, name: str) -> int | None:
+        """The uid of bot ``name``'s user when it exists and is that bot's; else None."""
+        user_name = self.user_name(name)
+        if user_name is None:
+            return None
+        try:
+            user = pwd.getpwnam(user_name)
+        except KeyError:
+            return None
+        return user.pw_uid if user.pw_gecos == _comment(self.home, name) else None
+
     def remove(self, name: str) -> None:
         """Remove the bot's user and whatever it left running or in the shared dirs."""
         user_name = self.user_name(name)

@@ -12,6 +12,8 @@ caps the manager's memory), from a thread started by ``controller.circusd``:
 - ``write_config``: ``bots/<bot>/config.json`` written (0600, the bot's user's)
   through a temp file and a rename, never through a symlink the bot planted;
 - ``remove_dir``: ``bots/<bot>/`` removed; ``has_config``: whether its config is there;
+- ``usage``: open files and PSS of bots' processes (``{"pids": {bot: pid}, "pss"}``),
+  which only their own users and root may read, for a pid its bot's user runs;
 - ``write_watcher`` / ``remove_watcher``: ``bots.d/<bot>.ini``, which circusd (root)
   loads, written only when it passes ``controller.watchercheck``'s allow-list (the
   bot's own user, the fleet's python, its own logs, nothing else); ``bots.d/`` is
@@ -85,9 +87,16 @@ OPERATIONS = (
     "write_watcher",
     "remove_watcher",
     "has_config",
+    "usage",
 )
-#: The operations that carry a "text" (what to write).
-WITH_TEXT = ("write_config", "write_watcher")
+#: What each operation carries beside "op" (and "bot", which all but usage name).
+FIELDS = {
+    "write_config": {"text"},
+    "write_watcher": {"text"},
+    "usage": {"pids", "pss"},
+}
+#: At most this many bots' processes in one usage request.
+MAX_USAGE_PIDS = 10_000
 
 
 class KeeperRefused(BotUserError):
@@ -105,6 +114,9 @@ class Privileged(Protocol):
     def write_watcher(self, name: str, text: str) -> None: ...
     def remove_watcher(self, name: str) -> None: ...
     def has_config(self, name: str) -> bool: ...
+    def usage(
+        self, pids: dict[str, int], pss: bool
+    ) -> dict[str, tuple[int | None, int | None]]: ...
 
 
 def check_bot(name: object) -> str:
@@ -184,6 +196,19 @@ class BotPrivileges:
         root, can see)."""
         return self.home.bot_config(check_bot(name)).is_file()
 
+    def usage(self, pids: dict[str, int], pss: bool) -> dict[str, tuple[int | None, int | None]]:
+        """Open files and (with ``pss``) PSS of each bot's process, which only its user
+        and root may read (``/proc/PID/fd``, ``smaps_rollup``); (None, None) for a pid
+        that is not, or no longer, run by that bot's user."""
+        found: dict[str, tuple[int | None, int | None]] = {}
+        for name, pid in pids.items():
+            found[check_bot(name)] = (None, None)
+            uid = self.users.existing_uid(name)
+            if uid is None or not isinstance(pid, int) or pid <= 0 or _real_uid(pid) != uid:
+                continue
+            found[name] = (_count_fds(pid), _pss_bytes(pid) if pss else None)
+        return found
+
 
 def for_fleet(users: BotUsers, python: str = sys.executable) -> Privileged:
     """The keeper's client when this controller is the service user of a fleet run as
@@ -204,8 +229,8 @@ class KeeperClient:
         self.home = home
         self.timeout_s = timeout_s
 
-    def call(self, op: str, name: str, **fields: str) -> dict[str, Any]:
-        request = json.dumps({"op": op, "bot": name, **fields}).encode()
+    def call(self, op: str, name: str | None, **fields: object) -> dict[str, Any]:
+        request = json.dumps({"op": op, **({"bot": name} if name else {}), **fields}).encode()
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
                 conn.settimeout(self.timeout_s)
@@ -253,6 +278,15 @@ class KeeperClient:
     def has_config(self, name: str) -> bool:
         return self.call("has_config", name).get("exists") is True
 
+    def usage(self, pids: dict[str, int], pss: bool) -> dict[str, tuple[int | None, int | None]]:
+        answer = self.call("usage", None, pids=pids, pss=pss)
+        found = answer.get("usage", {})
+        return {
+            name: (_int_or_none(pair[0]), _int_or_none(pair[1]))
+            for name, pair in found.items()
+            if name in pids and isinstance(pair, list) and len(pair) == 2
+        }
+
 
 def _read_all(conn: socket.socket, limit: int) -> bytes:
     chunks: list[bytes] = []
@@ -297,6 +331,7 @@ class Keeper:
             "write_config": self._with_text(privileges.write_config),
             "write_watcher": self._with_text(privileges.write_watcher),
             "has_config": lambda bot, _: {"exists": privileges.has_config(bot)},
+            "usage": self._usage,
             **{op: _no_answer(call) for op, call in simple.items()},
         }
 
@@ -349,22 +384,33 @@ class Keeper:
         if not isinstance(request, dict):
             return _answer_error("the request must be a JSON object")
         op = request.get("op")
-        handler = self.handlers.get(op) if isinstance(op, str) else None
-        if handler is None:
+        if not isinstance(op, str) or op not in self.handlers:
             return _answer_error(f"'op' must be one of {', '.join(OPERATIONS)}, not {op!r}")
-        allowed = {"op", "bot", *(("text",) if op in WITH_TEXT else ())}
+        handler = self.handlers[op]
+        allowed = {"op", *(() if op == "usage" else ("bot",)), *FIELDS.get(op, ())}
         extra = sorted(set(request) - allowed)
         if extra:
             return _answer_error(f"{op} takes no {', '.join(map(repr, extra))}")
         try:
-            bot = check_bot(request.get("bot"))
+            bot = "" if op == "usage" else check_bot(request.get("bot"))
             result = handler(bot, request)
         except (SystemUserError, OSError, ValueError, KeyError) as exc:
             # A refusal, a tool that failed, a file that could not be written.
             log.warning("keeper: %s of %r failed: %s", op, request.get("bot"), exc)
             return _answer_error(str(exc) or repr(exc))
-        log.info("keeper: %s %s", op, bot)
+        if op not in ("usage", "has_config"):  # those two only read, and often
+            log.info("keeper: %s %s", op, bot)
         return json.dumps({"ok": True, **result}).encode()
+
+    def _usage(self, _: str, request: dict[str, Any]) -> dict[str, Any]:
+        pids, pss = request.get("pids"), request.get("pss", False)
+        if not isinstance(pids, dict) or len(pids) > MAX_USAGE_PIDS:
+            raise KeeperRefused("usage needs 'pids', an object of bot names and their pids")
+        if not all(isinstance(p, int) and not isinstance(p, bool) for p in pids.values()):
+            raise KeeperRefused("usage: each pid must be an integer")
+        if not isinstance(pss, bool):
+            raise KeeperRefused("usage: 'pss' must be true or false")
+        return {"usage": self.privileges.usage(pids, pss)}
 
     def _ensure_user(self, bot: str, _: dict[str, Any]) -> dict[str, Any]:
         account = self.privileges.ensure_user(bot)
@@ -390,6 +436,39 @@ class Keeper:
         with contextlib.suppress(OSError):
             self.listener.shutdown(socket.SHUT_RDWR)
         self.listener.close()
+
+
+def _real_uid(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as status:
+            for line in status:
+                if line.startswith("Uid:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _count_fds(pid: int) -> int | None:
+    try:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return None
+
+
+def _pss_bytes(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/smaps_rollup", encoding="ascii", errors="replace") as rollup:
+            for line in rollup:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _int_or_none(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def _no_answer(call: Callable[[str], None]) -> Callable[[str, dict[str, Any]], dict[str, Any]]:

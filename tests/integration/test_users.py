@@ -18,7 +18,14 @@ from typing import Any
 import psutil
 import pytest
 from drills import sandbox_name
-from harness import Fleet, Sandbox, postgres_processes, running_fleet, short_tmpdir
+from harness import (
+    Fleet,
+    Sandbox,
+    postgres_processes,
+    running_fleet,
+    short_tmpdir,
+    wait_for,
+)
 
 from controller.botusers import bot_user_name, fleet_group_name, service_user_name
 
@@ -254,11 +261,12 @@ def test_the_keeper_serves_only_the_service_user_and_only_its_operations(fleet: 
             {"op": "write_config", "bot": "victim", "text": json.dumps({"name": "other"})},
             {"op": "remove_dir", "bot": 7},
             "ensure_user victim",
+            {"op": "usage", "pids": {"victim": "1"}},
         ],
         service.pw_uid,
         controller_gid,
     )
-    assert [a["ok"] for a in answers] == [False] * 7
+    assert [a["ok"] for a in answers] == [False] * 8
     errors = [a["error"] for a in answers]
     assert errors[0].startswith("'op' must be one of ensure_user, remove_user, own_dir")
     assert errors[1] == "'bot' must be a bot name matching ^[a-z][a-z0-9-]{0,31}$, not '../../etc'"
@@ -267,6 +275,12 @@ def test_the_keeper_serves_only_the_service_user_and_only_its_operations(fleet: 
     assert errors[4] == "the config written for bot 'victim' names another bot"
     assert errors[5].endswith("not 7")
     assert errors[6] == "the request must be a JSON object"
+    assert errors[7] == "usage: each pid must be an integer"
+    # What only a bot's user may read of its process, for a pid its user runs alone.
+    (usage,) = ask_keeper(
+        fleet, [{"op": "usage", "pids": {"victim": 1}, "pss": True}], service.pw_uid, controller_gid
+    )
+    assert usage == {"ok": True, "usage": {"victim": [None, None]}}
     with pytest.raises(KeyError):
         pwd.getpwnam(bot_user_name(fleet.home, "victim"))
     assert not fleet.home.bot_dir("victim").exists()
@@ -312,6 +326,13 @@ def test_the_keeper_writes_no_watcher_file_outside_the_allow_list(
     create(fleet, sandbox, "target", plugins=[ECHO])
     create(fleet, sandbox, "bystander", plugins=[ECHO])
     try:
+        # The controller reads /proc/PID/fd and smaps_rollup of the bots through the keeper.
+        usage = wait_for(
+            "the bot's open files and PSS",
+            lambda: (u := fleet.bot("target")["resources"]) and u["pss_bytes"] and u,
+            timeout=60,
+        )
+        assert usage["open_files"] > 3 and usage["pss_bytes"] > 1 << 20
         bots_d = home.bots_d.stat()
         assert (bots_d.st_uid, bots_d.st_mode & 0o777) == (0, 0o750)  # ACL: the service user
         written = home.watcher_file("target").read_text()
