@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import grp
-import hashlib
+import importlib
 import json
 import logging
 import os
@@ -39,6 +39,7 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from controller.atomicfile import write_atomic
 from controller.home import Home
@@ -76,7 +77,21 @@ class BotAccount:
 
 
 def _digest(*parts: str) -> str:
-    return hashlib.sha256("\0".join(parts).encode()).hexdigest()
+    return _sha256("\0".join(parts).encode())
+
+
+def _sha256(data: bytes) -> str:
+    """SHA-256 from CPython's own module, not hashlib: hashlib loads OpenSSL's libcrypto
+    (3.6 MB of RSS), and the keeper runs this in circusd's process (issue #13)."""
+    for module in ("_sha2", "_sha256"):  # Python 3.12+, then 3.11
+        try:
+            builtin: Any = importlib.import_module(module)
+        except ImportError:
+            continue
+        return str(builtin.sha256(data).hexdigest())
+    import hashlib  # a Python without the builtin module
+
+    return hashlib.sha256(data).hexdigest()
 
 
 def bot_user_name(home: Home, name: str) -> str:

@@ -119,7 +119,8 @@ class Gate:
     def __init__(self, home: Home, service_uid: int) -> None:
         self.home = home
         self.service_uid = service_uid
-        self.context = zmq.Context()
+        # circusd's own context (its I/O thread): each socket stays in this thread
+        self.context: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         self.front = self.context.socket(zmq.ROUTER)
         self.front.setsockopt(zmq.LINGER, 0)
         self.front.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE)
