@@ -194,7 +194,10 @@ class BotPrivileges:
     def has_config(self, name: str) -> bool:
         """Whether the bot's config.json is there (in its 0700 dir: only its user, and
         root, can see)."""
-        return self.home.bot_config(check_bot(name)).is_file()
+        try:  # not through a link the bot put there: whether it is, not what it points at
+            return stat.S_ISREG(self.home.bot_config(check_bot(name)).lstat().st_mode)
+        except FileNotFoundError:
+            return False
 
     def usage(self, pids: dict[str, int], pss: bool) -> dict[str, tuple[int | None, int | None]]:
         """Open files and (with ``pss``) PSS of each bot's process, which only its user

@@ -276,6 +276,7 @@ def prepare_home(options: UpOptions) -> ControllerSettings:
     ``controller.json``. Safe to repeat, also while the fleet runs: what is already
     right stays."""
     home = options.home
+    _refuse_planted_links(home)
     home.make_dirs()
     users = BotUsers(home)
     # The service user runs the controller, the embedded PostgreSQL and the sandbox.
@@ -303,6 +304,25 @@ def prepare_home(options: UpOptions) -> ControllerSettings:
     if service is not None:
         _share_home(home, service, users.fleet_group)
     return settings
+
+
+def _refuse_planted_links(home: Home) -> None:
+    """As root, `up` creates, chmods and chowns the home's entries: none may be a
+    symlink another user made (the service user may create entries in the home, and
+    own ``pg/``, ``sandbox/``, ``bus-keys/``), or root would follow it elsewhere. An
+    operator's own link (root's) is left alone."""
+    if os.geteuid() != 0 or not home.root.is_dir():
+        return
+    for entry in (*home.root.iterdir(), home.pg_run, home.pg_data):
+        try:
+            info = entry.lstat()
+        except FileNotFoundError:
+            continue
+        if stat.S_ISLNK(info.st_mode) and info.st_uid != 0:
+            raise UpError(
+                f"{entry} is a symlink made by uid {info.st_uid}, not root: remove it "
+                "(`tgfleet up`, as root, follows no link another user planted in the home)"
+            )
 
 
 def _keep_watcher_files(home: Home, service: BotAccount) -> None:

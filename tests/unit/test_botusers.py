@@ -134,3 +134,26 @@ def test_a_bots_dir_is_given_to_its_user_but_never_a_hard_link(tmp_path: Path) -
         "linked": (0, 0),
     }
     assert (outside.stat().st_uid, outside.stat().st_gid) == (0, 0)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a link of another user needs root to make")
+def test_up_follows_no_link_another_user_planted_in_the_home(tmp_path: Path) -> None:
+    """The service user may create entries in the home (and owns pg/): a link it made
+    where `up` (root) chmods and chowns would hand root's files to it."""
+    from controller.up import UpError, _refuse_planted_links
+
+    home = Home(tmp_path / "home")
+    home.make_dirs()
+    (home.root / "mine").symlink_to("/etc")  # root's own link: an operator's choice
+    _refuse_planted_links(home)
+    home.pg_dir.mkdir()
+    home.pg_run.symlink_to("/etc")
+    os.lchown(home.pg_run, 65534, 65534)
+    with pytest.raises(UpError, match=r"pg/run is a symlink made by uid 65534, not root"):
+        _refuse_planted_links(home)
+    home.pg_run.unlink()
+    (home.root / "bus-keys").rmdir()
+    home.bus_keys_dir.symlink_to("/etc")
+    os.lchown(home.bus_keys_dir, 65534, 65534)
+    with pytest.raises(UpError, match="bus-keys is a symlink"):
+        _refuse_planted_links(home)
