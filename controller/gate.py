@@ -146,10 +146,13 @@ class Gate:
             except zmq.ZMQError as exc:  # the context was closed: circusd goes away
                 log.info("the gate stops: %s", exc)
                 return
-            if self.front in ready:
-                self.take()
-            for back in [s for s in self.pending if s in ready]:
-                self.answer(back)
+            try:
+                if self.front in ready:
+                    self.take()
+                for back in [s for s in self.pending if s in ready]:
+                    self.answer(back)
+            except zmq.ZMQError as exc:  # one exchange failed: the gate serves on
+                log.warning("gate: %s", exc)
             self.forget_late()
 
     def take(self) -> None:
@@ -166,7 +169,8 @@ class Gate:
         reason = refusal(message)
         if reason is not None:
             log.warning("gate: refused %s", reason)
-            self.front.send_multipart([peer, error_answer(message.get("id"), reason)])
+            message_id = message.get("id") if isinstance(message, dict) else None
+            self.front.send_multipart([peer, error_answer(message_id, reason)])
             return
         back = self.context.socket(zmq.DEALER)
         back.setsockopt(zmq.LINGER, 0)

@@ -361,6 +361,9 @@ class Keeper:
                     self.serve(conn)
                 except OSError as exc:  # the peer went away or timed out: its loss only
                     log.warning("keeper: a request failed: %s", exc)
+                except Exception:  # a bug in one operation must not end the keeper: the
+                    # controller could make no bot until circusd restarts (the fork server's rule)
+                    log.exception("keeper: a request failed unexpectedly; serving on")
 
     def serve(self, conn: socket.socket) -> None:
         conn.settimeout(READ_TIMEOUT_S)

@@ -136,3 +136,18 @@ def test_the_gate_passes_only_its_allow_list(message: object, why: str | None) -
         assert reason is None
     else:
         assert reason is not None and why in reason, reason
+
+
+def test_the_gate_answers_what_it_refuses_in_circus_shape() -> None:
+    import json
+
+    from controller.gate import error_answer
+
+    answer = json.loads(error_answer("7", "no"))
+    assert {k: answer[k] for k in ("status", "errno", "id", "reason")} == {
+        "status": "error",
+        "errno": 3,
+        "id": "7",
+        "reason": "refused by tgfleet's gate: no",
+    }
+    assert json.loads(error_answer(["x"], "no"))["id"] is None
