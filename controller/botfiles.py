@@ -23,8 +23,12 @@ from controller.spec import EffectiveSpec
 log = logging.getLogger(__name__)
 
 # The user is in the mark so that a file rendered for another user (before an
-# upgrade that brought a user per bot) is rendered again, which restarts the bot.
-_MARK = re.compile(r"^# tgfleet: generation=(\d+) autostart=(true|false) user=(\S+)$", re.M)
+# upgrade that brought a user per bot) is rendered again, which restarts the bot; so
+# is the bus socket (home-relative), which the config names: a config from before
+# the bus moved to run/bus/ is written again, and its bot restarted.
+_MARK = re.compile(
+    r"^# tgfleet: generation=(\d+) autostart=(true|false) user=(\S+) bus=(\S+)$", re.M
+)
 _FLEET_USER = "-"
 
 
@@ -110,10 +114,15 @@ class BotFiles:
         )
         user = account.user if account is not None else _FLEET_USER
         header = (
-            f"# tgfleet: generation={generation} autostart={str(autostart).lower()} user={user}\n"
+            f"# tgfleet: generation={generation} autostart={str(autostart).lower()} "
+            f"user={user} bus={self._bus}\n"
         )
         self.privileged.write_watcher(name, header + watcher)
         self._rendered[name] = Rendered(generation, autostart)
+
+    @property
+    def _bus(self) -> str:
+        return str(self.home.bus_socket.relative_to(self.home.root))
 
     def rendered(self, name: str) -> Rendered | None:
         """What is on disk for this bot, read once and then remembered; None also
@@ -127,7 +136,12 @@ class BotFiles:
             except FileNotFoundError:
                 return None
             user = self.users.user_name(name) or _FLEET_USER
-            if found is None or found.group(3) != user or not self.privileged.has_config(name):
+            if (
+                found is None
+                or found.group(3) != user
+                or found.group(4) != self._bus
+                or not self.privileged.has_config(name)
+            ):
                 return None
             self._rendered[name] = Rendered(int(found.group(1)), found.group(2) == "true")
         return self._rendered[name]

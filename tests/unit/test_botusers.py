@@ -78,13 +78,18 @@ def test_a_watcher_rendered_for_another_user_is_rendered_again(tmp_path: Path) -
     home.make_dirs()
     home.bot_dir("shop").mkdir()
     home.bot_config("shop").write_text("{}")
-    home.watcher_file("shop").write_text("# tgfleet: generation=3 autostart=true user=-\n")
+    mark = "# tgfleet: generation=3 autostart=true user=- bus=run/bus/bus.sock\n"
+    home.watcher_file("shop").write_text(mark)
     keys = BusKeys.open(home)
     keys.issue("shop")  # the bot has its bus key: only the user decides here
     assert BotFiles(home, "/usr/bin/python3", keys).rendered("shop") == Rendered(3, True)
     as_root = BotFiles(home, "/usr/bin/python3", keys, users=BotUsers(home, enabled=True))
     assert as_root.rendered("shop") is None
     home.watcher_file("shop").write_text("# tgfleet: generation=3 autostart=true\n")  # before
+    assert BotFiles(home, "/usr/bin/python3", keys).rendered("shop") is None
+    # A config from before the bus moved to run/bus/ names the old socket: written again.
+    old_bus = "# tgfleet: generation=3 autostart=true user=- bus=run/bus.sock\n"
+    home.watcher_file("shop").write_text(old_bus)
     assert BotFiles(home, "/usr/bin/python3", keys).rendered("shop") is None
 
 
