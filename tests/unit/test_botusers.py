@@ -162,3 +162,38 @@ def test_up_follows_no_link_another_user_planted_in_the_home(tmp_path: Path) -> 
     os.lchown(home.bus_keys_dir, 65534, 65534)
     with pytest.raises(UpError, match="bus-keys is a symlink"):
         _refuse_planted_links(home)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving files to another user needs root")
+def test_up_gives_an_older_homes_controller_files_to_the_service_user(tmp_path: Path) -> None:
+    """A home made by an older tgfleet holds the controller's files as root's; bots.d/
+    stays root's, and a watcher file the keeper would refuse is removed."""
+    import grp
+    import stat
+
+    from controller.botusers import BotAccount
+    from controller.up import _share_home
+
+    home = Home(tmp_path / "home")
+    home.make_dirs()
+    for own in (home.secret_key, home.bus_key, home.admin_token, home.controller_json):
+        own.write_text("root's\n")
+        own.chmod(0o600)
+    home.bus_public_keys("shop").write_text("{}")
+    home.watcher_file("evil").write_text("[watcher:bot-evil]\ncmd = /bin/sh\n")
+    home.logs_dir.joinpath("bot-shop.err.log").write_text("a line\n")
+    service = BotAccount("nobody", "nogroup", 65534, 65534)
+    _share_home(home, service, grp.getgrgid(65534).gr_name)
+
+    for own in (home.secret_key, home.bus_key, home.admin_token, home.bus_keys_dir):
+        assert own.stat().st_uid == 65534, own
+    assert home.bus_public_keys("shop").stat().st_uid == 65534
+    assert home.controller_json.stat().st_uid == 0  # read through an ACL, written by root
+    assert home.root.stat().st_mode & stat.S_ISVTX
+    assert not home.watcher_file("evil").exists()
+    assert home.bots_d.stat().st_uid == 0
+    # An ACL entry: tag ACL_USER (2), permissions r (4), uid 65534 (little-endian).
+    for readable in (home.controller_json, home.logs_dir / "bot-shop.err.log"):
+        assert b"\x02\x00\x04\x00\xfe\xff\x00\x00" in os.getxattr(
+            readable, "system.posix_acl_access"
+        )
