@@ -11,6 +11,7 @@ and the rest.
 from __future__ import annotations
 
 import asyncio
+import errno
 import grp
 import importlib.util
 import os
@@ -302,7 +303,17 @@ def prepare_home(options: UpOptions) -> ControllerSettings:
     write_atomic(home.circus_endpoint_file, home.circus_endpoint + "\n", 0o644)
     settings.save(home)
     if service is not None:
-        _share_home(home, service, users.fleet_group)
+        try:
+            _share_home(home, service, users.fleet_group)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP):
+                raise
+            raise UpError(
+                f"{home.root} is on a file system without POSIX ACLs ({exc.strerror}): as "
+                "root, the controller runs as the fleet's service user, which reads the logs "
+                "and writes its files in the home through ACL entries; choose a home on "
+                "ext4, XFS or Btrfs"
+            ) from exc
     return settings
 
 
