@@ -228,7 +228,10 @@ class ForkServer:
     # ---------------------------------------------------------------- startup
 
     def listen(self) -> None:
-        forked.registry_dir(self.run_dir).mkdir(mode=0o700, exist_ok=True)
+        registry = forked.registry_dir(self.run_dir)
+        registry.mkdir(exist_ok=True)
+        # The controller (the service user, as root) reads it: pids are no secret (ps).
+        registry.chmod(0o711)
         self.socket_path.unlink(missing_ok=True)
         self.listener.bind(str(self.socket_path))
         # The fleet's group (that of <home>/run) may connect: each bot's launcher is in it.

@@ -76,6 +76,7 @@ def write(run_dir: Path, name: str, forked: Forked) -> None:
     path = registry_dir(run_dir) / name
     temp = path.with_name(f".{name}.tmp")
     temp.write_text(forked.line())
+    temp.chmod(0o644)  # read by the controller, another user as root: pids are no secret
     os.replace(temp, path)
 
 

@@ -19,12 +19,12 @@ import msgspec
 from msgspec import Meta, Struct
 
 from botspec.hostname import FLEET_HOST_PATTERN, MAX_FLEET_HOST
+from botspec.names import NAME_PATTERN as NAME_PATTERN  # re-exported: declared there
 
 # ----------------------------------------------------------------- field types
 # ``extra["must"]`` is how a refusal reads when the declaration alone cannot say
 # it well (a pattern); otherwise botspec.validate words it from the constraints.
 
-NAME_PATTERN = r"^[a-z][a-z0-9-]{0,31}$"
 TOKEN_PATTERN = r"^[0-9]{1,20}:[A-Za-z0-9_-]{1,128}$"
 PLUGIN_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$"
 TOPIC_PATTERN = r"^[A-Za-z0-9_.:-]{1,64}$"

@@ -25,7 +25,7 @@ from controller.access import AuthThrottle, trusted_networks
 from controller.api import BusStats, build_app, hash_token, new_token
 from controller.atomicfile import write_atomic
 from controller.botfiles import BotFiles
-from controller.botusers import BotUsers
+from controller.botusers import BotUsers, is_service_user
 from controller.bus import BusServer
 from controller.buskeys import BusKeys
 from controller.circus import CircusClient, watch_events
@@ -162,7 +162,10 @@ async def serve(home: Home) -> int:
             "sealed the clear-text secrets of %d rows with the key from %s", sealed, secrets.source
         )
     await ensure_admin_token(home, store)
-    supervisor = CircusClient(home.circus_endpoint)
+    # As the service user of a fleet run as root: circusd only through the gate.
+    supervisor = CircusClient(
+        home.circus_gate_endpoint if is_service_user(home) else home.circus_endpoint
+    )
     bus_keys = BusKeys.open(home)
     bus = BusServer(home.bus_endpoint, bus_keys)
     users = BotUsers(home)

@@ -2,27 +2,33 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import resource
-import shutil
 from collections.abc import Sequence
-from pathlib import Path
+from dataclasses import replace
 
 from botspec import forked
 from botspec.config import BotConfig, RuntimeTelegram, dump
+from botspec.procinfo import ProcSample
 from botspec.spec import process_health
-from controller.atomicfile import write_atomic
-from controller.botusers import BotAccount, BotUsers
+from controller.botusers import BotUsers
 from controller.buskeys import BusKeys, IssuedKey
 from controller.home import Home
+from controller.keeper import KeeperRefused, for_fleet
 from controller.reconcile import Rendered
 from controller.render import BotWatcher, LogRotation, render_watcher
 from controller.spec import EffectiveSpec
-from controller.sysusers import give_tree
+
+log = logging.getLogger(__name__)
 
 # The user is in the mark so that a file rendered for another user (before an
-# upgrade that brought a user per bot) is rendered again, which restarts the bot.
-_MARK = re.compile(r"^# tgfleet: generation=(\d+) autostart=(true|false) user=(\S+)$", re.M)
+# upgrade that brought a user per bot) is rendered again, which restarts the bot; so
+# is the bus socket (home-relative), which the config names: a config from before
+# the bus moved to run/bus/ is written again, and its bot restarted.
+_MARK = re.compile(
+    r"^# tgfleet: generation=(\d+) autostart=(true|false) user=(\S+) bus=(\S+)$", re.M
+)
 _FLEET_USER = "-"
 
 
@@ -76,22 +82,20 @@ class BotFiles:
         self.python = python
         self.keys = keys
         self.users = users if users is not None else BotUsers(home, enabled=False)
+        # As the service user of a fleet run as root: the keeper, in circusd.
+        self.privileged = for_fleet(self.users, python)
         self.plugin_path = tuple(plugin_path)
         self._rendered: dict[str, Rendered] = {}
 
     def write(self, name: str, generation: int, spec: EffectiveSpec, autostart: bool) -> None:
-        account = self.users.ensure(name)
-        bot_dir = self.home.bot_dir(name)
-        bot_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        bot_dir.chmod(0o700)
-        owner = None
-        if account is not None:
-            owner = (account.uid, account.gid)
-            _own_tree(bot_dir, account)
+        account = self.privileged.ensure_user(name)
+        # The dir and what is in it are the bot's user's (a dir written before the bot
+        # had a user of its own holds root's files: its session among them).
+        self.privileged.own_dir(name)
         # Each write gives the bot a new bus key pair (the keyring still accepts the
         # previous one, for the process running until the reload restarts it).
         config = runtime_config(self.home, name, generation, spec, self.keys.issue(name))
-        write_atomic(self.home.bot_config(name), dump(config).decode(), 0o600, owner)
+        self.privileged.write_config(name, dump(config).decode())
         bot = BotWatcher(
             name=name,
             autostart=autostart,
@@ -110,10 +114,15 @@ class BotFiles:
         )
         user = account.user if account is not None else _FLEET_USER
         header = (
-            f"# tgfleet: generation={generation} autostart={str(autostart).lower()} user={user}\n"
+            f"# tgfleet: generation={generation} autostart={str(autostart).lower()} "
+            f"user={user} bus={self._bus}\n"
         )
-        write_atomic(self.home.watcher_file(name), header + watcher, 0o600)
+        self.privileged.write_watcher(name, header + watcher)
         self._rendered[name] = Rendered(generation, autostart)
+
+    @property
+    def _bus(self) -> str:
+        return str(self.home.bus_socket.relative_to(self.home.root))
 
     def rendered(self, name: str) -> Rendered | None:
         """What is on disk for this bot, read once and then remembered; None also
@@ -127,10 +136,38 @@ class BotFiles:
             except FileNotFoundError:
                 return None
             user = self.users.user_name(name) or _FLEET_USER
-            if found is None or found.group(3) != user or not self.home.bot_config(name).exists():
+            if (
+                found is None
+                or found.group(3) != user
+                or found.group(4) != self._bus
+                or not self.privileged.has_config(name)
+            ):
                 return None
             self._rendered[name] = Rendered(int(found.group(1)), found.group(2) == "true")
         return self._rendered[name]
+
+    def fill_usage(
+        self, samples: dict[str, ProcSample | None], pss: bool
+    ) -> dict[str, ProcSample | None]:
+        """``samples`` with the open files (and, with ``pss``, the PSS) that this process
+        could not read: as the service user, another user's ``/proc/PID/fd`` and
+        ``smaps_rollup`` are the keeper's to read (one request for every bot). Blocking."""
+        missing = {n: s.pid for n, s in samples.items() if s is not None and s.open_files is None}
+        if not missing:
+            return samples
+        try:
+            found = self.privileged.usage(missing, pss)
+        except KeeperRefused as exc:  # the keeper is away (circusd restarting): next pass
+            log.warning("no open files and PSS of %d bots this pass: %s", len(missing), exc)
+            return samples
+        filled = dict(samples)
+        for name, (open_files, pss_bytes) in found.items():
+            sample = filled.get(name)
+            if sample is not None:
+                filled[name] = replace(
+                    sample, open_files=open_files, pss_bytes=pss_bytes or sample.pss_bytes
+                )
+        return filled
 
     def process_pid(self, name: str, watcher_pid: int) -> int:
         """The bot's own pid, given its watcher's (a fork-mode watcher runs a launcher)."""
@@ -141,23 +178,15 @@ class BotFiles:
         return sorted(p.stem for p in self.home.bots_d.glob("*.ini"))
 
     def remove_watcher(self, name: str) -> None:
-        self.home.watcher_file(name).unlink(missing_ok=True)
+        self.privileged.remove_watcher(name)
         self._rendered.pop(name, None)
 
     def remove_private(self, name: str) -> None:
         """The bot is destroyed: its dir and config go, its bus keys are forgotten, and
         its user: a later bot of that name inherits nothing."""
         self.keys.forget(name)
-        path: Path = self.home.bot_dir(name)
-        if path.exists():
-            shutil.rmtree(path)
-        self.users.remove(name)
-
-
-def _own_tree(bot_dir: Path, account: BotAccount) -> None:
-    """Give the bot's dir and what is in it to its user (a dir written before the bot
-    had a user of its own holds root's files: its session among them)."""
-    give_tree(bot_dir, account.uid, account.gid)  # never a hard link: it lives elsewhere too
+        self.privileged.remove_dir(name)
+        self.privileged.remove_user(name)
 
 
 def _open_files(wanted: int) -> int:

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import grp
-import hashlib
+import importlib
 import json
 import logging
 import os
@@ -39,6 +39,7 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from controller.atomicfile import write_atomic
 from controller.home import Home
@@ -76,7 +77,21 @@ class BotAccount:
 
 
 def _digest(*parts: str) -> str:
-    return hashlib.sha256("\0".join(parts).encode()).hexdigest()
+    return _sha256("\0".join(parts).encode())
+
+
+def _sha256(data: bytes) -> str:
+    """SHA-256 from CPython's own module, not hashlib: hashlib loads OpenSSL's libcrypto
+    (3.6 MB of RSS), and the keeper runs this in circusd's process (issue #13)."""
+    for module in ("_sha2", "_sha256"):  # Python 3.12+, then 3.11
+        try:
+            builtin: Any = importlib.import_module(module)
+        except ImportError:
+            continue
+        return str(builtin.sha256(data).hexdigest())
+    import hashlib  # a Python without the builtin module
+
+    return hashlib.sha256(data).hexdigest()
 
 
 def bot_user_name(home: Home, name: str) -> str:
@@ -106,6 +121,19 @@ def service_user_name(home: Home) -> str:
 
 def _service_comment(home: Home) -> str:
     return "tgfleet service" + _comment_tail(home)
+
+
+def is_service_user(home: Home, uid: int | None = None) -> bool:
+    """Whether ``uid`` (default: this process's) is the fleet's service user: then the
+    fleet runs as root, and this process (the controller) is not."""
+    uid = os.geteuid() if uid is None else uid
+    if uid == 0:
+        return False
+    try:
+        entry = pwd.getpwuid(uid)
+    except KeyError:
+        return False
+    return entry.pw_name == service_user_name(home) and entry.pw_gecos == _service_comment(home)
 
 
 def bot_code_paths(python: str, plugin_path: Sequence[str] = ()) -> list[Path]:
@@ -162,12 +190,19 @@ class BotUsers:
         shared_writable: Iterable[Path] = SHARED_WRITABLE,
     ) -> None:
         self.home = home
-        self.enabled = os.geteuid() == 0 if enabled is None else enabled
+        if enabled is None:  # root, or the service user of a fleet run as root
+            enabled = os.geteuid() == 0 or is_service_user(home)
+        self.enabled = enabled
         self.shared_writable = tuple(shared_writable)
 
     @property
     def fleet_group(self) -> str:
         return fleet_group_name(self.home)
+
+    @property
+    def service_comment(self) -> str:
+        """The comment (GECOS) the fleet's service user has: whose it is."""
+        return _service_comment(self.home)
 
     def user_name(self, name: str) -> str | None:
         """The user bot ``name`` runs as; None: the fleet's own."""
@@ -202,8 +237,11 @@ class BotUsers:
         """Let the fleet's bots connect to the unix socket ``path`` (0660, the fleet group)."""
         if not self.enabled:
             return
-        # ensure: a controller started on its own (no `tgfleet up` before it) works too
-        os.chown(path, 0, ensure_group(self.fleet_group).gr_gid)
+        if os.geteuid() == 0:
+            # ensure: a controller started on its own (no `tgfleet up` before it) works too
+            os.chown(path, 0, ensure_group(self.fleet_group).gr_gid)
+        else:  # the service user, whose primary group the fleet's is (circus.ini)
+            os.chown(path, -1, grp.getgrnam(self.fleet_group).gr_gid)
         path.chmod(0o660)
 
     def ensure_service(self) -> BotAccount | None:
@@ -256,6 +294,17 @@ class BotUsers:
         if created:
             log.info("bot %s runs as the new user %s (uid %d)", name, user_name, user.pw_uid)
         return BotAccount(user_name, grp.getgrgid(user.pw_gid).gr_name, user.pw_uid, user.pw_gid)
+
+    def existing_uid(self, name: str) -> int | None:
+        """The uid of bot ``name``'s user when it exists and is that bot's; else None."""
+        user_name = self.user_name(name)
+        if user_name is None:
+            return None
+        try:
+            user = pwd.getpwnam(user_name)
+        except KeyError:
+            return None
+        return user.pw_uid if user.pw_gecos == _comment(self.home, name) else None
 
     def remove(self, name: str) -> None:
         """Remove the bot's user and whatever it left running or in the shared dirs."""

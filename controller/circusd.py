@@ -35,6 +35,10 @@ def run(argv: list[str]) -> int:
     from circus import circusd
 
     respawn_at_once(circusd)  # a dead child is reaped and respawned on SIGCHLD
+    from controller.keeper import start_keeper
+
+    start_keeper(argv)  # as root: the controller's privileged operations, from a thread
+
     sys.argv = ["circusd", *argv]
     try:
         circusd.main()  # returns when circusd quits (sys.exit(0))

@@ -16,8 +16,9 @@ import pwd
 from dataclasses import dataclass
 from pathlib import Path
 
+from controller.botusers import service_user_name
 from controller.home import Home
-from controller.pg import PG_SYSTEM_USER, PgWatcher, pgserver_bin_dir
+from controller.pg import PgWatcher, pgserver_bin_dir
 from controller.up import UpOptions, check_options, circus_ini_text, prepare_home
 
 
@@ -25,12 +26,12 @@ def embedded_pg_watcher(home: Home) -> PgWatcher:
     """The ``postgres`` watcher ``prepare_embedded_pg`` would return, found without
     creating its user, its dirs or its cluster."""
     user = group = None
-    if os.geteuid() == 0:
-        user = PG_SYSTEM_USER
+    if os.geteuid() == 0:  # the fleet's service user runs it (controller.up.prepare_home)
+        user = service_user_name(home)
         try:
-            group = grp.getgrgid(pwd.getpwnam(PG_SYSTEM_USER).pw_gid).gr_name
+            group = grp.getgrgid(pwd.getpwnam(user).pw_gid).gr_name
         except KeyError:  # not created yet: useradd --user-group names its group after it
-            group = PG_SYSTEM_USER
+            group = user
     return PgWatcher(
         postgres=pgserver_bin_dir() / "postgres",
         data_dir=home.pg_data,

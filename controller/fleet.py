@@ -279,6 +279,9 @@ class Fleet:
         }
         known, with_pss = self.resources.plan()
         samples, spent_s = await asyncio.to_thread(timed_read, pids, known, with_pss)
+        # As the service user, what only a bot's own user (or root) may read: the keeper's.
+        new_pid = any(pid not in known for pid in pids.values())
+        samples = await asyncio.to_thread(self.files.fill_usage, samples, with_pss or new_pid)
         self.resources.last_pass_s = spent_s
         # A bot destroyed while /proc was read is forgotten already: not brought back.
         samples = {name: got for name, got in samples.items() if name in self.observer.live}

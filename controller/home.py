@@ -62,8 +62,28 @@ class Home:
         return self.run_dir / "circus-pubsub.sock"
 
     @property
+    def circus_gate_socket(self) -> Path:
+        """The controller's way to circusd (controller.gate: an allow-list in front of it)."""
+        return self.run_dir / "circus-gate.sock"
+
+    @property
+    def circus_gate_endpoint(self) -> str:
+        return f"ipc://{self.circus_gate_socket}"
+
+    @property
+    def bus_dir(self) -> Path:
+        """The controller's own dir in ``run/``: it binds the bus there (as root, the
+        fleet's service user's, which may not write ``run/`` itself)."""
+        return self.run_dir / "bus"
+
+    @property
     def bus_socket(self) -> Path:
-        return self.run_dir / "bus.sock"
+        return self.bus_dir / "bus.sock"
+
+    @property
+    def keeper_socket(self) -> Path:
+        """The keeper's socket (controller.keeper: root's operations for the controller)."""
+        return self.run_dir / "keeper.sock"
 
     @property
     def fork_socket(self) -> Path:
@@ -156,6 +176,13 @@ class Home:
     def make_dirs(self) -> None:
         """Create the home and its private subdirs with their modes."""
         self.root.mkdir(parents=True, exist_ok=True)
-        for private in (self.run_dir, self.bots_dir, self.bots_d, self.bus_keys_dir, self.logs_dir):
+        for private in (
+            self.run_dir,
+            self.bus_dir,
+            self.bots_dir,
+            self.bots_d,
+            self.bus_keys_dir,
+            self.logs_dir,
+        ):
             private.mkdir(mode=0o700, exist_ok=True)
             private.chmod(0o700)

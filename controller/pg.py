@@ -24,7 +24,13 @@ from pathlib import Path
 import asyncpg
 
 from controller.home import Home
-from controller.sysusers import SystemUserError, ensure_system_user, open_path_prefix, open_tree
+from controller.sysusers import (
+    SystemUserError,
+    ensure_system_user,
+    give_tree,
+    open_path_prefix,
+    open_tree,
+)
 
 log = logging.getLogger(__name__)
 
@@ -100,16 +106,19 @@ def _open_pginstall(bin_dir: Path) -> list[Path]:
     return open_tree(bin_dir.parent)
 
 
-def prepare_embedded_pg(home: Home) -> PgWatcher:
+def prepare_embedded_pg(home: Home, run_as: pwd.struct_passwd | None = None) -> PgWatcher:
     """Create ``home.pg_data`` with initdb on first use; return the watcher's settings.
 
-    As root: ensures the system user ``pgserver``, owns ``home.pg_dir`` to it
-    (mode 0700), and adds o+x to the ancestors of ``home.pg_dir`` and read
-    access to the pgserver install where missing, so that user can reach them.
+    As root: PostgreSQL runs as ``run_as`` (`tgfleet up`: the fleet's service user,
+    which runs the controller too, so that it reaches the 0700 socket dir), else as
+    the system user ``pgserver`` (created when missing); ``home.pg_dir`` and what is
+    in it become that user's (mode 0700: a cluster made as ``pgserver`` changes
+    hands), and o+x is added to the ancestors of ``home.pg_dir`` and read access to
+    the pgserver install where missing, so that user can reach them.
     """
     bin_dir = pgserver_bin_dir()
     as_root = os.geteuid() == 0
-    user = _pg_user() if as_root else None
+    user = (run_as or _pg_user()) if as_root else None
 
     home.pg_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     home.pg_run.mkdir(exist_ok=True, mode=0o700)
@@ -118,6 +127,7 @@ def prepare_embedded_pg(home: Home) -> PgWatcher:
         if user is not None:
             os.chown(owned, user.pw_uid, user.pw_gid)
     if user is not None:
+        give_tree(home.pg_dir, user.pw_uid, user.pw_gid)
         open_path_prefix(home.pg_dir)
         _open_pginstall(bin_dir)
 

@@ -10,7 +10,6 @@ and ``((circus.…))`` are substituted, a newline starts a new option).
 from __future__ import annotations
 
 import functools
-import importlib.util
 import os
 import re
 import shlex
@@ -23,6 +22,7 @@ from typing import TYPE_CHECKING, Literal
 from botspec.spec import MIN_MEMORY_MB, NAME_PATTERN, FleetDefaults, Limits
 from controller.home import Home
 from controller.pg import PgWatcher
+from controller.watchercheck import launcher_path
 
 if TYPE_CHECKING:
     import jinja2
@@ -60,17 +60,8 @@ _FORBIDDEN = ("\n", "\r", "\x00", " ;", "\t;", "%", "$(", "((")
 FORKSERVER_WATCHER = "forkserver"
 
 
-#: A fork-mode bot's watcher runs this file (stdlib only) with ``python -S -I``: it runs
-#: botrunner/launcher.py from its compiled bytecode.
-def _launcher_path() -> Path:
-    """botrunner/launch.py, found without importing botrunner: the controller keeps
-    out of the bots' code (tests/unit/test_imports.py)."""
-    spec = importlib.util.find_spec("botrunner")
-    assert spec is not None and spec.origin is not None, "botrunner is part of tgfleet"
-    return Path(spec.origin).parent / "launch.py"
-
-
-LAUNCHER = _launcher_path()
+#: A fork-mode bot's watcher runs this file (stdlib only) with ``python -S -I``.
+LAUNCHER = launcher_path()
 
 
 class InvalidWatcherValue(ValueError):
@@ -285,8 +276,13 @@ def render_circus_ini(
     controller_argv: Sequence[str] | None = None,
     plugin_path: Sequence[str] = (),
     log: LogRotation = LogRotation(),
+    controller_account: tuple[str, str] | None = None,
 ) -> str:
     """The text of ``<home>/circus.ini``: circusd's endpoints and the fleet's own watchers.
+
+    ``controller_account`` (user, group) runs the controller: as root, the fleet's
+    service user with the fleet's group as its primary one (it traverses ``run/`` and
+    ``bots/`` and shares the bus socket with the bots); None: circusd's own user.
 
     ``controller_argv`` replaces the controller's command line (tests run a
     stand-in); by default it is ``<python> -m controller serve --home <home>``.
@@ -362,6 +358,10 @@ def render_circus_ini(
             env=_env_pairs(forkserver_env),
         )
     )
+    if controller_account is not None:
+        for account in controller_account:
+            if not _ACCOUNT.fullmatch(account):
+                raise InvalidWatcherValue(f"{account!r} is not a user or group name")
     out, err = _logs(home, "controller")
     controller_env = _base_env(home, home_env=home.root) | {"TGFLEET_LISTEN": listen}
     if plugin_path:
@@ -378,6 +378,8 @@ def render_circus_ini(
             stdout_log=out,
             stderr_log=err,
             env=_env_pairs(controller_env),
+            uid=controller_account[0] if controller_account else None,
+            gid=controller_account[1] if controller_account else None,
         )
     )
     return (

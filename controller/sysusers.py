@@ -8,14 +8,18 @@ bot users (``controller.botusers``). Nothing here decides *who* gets a user.
 
 from __future__ import annotations
 
+import errno
+import functools
 import grp
 import logging
+import operator
 import os
 import pwd
 import shutil
 import stat
+import struct
 import subprocess
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -52,7 +56,10 @@ def ensure_group(name: str) -> grp.struct_group:
     # 9: created meanwhile by another process (two fleets starting at once)
     if result.returncode not in (0, 9):
         raise SystemUserError(f"groupadd {name} failed: {result.stderr.strip()}")
-    return grp.getgrnam(name)
+    try:
+        return grp.getgrnam(name)
+    except KeyError:  # see _exists
+        raise SystemUserError(f"groupadd {name} failed: {result.stderr.strip()}") from None
 
 
 def ensure_system_user(
@@ -80,8 +87,12 @@ def ensure_system_user(
     )
     if result.returncode != 0:
         raise SystemUserError(f"useradd {name} failed: {result.stderr.strip()}")
+    try:
+        created = pwd.getpwnam(name)
+    except KeyError:  # see _exists
+        raise SystemUserError(f"useradd {name} failed: {result.stderr.strip()}") from None
     log.info("created system user %s", name)
-    return pwd.getpwnam(name), True
+    return created, True
 
 
 def delete_system_user(name: str) -> bool:
@@ -91,7 +102,7 @@ def delete_system_user(name: str) -> bool:
     except KeyError:
         return False
     result = _run("userdel", name)
-    if result.returncode != 0:
+    if result.returncode != 0 or _exists(pwd.getpwnam, name):
         raise SystemUserError(f"userdel {name} failed: {result.stderr.strip()}")
     log.info("removed system user %s", name)
     return True
@@ -104,8 +115,19 @@ def delete_group(name: str) -> bool:
     except KeyError:
         return False
     result = _run("groupdel", name)
-    if result.returncode != 0:
+    if result.returncode != 0 or _exists(grp.getgrnam, name):
         raise SystemUserError(f"groupdel {name} failed: {result.stderr.strip()}")
+    return True
+
+
+def _exists(lookup: Callable[[str], object], name: str) -> bool:
+    """Whether ``name`` is (still) there. A tool's exit code alone is not believed: in
+    circusd's process (the keeper) circusd may reap the tool first (waitpid(-1)), and
+    subprocess then reports 0; what the tool was to do is checked instead."""
+    try:
+        lookup(name)
+    except KeyError:
+        return False
     return True
 
 
@@ -170,3 +192,57 @@ def give_tree(root: Path, uid: int, gid: int) -> list[Path]:
             continue
         os.lchown(path, uid, gid)
     return skipped
+
+
+# POSIX ACLs, as the kernel stores them in the system.posix_acl_* extended attributes
+# (no setfacl needed): a version, then (tag, permissions, id) entries sorted by tag and id.
+ACL_ACCESS = "system.posix_acl_access"
+ACL_DEFAULT = "system.posix_acl_default"
+_ACL_VERSION = 2
+_USER_OBJ, _USER, _GROUP_OBJ, _GROUP, _MASK, _OTHER = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20
+_NO_ID = 0xFFFFFFFF
+_ACL_ENTRY = struct.Struct("<HHI")
+
+
+def _acl_entries(path: Path, attribute: str, base_mode: int) -> dict[tuple[int, int], int]:
+    """The ACL ``attribute`` of ``path`` as {(tag, id): permissions}; one made from
+    ``base_mode`` when it has none."""
+    try:
+        raw = os.getxattr(path, attribute, follow_symlinks=False)
+    except OSError as exc:
+        if exc.errno != errno.ENODATA:
+            raise
+        return {
+            (_USER_OBJ, _NO_ID): (base_mode >> 6) & 7,
+            (_GROUP_OBJ, _NO_ID): (base_mode >> 3) & 7,
+            (_OTHER, _NO_ID): base_mode & 7,
+        }
+    entries = {}
+    for offset in range(4, len(raw), _ACL_ENTRY.size):
+        tag, perms, ident = _ACL_ENTRY.unpack_from(raw, offset)
+        entries[(tag, ident)] = perms
+    return entries
+
+
+def grant_user(path: Path, uid: int, perms: int, *, default: int | None = None) -> None:
+    """Give user ``uid`` ``perms`` (rwx bits, 0-7) on ``path`` by an ACL entry, and with
+    ``default`` the same on what is created in that dir from now on; other entries stay."""
+    info = path.lstat()
+    if stat.S_ISLNK(info.st_mode):
+        raise SystemUserError(f"{path} is a symlink: no ACL set through it")
+    wanted = [(ACL_ACCESS, perms, stat.S_IMODE(info.st_mode))]
+    if default is not None:  # new files: their owner's rw, this user's, nobody else
+        wanted.append((ACL_DEFAULT, default, 0o600))
+    for attribute, bits, base in wanted:
+        entries = _acl_entries(path, attribute, base)
+        entries[(_USER, uid)] = bits
+        entries.pop((_MASK, _NO_ID), None)
+        entries[(_MASK, _NO_ID)] = functools.reduce(
+            operator.or_,
+            (p for (tag, _), p in entries.items() if tag in (_USER, _GROUP_OBJ, _GROUP)),
+            0,
+        )
+        packed = struct.pack("<I", _ACL_VERSION) + b"".join(
+            _ACL_ENTRY.pack(tag, entries[(tag, ident)], ident) for tag, ident in sorted(entries)
+        )
+        os.setxattr(path, attribute, packed, follow_symlinks=False)

@@ -11,8 +11,13 @@ and the rest.
 from __future__ import annotations
 
 import asyncio
+import errno
+import grp
+import importlib.util
 import os
+import pwd
 import signal
+import stat
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,9 +26,16 @@ from typing import NoReturn
 
 from controller.access import trusted_networks
 from controller.atomicfile import write_atomic
-from controller.botusers import BotAccount, BotUsers, bot_code_paths, service_user_name
+from controller.botusers import (
+    BotAccount,
+    BotUsers,
+    bot_code_paths,
+    fleet_group_name,
+    service_user_name,
+)
 from controller.circus import CircusClient, SupervisorError
 from controller.home import Home
+from controller.keeper import BOT_NAME
 from controller.pg import PgWatcher, prepare_embedded_pg
 from controller.render import LogRotation, SandboxWatcher, render_circus_ini
 from controller.settings import (
@@ -43,7 +55,8 @@ from controller.settings import (
     is_loopback,
     parse_hostport,
 )
-from controller.sysusers import SystemUserError, give_tree
+from controller.sysusers import SystemUserError, give_tree, grant_user
+from controller.watchercheck import WatcherRefused, check_watcher
 
 
 class UpError(Exception):
@@ -207,12 +220,12 @@ def circus_ini_text(
     for a render that prepares nothing)."""
     home = options.home
     sandbox = None
+    user = group = None
+    if service is not None:
+        user, group = service.user, service.group
+    elif os.geteuid() == 0:  # useradd --user-group names its group after it
+        user = group = service_user_name(home)
     if options.demo:
-        user = group = None
-        if service is not None:
-            user, group = service.user, service.group
-        elif BotUsers(home).enabled:  # useradd --user-group names its group after it
-            user = group = service_user_name(home)
         sandbox = SandboxWatcher(
             options.sandbox_listen, options.sandbox_admin, home.sandbox_dir, user, group
         )
@@ -224,6 +237,7 @@ def circus_ini_text(
         sandbox=sandbox,
         plugin_path=options.plugin_path,
         log=log_rotation(),
+        controller_account=(user, fleet_group_name(home)) if user is not None else None,
     )
 
 
@@ -263,31 +277,127 @@ def prepare_home(options: UpOptions) -> ControllerSettings:
     ``controller.json``. Safe to repeat, also while the fleet runs: what is already
     right stays."""
     home = options.home
+    _refuse_planted_links(home)
     home.make_dirs()
-    pg = None
-    database_url = options.database_url
-    if not database_url:
-        pg = prepare_embedded_pg(home)
-        database_url = pg.dsn
     users = BotUsers(home)
-    code = bot_code_paths(sys.executable, options.plugin_path)
+    # The service user runs the controller, the embedded PostgreSQL and the sandbox.
+    code = [*bot_code_paths(sys.executable, options.plugin_path), _package_dir("controller")]
     if options.demo:
-        import tgsandbox
-
-        code.append(Path(str(tgsandbox.__file__)).parent)  # run by the service user
+        code.append(_package_dir("tgsandbox"))
     try:
         # As root: the bots' group, and the code every bot user must read (o+r, never o+w).
         users.prepare(code)
-        service = users.ensure_service() if options.demo else None
+        service = users.ensure_service()
     except SystemUserError as exc:
         raise UpError(f"cannot prepare the bots' users: {exc}") from exc
+    pg = None
+    database_url = options.database_url
+    if not database_url:
+        run_as = pwd.getpwuid(service.uid) if service is not None else None
+        pg = prepare_embedded_pg(home, run_as)
+        database_url = pg.dsn
     if options.demo:
         _open_sandbox_dir(options, service)
     settings = controller_settings(options, database_url)
     write_atomic(home.circus_ini, circus_ini_text(options, pg, service), 0o600)
     write_atomic(home.circus_endpoint_file, home.circus_endpoint + "\n", 0o644)
     settings.save(home)
+    if service is not None:
+        try:
+            _share_home(home, service, users.fleet_group)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP):
+                raise
+            raise UpError(
+                f"{home.root} is on a file system without POSIX ACLs ({exc.strerror}): as "
+                "root, the controller runs as the fleet's service user, which reads the logs "
+                "and writes its files in the home through ACL entries; choose a home on "
+                "ext4, XFS or Btrfs"
+            ) from exc
     return settings
+
+
+def _refuse_planted_links(home: Home) -> None:
+    """As root, `up` creates, chmods and chowns the home's entries: none may be a
+    symlink another user made (the service user may create entries in the home, and
+    own ``pg/``, ``sandbox/``, ``bus-keys/``), or root would follow it elsewhere. An
+    operator's own link (root's) is left alone."""
+    if os.geteuid() != 0 or not home.root.is_dir():
+        return
+    for entry in (*home.root.iterdir(), home.pg_run, home.pg_data):
+        try:
+            info = entry.lstat()
+        except FileNotFoundError:
+            continue
+        if stat.S_ISLNK(info.st_mode) and info.st_uid != 0:
+            raise UpError(
+                f"{entry} is a symlink made by uid {info.st_uid}, not root: remove it "
+                "(`tgfleet up`, as root, follows no link another user planted in the home)"
+            )
+
+
+def _keep_watcher_files(home: Home, service: BotAccount) -> None:
+    """``bots.d/`` root's (0700, the service user may read: an ACL), and in it only
+    watcher files the keeper would have written."""
+    os.chown(home.bots_d, 0, 0)
+    home.bots_d.chmod(0o700)
+    grant_user(home.bots_d, service.uid, 0o5, default=0o4)
+    users = BotUsers(home, enabled=True)
+    for entry in sorted(home.bots_d.iterdir()):
+        name = entry.name.removesuffix(".ini")
+        problem = None
+        if not stat.S_ISREG(entry.lstat().st_mode) or not BOT_NAME.fullmatch(name):
+            problem = "no bot's watcher file"
+        else:
+            try:
+                user = pwd.getpwnam(users.user_name(name) or "")
+                account = (user.pw_name, grp.getgrgid(user.pw_gid).gr_name)
+                check_watcher(home, name, entry.read_text(), python=sys.executable, account=account)
+            except (KeyError, WatcherRefused, UnicodeDecodeError) as exc:
+                problem = str(exc)
+        if problem is not None:
+            print(f"removing {entry}: {problem} (the controller writes it again)")
+            entry.unlink()
+            continue
+        os.chown(entry, 0, 0)
+        entry.chmod(0o640)
+        grant_user(entry, service.uid, 0o4)
+
+
+def _package_dir(name: str) -> Path:
+    """Where package ``name`` lives, found without importing it."""
+    spec = importlib.util.find_spec(name)
+    assert spec is not None and spec.origin is not None, f"{name} ships with tgfleet"
+    return Path(spec.origin).parent
+
+
+def _share_home(home: Home, service: BotAccount, fleet_group: str) -> None:
+    """What the controller, run as the service user, must reach in a home made by root
+    (at each start: a home made by an older tgfleet holds it all as root's).
+
+    The home itself: the service user may create files in it (an ACL entry), and the
+    sticky bit lets it rename or remove only its own, never root's dirs and files.
+    Its own files (keys, admin token, the bots' public keys) are its;
+    ``controller.json`` it reads; ``bots.d/`` (watcher files: circusd loads them as
+    root) stays root's, written by the keeper, read by it, and a file there that
+    fails the keeper's allow-list (one written by an older controller) is removed
+    (the controller renders it again); ``run/bus/`` (where it binds the bus) is its,
+    with the fleet's group; ``logs/`` and what circusd writes there it reads (a
+    default ACL: rotation makes new files). Never a symlink or a file with a second
+    name (give_tree)."""
+    home.root.chmod(stat.S_IMODE(home.root.stat().st_mode) | stat.S_ISVTX)
+    grant_user(home.root, service.uid, 0o7)
+    for own in (home.secret_key, home.bus_key, home.admin_token, home.bus_keys_dir):
+        if own.exists() and not own.is_symlink():
+            give_tree(own, service.uid, service.gid)
+    _keep_watcher_files(home, service)
+    grant_user(home.controller_json, service.uid, 0o4)
+    os.chown(home.bus_dir, service.uid, grp.getgrnam(fleet_group).gr_gid)
+    home.bus_dir.chmod(0o710)
+    grant_user(home.logs_dir, service.uid, 0o5, default=0o4)
+    for entry in home.logs_dir.iterdir():
+        if stat.S_ISREG(entry.lstat().st_mode):
+            grant_user(entry, service.uid, 0o4)
 
 
 def prepare(options: UpOptions) -> ControllerSettings:

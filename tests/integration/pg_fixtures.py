@@ -21,6 +21,7 @@ from harness import EXTERNAL_DSN, create_database, drop_database, short_tmpdir
 
 from controller.home import Home
 from controller.pg import prepare_embedded_pg, wait_for_pg
+from controller.sysusers import open_path_prefix
 
 
 @pytest.fixture(scope="module")
@@ -35,10 +36,14 @@ def postgres() -> Iterator[str]:
     home.make_dirs()
     pg = prepare_embedded_pg(home)
     as_user = pg.user is not None
+    # Open to local users as a packaged server's socket is: as root, a fleet's controller
+    # connects as that fleet's service user.
+    home.pg_run.chmod(0o755)
+    open_path_prefix(home.pg_run)
     with (home.logs_dir / "postgres.log").open("ab") as log:
         # As circusd runs it (controller/render.py), minus the supervisor.
         server = subprocess.Popen(
-            [str(pg.postgres), *pg.args],
+            [str(pg.postgres), *pg.args, "-c", "unix_socket_permissions=0777"],
             cwd=pg.working_dir,
             env={"LANG": "C.UTF-8", "PGDATA": str(pg.data_dir), "PATH": os.defpath},
             user=pg.user,

@@ -7,9 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from controller.botfiles import BotFiles, _own_tree
+from controller.botfiles import BotFiles
 from controller.botusers import (
-    BotAccount,
     BotUsers,
     bot_user_name,
     fleet_group_name,
@@ -18,6 +17,7 @@ from controller.botusers import (
 from controller.buskeys import BusKeys
 from controller.home import Home
 from controller.reconcile import Rendered
+from controller.sysusers import give_tree
 
 HOME = Home(Path("/srv/fleet"))
 
@@ -78,13 +78,18 @@ def test_a_watcher_rendered_for_another_user_is_rendered_again(tmp_path: Path) -
     home.make_dirs()
     home.bot_dir("shop").mkdir()
     home.bot_config("shop").write_text("{}")
-    home.watcher_file("shop").write_text("# tgfleet: generation=3 autostart=true user=-\n")
+    mark = "# tgfleet: generation=3 autostart=true user=- bus=run/bus/bus.sock\n"
+    home.watcher_file("shop").write_text(mark)
     keys = BusKeys.open(home)
     keys.issue("shop")  # the bot has its bus key: only the user decides here
     assert BotFiles(home, "/usr/bin/python3", keys).rendered("shop") == Rendered(3, True)
     as_root = BotFiles(home, "/usr/bin/python3", keys, users=BotUsers(home, enabled=True))
     assert as_root.rendered("shop") is None
     home.watcher_file("shop").write_text("# tgfleet: generation=3 autostart=true\n")  # before
+    assert BotFiles(home, "/usr/bin/python3", keys).rendered("shop") is None
+    # A config from before the bus moved to run/bus/ names the old socket: written again.
+    old_bus = "# tgfleet: generation=3 autostart=true user=- bus=run/bus.sock\n"
+    home.watcher_file("shop").write_text(old_bus)
     assert BotFiles(home, "/usr/bin/python3", keys).rendered("shop") is None
 
 
@@ -125,8 +130,7 @@ def test_a_bots_dir_is_given_to_its_user_but_never_a_hard_link(tmp_path: Path) -
     outside = tmp_path / "shadow"
     outside.write_text("root's secret")
     (bot_dir / "linked").hardlink_to(outside)
-    account = BotAccount("nobody", "nogroup", 65534, 65534)
-    _own_tree(bot_dir, account)
+    give_tree(bot_dir, 65534, 65534)  # what the keeper's own_dir does
     owners = {p.name: (p.stat().st_uid, p.stat().st_gid) for p in (bot_dir, *bot_dir.rglob("*"))}
     assert owners == {
         "shop": (65534, 65534),
@@ -135,3 +139,61 @@ def test_a_bots_dir_is_given_to_its_user_but_never_a_hard_link(tmp_path: Path) -
         "linked": (0, 0),
     }
     assert (outside.stat().st_uid, outside.stat().st_gid) == (0, 0)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a link of another user needs root to make")
+def test_up_follows_no_link_another_user_planted_in_the_home(tmp_path: Path) -> None:
+    """The service user may create entries in the home (and owns pg/): a link it made
+    where `up` (root) chmods and chowns would hand root's files to it."""
+    from controller.up import UpError, _refuse_planted_links
+
+    home = Home(tmp_path / "home")
+    home.make_dirs()
+    (home.root / "mine").symlink_to("/etc")  # root's own link: an operator's choice
+    _refuse_planted_links(home)
+    home.pg_dir.mkdir()
+    home.pg_run.symlink_to("/etc")
+    os.lchown(home.pg_run, 65534, 65534)
+    with pytest.raises(UpError, match=r"pg/run is a symlink made by uid 65534, not root"):
+        _refuse_planted_links(home)
+    home.pg_run.unlink()
+    (home.root / "bus-keys").rmdir()
+    home.bus_keys_dir.symlink_to("/etc")
+    os.lchown(home.bus_keys_dir, 65534, 65534)
+    with pytest.raises(UpError, match="bus-keys is a symlink"):
+        _refuse_planted_links(home)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving files to another user needs root")
+def test_up_gives_an_older_homes_controller_files_to_the_service_user(tmp_path: Path) -> None:
+    """A home made by an older tgfleet holds the controller's files as root's; bots.d/
+    stays root's, and a watcher file the keeper would refuse is removed."""
+    import grp
+    import stat
+
+    from controller.botusers import BotAccount
+    from controller.up import _share_home
+
+    home = Home(tmp_path / "home")
+    home.make_dirs()
+    for own in (home.secret_key, home.bus_key, home.admin_token, home.controller_json):
+        own.write_text("root's\n")
+        own.chmod(0o600)
+    home.bus_public_keys("shop").write_text("{}")
+    home.watcher_file("evil").write_text("[watcher:bot-evil]\ncmd = /bin/sh\n")
+    home.logs_dir.joinpath("bot-shop.err.log").write_text("a line\n")
+    service = BotAccount("nobody", "nogroup", 65534, 65534)
+    _share_home(home, service, grp.getgrgid(65534).gr_name)
+
+    for own in (home.secret_key, home.bus_key, home.admin_token, home.bus_keys_dir):
+        assert own.stat().st_uid == 65534, own
+    assert home.bus_public_keys("shop").stat().st_uid == 65534
+    assert home.controller_json.stat().st_uid == 0  # read through an ACL, written by root
+    assert home.root.stat().st_mode & stat.S_ISVTX
+    assert not home.watcher_file("evil").exists()
+    assert home.bots_d.stat().st_uid == 0
+    # An ACL entry: tag ACL_USER (2), permissions r (4), uid 65534 (little-endian).
+    for readable in (home.controller_json, home.logs_dir / "bot-shop.err.log"):
+        assert b"\x02\x00\x04\x00\xfe\xff\x00\x00" in os.getxattr(
+            readable, "system.posix_acl_access"
+        )

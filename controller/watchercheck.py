@@ -1,0 +1,174 @@
+"""The allow-list a bot's watcher file must pass before circusd may load it.
+
+circusd (root) loads every ``bots.d/*.ini`` at ``reloadconfig`` and runs each
+watcher as whatever ``uid`` it names (none: root), with whatever ``cmd``, whatever
+``stdout_stream.class`` (a Python class: code run inside circusd) and whatever log
+``filename`` (root writes there). So the keeper writes a watcher file for the
+controller only when it is exactly what ``controller/templates/watcher.ini.j2``
+renders for that bot: the sections ``[watcher:bot-NAME]`` and ``[env:bot-NAME]``,
+the keys that template writes, the fleet's python running the bot (or its
+launcher) on this bot's config, as this bot's own user, in its own dir, logging to
+``logs/bot-NAME.std{out,err}.log`` through circus' ``FileStream``.
+
+The file is read line by line in a grammar narrower than circus' parser (no
+continuation lines, no ``rem`` lines, no inline comments, no substitutions): a file
+this check accepts means the same to both. Standard library only (circusd's process).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import shlex
+from pathlib import Path
+
+from controller.home import Home
+
+
+class WatcherRefused(ValueError):
+    """A watcher file outside the allow-list; the message names the line or key."""
+
+
+_KEY = re.compile(r"^([A-Za-z_][A-Za-z0-9_.]*) = (\S(?:.*\S)?)$")
+_ENV_KEY = re.compile(r"^[A-Z_][A-Z0-9_]*$")
+_INT = re.compile(r"^[0-9]{1,19}$")
+_NUMBER = re.compile(r"^[0-9]{1,6}(\.[0-9]{1,6})?$")
+_SIGNAL = re.compile(r"^[A-Z0-9]{2,8}$")
+_BOOL = ("true", "false")
+# Circus substitutes $(circus.…) and ((circus.…)) in options, and cuts a value at a
+# ';' after whitespace; '%' interpolates in stock parsers.
+_FORBIDDEN = ("$(", "((", " ;", "\t;", "%", "\x00", "\r")
+
+# key -> what its value must look like (a pattern, or None: checked by name below)
+_WATCHER_KEYS: dict[str, re.Pattern[str] | tuple[str, ...] | None] = {
+    "cmd": None,
+    "args": None,
+    "working_dir": None,
+    "uid": None,
+    "gid": None,
+    "numprocesses": ("1",),
+    "copy_env": ("false",),
+    "autostart": _BOOL,
+    "respawn": ("true",),
+    "max_retry": re.compile(r"^-?[0-9]{1,9}$"),
+    "stop_signal": _SIGNAL,
+    "graceful_timeout": _NUMBER,
+    "rlimit_data": _INT,
+    "rlimit_nofile": _INT,
+    "rlimit_nproc": _INT,
+    "rlimit_core": ("0",),
+    **{
+        f"{stream}_stream.{key}": value
+        for stream in ("stdout", "stderr")
+        for key, value in (
+            ("class", ("FileStream",)),
+            ("filename", None),
+            ("max_bytes", _INT),
+            ("backup_count", _INT),
+        )
+    },
+}
+_REQUIRED = {
+    "cmd",
+    "args",
+    "working_dir",
+    "copy_env",
+    "rlimit_core",
+    "stdout_stream.class",
+    "stdout_stream.filename",
+    "stderr_stream.class",
+    "stderr_stream.filename",
+}
+
+
+def launcher_path() -> Path:
+    """botrunner/launch.py, which a fork-mode bot's watcher runs (stdlib only, with
+    ``python -S -I``: it runs botrunner/launcher.py from its compiled bytecode); found
+    without importing botrunner: neither the controller nor circusd loads bots' code."""
+    spec = importlib.util.find_spec("botrunner")
+    if spec is None or spec.origin is None:
+        raise WatcherRefused("botrunner is not installed beside tgfleet's controller")
+    return Path(spec.origin).parent / "launch.py"
+
+
+def parse(text: str, name: str) -> tuple[dict[str, str], dict[str, str]]:
+    """The watcher and env options of bot ``name``'s file; WatcherRefused for any line
+    outside the grammar, any other section, and any key given twice."""
+    watcher_section, env_section = f"[watcher:bot-{name}]", f"[env:bot-{name}]"
+    sections: dict[str, dict[str, str]] = {}
+    current: dict[str, str] | None = None
+    for number, line in enumerate(text.split("\n"), start=1):
+        if line == "" or line.startswith("#"):
+            continue
+        where = f"line {number} ({line[:60]!r})"
+        if line.startswith("["):
+            if line not in (watcher_section, env_section):
+                raise WatcherRefused(
+                    f"{where}: the only sections are {watcher_section} and {env_section}"
+                )
+            if line in sections:
+                raise WatcherRefused(f"{where}: section given twice")
+            current = sections[line] = {}
+            continue
+        found = _KEY.fullmatch(line)
+        if found is None or current is None:
+            raise WatcherRefused(f"{where}: not 'key = value' inside a section")
+        key, value = found.groups()
+        if any(bad in value for bad in _FORBIDDEN):
+            raise WatcherRefused(f"{where}: the value holds what circus would alter")
+        if key in current:
+            raise WatcherRefused(f"{where}: {key} given twice")
+        current[key] = value
+    if watcher_section not in sections:
+        raise WatcherRefused(f"no {watcher_section} section")
+    return sections[watcher_section], sections.get(env_section, {})
+
+
+def check_watcher(
+    home: Home, name: str, text: str, *, python: str, account: tuple[str, str] | None
+) -> None:
+    """WatcherRefused unless ``text`` is a watcher file the controller may have rendered
+    for bot ``name``: run by ``python``, as ``account`` (user, group; None: the fleet's
+    own user, when it is not root)."""
+    watcher, env = parse(text, name)
+    for key in sorted(set(watcher) - set(_WATCHER_KEYS)):
+        raise WatcherRefused(f"key {key!r} is not one a bot's watcher has")
+    for key in sorted(_REQUIRED - set(watcher)):
+        raise WatcherRefused(f"key {key!r} is missing")
+    for key, value in watcher.items():
+        shape = _WATCHER_KEYS[key]
+        if isinstance(shape, tuple) and value not in shape:
+            raise WatcherRefused(f"{key} must be {' or '.join(shape)}, not {value!r}")
+        if isinstance(shape, re.Pattern) and not shape.fullmatch(value):
+            raise WatcherRefused(f"{key} {value!r} must match {shape.pattern}")
+    for key in env:
+        if not _ENV_KEY.fullmatch(key):
+            raise WatcherRefused(f"environment variable {key!r} is not [A-Z_][A-Z0-9_]*")
+
+    cmd = shlex.split(watcher["cmd"])
+    if len(cmd) != 1 or os.path.realpath(cmd[0]) != os.path.realpath(python):
+        raise WatcherRefused(f"cmd must be the fleet's python {python}, not {watcher['cmd']!r}")
+    config = str(home.bot_config(name))
+    allowed_args = (
+        ["-m", "botrunner", config],
+        ["-S", "-I", str(launcher_path()), str(home.fork_socket), name, config],
+    )
+    if shlex.split(watcher["args"]) not in allowed_args:
+        raise WatcherRefused(
+            f"args must run botrunner or its launcher on {config}, not {watcher['args']!r}"
+        )
+    if watcher["working_dir"] != str(home.bot_dir(name)):
+        raise WatcherRefused(f"working_dir must be {home.bot_dir(name)}")
+    given = (watcher.get("uid"), watcher.get("gid"))
+    if account is None and given != (None, None):
+        raise WatcherRefused("uid/gid: the fleet is not root's, its bots run as its user")
+    if account is not None and given != account:
+        raise WatcherRefused(
+            f"uid/gid must be the own user and group of bot {name!r}, "
+            f"{account[0]}/{account[1]}, not {given[0]}/{given[1]}"
+        )
+    for stream, suffix in (("stdout", "out"), ("stderr", "err")):
+        wanted = str(home.watcher_log(f"bot-{name}", "out" if suffix == "out" else "err"))
+        if watcher[f"{stream}_stream.filename"] != wanted:
+            raise WatcherRefused(f"{stream}_stream.filename must be {wanted}")

@@ -1,0 +1,153 @@
+"""The keeper's watcher allow-list (controller.watchercheck) and the gate's command
+allow-list (controller.gate), by table: every watcher the renderer writes passes,
+and each way of making circusd (root) run something else is refused."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from controller.gate import refusal
+from controller.home import Home
+from controller.render import BotWatcher, render_watcher
+from controller.watchercheck import WatcherRefused, check_watcher
+
+HOME = Home(Path("/srv/fleet"))
+ACCOUNT = ("tgf-0123456789ab", "tgf-0123456789ab")
+
+
+def rendered(launch: str = "fork", user: bool = True) -> str:
+    bot = BotWatcher(
+        name="shop",
+        autostart=True,
+        memory_limit_mb=512,
+        processes=256 if user else None,
+        user=ACCOUNT[0] if user else None,
+        group=ACCOUNT[1] if user else None,
+        launch=launch,  # type: ignore[arg-type]
+        bus_key_id="ab" * 8,
+    )
+    return "# tgfleet: generation=1 autostart=true user=x\n" + render_watcher(
+        HOME, bot, python=sys.executable, pythonpath=["/opt/plugins"]
+    )
+
+
+@pytest.mark.parametrize("launch", ["fork", "exec"])
+@pytest.mark.parametrize("user", [True, False])
+def test_what_the_renderer_writes_passes(launch: str, user: bool) -> None:
+    check_watcher(
+        HOME,
+        "shop",
+        rendered(launch, user),
+        python=sys.executable,
+        account=ACCOUNT if user else None,
+    )
+
+
+OUT_LOG = "/srv/fleet/logs/bot-shop.out.log"
+FORGERIES = [
+    ("uid = tgf-0123456789ab\n", "uid = root\n", "uid/gid must be the own user"),
+    ("uid = tgf-0123456789ab\n", "", "uid/gid must be the own user"),
+    ("uid = tgf-0123456789ab\n", "uid = tgf-ffffffffffff\n", "uid/gid must be the own user"),
+    ("gid = tgf-0123456789ab\n", "gid = root\n", "uid/gid must be the own user"),
+    ("stdout_stream.class = FileStream", "stdout_stream.class = x.Y", "must be FileStream"),
+    (OUT_LOG, "/etc/cron.d/x", "stdout_stream.filename must be"),
+    (OUT_LOG, "/srv/fleet/logs/../../../etc/x", "stdout_stream.filename must be"),
+    ("working_dir = /srv/fleet/bots/shop", "working_dir = /", "working_dir must be"),
+    (f"cmd = {sys.executable}", "cmd = /bin/sh", "cmd must be the fleet's python"),
+    (f"cmd = {sys.executable}", f"cmd = {sys.executable} -c 1", "cmd must be the fleet's"),
+    ("args = -S -I", "args = -c import\\ os -S -I", "args must run botrunner"),
+    ("/srv/fleet/bots/shop/config.json", "/srv/fleet/bots/other/config.json", "args must"),
+    ("copy_env = false", "copy_env = true", "copy_env must be false"),
+    ("rlimit_core = 0", "rlimit_core = 1000", "rlimit_core must be 0"),
+    ("respawn = true\n", "respawn = true\nhooks.before_start = os.system\n", "hooks.before"),
+    ("respawn = true\n", "respawn = true\nuse_sockets = true\n", "'use_sockets' is not"),
+    ("respawn = true\n", "respawn = true\nrespawn = true\n", "respawn given twice"),
+    ("respawn = true\n", "respawn = true\n  continued\n", "not 'key = value'"),
+    ("respawn = true\n", "respawn: true\n", "not 'key = value'"),
+    ("respawn = true\n", "rem = x\n", "'rem' is not one"),
+    ("stop_signal = TERM", "stop_signal = $(circus.env.X)", "what circus would alter"),
+    ("stop_signal = TERM", "stop_signal = TERM ;x", "what circus would alter"),
+    ("[env:bot-shop]\n", "[plugin:evil]\nuse = evil.P\n[env:bot-shop]\n", "the only sections"),
+    ("[env:bot-shop]\n", "[watcher:bot-other]\n", "the only sections"),
+    ("[env:bot-shop]\n", "[circus]\n", "the only sections"),
+    ("[env:bot-shop]\n", "[env:bot-shop]\nlower = x\n", "environment variable 'lower'"),
+]
+
+
+@pytest.mark.parametrize(("old", "new", "why"), FORGERIES)
+def test_a_forged_watcher_is_refused(old: str, new: str, why: str) -> None:
+    text = rendered()
+    assert old in text, old
+    with pytest.raises(WatcherRefused) as refused:
+        check_watcher(
+            HOME, "shop", text.replace(old, new, 1), python=sys.executable, account=ACCOUNT
+        )
+    assert why in str(refused.value)
+
+
+def test_a_watcher_for_another_bots_name_is_refused() -> None:
+    with pytest.raises(WatcherRefused, match="the only sections"):
+        check_watcher(HOME, "other", rendered(), python=sys.executable, account=ACCOUNT)
+
+
+def command(verb: str, /, **properties: object) -> dict[str, object]:
+    return {"id": "1", "command": verb, "properties": properties}
+
+
+@pytest.mark.parametrize(
+    ("message", "why"),
+    [
+        (command("start", name="bot-shop"), None),
+        (command("stop", name="bot-shop", match="simple", waiting=True), None),
+        (command("restart", name="bot-shop"), None),
+        (command("signal", name="bot-shop", signum=9), None),
+        (command("status"), None),
+        (command("status", name="bot-shop"), None),
+        (command("list"), None),
+        (command("list", name="bot-shop"), None),
+        (command("reloadconfig", waiting=True), None),
+        (command("set", name="bot-shop", key="uid", value=0), "'set' is not one"),
+        (command("add", name="evil", cmd="/bin/sh"), "'add' is not one"),
+        (command("rm", name="bot-shop"), "'rm' is not one"),
+        (command("quit"), "'quit' is not one"),
+        (command("options", name="bot-shop"), "'options' is not one"),
+        (command("signal", name="controller", signum=9), "not 'controller'"),
+        (command("signal", name="forkserver", signum=9), "not 'forkserver'"),
+        (command("list", name="postgres"), "not 'postgres'"),
+        (command("stop"), "needs the name of a bot's watcher"),
+        (command("stop", name="bot-*", match="glob"), "not 'bot-*'"),
+        (command("stop", name="bot-shop", match="regex"), "match must be 'simple'"),
+        (command("start", name="bot-shop", cmd="/bin/sh"), "takes no 'cmd'"),
+        (command("signal", name="bot-shop", signum=9, pid=1), "takes no 'pid'"),
+        (command("signal", name="bot-shop", signum="KILL"), "signum must be"),
+        (command("stop", name="bot-shop", waiting="yes"), "waiting must be"),
+        ({"command": "start", "properties": [], "id": "1"}, "properties must be an object"),
+        ({**command("start", name="bot-shop"), "msg_type": "cast"}, "only calls"),
+        ({**command("start", name="bot-shop"), "extra": 1}, "unknown fields"),
+        (["start"], "a command is a JSON object"),
+    ],
+)
+def test_the_gate_passes_only_its_allow_list(message: object, why: str | None) -> None:
+    reason = refusal(message)
+    if why is None:
+        assert reason is None
+    else:
+        assert reason is not None and why in reason, reason
+
+
+def test_the_gate_answers_what_it_refuses_in_circus_shape() -> None:
+    import json
+
+    from controller.gate import error_answer
+
+    answer = json.loads(error_answer("7", "no"))
+    assert {k: answer[k] for k in ("status", "errno", "id", "reason")} == {
+        "status": "error",
+        "errno": 3,
+        "id": "7",
+        "reason": "refused by tgfleet's gate: no",
+    }
+    assert json.loads(error_answer(["x"], "no"))["id"] is None
