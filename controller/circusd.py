@@ -12,13 +12,18 @@ circusd is started without the modules it can do without (``OPTIONAL``): ssl
 
 from __future__ import annotations
 
+import logging
 import sys
+from types import ModuleType
+from typing import Any
 
 from controller.childwatch import respawn_at_once
 
 #: Imported by circusd's libraries only if present, and used by none of what we run
 #: (no TLS, no YAML logger config, no terminal colours): kept out of its process.
 OPTIONAL = ("ssl", "yaml", "curses")
+
+log = logging.getLogger("circus")
 
 
 def leave_out_optional_modules() -> None:
@@ -28,6 +33,37 @@ def leave_out_optional_modules() -> None:
             sys.modules[name] = None  # type: ignore[assignment]  # "not installed"
 
 
+def keep_in_arbiter(circusd: ModuleType, argv: list[str]) -> None:
+    """Start the keeper and the gate (``controller.keeper.start_keeper``) in the process
+    that runs circusd's arbiter, once, before its first watcher starts: from the first
+    arbiter's ``initialize``. Not before ``circusd.main()``: with ``--daemon`` (the
+    Ansible role's ``daemon`` service manager) circus forks twice and closes every file
+    descriptor first, which would leave the daemon without their threads and sockets.
+    An arbiter built again (circusd's restart) finds them running."""
+    base: type[Any] = circusd.Arbiter
+    started = False
+
+    class KeepingArbiter(base):  # type: ignore[misc]  # circus is untyped
+        """circus' arbiter, plus the keeper started with the first one."""
+
+        def initialize(self) -> None:
+            nonlocal started
+            super().initialize()
+            if not started:
+                started = True
+                from controller.keeper import start_keeper
+
+                try:
+                    start_keeper(argv)
+                except Exception:
+                    # circusd's main logs an exception from its arbiter's start and
+                    # exits 0; a fleet whose controller can reach nothing must not.
+                    log.exception("the keeper and the gate could not start: circusd quits")
+                    raise SystemExit(1) from None
+
+    setattr(circusd, "Arbiter", KeepingArbiter)  # noqa: B010  (the name circusd.main looks up)
+
+
 def run(argv: list[str]) -> int:
     """circusd with ``argv`` (its own command line, without the program name), in this
     process; returns its exit code once it quits."""
@@ -35,9 +71,7 @@ def run(argv: list[str]) -> int:
     from circus import circusd
 
     respawn_at_once(circusd)  # a dead child is reaped and respawned on SIGCHLD
-    from controller.keeper import start_keeper
-
-    start_keeper(argv)  # as root: the controller's privileged operations, from a thread
+    keep_in_arbiter(circusd, argv)  # as root: the controller's privileged operations
 
     sys.argv = ["circusd", *argv]
     try:

@@ -6,8 +6,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
 import os
+import pwd
+import signal
 import stat
+import subprocess
 import time
 from collections.abc import Awaitable, Callable
 
@@ -21,9 +27,11 @@ from circus_fixtures import (  # noqa: F401  (fixtures; tests/integration is on 
     short_home,
     write_sleeper,
 )
+from harness import wait_for_async
 
 from controller.atomicfile import write_atomic
-from controller.circus import CircusClient, CircusError, WatcherNotFound
+from controller.botusers import BotUsers
+from controller.circus import CircusClient, CircusError, CircusUnavailable, WatcherNotFound
 from controller.home import Home
 from controller.render import BotWatcher, render_circus_ini, render_watcher
 
@@ -195,6 +203,140 @@ async def test_tgfleet_circusd_respawns_a_killed_child_on_sigchld(
     assert (await client.status())["bot-slow"] == "stopped"
     assert await client.pids("bot-calm") == calm
     assert psutil.Process(calm[0]).is_running()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the keeper runs in circusd as root")
+async def test_a_daemonised_tgfleet_circusd_serves_the_keeper_and_the_gate(
+    short_home: Home,
+) -> None:
+    """``python -m controller.circusd --daemon`` (the Ansible role's ``daemon`` service
+    manager): circus forks twice and closes every descriptor before its arbiter runs;
+    the keeper, the gate and the pub/sub socket's owner still serve the service user."""
+    home = short_home
+    write_circus_ini(home)
+    users = BotUsers(home, enabled=True)
+    log = home.logs_dir / "circusd.log"
+    circusd_pid: int | None = None
+    try:
+        service = users.ensure_service()
+        assert service is not None
+        # the service user reaches run/ (`tgfleet up` gives it an ACL on the home)
+        home.root.chmod(0o711)
+        home.run_dir.chmod(0o711)
+        launched = await asyncio.to_thread(
+            subprocess.run,
+            [*TGFLEET_CIRCUSD, "--daemon", "--log-output", str(log), str(home.circus_ini)],
+            cwd=home.root,
+            umask=0o077,
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )
+        assert launched.returncode == 0, launched.stderr  # the daemon went on alone
+
+        async def daemon_pid() -> int | None:
+            try:
+                await CircusClient(home.circus_endpoint, timeout_s=0.5).list_watchers()
+                return int(home.circusd_pidfile.read_text())
+            except (CircusUnavailable, FileNotFoundError, ValueError):
+                return None
+
+        circusd_pid = await wait_for_async("the daemon to answer", daemon_pid, 20, ignoring=())
+
+        request = {"op": "has_config", "bot": "nobody"}
+        answer = await asyncio.to_thread(ask_keeper_as, home, service.uid, request)
+        assert answer == {"ok": True, "exists": False}, _daemon_log(home)
+        # the gate forwards the service user's commands to circusd
+        watchers = await CircusClient(home.circus_gate_endpoint, timeout_s=5).list_watchers()
+        assert "controller" in watchers
+        # and circusd's events are the service user's to read
+        await wait_for_async(
+            "the pub/sub socket given to the service user",
+            lambda: _owned_by(home.circus_pubsub_socket, service.uid),
+            10,
+            0.05,
+            ignoring=(),
+        )
+        await _stop_daemon(home, circusd_pid)
+        circusd_pid = None
+
+        # A keeper that cannot start (its socket's path taken) stops circusd, not 0.
+        home.keeper_socket.unlink(missing_ok=True)
+        home.keeper_socket.mkdir()
+        failed = await asyncio.to_thread(
+            subprocess.run,
+            [*TGFLEET_CIRCUSD, "--log-output", str(log), str(home.circus_ini)],
+            cwd=home.root,
+            umask=0o077,
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )
+        assert failed.returncode == 1, _daemon_log(home)
+        assert "the keeper and the gate could not start: circusd quits" in log.read_text()
+    finally:
+        if circusd_pid is not None:
+            await _stop_daemon(home, circusd_pid)
+        users.remove_all()
+    assert not [u.pw_name for u in pwd.getpwall() if str(home.root) in u.pw_gecos]
+
+
+# One request on stdin, its answer out: run as the service user, standard library only.
+ASK_KEEPER = """
+import socket, sys
+with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+    conn.settimeout(30)
+    conn.connect(sys.argv[1])
+    conn.sendall(sys.stdin.buffer.read())
+    conn.shutdown(socket.SHUT_WR)
+    print(conn.makefile().read().strip(), flush=True)
+"""
+
+
+def ask_keeper_as(home: Home, uid: int, request: dict[str, object]) -> object:
+    account = pwd.getpwuid(uid)
+    done = subprocess.run(
+        [os.path.realpath(PYTHON), "-I", "-c", ASK_KEEPER, str(home.keeper_socket)],
+        input=json.dumps(request),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        user=uid,
+        group=account.pw_gid,
+        extra_groups=[],
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr + _daemon_log(home)
+    return json.loads(done.stdout)
+
+
+async def _owned_by(path: os.PathLike[str], uid: int) -> bool:
+    try:
+        return os.lstat(path).st_uid == uid
+    except FileNotFoundError:
+        return False
+
+
+async def _stop_daemon(home: Home, pid: int) -> None:
+    """Quit the daemon (and so its watchers); kill -9 its group if it does not go."""
+    with contextlib.suppress(CircusUnavailable):
+        await CircusClient(home.circus_endpoint, timeout_s=5).quit()
+
+    async def gone() -> bool:
+        return not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie"
+
+    try:
+        await wait_for_async("the daemon to quit", gone, 20, 0.05, ignoring=())
+    except AssertionError:
+        daemon = psutil.Process(pid)
+        for process in [*daemon.children(recursive=True), daemon]:
+            process.send_signal(signal.SIGKILL)
+        raise
+
+
+def _daemon_log(home: Home) -> str:
+    path = home.logs_dir / "circusd.log"
+    return "\n" + path.read_text() if path.exists() else ""
 
 
 def sleeper_in(home: Home) -> str:
