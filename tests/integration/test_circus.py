@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import pwd
@@ -31,6 +32,7 @@ from harness import wait_for_async
 
 from controller.atomicfile import write_atomic
 from controller.botusers import BotUsers
+from controller.childwatch import RESPAWN_SPACING_S
 from controller.circus import CircusClient, CircusError, CircusUnavailable, WatcherNotFound
 from controller.home import Home
 from controller.render import BotWatcher, render_circus_ini, render_watcher
@@ -203,6 +205,42 @@ async def test_tgfleet_circusd_respawns_a_killed_child_on_sigchld(
     assert (await client.status())["bot-slow"] == "stopped"
     assert await client.pids("bot-calm") == calm
     assert psutil.Process(calm[0]).is_running()
+
+
+async def test_tgfleet_circusd_spaces_the_respawns_of_a_crash_loop(
+    short_home: Home, circusd_factory: Factory
+) -> None:
+    """A child that dies as it starts is respawned on SIGCHLD no sooner than
+    RESPAWN_SPACING_S after its last start (not as fast as it dies: a core pinned),
+    and still respawned although circusd's poll is an hour away."""
+    home = short_home
+    write_circus_ini(home, poll_s=NO_POLL_S)
+    starts = home.root / "starts"
+    crasher = home.root / "crashpy"
+    crasher.write_text(f"#!/bin/sh\ndate +%s.%N >> {starts}\nexit 3\n")
+    crasher.chmod(0o755)
+    write_bot(home, BotWatcher("looper", autostart=True, memory_limit_mb=128), str(crasher))
+    write_bot(home, BotWatcher("calm", autostart=True, memory_limit_mb=128), sleeper_in(home))
+    circusd = await circusd_factory(home, TGFLEET_CIRCUSD)
+    client = circusd.client
+    await circusd.wait_for("the calm one active", lambda: _all_active(client, ["bot-calm"]))
+    await circusd.remember_pids()
+    calm = await client.pids("bot-calm")
+
+    def stamps() -> list[float]:
+        return [float(line) for line in starts.read_text().split()] if starts.exists() else []
+
+    async def started_five_times() -> bool:
+        return len(stamps()) >= 5
+
+    await circusd.wait_for("five starts of the looper", started_five_times, timeout_s=30)
+    times = stamps()
+    gaps = [later - earlier for earlier, later in itertools.pairwise(times)]
+    print(f"crash loop: {len(times)} starts, gaps {[round(g, 3) for g in gaps]}")
+    # The child's own clock: each start is logged a little after circus spawned it, so
+    # a gap may fall short of the spacing by that much; never by half of it.
+    assert min(gaps) >= RESPAWN_SPACING_S / 2, gaps
+    assert await client.pids("bot-calm") == calm
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="the keeper runs in circusd as root")
