@@ -109,12 +109,14 @@ _FORWARDED_HOST = re.compile(
 )
 
 
-def _first_value(headers: Iterable[str]) -> str | None:
-    """The first value of a header that may be repeated or comma-separated: what the
-    outermost proxy, the one the browser spoke to, wrote."""
+def _last_value(headers: Iterable[str]) -> str | None:
+    """The last value of a header that may be repeated or comma-separated: what our
+    peer, the trusted proxy, wrote. Values before it came from further away: a proxy
+    that appends (or passes a header through) keeps the client's own in front."""
+    last = None
     for header in headers:
-        return header.split(",")[0].strip()
-    return None
+        last = header.rsplit(",", 1)[-1].strip()
+    return last
 
 
 def forwarded_host_valid(host: str) -> bool:
@@ -143,18 +145,20 @@ def forwarded_origin(
     proxies: tuple[IPNetwork, ...],
 ) -> tuple[str, str]:
     """The scheme and host the client asked for: the request's own, unless the peer is
-    a trusted proxy; then the first value of its ``X-Forwarded-Proto`` and
+    a trusted proxy; then the last value of its ``X-Forwarded-Proto`` and
     ``X-Forwarded-Host`` where it sent them (a TLS-terminating proxy speaks plain HTTP
-    to us on another address than the one the browser used).
+    to us on another address than the one the browser used): the one it wrote itself,
+    never one a client sent that it passed on (nginx: ``proxy_set_header``, which
+    replaces the client's).
 
     A peer we do not trust cannot change either; a value that is no scheme or host is
     ignored (the request's own stays, which a browser's Origin will not match)."""
     if remote is None or not proxies or not _trusted(remote, proxies):
         return scheme, host
-    proto = _first_value(forwarded_proto)
+    proto = _last_value(forwarded_proto)
     if proto is not None and proto.lower() in FORWARDED_SCHEMES:
         scheme = proto.lower()
-    named = _first_value(forwarded_host)
+    named = _last_value(forwarded_host)
     if named is not None and forwarded_host_valid(named):
         host = named
     return scheme, host

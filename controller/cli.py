@@ -148,14 +148,30 @@ def _age(seconds: float | None) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
+def shown(cell: object) -> str:
+    """A cell as a terminal may show it: a character that is not printable (ESC and the
+    other controls, a newline, a bidi override) written as its escape, never obeyed. A
+    host's name and URL come from the shared database, which any controller writes."""
+    return "".join(c if c.isprintable() else _escape(c) for c in str(cell))
+
+
+def _escape(char: str) -> str:
+    code = ord(char)
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
 def table(
     rows: list[list[str]], header: list[str], paint: Callable[[int, str], str] | None = None
 ) -> str:
-    """Left-aligned columns; ``paint(column, padded cell)`` may colour a cell after padding."""
-    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows, strict=False)]
+    """Left-aligned columns; ``paint(column, padded cell)`` may colour a cell after padding.
+    Every cell is ``shown``: what a row holds cannot move the cursor or break a line."""
+    header, rows = [shown(c) for c in header], [[shown(c) for c in row] for row in rows]
+    widths = [max(len(c) for c in col) for col in zip(header, *rows, strict=False)]
 
     def line(cells: Sequence[str], colour: bool) -> str:
-        padded = [str(c).ljust(w) for c, w in zip(cells, widths, strict=True)]
+        padded = [c.ljust(w) for c, w in zip(cells, widths, strict=True)]
         if colour and paint is not None:
             padded = [paint(i, cell) for i, cell in enumerate(padded)]
         return "  ".join(padded).rstrip()

@@ -18,6 +18,7 @@ import os
 import pwd
 import signal
 import stat
+import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -165,11 +166,60 @@ def check_listen(options: UpOptions) -> None:
     for path in (options.tls_cert, options.tls_key):
         if path is not None and not os.path.isfile(path):
             raise UpError(f"no such file: {path}")
+        if path is not None:
+            _check_controller_reads(options.home, path)
     if not is_loopback(host) and not options.tls_cert and not options.insecure_listen:
         raise UpError(
             f"--listen {options.listen} is reachable from other machines: give it TLS "
             "(--tls-cert FILE --tls-key FILE), or say --insecure-listen to serve plain HTTP"
         )
+
+
+def _check_controller_reads(home: Home, path: str) -> None:
+    """The controller serves HTTPS, so it must read the certificate and key: as root it
+    runs as the fleet's service user with the fleet's group as its primary group (what
+    circusd gives its watcher), tried by opening the file as them (mode, ACLs, every dir
+    on the way). A user or group this `up` has yet to make is tried as ids no user or
+    group has: it may read what a stranger may."""
+    if os.geteuid() != 0:
+        if not os.access(path, os.R_OK):
+            raise UpError(f"cannot read {path}: the controller, run as this user, must read it")
+        return
+    name = service_user_name(home)
+    stranger = next(i for i in range(2**31 - 2, 0, -1) if _no_user_nor_group(i))
+    try:
+        gid = grp.getgrnam(fleet_group_name(home)).gr_gid
+    except KeyError:
+        gid = stranger
+    try:
+        uid, groups, exists = pwd.getpwnam(name).pw_uid, os.getgrouplist(name, gid), True
+    except KeyError:
+        uid, groups, exists = stranger, [gid], False
+    cat = subprocess.run(
+        ["cat", "--", path], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        user=uid, group=gid, extra_groups=groups, cwd="/", check=False,
+    )  # fmt: skip
+    if cat.returncode != 0:
+        first = "" if exists else (
+            f"; {name} does not exist yet: run `tgfleet up` (or `tgfleet render circus-ini "
+            "--write`) once without --tls-cert/--tls-key, which makes it"
+        )  # fmt: skip
+        raise UpError(
+            f"{path} is not readable by {name}, the fleet's service user, which runs the "
+            f"controller when `tgfleet up` runs as root: grant it read access (setfacl -m "
+            f"u:{name}:r {path}, and search (x) on the dirs above){first}"
+        )
+
+
+def _no_user_nor_group(i: int) -> bool:
+    try:
+        pwd.getpwuid(i)
+    except KeyError:
+        try:
+            grp.getgrgid(i)
+        except KeyError:
+            return True
+    return False
 
 
 def check_options(options: UpOptions) -> None:

@@ -203,6 +203,51 @@ def verify_unit(unit: Path) -> None:
     assert done.returncode == 0 and not about_unit, done.stderr
 
 
+def certificate_from_an_authority(directory: Path) -> tuple[Path, Path, Path]:
+    """An authority (self-signed, ca.pem) and the server's certificate for 127.0.0.1 it
+    signed (no authority itself: trusting it alone verifies nothing), with its key:
+    ``directory``/ca.pem, cert.pem and key.pem."""
+    import ipaddress
+    from datetime import UTC, datetime, timedelta
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    authority, _ = self_signed_certificate(directory)
+    authority = authority.rename(directory / "ca.pem")
+    ca_cert = x509.load_pem_x509_certificate(authority.read_bytes())
+    ca_key = serialization.load_pem_private_key((directory / "key.pem").read_bytes(), None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "tgfleet")]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=1))
+        .not_valid_after(now + timedelta(hours=2))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return authority, cert_path, key_path
+
+
 def test_the_role_deploys_a_fleet_idempotently_and_its_bots_answer(
     deployment: Deployment, sandbox: Sandbox
 ) -> None:
@@ -211,9 +256,10 @@ def test_the_role_deploys_a_fleet_idempotently_and_its_bots_answer(
     tokens = {name: sandbox.create_bot(f"ans{tag}_{name}") for name in ("one", "two")}
     tls = deployment.root / "tls"
     tls.mkdir(mode=0o755)
-    cert, key = self_signed_certificate(tls)
+    # An authority's certificate, not the server's own, is what the role must trust.
+    authority, cert, key = certificate_from_an_authority(tls)
     key.chmod(0o644)  # a test's key: the fleet's user, made by the role, must read it
-    deployment.ca_file = cert
+    deployment.ca_file = authority
     host = f"ans{tag}"  # the controller's TGFLEET_HOST, and bot two's declared host
     variables: dict[str, Any] = {
         "tgfleet_prefix": str(deployment.prefix),
@@ -224,6 +270,7 @@ def test_the_role_deploys_a_fleet_idempotently_and_its_bots_answer(
         "tgfleet_listen": deployment.listen,
         "tgfleet_tls_cert": str(cert),
         "tgfleet_tls_key": str(key),
+        "tgfleet_tls_ca": str(authority),
         "tgfleet_environment": {"TGFLEET_HOST": host},
         "tgfleet_database_url": deployment.database or "",
         "tgfleet_fleet_defaults": {"telegram": sandbox.telegram_defaults()},

@@ -400,21 +400,26 @@ async def test_behind_a_trusted_proxy_each_client_has_its_own_throttle(api: Api)
         # Only one of them sent: the other stays the request's own.
         ("127.0.0.1", ["https"], [], PROXIES, ("https", "127.0.0.1:8710")),
         ("127.0.0.1", [], ["fleet.example"], PROXIES, ("http", "fleet.example")),
-        # Chained proxies: the first value is what the outermost one saw.
+        # Several values: the last is what the trusted peer itself wrote; the ones
+        # before it came from further away, the client among them (a proxy that
+        # appends, or passes the client's header through).
         (
             "127.0.0.1",
-            ["https, http"],
-            ["fleet.example, inner:8080"],
+            ["http, https"],
+            ["evil.example, fleet.example"],
             PROXIES,
             ("https", "fleet.example"),
         ),
         (
             "127.0.0.1",
-            ["https", "http"],
-            ["fleet.example", "inner"],
+            ["http", "https"],
+            ["evil.example", "fleet.example:8443"],
             PROXIES,
-            ("https", "fleet.example"),
+            ("https", "fleet.example:8443"),
         ),
+        # The trusted peer's own value is no host: the client's before it is not taken.
+        ("127.0.0.1", ["https"], ["fleet.example, a b"], PROXIES, ("https", "127.0.0.1:8710")),
+        ("127.0.0.1", ["https, "], ["fleet.example"], PROXIES, ("http", "fleet.example")),
         # Not believed: an untrusted peer, or no proxies named.
         ("192.0.2.9", ["https"], ["fleet.example"], PROXIES, ("http", "127.0.0.1:8710")),
         ("127.0.0.1", ["https"], ["fleet.example"], (), ("http", "127.0.0.1:8710")),

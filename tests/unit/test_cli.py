@@ -319,6 +319,23 @@ def test_hosts_table_says_who_is_alive_and_who_answered() -> None:
     assert rows[2].split() == ["gamma", "no", "never", "0", "1", "-"]
 
 
+def test_a_table_shows_control_characters_from_the_database_and_obeys_none() -> None:
+    # A host's name and api_url come from the shared database: any controller wrote them.
+    hosts = [
+        {"name": "evil\x1b]0;owned\x07\r", "alive": True, "silent_s": 1.0, "held": 0,
+         "placed": 0, "answering": True, "api_url": "https://a\u202eexe.b\x9b2J\nfake"},
+        {"name": "ok", "alive": False, "silent_s": None, "held": 0, "placed": 0,
+         "answering": False, "api_url": ""},
+    ]  # fmt: skip
+    shown = hosts_table(hosts)
+    assert not [c for c in shown if c != "\n" and not c.isprintable()]
+    header, first, second = shown.split("\n")  # one line per host: no newline got through
+    assert first.split()[0] == "evil\\x1b]0;owned\\x07\\x0d"
+    assert first.split()[-1] == "https://a\\u202eexe.b\\x9b2J\\x0afake"
+    # Columns line up on what is shown.
+    assert header.index("ALIVE") == first.index("yes") == second.index("no")
+
+
 def test_a_hosts_command_loads_the_http_client_only() -> None:
     code = "from controller.cli import run\nrun(['hosts', 'list', '--api', 'http://127.0.0.1:9'])"
     assert loaded_after(code, HEAVY_FOR_THE_CLI) == []

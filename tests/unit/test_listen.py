@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from controller.botusers import BotUsers, service_user_name
 from controller.home import Home
 from controller.settings import ControllerSettings, SettingsError, is_loopback
+from controller.sysusers import delete_group, ensure_group, grant_user
 from controller.up import UpError, UpOptions, check_listen, insecure_listen_warning, prepare
 
 
@@ -39,7 +45,19 @@ def test_loopback_needs_nothing(tmp_path: Path) -> None:
     assert insecure_listen_warning(options(tmp_path, "127.0.0.1:8710")) is None
 
 
-def test_beyond_loopback_needs_tls_or_insecure_listen(tmp_path: Path) -> None:
+@pytest.fixture
+def shared(tmp_path: Path) -> Iterator[Path]:
+    """A dir every user may traverse (pytest's tmp_path is root's 0700 when we are root)."""
+    path = Path(tempfile.mkdtemp(prefix="tgf-tls-", dir="/tmp"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path)
+
+
+def test_beyond_loopback_needs_tls_or_insecure_listen(shared: Path) -> None:
+    tmp_path = shared
     with pytest.raises(UpError, match=r"--tls-cert FILE --tls-key FILE\), or say --insecure"):
         check_listen(options(tmp_path, "0.0.0.0:8710"))
     insecure = options(tmp_path, "0.0.0.0:8710", insecure_listen=True)
@@ -49,6 +67,8 @@ def test_beyond_loopback_needs_tls_or_insecure_listen(tmp_path: Path) -> None:
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     cert.write_text("x")
     key.write_text("x")
+    cert.chmod(0o644)
+    key.chmod(0o644)
     with_tls = options(tmp_path, "0.0.0.0:8710", tls_cert=str(cert), tls_key=str(key))
     check_listen(with_tls)
     assert insecure_listen_warning(with_tls) is None
@@ -56,6 +76,66 @@ def test_beyond_loopback_needs_tls_or_insecure_listen(tmp_path: Path) -> None:
         check_listen(options(tmp_path, "0.0.0.0:8710", tls_cert=str(cert)))
     with pytest.raises(UpError, match="no such file"):
         check_listen(options(tmp_path, "0.0.0.0:1", tls_cert=str(cert), tls_key="/nope"))
+
+
+def test_the_controller_must_read_the_key_it_serves_https_with(shared: Path) -> None:
+    # As root the controller runs as the fleet's service user; made by this `up`, it
+    # reads what any user may. Else it runs as this user.
+    cert, key = shared / "cert.pem", shared / "key.pem"
+    cert.write_text("x")
+    key.write_text("x")
+    cert.chmod(0o644)
+    key.chmod(0o600 if os.geteuid() == 0 else 0o000)
+    tls = options(shared, "0.0.0.0:8710", tls_cert=str(cert), tls_key=str(key))
+    if os.geteuid() == 0:
+        name = service_user_name(tls.home)
+        says = f"{key} is not readable by {name}, .*setfacl -m u:{name}:r .*does not exist yet"
+    else:
+        says = f"cannot read {key}: the controller, run as this user, must read it"
+    with pytest.raises(UpError, match=says):
+        check_listen(tls)
+    key.chmod(0o640 if os.geteuid() == 0 else 0o400)
+    if os.geteuid() == 0:  # group root's: not the service user's
+        with pytest.raises(UpError, match="is not readable by"):
+            check_listen(tls)
+        key.chmod(0o604)
+    check_listen(tls)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the fleet's service user: root only")
+def test_as_root_the_service_user_must_read_the_key(shared: Path) -> None:
+    home = Home(shared / "home")
+    home.root.mkdir()
+    cert, key = shared / "tls" / "cert.pem", shared / "tls" / "key.pem"
+    key.parent.mkdir(mode=0o700)
+    cert.write_text("x")
+    key.write_text("x")
+    cert.chmod(0o644)
+    key.chmod(0o600)
+    tls = options(home.root, "0.0.0.0:8710", tls_cert=str(cert), tls_key=str(key))
+    users = BotUsers(home, enabled=True)
+    try:
+        service = users.ensure_service()
+        assert service is not None
+        group = ensure_group(users.fleet_group)
+        # The dir is not searchable for it: refused, the user named (it exists).
+        with pytest.raises(UpError, match=f"{cert} is not readable by {service.user}") as refused:
+            check_listen(tls)
+        assert "does not exist yet" not in str(refused.value)
+        key.parent.chmod(0o755)
+        with pytest.raises(UpError, match=f"{key} is not readable by {service.user}"):
+            check_listen(tls)
+        grant_user(key, service.uid, 0o4)  # what the message says to do
+        check_listen(tls)
+        key.parent.chmod(0o750)  # root and its group only
+        with pytest.raises(UpError, match=f"{cert} is not readable by {service.user}"):
+            check_listen(tls)
+        # The fleet's group is the controller's primary group (its watcher's gid).
+        os.chown(key.parent, 0, group.gr_gid)
+        check_listen(tls)
+    finally:
+        users.remove_service()
+        delete_group(users.fleet_group)
 
 
 def test_settings_say_https_with_a_certificate() -> None:
