@@ -74,6 +74,16 @@ FORGERIES = [
     ("[env:bot-shop]\n", "[watcher:bot-other]\n", "the only sections"),
     ("[env:bot-shop]\n", "[circus]\n", "the only sections"),
     ("[env:bot-shop]\n", "[env:bot-shop]\nlower = x\n", "environment variable 'lower'"),
+    # circus reads with universal newlines: a "\r" ends a line there, even in a comment
+    (
+        "[env:bot-shop]\n",
+        "# note\r[watcher:evil]\rcmd = /bin/sh\rargs = -c id\r[env:bot-shop]\n",
+        "character '\\r'",
+    ),
+    ("respawn = true\n", "respawn = true\r\n", "character '\\r'"),
+    ("respawn = true\n", "respawn = true\n\x85uid = root\n", "character '\\x85'"),
+    ("respawn = true\n", "respawn = true\n\x0buid = root\n", "character '\\x0b'"),
+    ("respawn = true\n", "respawn = true\n;x\n", "not 'key = value'"),
 ]
 
 
@@ -86,6 +96,13 @@ def test_a_forged_watcher_is_refused(old: str, new: str, why: str) -> None:
             HOME, "shop", text.replace(old, new, 1), python=sys.executable, account=ACCOUNT
         )
     assert why in str(refused.value)
+
+
+def test_a_value_circus_reads_otherwise_is_refused() -> None:
+    """'""' passes the grammar as two quotes; circus' parser makes it empty."""
+    text = rendered().replace("[env:bot-shop]\n", '[env:bot-shop]\nEMPTY = ""\n', 1)
+    with pytest.raises(WatcherRefused, match="circus' own parser reads this file otherwise"):
+        check_watcher(HOME, "shop", text, python=sys.executable, account=ACCOUNT)
 
 
 def test_a_watcher_for_another_bots_name_is_refused() -> None:
