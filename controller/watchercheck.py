@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import importlib.util
 import io
-import os
 import re
 import shlex
 from pathlib import Path
@@ -178,8 +177,9 @@ def check_watcher(
         if not _ENV_KEY.fullmatch(key):
             raise WatcherRefused(f"environment variable {key!r} is not [A-Z_][A-Z0-9_]*")
 
-    cmd = shlex.split(watcher["cmd"])
-    if len(cmd) != 1 or os.path.realpath(cmd[0]) != os.path.realpath(python):
+    # The very path, not what it resolves to now: a link elsewhere that points at the
+    # fleet's python today may be pointed at something else once circusd loaded it.
+    if shlex.split(watcher["cmd"]) != [python]:
         raise WatcherRefused(f"cmd must be the fleet's python {python}, not {watcher['cmd']!r}")
     config = str(home.bot_config(name))
     allowed_args = (

@@ -105,6 +105,15 @@ def test_a_value_circus_reads_otherwise_is_refused() -> None:
         check_watcher(HOME, "shop", text, python=sys.executable, account=ACCOUNT)
 
 
+def test_a_link_to_the_fleets_python_is_refused(tmp_path: Path) -> None:
+    """A link that points at the fleet's python today may point elsewhere tomorrow."""
+    link = tmp_path / "python"
+    link.symlink_to(sys.executable)
+    text = rendered().replace(f"cmd = {sys.executable}", f"cmd = {link}", 1)
+    with pytest.raises(WatcherRefused, match="cmd must be the fleet's python"):
+        check_watcher(HOME, "shop", text, python=sys.executable, account=ACCOUNT)
+
+
 def test_a_watcher_for_another_bots_name_is_refused() -> None:
     with pytest.raises(WatcherRefused, match="the only sections"):
         check_watcher(HOME, "other", rendered(), python=sys.executable, account=ACCOUNT)
