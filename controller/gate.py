@@ -18,7 +18,9 @@ another watcher, a property it does not know) is answered in circus' own error
 shape (``{"status": "error", "reason", "errno", "id"}``, errno 3: a message error)
 and never reaches circusd. Requests are forwarded concurrently (a ``reloadconfig``
 that waits for bots to stop holds no ``status`` back), each on a DEALER of its own,
-and an answer goes back to the peer that asked.
+and an answer goes back to the peer that asked; at most ``MAX_PENDING`` wait for
+circusd at once (more are answered with an error). A ``stop``'s ``graceful_timeout``
+is a finite number of seconds up to an hour: circus holds its arbiter lock meanwhile.
 
 Standard library and pyzmq only (circusd's process).
 """
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import time
@@ -46,6 +49,11 @@ MAX_MESSAGE = 64 * 1024
 #: every changed bot to stop; the controller gives it 60 s).
 FORWARD_TIMEOUT_S = 120.0
 POLL_MS = 1000
+#: Commands forwarded and not yet answered, at most; more are refused until circusd
+#: answers (the controller sends a handful at once: one per bot being acted on).
+MAX_PENDING = 64
+#: circus' arbiter lock is held while a stop waits: a stop that never ends holds it.
+MAX_GRACEFUL_TIMEOUT_S = 3600.0
 
 # command -> (properties it may carry, whether "name" is required)
 ALLOWED: dict[str, tuple[frozenset[str], bool]] = {
@@ -92,10 +100,17 @@ def refusal(message: object) -> str | None:
         isinstance(properties["signum"], int) and 1 <= properties["signum"] <= 64
     ):
         return "signum must be a signal number"
-    if "graceful_timeout" in properties and not isinstance(
-        properties["graceful_timeout"], int | float
-    ):
-        return "graceful_timeout must be a number"
+    if "graceful_timeout" in properties:
+        timeout = properties["graceful_timeout"]  # json.loads takes NaN and Infinity
+        if (
+            isinstance(timeout, bool)
+            or not isinstance(timeout, int | float)
+            or not math.isfinite(timeout)
+            or not 0 <= timeout <= MAX_GRACEFUL_TIMEOUT_S
+        ):
+            return (
+                f"graceful_timeout must be a number of seconds from 0 to {MAX_GRACEFUL_TIMEOUT_S:g}"
+            )
     return None
 
 
@@ -171,6 +186,11 @@ class Gate:
             log.warning("gate: refused %s", reason)
             message_id = message.get("id") if isinstance(message, dict) else None
             self.front.send_multipart([peer, error_answer(message_id, reason)])
+            return
+        if len(self.pending) >= MAX_PENDING:
+            log.warning("gate: %d commands unanswered, refused one more", len(self.pending))
+            busy = f"{MAX_PENDING} commands wait for circusd's answer; try again later"
+            self.front.send_multipart([peer, error_answer(message.get("id"), busy)])
             return
         back = self.context.socket(zmq.DEALER)
         back.setsockopt(zmq.LINGER, 0)

@@ -8,6 +8,7 @@ bot users (``controller.botusers``). Nothing here decides *who* gets a user.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import grp
@@ -15,7 +16,9 @@ import logging
 import operator
 import os
 import pwd
+import re
 import shutil
+import signal
 import stat
 import struct
 import subprocess
@@ -31,19 +34,51 @@ class SystemUserError(Exception):
     """A system user or group cannot be created or removed (no tool, tool failed)."""
 
 
+# Run by /bin/sh with the tool as "$@" and a pipe of ours as stdin: moves the pipe to
+# fd 3, runs the tool (stdin /dev/null, no fd 3) as its child, waits for it, and
+# writes its exit status (128+N: killed by signal N) down the pipe.
+_REPORTER = 'exec 3<&0 </dev/null; "$@" 3>&-; echo "$?" >&3'
+
+
 def _run(tool: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """``tool args``, its output and its exit status, which survive a reaper of every
+    child of this process: in circusd's process (the keeper) circusd reaps with
+    ``waitpid(-1)`` on each SIGCHLD, and ``subprocess`` then reports 0 for whatever it
+    ran. So the tool runs as a grandchild: a shell runs it, waits for it, and writes
+    its status down a pipe of ours (circus may reap the shell, never the tool)."""
     path = shutil.which(tool) or next(
         (p for p in (f"/usr/sbin/{tool}", f"/sbin/{tool}") if os.access(p, os.X_OK)), None
     )
     if path is None:
         raise SystemUserError(f"running as root, {tool} is needed and missing")
+    status_read, status_write = os.pipe()
     try:
-        return subprocess.run(
-            [path, *args], capture_output=True, text=True, check=False, timeout=TOOL_TIMEOUT_S
+        reporter = subprocess.Popen(
+            ["/bin/sh", "-c", _REPORTER, "sh", path, *args],
+            stdin=status_write,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,  # the tool too: one killpg ends both
         )
-    except subprocess.TimeoutExpired as exc:
-        # useradd waits for /etc/passwd's lock; a stuck holder is an operator's problem.
-        raise SystemUserError(f"{tool} {' '.join(args)} took over {TOOL_TIMEOUT_S}s") from exc
+    except BaseException:
+        os.close(status_read)
+        raise
+    finally:
+        os.close(status_write)
+    with os.fdopen(status_read, "rb") as status_pipe:
+        try:
+            out, err = reporter.communicate(timeout=TOOL_TIMEOUT_S)
+        except subprocess.TimeoutExpired as exc:
+            # useradd waits for /etc/passwd's lock; a stuck holder is an operator's problem.
+            with contextlib.suppress(ProcessLookupError):  # both gone meanwhile
+                os.killpg(reporter.pid, signal.SIGKILL)
+            reporter.communicate()
+            raise SystemUserError(f"{tool} {' '.join(args)} took over {TOOL_TIMEOUT_S}s") from exc
+        status = status_pipe.read().decode("ascii", "replace").strip()
+    if not re.fullmatch(r"[0-9]{1,3}", status):
+        raise SystemUserError(f"{tool} {' '.join(args)}: no exit status came back ({err.strip()})")
+    return subprocess.CompletedProcess([path, *args], int(status), out, err)
 
 
 def ensure_group(name: str) -> grp.struct_group:
@@ -121,9 +156,8 @@ def delete_group(name: str) -> bool:
 
 
 def _exists(lookup: Callable[[str], object], name: str) -> bool:
-    """Whether ``name`` is (still) there. A tool's exit code alone is not believed: in
-    circusd's process (the keeper) circusd may reap the tool first (waitpid(-1)), and
-    subprocess then reports 0; what the tool was to do is checked instead."""
+    """Whether ``name`` is (still) there: checked besides the tool's exit status (which
+    ``_run`` gets past circusd's reaper), what the tool was to do is done."""
     try:
         lookup(name)
     except KeyError:

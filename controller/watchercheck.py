@@ -11,14 +11,18 @@ launcher) on this bot's config, as this bot's own user, in its own dir, logging 
 ``logs/bot-NAME.std{out,err}.log`` through circus' ``FileStream``.
 
 The file is read line by line in a grammar narrower than circus' parser (no
-continuation lines, no ``rem`` lines, no inline comments, no substitutions): a file
-this check accepts means the same to both. Standard library only (circusd's process).
+continuation lines, no ``rem`` lines, no inline comments, no substitutions), over
+printable ASCII, tabs and ``"\n"`` only: circus reads its files with universal
+newlines, so a ``"\r"`` (even in a comment) would end a line for circus and not for
+this grammar. Then the text is read again by circus' own parser, which must find the
+very sections, keys and values this grammar found. Standard library and circus
+(circusd's process).
 """
 
 from __future__ import annotations
 
 import importlib.util
-import os
+import io
 import re
 import shlex
 from pathlib import Path
@@ -38,7 +42,9 @@ _SIGNAL = re.compile(r"^[A-Z0-9]{2,8}$")
 _BOOL = ("true", "false")
 # Circus substitutes $(circus.…) and ((circus.…)) in options, and cuts a value at a
 # ';' after whitespace; '%' interpolates in stock parsers.
-_FORBIDDEN = ("$(", "((", " ;", "\t;", "%", "\x00", "\r")
+_FORBIDDEN = ("$(", "((", " ;", "\t;", "%")
+# Anywhere in the file, comments included: one meaning for every reader and locale.
+_ALLOWED_CHAR = re.compile(r"[\x20-\x7e\t\n]*")
 
 # key -> what its value must look like (a pattern, or None: checked by name below)
 _WATCHER_KEYS: dict[str, re.Pattern[str] | tuple[str, ...] | None] = {
@@ -96,6 +102,14 @@ def parse(text: str, name: str) -> tuple[dict[str, str], dict[str, str]]:
     """The watcher and env options of bot ``name``'s file; WatcherRefused for any line
     outside the grammar, any other section, and any key given twice."""
     watcher_section, env_section = f"[watcher:bot-{name}]", f"[env:bot-{name}]"
+    allowed = _ALLOWED_CHAR.match(text)
+    assert allowed is not None  # "*": matches at least the empty prefix
+    if allowed.end() != len(text):
+        at = text.count("\n", 0, allowed.end()) + 1
+        raise WatcherRefused(
+            f"line {at}: character {text[allowed.end()]!r}; a watcher file holds "
+            'printable ASCII, tabs and "\\n" line ends only'
+        )
     sections: dict[str, dict[str, str]] = {}
     current: dict[str, str] | None = None
     for number, line in enumerate(text.split("\n"), start=1):
@@ -125,6 +139,23 @@ def parse(text: str, name: str) -> tuple[dict[str, str], dict[str, str]]:
     return sections[watcher_section], sections.get(env_section, {})
 
 
+def _as_circus_reads(text: str) -> dict[str, dict[str, str]]:
+    """Sections and options of ``text`` as circusd reads a file of ``bots.d``
+    (circus.config.read_config: its StrictConfigParser on a file opened with universal
+    newlines); WatcherRefused where that parser fails."""
+    from circus.util import StrictConfigParser  # circusd's own; the keeper runs in it
+
+    parser = StrictConfigParser()
+    try:
+        parser.read_file(io.StringIO(text, newline=None), "watcher file")
+    except Exception as exc:  # configparser.Error and what a parser of 2012 may raise
+        raise WatcherRefused(f"circus' own parser refuses it: {exc}") from None
+    return {
+        section: {key: value for key, value in parser.items(section) if key != "__name__"}
+        for section in parser.sections()
+    }
+
+
 def check_watcher(
     home: Home, name: str, text: str, *, python: str, account: tuple[str, str] | None
 ) -> None:
@@ -146,8 +177,9 @@ def check_watcher(
         if not _ENV_KEY.fullmatch(key):
             raise WatcherRefused(f"environment variable {key!r} is not [A-Z_][A-Z0-9_]*")
 
-    cmd = shlex.split(watcher["cmd"])
-    if len(cmd) != 1 or os.path.realpath(cmd[0]) != os.path.realpath(python):
+    # The very path, not what it resolves to now: a link elsewhere that points at the
+    # fleet's python today may be pointed at something else once circusd loaded it.
+    if shlex.split(watcher["cmd"]) != [python]:
         raise WatcherRefused(f"cmd must be the fleet's python {python}, not {watcher['cmd']!r}")
     config = str(home.bot_config(name))
     allowed_args = (
@@ -172,3 +204,11 @@ def check_watcher(
         wanted = str(home.watcher_log(f"bot-{name}", "out" if suffix == "out" else "err"))
         if watcher[f"{stream}_stream.filename"] != wanted:
             raise WatcherRefused(f"{stream}_stream.filename must be {wanted}")
+    # Last, the file as circusd itself will read it: the same sections, keys, values.
+    circus_read = _as_circus_reads(text)
+    if (
+        set(circus_read) - {f"watcher:bot-{name}", f"env:bot-{name}"}
+        or circus_read.get(f"watcher:bot-{name}") != watcher
+        or circus_read.get(f"env:bot-{name}", {}) != env
+    ):
+        raise WatcherRefused("circus' own parser reads this file otherwise")

@@ -316,13 +316,15 @@ def test_the_keeper_serves_only_the_service_user_and_only_its_operations(fleet: 
 
 
 def test_the_keeper_writes_no_watcher_file_outside_the_allow_list(
-    fleet: Fleet, sandbox: Sandbox
+    fleet: Fleet, sandbox: Sandbox, tmp_path: Path
 ) -> None:
     """circusd loads bots.d/ as root: a watcher file is the keeper's to write, for the
     bot's own user, the fleet's python, its own logs, circus' FileStream, nothing else."""
     home = fleet.home
     service = pwd.getpwnam(service_user_name(home))
     controller_gid = grp.getgrnam(fleet_group_name(home)).gr_gid
+    python_link = tmp_path / "python"  # points at the fleet's python, for now
+    python_link.symlink_to(sys.executable)
     create(fleet, sandbox, "target", plugins=[ECHO])
     create(fleet, sandbox, "bystander", plugins=[ECHO])
     try:
@@ -356,6 +358,9 @@ def test_the_keeper_writes_no_watcher_file_outside_the_allow_list(
             ),
             "a section": written + "[plugin:evil]\nuse = evil.Plugin\n",
             "a substitution": written.replace("TERM", "$(circus.env.SIGNAL)"),
+            # circus reads with universal newlines: "\r" ends a line there (review H1)
+            "a carriage return": written + "# note\r[watcher:evil]\rcmd = /bin/sh\rargs = -c id\r",
+            "a link to python": written.replace(f"cmd = {sys.executable}", f"cmd = {python_link}"),
         }
         answers = ask_keeper(
             fleet,
@@ -373,6 +378,8 @@ def test_the_keeper_writes_no_watcher_file_outside_the_allow_list(
         assert "key 'hooks.before_start' is not one a bot's watcher has" in refused["a hook"]
         assert "the only sections are" in refused["a section"]
         assert "what circus would alter" in refused["a substitution"]
+        assert "character '\\r'" in refused["a carriage return"]
+        assert "cmd must be the fleet's python" in refused["a link to python"]
         assert home.watcher_file("target").read_text() == written
     finally:
         for name in ("target", "bystander"):

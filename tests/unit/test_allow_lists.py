@@ -4,12 +4,15 @@ and each way of making circusd (root) run something else is refused."""
 
 from __future__ import annotations
 
+import json
+import os
 import sys
 from pathlib import Path
 
 import pytest
+import zmq
 
-from controller.gate import refusal
+from controller.gate import MAX_PENDING, Gate, refusal
 from controller.home import Home
 from controller.render import BotWatcher, render_watcher
 from controller.watchercheck import WatcherRefused, check_watcher
@@ -74,6 +77,16 @@ FORGERIES = [
     ("[env:bot-shop]\n", "[watcher:bot-other]\n", "the only sections"),
     ("[env:bot-shop]\n", "[circus]\n", "the only sections"),
     ("[env:bot-shop]\n", "[env:bot-shop]\nlower = x\n", "environment variable 'lower'"),
+    # circus reads with universal newlines: a "\r" ends a line there, even in a comment
+    (
+        "[env:bot-shop]\n",
+        "# note\r[watcher:evil]\rcmd = /bin/sh\rargs = -c id\r[env:bot-shop]\n",
+        "character '\\r'",
+    ),
+    ("respawn = true\n", "respawn = true\r\n", "character '\\r'"),
+    ("respawn = true\n", "respawn = true\n\x85uid = root\n", "character '\\x85'"),
+    ("respawn = true\n", "respawn = true\n\x0buid = root\n", "character '\\x0b'"),
+    ("respawn = true\n", "respawn = true\n;x\n", "not 'key = value'"),
 ]
 
 
@@ -88,6 +101,22 @@ def test_a_forged_watcher_is_refused(old: str, new: str, why: str) -> None:
     assert why in str(refused.value)
 
 
+def test_a_value_circus_reads_otherwise_is_refused() -> None:
+    """'""' passes the grammar as two quotes; circus' parser makes it empty."""
+    text = rendered().replace("[env:bot-shop]\n", '[env:bot-shop]\nEMPTY = ""\n', 1)
+    with pytest.raises(WatcherRefused, match="circus' own parser reads this file otherwise"):
+        check_watcher(HOME, "shop", text, python=sys.executable, account=ACCOUNT)
+
+
+def test_a_link_to_the_fleets_python_is_refused(tmp_path: Path) -> None:
+    """A link that points at the fleet's python today may point elsewhere tomorrow."""
+    link = tmp_path / "python"
+    link.symlink_to(sys.executable)
+    text = rendered().replace(f"cmd = {sys.executable}", f"cmd = {link}", 1)
+    with pytest.raises(WatcherRefused, match="cmd must be the fleet's python"):
+        check_watcher(HOME, "shop", text, python=sys.executable, account=ACCOUNT)
+
+
 def test_a_watcher_for_another_bots_name_is_refused() -> None:
     with pytest.raises(WatcherRefused, match="the only sections"):
         check_watcher(HOME, "other", rendered(), python=sys.executable, account=ACCOUNT)
@@ -95,6 +124,14 @@ def test_a_watcher_for_another_bots_name_is_refused() -> None:
 
 def command(verb: str, /, **properties: object) -> dict[str, object]:
     return {"id": "1", "command": verb, "properties": properties}
+
+
+def stop_raw(graceful_timeout: str) -> object:
+    """A stop command as the gate decodes it from the wire."""
+    return json.loads(
+        '{"id": "1", "command": "stop", "properties": '
+        f'{{"name": "bot-shop", "graceful_timeout": {graceful_timeout}}}}}'
+    )
 
 
 @pytest.mark.parametrize(
@@ -124,6 +161,18 @@ def command(verb: str, /, **properties: object) -> dict[str, object]:
         (command("signal", name="bot-shop", signum=9, pid=1), "takes no 'pid'"),
         (command("signal", name="bot-shop", signum="KILL"), "signum must be"),
         (command("stop", name="bot-shop", waiting="yes"), "waiting must be"),
+        (command("stop", name="bot-shop", graceful_timeout=5), None),
+        (command("stop", name="bot-shop", graceful_timeout=0.5), None),
+        (command("stop", name="bot-shop", graceful_timeout=3600), None),
+        # json.loads reads NaN and Infinity: a stop that never ends holds circus' lock
+        (stop_raw("NaN"), "graceful_timeout must be a number of seconds from 0 to 3600"),
+        (stop_raw("Infinity"), "graceful_timeout must be"),
+        (stop_raw("-Infinity"), "graceful_timeout must be"),
+        (stop_raw("1e308"), "graceful_timeout must be"),
+        (stop_raw("3600.5"), "graceful_timeout must be"),
+        (stop_raw("-1"), "graceful_timeout must be"),
+        (stop_raw("true"), "graceful_timeout must be"),
+        (stop_raw('"5"'), "graceful_timeout must be"),
         ({"command": "start", "properties": [], "id": "1"}, "properties must be an object"),
         ({**command("start", name="bot-shop"), "msg_type": "cast"}, "only calls"),
         ({**command("start", name="bot-shop"), "extra": 1}, "unknown fields"),
@@ -139,8 +188,6 @@ def test_the_gate_passes_only_its_allow_list(message: object, why: str | None) -
 
 
 def test_the_gate_answers_what_it_refuses_in_circus_shape() -> None:
-    import json
-
     from controller.gate import error_answer
 
     answer = json.loads(error_answer("7", "no"))
@@ -151,3 +198,46 @@ def test_the_gate_answers_what_it_refuses_in_circus_shape() -> None:
         "reason": "refused by tgfleet's gate: no",
     }
     assert json.loads(error_answer(["x"], "no"))["id"] is None
+
+
+def test_the_gate_forwards_at_most_its_cap_of_unanswered_commands(tmp_path: Path) -> None:
+    """A circusd that answers nothing (busy: a reloadconfig waiting for bots to stop)
+    gets MAX_PENDING commands through the gate, no more: the rest are answered at once
+    with an error, and the gate holds no DEALER for them."""
+    home = Home(tmp_path)
+    home.run_dir.mkdir()
+    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    circusd = context.socket(zmq.ROUTER)  # circusd's socket, reading and not answering
+    circusd.bind(home.circus_endpoint)
+    gate = Gate(home, os.getuid())
+    gate.context = context
+    gate.listen()
+    controller = context.socket(zmq.DEALER)
+    controller.connect(home.circus_gate_endpoint)
+    sent = MAX_PENDING + 6
+    try:
+        for number in range(sent):
+            controller.send_json({"id": str(number), "command": "status", "properties": {}})
+        for _ in range(sent):
+            assert gate.front.poll(10_000), "the gate got every request"
+            gate.take()
+        assert len(gate.pending) == MAX_PENDING
+        forwarded = 0
+        while circusd.poll(1000):
+            circusd.recv_multipart()
+            forwarded += 1
+        assert forwarded == MAX_PENDING
+        refused: list[dict[str, object]] = []
+        while controller.poll(1000):
+            refused.append(json.loads(controller.recv()))
+        assert [answer["id"] for answer in refused] == [str(n) for n in range(MAX_PENDING, sent)]
+        assert all(
+            answer["status"] == "error" and "wait for circusd's answer" in str(answer["reason"])
+            for answer in refused
+        ), refused
+    finally:
+        for back in gate.pending:
+            back.close(linger=0)
+        for socket in (gate.front, controller, circusd):
+            socket.close(linger=0)
+        context.term()
