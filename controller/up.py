@@ -55,7 +55,7 @@ from controller.settings import (
     is_loopback,
     parse_hostport,
 )
-from controller.sysusers import SystemUserError, give_tree, grant_user
+from controller.sysusers import SystemUserError, give_tree, grant_user, private_dir
 from controller.watchercheck import WatcherRefused, check_watcher
 
 
@@ -297,7 +297,7 @@ def prepare_home(options: UpOptions) -> ControllerSettings:
         pg = prepare_embedded_pg(home, run_as)
         database_url = pg.dsn
     if options.demo:
-        _open_sandbox_dir(options, service)
+        _open_sandbox_dir(home, service)
     settings = controller_settings(options, database_url)
     write_atomic(home.circus_ini, circus_ini_text(options, pg, service), 0o600)
     write_atomic(home.circus_endpoint_file, home.circus_endpoint + "\n", 0o644)
@@ -388,8 +388,7 @@ def _share_home(home: Home, service: BotAccount, fleet_group: str) -> None:
     home.root.chmod(stat.S_IMODE(home.root.stat().st_mode) | stat.S_ISVTX)
     grant_user(home.root, service.uid, 0o7)
     for own in (home.secret_key, home.bus_key, home.admin_token, home.bus_keys_dir):
-        if own.exists() and not own.is_symlink():
-            give_tree(own, service.uid, service.gid)
+        give_tree(own, service.uid, service.gid)  # by fd: a link there is left alone
     _keep_watcher_files(home, service)
     grant_user(home.controller_json, service.uid, 0o4)
     os.chown(home.bus_dir, service.uid, grp.getgrnam(fleet_group).gr_gid)
@@ -415,15 +414,18 @@ def prepare(options: UpOptions) -> ControllerSettings:
     return prepare_home(options)
 
 
-def _open_sandbox_dir(options: UpOptions, service: BotAccount | None) -> None:
+def _open_sandbox_dir(home: Home, service: BotAccount | None) -> None:
     """The local Telegram's data dir (0700: its key and the tokens of its bots); as root
-    it belongs to the fleet's service user, which runs the sandbox."""
-    data = options.home.sandbox_dir
-    data.mkdir(mode=0o700, exist_ok=True)
-    data.chmod(0o700)
-    if service is not None:
-        # What an earlier run wrote as root (or as a service user since removed) is its now.
-        give_tree(data, service.uid, service.gid)
+    it belongs to the fleet's service user, which runs the sandbox (and may have swapped
+    it for a link since `up` looked: made, chmodded and given by fd, following none)."""
+    data = home.sandbox_dir
+    try:
+        private_dir(data, home.root)
+        if service is not None:
+            # What an earlier run wrote as root (or as a service user since removed) is its.
+            give_tree(data, service.uid, service.gid)
+    except SystemUserError as exc:
+        raise UpError(str(exc)) from exc
 
 
 def run(options: UpOptions, banner: Callable[[ControllerSettings], str]) -> NoReturn:
