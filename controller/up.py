@@ -278,7 +278,7 @@ def prepare_home(options: UpOptions) -> ControllerSettings:
     right stays."""
     home = options.home
     _refuse_planted_links(home)
-    home.make_dirs()
+    _make_dirs(home)
     users = BotUsers(home)
     # The service user runs the controller, the embedded PostgreSQL and the sandbox.
     code = [*bot_code_paths(sys.executable, options.plugin_path), _package_dir("controller")]
@@ -334,6 +334,15 @@ def _refuse_planted_links(home: Home) -> None:
                 f"{entry} is a symlink made by uid {info.st_uid}, not root: remove it "
                 "(`tgfleet up`, as root, follows no link another user planted in the home)"
             )
+
+
+def _make_dirs(home: Home) -> None:
+    """``home.make_dirs()``; a symlink where one of its dirs goes stops `up` (as root,
+    bus-keys/ is the service user's, which may have swapped it for a link)."""
+    try:
+        home.make_dirs()
+    except SystemUserError as exc:
+        raise UpError(str(exc)) from exc
 
 
 def _keep_watcher_files(home: Home, service: BotAccount) -> None:
@@ -403,7 +412,7 @@ def prepare(options: UpOptions) -> ControllerSettings:
     """Everything before circusd starts: dirs, embedded PostgreSQL, circus.ini, settings."""
     home = options.home
     check_options(options)
-    home.make_dirs()
+    _make_dirs(home)
     if asyncio.run(_circus_answers(home.circus_endpoint)):
         raise UpError(
             f"a fleet is already running in {home.root} "

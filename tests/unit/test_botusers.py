@@ -295,6 +295,10 @@ def test_make_dirs_chmods_through_no_link(tmp_path: Path) -> None:
     _planted_link(home.bus_keys_dir, target)
     with pytest.raises(SystemUserError, match=r"bus-keys is a symlink or no dir"):
         home.make_dirs()
+    from controller.up import UpError, _make_dirs
+
+    with pytest.raises(UpError, match=r"bus-keys is a symlink or no dir"):  # `up` says so
+        _make_dirs(home)
     assert stat.S_IMODE(target.stat().st_mode) == 0o755
 
 
