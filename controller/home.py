@@ -174,7 +174,11 @@ class Home:
             )
 
     def make_dirs(self) -> None:
-        """Create the home and its private subdirs with their modes."""
+        """Create the home and its private subdirs with their modes; a subdir that is
+        a symlink is refused (SystemUserError), never followed: as root, bus-keys/ is the
+        service user's, which could swap it for a link to /etc."""
+        from controller.sysusers import private_dir  # sysusers' users need no home
+
         self.root.mkdir(parents=True, exist_ok=True)
         for private in (
             self.run_dir,
@@ -184,5 +188,4 @@ class Home:
             self.bus_keys_dir,
             self.logs_dir,
         ):
-            private.mkdir(mode=0o700, exist_ok=True)
-            private.chmod(0o700)
+            private_dir(private, self.root)

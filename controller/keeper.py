@@ -63,7 +63,7 @@ from controller.botusers import (
     service_user_name,
 )
 from controller.home import Home
-from controller.sysusers import SystemUserError, give_tree
+from controller.sysusers import SystemUserError, give_tree, private_dir
 from controller.watchercheck import WatcherRefused, check_watcher
 
 log = logging.getLogger("circus.tgfleet.keeper")
@@ -143,8 +143,8 @@ class BotPrivileges:
     def own_dir(self, name: str) -> None:
         account = self.users.ensure(check_bot(name))
         bot_dir = self.home.bot_dir(name)
-        bot_dir.mkdir(mode=0o700, exist_ok=True)
-        bot_dir.chmod(0o700)
+        # The bot owns its dir: made, chmodded and given by fd, following no link in it.
+        private_dir(bot_dir, self.home.bots_dir)
         if account is not None:
             # A dir written before the bot had a user of its own holds root's files (its
             # session among them); never a hard link: it lives elsewhere too.

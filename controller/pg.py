@@ -30,6 +30,7 @@ from controller.sysusers import (
     give_tree,
     open_path_prefix,
     open_tree,
+    private_dir,
 )
 
 log = logging.getLogger(__name__)
@@ -120,14 +121,17 @@ def prepare_embedded_pg(home: Home, run_as: pwd.struct_passwd | None = None) -> 
     as_root = os.geteuid() == 0
     user = (run_as or _pg_user()) if as_root else None
 
-    home.pg_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    home.pg_run.mkdir(exist_ok=True, mode=0o700)
-    for owned in (home.pg_dir, home.pg_run):
-        owned.chmod(0o700)
+    # pg/ is PostgreSQL's user's: as root, nothing in it is reached through a link it
+    # may have planted (private_dir, give_tree walk by fd).
+    home.root.mkdir(parents=True, exist_ok=True)
+    try:
+        for owned in (home.pg_dir, home.pg_run):
+            private_dir(owned, home.root)
         if user is not None:
-            os.chown(owned, user.pw_uid, user.pw_gid)
+            give_tree(home.pg_dir, user.pw_uid, user.pw_gid)
+    except SystemUserError as exc:
+        raise EmbeddedPgError(str(exc)) from exc
     if user is not None:
-        give_tree(home.pg_dir, user.pw_uid, user.pw_gid)
         open_path_prefix(home.pg_dir)
         _open_pginstall(bin_dir)
 

@@ -210,22 +210,124 @@ def open_tree(root: Path) -> list[Path]:
     return changed
 
 
+# Root walks dirs other users own (a bot's dir, the service user's pg/, sandbox/,
+# bus-keys/) one name at a time from an fd it holds, and chowns and chmods the fd it
+# opened: an owner who swaps a dir for a symlink meanwhile leads root nowhere. Opening
+# with O_NOFOLLOW follows no link at the last name; the names before it are reached
+# through fds, never through a path another user can change.
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_NODE_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC  # opens nothing: no FIFO blocks
+_GIVE_DEPTH = 64  # deeper dirs are left alone (one fd is held per level)
+
+
+def _link_refused(path: Path) -> SystemUserError:
+    return SystemUserError(
+        f"{path} is a symlink or no dir: as root, tgfleet follows no link there (another "
+        "user may change it); remove it"
+    )
+
+
+def open_dir_below(path: Path, top: Path, *, create: int | None = None) -> int:
+    """An fd (read-only) of the dir ``path``, reached from ``top`` one name at a time
+    following no symlink. ``top`` is opened by its path: a dir no other user may change
+    (the home, ``bots/``). With ``create``, missing dirs on the way are made with that
+    mode. Raises SystemUserError when a name on the way is a symlink or no dir."""
+    names = path.relative_to(top).parts
+    if ".." in names:
+        raise ValueError(f"{path} is not below {top}")
+    fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    reached = top
+    try:
+        for name in names:
+            reached = reached / name
+            if create is not None:
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(name, create, dir_fd=fd)
+            try:
+                child = os.open(name, _DIR_FLAGS, dir_fd=fd)
+            except OSError as exc:
+                if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                    raise _link_refused(reached) from None
+                raise
+            os.close(fd)
+            fd = child
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def private_dir(path: Path, top: Path, mode: int = 0o700) -> None:
+    """Make the dir ``path`` (and what is missing between ``top`` and it) and set its
+    ``mode``, following no symlink below ``top`` (see open_dir_below)."""
+    fd = open_dir_below(path, top, create=mode)
+    try:
+        os.fchmod(fd, mode)
+    finally:
+        os.close(fd)
+
+
 def give_tree(root: Path, uid: int, gid: int) -> list[Path]:
     """Give ``root`` and everything below it to ``uid``:``gid``, following no symlink;
-    returns what was left alone. A file with a second name is left alone: it lives
-    elsewhere too, and a user who hard-linked /etc/shadow into its own dir (where
-    fs.protected_hardlinks is 0) would be given it."""
-    skipped = []
-    for path in (root, *root.rglob("*")):  # rglob enters no symlinked dir
-        info = path.lstat()
-        if (info.st_uid, info.st_gid) == (uid, gid):
-            continue
-        if not stat.S_ISDIR(info.st_mode) and info.st_nlink > 1:
-            log.warning("not giving %s to uid %d: it has %d links", path, uid, info.st_nlink)
-            skipped.append(path)
-            continue
-        os.lchown(path, uid, gid)
+    returns what was left alone.
+
+    ``root``'s parent must be a dir no other user may change (the home, ``bots/``):
+    ``root`` is opened in it with O_NOFOLLOW, each dir below through its parent's fd,
+    and what is chowned is the inode of the fd root holds, so a dir swapped for a link
+    to /etc while the walk runs leads nowhere. Left alone: a symlink (``root`` too),
+    and a file with a second name: it lives elsewhere too, and a user who hard-linked
+    /etc/shadow into its own dir (where fs.protected_hardlinks is 0) would be given it.
+    A missing ``root`` gives nothing."""
+    skipped: list[Path] = []
+    parent = os.open(root.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        _give_entry(parent, root.name, root, (uid, gid), skipped, 0)
+    finally:
+        os.close(parent)
     return skipped
+
+
+def _give_entry(
+    dir_fd: int, name: str, path: Path, owner: tuple[int, int], skipped: list[Path], depth: int
+) -> None:
+    """Give the entry ``name`` of the dir open as ``dir_fd`` (``path``), and below it."""
+    is_dir_fd = True
+    try:
+        try:
+            fd = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+        except OSError as exc:
+            if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+                raise
+            is_dir_fd = False
+            fd = os.open(name, _NODE_FLAGS, dir_fd=dir_fd)
+    except FileNotFoundError:  # removed meanwhile (PostgreSQL, a bot at work)
+        return
+    try:
+        info = os.fstat(fd)
+        if stat.S_ISDIR(info.st_mode) != is_dir_fd or stat.S_ISLNK(info.st_mode):
+            log.debug("not giving %s to uid %d: a symlink, or swapped meanwhile", path, owner[0])
+            skipped.append(path)
+            return
+        if not is_dir_fd and info.st_nlink > 1:
+            log.warning("not giving %s to uid %d: it has %d links", path, owner[0], info.st_nlink)
+            skipped.append(path)
+            return
+        if (info.st_uid, info.st_gid) != owner:
+            if is_dir_fd:
+                os.fchown(fd, *owner)
+            else:  # an O_PATH fd has no fchown; its /proc name is that very inode
+                os.chown(f"/proc/self/fd/{fd}", *owner)
+        if not is_dir_fd:
+            return
+        if depth >= _GIVE_DEPTH:
+            log.warning("not giving what is below %s: deeper than %d dirs", path, _GIVE_DEPTH)
+            skipped.append(path)
+            return
+        with os.scandir(fd) as entries:
+            for entry in entries:
+                _give_entry(fd, entry.name, path / entry.name, owner, skipped, depth + 1)
+    finally:
+        os.close(fd)
 
 
 # POSIX ACLs, as the kernel stores them in the system.posix_acl_* extended attributes

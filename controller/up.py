@@ -56,7 +56,7 @@ from controller.settings import (
     is_loopback,
     parse_hostport,
 )
-from controller.sysusers import SystemUserError, give_tree, grant_user
+from controller.sysusers import SystemUserError, give_tree, grant_user, private_dir
 from controller.watchercheck import WatcherRefused, check_watcher
 
 
@@ -328,7 +328,7 @@ def prepare_home(options: UpOptions) -> ControllerSettings:
     right stays."""
     home = options.home
     _refuse_planted_links(home)
-    home.make_dirs()
+    _make_dirs(home)
     users = BotUsers(home)
     # The service user runs the controller, the embedded PostgreSQL and the sandbox.
     code = [*bot_code_paths(sys.executable, options.plugin_path), _package_dir("controller")]
@@ -347,7 +347,7 @@ def prepare_home(options: UpOptions) -> ControllerSettings:
         pg = prepare_embedded_pg(home, run_as)
         database_url = pg.dsn
     if options.demo:
-        _open_sandbox_dir(options, service)
+        _open_sandbox_dir(home, service)
     settings = controller_settings(options, database_url)
     write_atomic(home.circus_ini, circus_ini_text(options, pg, service), 0o600)
     write_atomic(home.circus_endpoint_file, home.circus_endpoint + "\n", 0o644)
@@ -384,6 +384,15 @@ def _refuse_planted_links(home: Home) -> None:
                 f"{entry} is a symlink made by uid {info.st_uid}, not root: remove it "
                 "(`tgfleet up`, as root, follows no link another user planted in the home)"
             )
+
+
+def _make_dirs(home: Home) -> None:
+    """``home.make_dirs()``; a symlink where one of its dirs goes stops `up` (as root,
+    bus-keys/ is the service user's, which may have swapped it for a link)."""
+    try:
+        home.make_dirs()
+    except SystemUserError as exc:
+        raise UpError(str(exc)) from exc
 
 
 def _keep_watcher_files(home: Home, service: BotAccount) -> None:
@@ -438,8 +447,7 @@ def _share_home(home: Home, service: BotAccount, fleet_group: str) -> None:
     home.root.chmod(stat.S_IMODE(home.root.stat().st_mode) | stat.S_ISVTX)
     grant_user(home.root, service.uid, 0o7)
     for own in (home.secret_key, home.bus_key, home.admin_token, home.bus_keys_dir):
-        if own.exists() and not own.is_symlink():
-            give_tree(own, service.uid, service.gid)
+        give_tree(own, service.uid, service.gid)  # by fd: a link there is left alone
     _keep_watcher_files(home, service)
     grant_user(home.controller_json, service.uid, 0o4)
     os.chown(home.bus_dir, service.uid, grp.getgrnam(fleet_group).gr_gid)
@@ -454,7 +462,7 @@ def prepare(options: UpOptions) -> ControllerSettings:
     """Everything before circusd starts: dirs, embedded PostgreSQL, circus.ini, settings."""
     home = options.home
     check_options(options)
-    home.make_dirs()
+    _make_dirs(home)
     if asyncio.run(_circus_answers(home.circus_endpoint)):
         raise UpError(
             f"a fleet is already running in {home.root} "
@@ -465,15 +473,18 @@ def prepare(options: UpOptions) -> ControllerSettings:
     return prepare_home(options)
 
 
-def _open_sandbox_dir(options: UpOptions, service: BotAccount | None) -> None:
+def _open_sandbox_dir(home: Home, service: BotAccount | None) -> None:
     """The local Telegram's data dir (0700: its key and the tokens of its bots); as root
-    it belongs to the fleet's service user, which runs the sandbox."""
-    data = options.home.sandbox_dir
-    data.mkdir(mode=0o700, exist_ok=True)
-    data.chmod(0o700)
-    if service is not None:
-        # What an earlier run wrote as root (or as a service user since removed) is its now.
-        give_tree(data, service.uid, service.gid)
+    it belongs to the fleet's service user, which runs the sandbox (and may have swapped
+    it for a link since `up` looked: made, chmodded and given by fd, following none)."""
+    data = home.sandbox_dir
+    try:
+        private_dir(data, home.root)
+        if service is not None:
+            # What an earlier run wrote as root (or as a service user since removed) is its.
+            give_tree(data, service.uid, service.gid)
+    except SystemUserError as exc:
+        raise UpError(str(exc)) from exc
 
 
 def run(options: UpOptions, banner: Callable[[ControllerSettings], str]) -> NoReturn:

@@ -3,6 +3,13 @@
 from __future__ import annotations
 
 import os
+import pwd
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,7 +24,7 @@ from controller.botusers import (
 from controller.buskeys import BusKeys
 from controller.home import Home
 from controller.reconcile import Rendered
-from controller.sysusers import give_tree
+from controller.sysusers import SystemUserError, give_tree
 
 HOME = Home(Path("/srv/fleet"))
 
@@ -197,3 +204,139 @@ def test_up_gives_an_older_homes_controller_files_to_the_service_user(tmp_path: 
         assert b"\x02\x00\x04\x00\xfe\xff\x00\x00" in os.getxattr(
             readable, "system.posix_acl_access"
         )
+
+
+# What the tree's owner runs (as that user) against root's give_tree: once root hands it
+# the tree, it swaps the dir `a` for a symlink to root's `target` while the walk goes on.
+_SWAPPER = """
+import os, sys, time
+tree, target = sys.argv[1], sys.argv[2]
+print("ready", flush=True)
+deadline = time.monotonic() + 30
+while os.stat(tree).st_uid != os.getuid():
+    if time.monotonic() > deadline:
+        sys.exit(3)
+os.rename(tree + "/a", tree + "/a.old")
+os.symlink(target, tree + "/a")
+"""
+
+
+@pytest.fixture
+def open_tmp() -> Iterator[Path]:
+    """A dir under /tmp that other users may search (pytest's tmp_path is root's 0700)."""
+    base = Path(tempfile.mkdtemp(prefix="tgf-givetree-", dir="/tmp"))
+    base.chmod(0o755)
+    try:
+        yield base
+    finally:
+        shutil.rmtree(base)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="another user's process and chown need root")
+def test_give_tree_follows_no_dir_swapped_for_a_link_while_it_walks(open_tmp: Path) -> None:
+    """The tree's owner swaps a dir for a symlink to root's files while root walks the
+    tree: root gives away nothing outside the tree."""
+    tree, target = open_tmp / "tree", open_tmp / "target"
+    names = [f"f{i:05d}" for i in range(10000)]  # a walk long enough to be raced
+    for top in (tree / "a", target):
+        top.mkdir(parents=True)
+        for name in names:
+            (top / name).touch()
+    tree.chmod(0o755)
+    with subprocess.Popen(
+        [sys.executable, "-c", _SWAPPER, str(tree), str(target)],
+        user=65534,
+        group=65534,
+        extra_groups=[],
+        stdout=subprocess.PIPE,
+        text=True,
+    ) as swapper:
+        try:
+            assert swapper.stdout is not None
+            assert swapper.stdout.readline() == "ready\n"
+            give_tree(tree, 65534, 65534)
+            assert swapper.wait(timeout=30) == 0  # it did swap
+        finally:
+            swapper.kill()
+    assert (tree / "a").is_symlink()
+    given = [p.name for p in (target, *target.iterdir()) if p.lstat().st_uid != 0]
+    assert given == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown needs root")
+def test_give_tree_leaves_a_symlinked_root_alone(tmp_path: Path) -> None:
+    """A tree's root that is a symlink is not followed: it is left alone and said so."""
+    target = tmp_path / "target"
+    (target / "sub").mkdir(parents=True)
+    (target / "sub" / "shadow").write_text("root's")
+    link = tmp_path / "bot"
+    link.symlink_to(target)
+    left = give_tree(link, 65534, 65534)
+    assert {p.lstat().st_uid for p in (link, target, *target.rglob("*"))} == {0}
+    assert left == [link]
+
+
+def _planted_link(path: Path, to: Path) -> None:
+    """``path`` made a symlink to ``to`` by uid 65534 (what a service user can do in
+    the home after `up` checked it)."""
+    path.symlink_to(to)
+    os.lchown(path, 65534, 65534)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a link of another user needs root to make")
+def test_make_dirs_chmods_through_no_link(tmp_path: Path) -> None:
+    """bus-keys/ is the service user's: swapped for a link, make_dirs (as root) refuses
+    it and changes nothing where it points."""
+    target = tmp_path / "target"
+    target.mkdir(mode=0o755)
+    target.chmod(0o755)
+    home = Home(tmp_path / "home")
+    home.root.mkdir()
+    _planted_link(home.bus_keys_dir, target)
+    with pytest.raises(SystemUserError, match=r"bus-keys is a symlink or no dir"):
+        home.make_dirs()
+    from controller.up import UpError, _make_dirs
+
+    with pytest.raises(UpError, match=r"bus-keys is a symlink or no dir"):  # `up` says so
+        _make_dirs(home)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o755
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a link of another user needs root to make")
+def test_embedded_pg_dirs_are_given_through_no_link(tmp_path: Path) -> None:
+    """pg/ is the service user's (PostgreSQL runs as it): pg/run swapped for a link after
+    `up` checked the home, root chmods and chowns nothing where it points."""
+    from controller.pg import EmbeddedPgError, prepare_embedded_pg
+
+    target = tmp_path / "target"
+    target.mkdir()
+    (target / "sudoers").write_text("root's")
+    home = Home(tmp_path / "home")
+    home.make_dirs()
+    home.pg_dir.mkdir(mode=0o700)
+    os.chown(home.pg_dir, 65534, 65534)
+    _planted_link(home.pg_run, target)
+    with pytest.raises(EmbeddedPgError, match=r"pg/run is a symlink or no dir"):
+        prepare_embedded_pg(home, pwd.getpwuid(65534))
+    assert {p.stat().st_uid for p in (target, target / "sudoers")} == {0}
+    assert stat.S_IMODE(target.stat().st_mode) == 0o755
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a link of another user needs root to make")
+def test_the_sandbox_dir_is_given_through_no_link(tmp_path: Path) -> None:
+    """sandbox/ is the service user's: swapped for a link, `up --demo` (as root)
+    refuses it and gives nothing where it points."""
+    from controller.botusers import BotAccount
+    from controller.up import UpError, _open_sandbox_dir
+
+    target = tmp_path / "target"
+    target.mkdir()
+    (target / "secret").write_text("root's")
+    home = Home(tmp_path / "home")
+    home.make_dirs()
+    _planted_link(home.sandbox_dir, target)
+    service = BotAccount("nobody", "nogroup", 65534, 65534)
+    with pytest.raises(UpError, match=r"sandbox is a symlink or no dir"):
+        _open_sandbox_dir(home, service)
+    assert {p.stat().st_uid for p in (target, target / "secret")} == {0}
+    assert stat.S_IMODE(target.stat().st_mode) == 0o755
