@@ -76,6 +76,7 @@ from controller.spec import (
 )
 from controller.states import BotState, Trigger, can
 from controller.store import BotRow, EventRow, Store
+from controller.sysusers import SystemUserError
 from controller.views import bot_view, stale_marks
 
 __all__ = ["Fleet", "LiveProcess", "Webhook", "etag", "watcher_name"]
@@ -98,6 +99,7 @@ JITTER = 0.2
 PASS_ERRORS = (
     SupervisorError,
     TgfleetError,
+    SystemUserError,  # a bot's user or files: the keeper refused, or useradd failed
     OSError,
     asyncpg.PostgresError,
     asyncpg.InterfaceError,
@@ -747,6 +749,9 @@ class Fleet:
             await self.reconcile()
         except StoreUnavailable:
             log.warning("a pass after an operation found PostgreSQL away; the loop retries")
+        except SystemUserError as exc:  # stored all the same; the status shows the pass error
+            self.last_pass_error = str(exc) or type(exc).__name__
+            log.error("a pass after an operation failed: %s; the loop retries", exc)
         except (SupervisorError, SupervisorUnavailable) as exc:
             cause = exc if isinstance(exc, SupervisorError) else exc.__cause__
             if isinstance(cause, CircusError) and cause.busy:

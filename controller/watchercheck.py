@@ -37,7 +37,9 @@ class WatcherRefused(ValueError):
 _KEY = re.compile(r"^([A-Za-z_][A-Za-z0-9_.]*) = (\S(?:.*\S)?)$")
 _ENV_KEY = re.compile(r"^[A-Z_][A-Z0-9_]*$")
 _INT = re.compile(r"^[0-9]{1,19}$")
-_NUMBER = re.compile(r"^[0-9]{1,6}(\.[0-9]{1,6})?$")
+#: A non-negative number as the renderer writes a float (Python's repr: up to 17
+#: significant digits, no exponent from 1e-4 to 1e16).
+_NUMBER = re.compile(r"^[0-9]{1,6}(\.[0-9]{1,20})?$")
 _SIGNAL = re.compile(r"^[A-Z0-9]{2,8}$")
 _BOOL = ("true", "false")
 # Circus substitutes $(circus.…) and ((circus.…)) in options, and cuts a value at a

@@ -607,8 +607,14 @@ def timed(fleet: Fleet, method: str, path: str, body: object | None = None) -> A
 
 
 def postgres_processes(fleet: Fleet) -> list[psutil.Process]:
-    """The embedded PostgreSQL of ``fleet``: its postmaster and every backend."""
-    pid = int(fleet.circusctl("list", "postgres").replace(",", " ").split()[0])
+    """The embedded PostgreSQL of ``fleet``: its postmaster and every backend (waiting
+    for circusd to list one: an earlier test of the same fleet may have just started it)."""
+    listed = wait_for(
+        "circusd to list PostgreSQL's postmaster",
+        lambda: fleet.circusctl("list", "postgres").replace(",", " ").split(),
+        timeout=30,
+    )
+    pid = int(listed[0])
     master = psutil.Process(pid)
     return [master, *master.children(recursive=True)]
 

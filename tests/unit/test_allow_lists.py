@@ -21,10 +21,11 @@ HOME = Home(Path("/srv/fleet"))
 ACCOUNT = ("tgf-0123456789ab", "tgf-0123456789ab")
 
 
-def rendered(launch: str = "fork", user: bool = True) -> str:
+def rendered(launch: str = "fork", user: bool = True, graceful_timeout_s: float = 5.0) -> str:
     bot = BotWatcher(
         name="shop",
         autostart=True,
+        graceful_timeout_s=graceful_timeout_s,
         memory_limit_mb=512,
         processes=256 if user else None,
         user=ACCOUNT[0] if user else None,
@@ -39,11 +40,16 @@ def rendered(launch: str = "fork", user: bool = True) -> str:
 
 @pytest.mark.parametrize("launch", ["fork", "exec"])
 @pytest.mark.parametrize("user", [True, False])
-def test_what_the_renderer_writes_passes(launch: str, user: bool) -> None:
+# Any float the spec allows (1 to 60 s), as the API stores it: schemathesis sent
+# 39.89506521836861, which the keeper refused, and the controller's pass died with it.
+@pytest.mark.parametrize("graceful_timeout_s", [1.0, 5.0, 39.89506521836861, 60.0, 1 / 3])
+def test_what_the_renderer_writes_passes(
+    launch: str, user: bool, graceful_timeout_s: float
+) -> None:
     check_watcher(
         HOME,
         "shop",
-        rendered(launch, user),
+        rendered(launch, user, graceful_timeout_s),
         python=sys.executable,
         account=ACCOUNT if user else None,
     )
