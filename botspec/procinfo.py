@@ -135,7 +135,7 @@ def parse_limits(text: str) -> dict[str, int | None]:
     return soft
 
 
-def _read_text(path: str) -> str | None:
+def read_text(path: str) -> str | None:
     try:
         with open(path, encoding="ascii", errors="replace") as handle:
             return handle.read()
@@ -143,7 +143,7 @@ def _read_text(path: str) -> str | None:
         return None
 
 
-def _count_fds(pid: int) -> int | None:
+def count_fds(pid: int) -> int | None:
     try:
         return len(os.listdir(f"/proc/{pid}/fd"))
     except OSError:
@@ -165,12 +165,12 @@ def sample(
             start_ticks, cpu, threads = parse_stat(stat_file.read())
     except (OSError, IndexError, ValueError):
         return None
-    status = _read_text(f"/proc/{pid}/status")
+    status = read_text(f"/proc/{pid}/status")
     if status is None:
         return None
-    rollup = _read_text(f"/proc/{pid}/smaps_rollup") if pss else None
+    rollup = read_text(f"/proc/{pid}/smaps_rollup") if pss else None
     if limits is None:
-        soft = parse_limits(_read_text(f"/proc/{pid}/limits") or "")
+        soft = parse_limits(read_text(f"/proc/{pid}/limits") or "")
         limits = (soft.get("Max open files"), soft.get("Max data size"))
     return ProcSample(
         pid=pid,
@@ -180,7 +180,7 @@ def sample(
         rss_bytes=kb_field(status, "VmRSS") or 0,  # a zombie has no VmRSS line
         data_bytes=kb_field(status, "VmData") or 0,
         pss_bytes=None if rollup is None else kb_field(rollup, "Pss"),
-        open_files=_count_fds(pid),
+        open_files=count_fds(pid),
         open_files_limit=limits[0],
         data_limit_bytes=limits[1],
     )

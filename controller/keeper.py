@@ -53,6 +53,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from botspec.names import NAME_PATTERN
+from botspec.procinfo import count_fds, kb_field, read_text
 from controller.atomicfile import write_atomic
 from controller.botusers import (
     BotAccount,
@@ -209,7 +210,7 @@ class BotPrivileges:
             uid = self.users.existing_uid(name)
             if uid is None or not isinstance(pid, int) or pid <= 0 or _real_uid(pid) != uid:
                 continue
-            found[name] = (_count_fds(pid), _pss_bytes(pid) if pss else None)
+            found[name] = (count_fds(pid), _pss_bytes(pid) if pss else None)
         return found
 
 
@@ -455,22 +456,9 @@ def _real_uid(pid: int) -> int | None:
     return None
 
 
-def _count_fds(pid: int) -> int | None:
-    try:
-        return len(os.listdir(f"/proc/{pid}/fd"))
-    except OSError:
-        return None
-
-
 def _pss_bytes(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/smaps_rollup", encoding="ascii", errors="replace") as rollup:
-            for line in rollup:
-                if line.startswith("Pss:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
+    rollup = read_text(f"/proc/{pid}/smaps_rollup")
+    return None if rollup is None else kb_field(rollup, "Pss")
 
 
 def _int_or_none(value: object) -> int | None:

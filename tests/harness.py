@@ -679,7 +679,7 @@ def self_signed_certificate(directory: Path, ip: str = "127.0.0.1") -> tuple[Pat
     from datetime import UTC, datetime, timedelta
 
     from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives import hashes
     from cryptography.hazmat.primitives.asymmetric import ec
 
     key = ec.generate_private_key(ec.SECP256R1())
@@ -700,6 +700,13 @@ def self_signed_certificate(directory: Path, ip: str = "127.0.0.1") -> tuple[Pat
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .sign(key, hashes.SHA256())
     )
+    return write_pem(directory, cert, key)
+
+
+def write_pem(directory: Path, cert: Any, key: Any) -> tuple[Path, Path]:
+    """``cert.pem`` and ``key.pem`` (PKCS#8, unencrypted) in ``directory``."""
+    from cryptography.hazmat.primitives import serialization
+
     cert_path, key_path = directory / "cert.pem", directory / "key.pem"
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     key_path.write_bytes(

@@ -35,6 +35,7 @@ from harness import (
     self_signed_certificate,
     short_tmpdir,
     wait_for,
+    write_pem,
 )
 from test_wheel import build_wheel
 
@@ -236,15 +237,7 @@ def certificate_from_an_authority(directory: Path) -> tuple[Path, Path, Path]:
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .sign(ca_key, hashes.SHA256())
     )
-    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
+    cert_path, key_path = write_pem(directory, cert, key)
     return authority, cert_path, key_path
 
 
