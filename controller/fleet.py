@@ -95,7 +95,13 @@ UPDATE_TRIES = 5
 #: Restarts of one failure streak are spread by ±this fraction (bots failing
 #: together do not come back together).
 JITTER = 0.2
+
+
 #: What a pass can run into and survive: the next pass tries again.
+class BotFilesRefused(SystemUserError):
+    """Some bots' users or files could not be made in a pass; every other action ran."""
+
+
 PASS_ERRORS = (
     SupervisorError,
     TgfleetError,
@@ -149,6 +155,7 @@ class Fleet:
         rng = rng or random.Random()
         self._nudge = asyncio.Event()
         self._again = False  # a pass that acted on a move asks for the next one at once
+        self._broken: dict[str, str] = {}  # bots whose user or files a pass could not make
         self._publish = publish
         self._webhook = webhook
         self.events = EventLog(store, self.clock, outbox_limit)
@@ -342,6 +349,11 @@ class Fleet:
         if not fresh:
             raise StoreUnavailable(self.store.unreachable_detail())
         await self._after_pass()
+        broken, self._broken = self._broken, {}
+        if broken:  # the pass did all else; the status says what it could not
+            raise BotFilesRefused(
+                "; ".join(f"{name}: {reason}" for name, reason in sorted(broken.items()))
+            )
 
     @contextlib.asynccontextmanager
     async def _acting(self) -> AsyncIterator[None]:
@@ -457,7 +469,7 @@ class Fleet:
         orphans = sorted((loaded | set(self.files.on_disk())) - known)
         actions = plan(observations, orphans)
         if actions:
-            await self._apply(actions, {row.name: row for row in rows}, self._specs)
+            self._broken = await self._apply(actions, {row.name: row for row in rows}, self._specs)
             # A move waits on this host's steps (stopped, then let go of): take the next
             # one at once rather than at the next poll.
             self._again = any(obs.leaving for obs in observations)
@@ -534,10 +546,17 @@ class Fleet:
 
     async def _apply(
         self, actions: list[Action], rows: dict[str, BotRow], specs: Mapping[str, EffectiveSpec]
-    ) -> None:
+    ) -> dict[str, str]:
+        """Run the pass's actions; return the bots whose user or files could not be made
+        (name → why), whose later actions were skipped."""
         released: list[str] = []
         orphans: list[str] = []
+        # A bot whose user or files could not be made (the keeper refused, useradd
+        # failed) keeps its own later actions from running, never the other bots'.
+        broken: dict[str, str] = {}
         for action in actions:
+            if getattr(action, "name", None) in broken:
+                continue
             if isinstance(action, Transition):
                 data: dict[str, Any] = {}
                 if action.trigger is Trigger.FAIL:
@@ -565,10 +584,13 @@ class Fleet:
                 if self.files.rendered(row.name) is not None:
                     # reload restarts it
                     self.observer.expect_exit(row.name, spec.graceful_timeout_s)
-                # fsync: off the event loop
-                await asyncio.to_thread(
-                    self.files.write, row.name, row.generation, spec, action.autostart
-                )
+                try:  # fsync: off the event loop
+                    await asyncio.to_thread(
+                        self.files.write, row.name, row.generation, spec, action.autostart
+                    )
+                except SystemUserError as exc:
+                    broken[row.name] = str(exc) or type(exc).__name__
+                    log.error("%s: its user or files could not be made: %s", row.name, exc)
             elif isinstance(action, StartWatcher):
                 await self.supervisor.start(watcher_name(action.name))
             elif isinstance(action, StopWatcher):
@@ -589,6 +611,7 @@ class Fleet:
             # Destroyed through another host, or held elsewhere now (this host was
             # forgotten): its watcher went with the reload; its config (secrets) goes too.
             await asyncio.to_thread(self.files.remove_private, name)
+        return broken
 
     async def _release(self, name: str) -> None:
         """A bot moved away is stopped here and its watcher gone (the reload above): its

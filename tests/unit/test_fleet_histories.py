@@ -14,6 +14,7 @@ import random
 import resource
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -23,8 +24,9 @@ from controller.buskeys import BusKeys
 from controller.circus import FakeSupervisor, WatcherEvent
 from controller.clock import FakeClock
 from controller.errors import StoreUnavailable
-from controller.fleet import Fleet
+from controller.fleet import BotFilesRefused, Fleet
 from controller.home import Home
+from controller.keeper import KeeperRefused
 from controller.memstore import InMemoryStore
 from controller.resources import PSS_EVERY
 from controller.states import BotState
@@ -272,3 +274,45 @@ async def test_a_live_bot_is_sampled_and_warned_once_near_its_file_limit(
     h.circus.watchers["bot-shop"].pids = []  # gone: no usage shown
     await h.fleet.sample_resources()
     assert h.fleet.view(await h.store.get_bot("shop"))["resources"] is None
+
+
+class RefusingFiles(BotFiles):
+    """Bot files as the keeper makes them, except for ``refused``: the keeper says no
+    (a fault injected where the real keeper's refusals have tests of their own)."""
+
+    def __init__(self, *args: Any, refused: str) -> None:
+        super().__init__(*args)
+        self.refused = refused
+
+    def write(self, name: str, *args: Any, **kwargs: Any) -> None:
+        if name == self.refused:
+            raise KeeperRefused(f"the keeper refused write_watcher of bot {name!r}: test")
+        super().write(name, *args, **kwargs)
+
+
+async def test_a_bot_whose_files_are_refused_holds_back_no_other_bot(tmp_path: Path) -> None:
+    """A refused user or file (the keeper, useradd) skips that bot's later actions in the
+    pass; the other bots are rendered, started and health-checked, and the controller's
+    pass loop goes on (the pass reports the refused bot)."""
+    h = History(tmp_path)
+    await h.store.set_defaults({"telegram": {"api_id": 1, "api_hash": "h"}}, "test", [])
+    h.fleet = Fleet(
+        h.store,
+        h.circus,
+        RefusingFiles(h.home, sys.executable, BusKeys.open(h.home), refused="bad"),
+        clock=h.clock,
+        rng=random.Random(7),
+        pid_exists=h.pid_exists,
+    )
+    await h.fleet.create({"name": "bad", "token": TOKEN}, "api:test")  # stored all the same
+    await h.fleet.create({"name": "good", "token": TOKEN}, "api:test")
+    assert "bad" in (h.fleet.last_pass_error or "")
+    with pytest.raises(BotFilesRefused, match="bad"):
+        await h.fleet.reconcile()
+    assert h.circus.watchers["bot-good"].state == "active"
+    assert "bot-bad" not in h.circus.watchers
+    h.heartbeat("good")
+    with pytest.raises(BotFilesRefused):
+        await h.fleet.reconcile()
+    assert await h.state("good") is BotState.RUNNING
+    assert await h.state("bad") is not BotState.RUNNING
