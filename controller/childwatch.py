@@ -115,6 +115,45 @@ def _ended(pid: int) -> bool:
         return True
 
 
+def release_outputs(arbiter: Any) -> None:
+    """Before circus reaps: each ended process's output pipes drained (what it wrote
+    reaches its log) and taken off circusd's loop while still open.
+
+    circus' reap closes a dead process's pipes (``Process.stop``) but takes them off
+    its event loop only when it has read their end of file. A pipe that another
+    process still holds open (a forked bot holds its launcher's stdout and stderr; a
+    shell's background job its parent's) has none yet: its fd stayed registered,
+    closed, and the next watcher whose new process got that fd number failed to start
+    ("fd N added twice": PostgreSQL stayed down after a restart). Reaping at once on
+    SIGCHLD made that the common case rather than a rare one."""
+    for watcher in arbiter.iter_watchers():
+        redirector = getattr(watcher, "stream_redirector", None)
+        if redirector is None:
+            continue
+        for pid, process in list(watcher.processes.items()):
+            if getattr(process, "redirected", False) and _ended(pid):
+                _drain(redirector, process)
+                redirector.remove_redirections(process)
+
+
+def _drain(redirector: Any, process: Any) -> None:
+    """Hand what is buffered in ``process``'s pipes to their streams, without waiting."""
+    for name, pipe in redirector.get_process_pipes(process):
+        try:
+            fd = pipe.fileno()
+        except ValueError:  # closed already
+            continue
+        os.set_blocking(fd, False)  # a holder of the write end may never close it
+        while True:
+            try:
+                data = os.read(fd, 65536)
+            except OSError:  # BlockingIOError: nothing more for now
+                break
+            if not data:
+                break
+            redirector.redirect[name]({"data": data, "pid": process.pid, "name": name})
+
+
 def _log_failure(future: Any) -> None:
     """A pass that failed is logged as circusd's own poll would log it; the next goes on."""
     error = future.exception()
@@ -138,5 +177,9 @@ def respawn_at_once(circusd: ModuleType) -> None:
             super().initialize()
             self.child_watch = ChildWatch(self)
             self.child_watch.install()
+
+        def reap_processes(self) -> None:  # on SIGCHLD and at circus' own poll alike
+            release_outputs(self)
+            super().reap_processes()
 
     setattr(circusd, "Arbiter", PromptArbiter)  # noqa: B010  (the name circusd.main looks up)
