@@ -97,11 +97,11 @@ UPDATE_TRIES = 5
 JITTER = 0.2
 
 
-#: What a pass can run into and survive: the next pass tries again.
 class BotFilesRefused(SystemUserError):
     """Some bots' users or files could not be made in a pass; every other action ran."""
 
 
+#: What a pass can run into and survive: the next pass tries again.
 PASS_ERRORS = (
     SupervisorError,
     TgfleetError,
@@ -461,6 +461,7 @@ class Fleet:
 
     async def _converge(self, status: Mapping[str, str]) -> None:
         rows = self._held()
+        self._broken = {}
         if not self._seeded:
             await self._seed_live(rows, status)
         observations = [self._observe(row, status) for row in rows]
