@@ -1,7 +1,8 @@
 """Recovery figures: seconds from a fault to the bot answering again, failure kind by kind.
 
 Run: .venv/bin/python bench/recovery.py [--runs N] [--kinds kill9,sigstop,...] [--launch fork|exec]
-(kind kill9hops, not in the default set: kill -9 with the time of each hop printed)
+(kind kill9hops, not in the default set: kill -9 with the time of each hop printed; kill -9 kinds
+kill a victim that has run RESPAWN_SPACING_S + 0.5 s, kill9young one killed within its first second)
 Starts a sandbox and a fleet with 5 bystander bots (the chaos plugin), then runs each
 fire drill of tests/drills.py N times (default 5), each time on a fresh victim bot (no
 backoff streak carries over) that is destroyed afterwards. "Recovered" is what a user
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import psutil
 from _fleet import (
     Fleet,
     Sandbox,
@@ -38,6 +40,7 @@ from _fleet import (
 )
 
 from botspec import forked
+from controller.childwatch import RESPAWN_SPACING_S
 
 BYSTANDERS = 5
 
@@ -59,17 +62,33 @@ def destroy(fleet: Fleet, name: str) -> None:
         print(f"    (could not destroy {name}: {one_line(exc)})", flush=True)
 
 
+#: A victim killed -9 has run this long first: a process that dies younger is a crash
+#: loop to circusd, respawned on SIGCHLD no sooner than RESPAWN_SPACING_S after its
+#: start (controller/childwatch.py); a bot killed in the field has usually run longer.
+SETTLED_S = RESPAWN_SPACING_S + 0.5
+
+
+def settled(fleet: Fleet, name: str) -> None:
+    """Until the victim's process is SETTLED_S old (its launcher started a few ms before it)."""
+    born = psutil.Process(fleet.bot(name)["pid"]).create_time()
+    time.sleep(max(0.0, born + SETTLED_S - time.time()))
+
+
 def on_victim(
     prefix: str,
     drill: Callable[[Fleet, Sandbox, str], float],
     health: dict[str, Any] | None = None,
+    settle: bool = False,
 ) -> Drill:
-    """A fresh victim, connected; the drill on it; the victim destroyed whatever happened."""
+    """A fresh victim, connected (and ``settle``: SETTLED_S old); the drill on it; the
+    victim destroyed whatever happened."""
 
     def run(fleet: Fleet, sandbox: Sandbox) -> float:
         name = drills.add_bot(fleet, sandbox, prefix, health=health, wait=False)
         try:
             drills.connected(fleet, name)
+            if settle:
+                settled(fleet, name)
             return drill(fleet, sandbox, name)
         finally:
             destroy(fleet, name)
@@ -149,8 +168,9 @@ def crash_loop(fleet: Fleet, sandbox: Sandbox) -> float:
 
 
 KINDS = [
-    Kind("kill9", "kill -9", "≤ 3 s", on_victim("kill", drills.kill_9)),
-    Kind("kill9hops", "kill -9 (hops noted)", "≤ 3 s", on_victim("kill", kill_9_hops)),
+    Kind("kill9", "kill -9", "≤ 3 s", on_victim("kill", drills.kill_9, settle=True)),
+    Kind("kill9hops", "kill -9 (hops noted)", "≤ 3 s", on_victim("kill", kill_9_hops, settle=True)),
+    Kind("kill9young", "kill -9, <1 s old", "≤ 3 s", on_victim("kill", drills.kill_9)),
     Kind("sigstop", "hung (SIGSTOP)", "≤ 15 s", on_victim("stop", drills.sigstop)),
     Kind("spin", "hung (CPU spin)", "≤ 15 s", on_victim("spin", drills.cpu_spin)),
     Kind(
