@@ -27,6 +27,12 @@ def sandbox_name(name: str) -> str:
     return name.replace("-", "_")
 
 
+def unique_name(prefix: str) -> str:
+    """``prefix-N``, N from one counter for every test module of this process: they
+    share one sandbox per worker, where a bot's name may be taken once."""
+    return f"{prefix}-{next(_serial)}"
+
+
 def username(name: str) -> str:
     return sandbox_name(name) + "_bot"
 
@@ -40,7 +46,7 @@ def add_bot(
     health: dict[str, Any] | None = None,
     wait: bool = True,
 ) -> str:
-    name = f"{prefix}-{next(_serial)}"
+    name = unique_name(prefix)
     token = sandbox.create_bot(sandbox_name(name))
     spec: dict[str, Any] = {
         "name": name,

@@ -7,13 +7,12 @@ import os
 import signal
 import urllib.error
 import urllib.request
-from itertools import count
 from typing import Any
 
 import psutil
 import pytest
 import zmq
-from drills import sandbox_name, username
+from drills import sandbox_name, unique_name, username
 from harness import Fleet, Sandbox, echo_spec, holds_for, wait_for
 from zmq.utils.monitor import parse_monitor_message
 
@@ -22,11 +21,9 @@ from controller.fleet import RECONCILE_INTERVAL_S
 
 pytestmark = pytest.mark.integration
 
-_names = count(1)
-
 
 def new_bot(fleet: Fleet, sandbox: Sandbox, prefix: str, **settings: Any) -> str:
-    name = f"{prefix}-{next(_names)}"
+    name = unique_name(prefix)
     token = sandbox.create_bot(sandbox_name(name))
     fleet.api("POST", "/api/v1/bots", echo_spec(name, token, **settings))
     fleet.wait_state(name, "running")

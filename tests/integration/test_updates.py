@@ -6,15 +6,13 @@ import json
 import threading
 import urllib.error
 import urllib.request
-from itertools import count
 from typing import Any
 
 import pytest
+from drills import unique_name
 from harness import Fleet
 
 pytestmark = pytest.mark.integration
-
-_names = count(1)
 
 
 def request(
@@ -37,7 +35,7 @@ def request(
 
 def idle_bot(fleet: Fleet) -> str:
     """A bot that never starts: updates need no process."""
-    name = f"patched-{next(_names)}"
+    name = unique_name("patched")
     fleet.api("POST", "/api/v1/bots", {"name": name, "token": "1:abc", "autostart": False})
     return name
 
