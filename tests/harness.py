@@ -717,3 +717,25 @@ def write_pem(directory: Path, cert: Any, key: Any) -> tuple[Path, Path]:
         )
     )
     return cert_path, key_path
+
+
+def fleet_in_memory(tmp_path: Path, **options: Any) -> tuple[Any, Home, Any]:
+    """A controller's Fleet over an in-memory store and circusd's stand-in, in a home
+    made under ``tmp_path`` (its store, home and fleet): for tests of the API alone."""
+    from controller.botfiles import BotFiles
+    from controller.buskeys import BusKeys
+    from controller.circus import FakeSupervisor
+    from controller.fleet import Fleet
+    from controller.memstore import InMemoryStore
+
+    store = InMemoryStore()
+    home = Home(tmp_path / "home")
+    for directory in (home.root, home.bots_d, home.bots_dir, home.logs_dir):
+        directory.mkdir(parents=True, exist_ok=True)
+    fleet = Fleet(
+        store,
+        FakeSupervisor(bots_d=home.bots_d),
+        BotFiles(home, sys.executable, BusKeys.open(home)),
+        **options,
+    )
+    return store, home, fleet

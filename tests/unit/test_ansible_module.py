@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import ssl
-import sys
 import urllib.error
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -18,14 +17,9 @@ from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestServer
-from harness import self_signed_certificate
+from harness import fleet_in_memory, self_signed_certificate
 
 from controller.api import build_app, hash_token
-from controller.botfiles import BotFiles
-from controller.buskeys import BusKeys
-from controller.circus import FakeSupervisor
-from controller.fleet import Fleet
-from controller.home import Home
 from controller.memstore import InMemoryStore
 
 LIBRARY = (
@@ -69,16 +63,7 @@ class Served:
 
 @pytest.fixture
 async def served(tmp_path: Path) -> AsyncIterator[Served]:
-    store = InMemoryStore()
-    home = Home(tmp_path / "home")
-    for directory in (home.root, home.bots_d, home.bots_dir, home.logs_dir):
-        directory.mkdir(parents=True, exist_ok=True)
-    fleet = Fleet(
-        store,
-        FakeSupervisor(bots_d=home.bots_d),
-        BotFiles(home, sys.executable, BusKeys.open(home)),
-        host="alpha",
-    )
+    store, home, fleet = fleet_in_memory(tmp_path, host="alpha")
     await store.ensure_token("admin", hash_token(ADMIN))
     await store.create_bot("shop", SPEC, "stopped", "tester", "alpha")
     cert, key = self_signed_certificate(tmp_path)

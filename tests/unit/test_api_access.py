@@ -6,7 +6,6 @@ Each refusal must be the right problem+json, change nothing, and be counted in /
 
 from __future__ import annotations
 
-import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
@@ -15,6 +14,7 @@ from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
+from harness import fleet_in_memory
 
 from controller.access import (
     AuthThrottle,
@@ -26,11 +26,6 @@ from controller.access import (
     trusted_networks,
 )
 from controller.api import ROUTES, THROTTLE, build_app, hash_token, openapi_document
-from controller.botfiles import BotFiles
-from controller.buskeys import BusKeys
-from controller.circus import FakeSupervisor
-from controller.fleet import Fleet
-from controller.home import Home
 from controller.memstore import InMemoryStore
 from controller.openapi import problems_of
 
@@ -91,15 +86,7 @@ class Api:
 
 @pytest.fixture
 async def api(tmp_path: Path) -> AsyncIterator[Api]:
-    store = InMemoryStore()
-    home = Home(tmp_path / "home")
-    for directory in (home.root, home.bots_d, home.bots_dir, home.logs_dir):
-        directory.mkdir(parents=True, exist_ok=True)
-    fleet = Fleet(
-        store,
-        FakeSupervisor(bots_d=home.bots_d),
-        BotFiles(home, sys.executable, BusKeys.open(home)),
-    )
+    store, home, fleet = fleet_in_memory(tmp_path)
     await store.ensure_token("admin", hash_token(TOKENS["admin"]))
     await store.add_token("ops", hash_token(TOKENS["ops"]), "operate", None)
     await store.add_token("viewer", hash_token(TOKENS["viewer"]), "read", None)

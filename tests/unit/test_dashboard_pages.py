@@ -9,7 +9,6 @@ import asyncio
 import json
 import re
 import ssl
-import sys
 import urllib.parse
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -23,16 +22,13 @@ from aiohttp.test_utils import TestClient, TestServer
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from harness import fleet_in_memory
 
 from controller import api
 from controller.access import AuthThrottle, trusted_networks
 from controller.api import build_app, hash_token
-from controller.botfiles import BotFiles
-from controller.buskeys import BusKeys
-from controller.circus import FakeSupervisor
 from controller.dashboard import add_dashboard, limits_of, safe_next, script_json
 from controller.fleet import Fleet
-from controller.home import Home
 from controller.memstore import InMemoryStore
 from controller.sessions import COOKIE
 
@@ -93,15 +89,7 @@ class Browser:
 async def dashboard_app(
     tmp_path: Path, trusted_proxies: tuple[str, ...] = ()
 ) -> tuple[web.Application, InMemoryStore, Fleet]:
-    store = InMemoryStore()
-    home = Home(tmp_path / "home")
-    for directory in (home.root, home.bots_d, home.bots_dir, home.logs_dir):
-        directory.mkdir(parents=True, exist_ok=True)
-    fleet = Fleet(
-        store,
-        FakeSupervisor(bots_d=home.bots_d),
-        BotFiles(home, sys.executable, BusKeys.open(home)),
-    )
+    store, home, fleet = fleet_in_memory(tmp_path)
     await store.ensure_token("admin", hash_token(TOKENS["admin"]))
     await store.add_token("ops", hash_token(TOKENS["ops"]), "operate", None)
     await store.add_token("viewer", hash_token(TOKENS["viewer"]), "read", None)
