@@ -235,6 +235,24 @@ def cell(page: Any, bot: str, field: str) -> Any:
     return page.locator(f'#fleet tr[data-bot="{bot}"] td[data-field="{field}"]')
 
 
+def restart_from_page(page: Any, fleet: Fleet, name: str) -> int:
+    """The bot's restart button, clicked: it runs in a new process, which the page shows;
+    that process's pid."""
+    before = fleet.bot(name)["pid"]
+    page.click(f'#fleet tr[data-bot="{name}"] button[data-op="restart"]')
+    after = wait_for(
+        f"{name} running in a new process",
+        lambda: (
+            (b := fleet.bot(name))["state"] == "running"
+            and b["pid"] not in (None, before)
+            and b["pid"]
+        ),
+        timeout=60,
+    )
+    playwright_api.expect(cell(page, name, "pid")).to_have_text(str(after))
+    return int(after)
+
+
 def test_the_dashboard_in_a_browser(demo: Fleet, browser: Any, tmp_path: Path) -> None:
     expect = playwright_api.expect
     fleet = demo
@@ -274,18 +292,7 @@ def test_the_dashboard_in_a_browser(demo: Fleet, browser: Any, tmp_path: Path) -
     assert page.evaluate("window.notReloaded") is True
 
     # The restart button restarts the bot: a new process.
-    before = fleet.bot("echo")["pid"]
-    page.click('#fleet tr[data-bot="echo"] button[data-op="restart"]')
-    after = wait_for(
-        "echo running in a new process",
-        lambda: (
-            (b := fleet.bot("echo"))["state"] == "running"
-            and b["pid"] not in (None, before)
-            and b["pid"]
-        ),
-        timeout=60,
-    )
-    expect(cell(page, "echo", "pid")).to_have_text(str(after))
+    after = restart_from_page(page, fleet, "echo")
     assert page.evaluate("window.notReloaded") is True
     restarted = fleet.api("GET", "/api/v1/bots/echo/events?limit=1000")["events"]
     assert any(e["actor"] == "api:ops" and e["reason"] == "restart requested" for e in restarted)
@@ -372,18 +379,7 @@ def test_the_dashboard_behind_nginx_terminating_tls(browser: Any, tmp_path: Path
         expect(page.locator("#live")).to_have_class("live on")  # the stream, through nginx
 
         # A write from the page (the restart button) is accepted and done.
-        before = fleet.bot("echo")["pid"]
-        page.click('#fleet tr[data-bot="echo"] button[data-op="restart"]')
-        after = wait_for(
-            "echo running in a new process",
-            lambda: (
-                (b := fleet.bot("echo"))["state"] == "running"
-                and b["pid"] not in (None, before)
-                and b["pid"]
-            ),
-            timeout=60,
-        )
-        expect(cell(page, "echo", "pid")).to_have_text(str(after))
+        restart_from_page(page, fleet, "echo")
         events = fleet.api("GET", "/api/v1/bots/echo/events?limit=1000")["events"]
         assert any(e["actor"] == "api:ops" and e["reason"] == "restart requested" for e in events)
 
