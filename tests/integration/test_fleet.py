@@ -436,14 +436,19 @@ def test_garbage_and_forged_bus_messages_are_ignored(fleet: Fleet, sandbox: Sand
 
     context = zmq.Context()
     try:
-        for frames in [
-            [b"\xff\x00 not json"],  # malformed
-            [b'{"v": 1, "type": "nonsense"}'],  # unknown type
-            [forged_heartbeat("other", 1)],  # claims to be another bot
-            [forged_heartbeat("ghost", 1)],  # claims to be no bot of the fleet
-            [b"a", b"b", b"c"],  # too many frames
-        ]:
-            peer = RoguePeer(context, fleet, name, key)
+        for n, frames in enumerate(
+            [
+                [b"\xff\x00 not json"],  # malformed
+                [b'{"v": 1, "type": "nonsense"}'],  # unknown type
+                [forged_heartbeat("other", 1)],  # claims to be another bot
+                [forged_heartbeat("ghost", 1)],  # claims to be no bot of the fleet
+                [b"a", b"b", b"c"],  # too many frames
+            ]
+        ):
+            # A routing id of its own, as the bot's are: the ROUTER (no handover) holds
+            # back a peer whose id is still in use, and the one before may not have been
+            # seen to leave yet; its message would wait for ever.
+            peer = RoguePeer(context, fleet, f"{name}/rogue-{n}", key)
             assert peer.handshake_succeeded()
             peer.socket.send_multipart(frames)
             peer.close()
