@@ -15,10 +15,10 @@ from imports_probe import loaded_after
     [
         (
             # The controller: the sandbox and Telethon are the bots' business; typer is
-            # the sandbox CLI's; jinja2 comes with the first watcher it renders, psutil
-            # with the first bot user it removes, importlib.metadata with the first
-            # request for the OpenAPI document; cryptography is the sandbox's (the secret
-            # box's Fernet uses the libcrypto that Python's ssl loaded).
+            # the sandbox CLI's; jinja2 comes with the first watcher it renders,
+            # importlib.metadata with the first request for the OpenAPI document; psutil
+            # is circusd's (the controller reads /proc); cryptography is the sandbox's
+            # (the secret box's Fernet uses the libcrypto that Python's ssl loaded).
             "controller",
             "import controller.app",
             [
