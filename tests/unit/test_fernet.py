@@ -128,6 +128,7 @@ def test_the_signed_bad_padding_tokens_reach_the_cipher() -> None:
         "",
         "not-a-key",
     ],
+    ids=["31 bytes", "33 bytes", "unpadded", "empty", "not base64"],
 )
 def test_a_key_that_is_not_32_bytes_is_refused_as_cryptography_refuses_it(key: str) -> None:
     with pytest.raises(ValueError):
