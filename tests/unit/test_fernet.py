@@ -12,7 +12,6 @@ import struct
 import pytest
 from cryptography import fernet as theirs
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-from imports_probe import loaded_after
 
 from controller import fernet, libcrypto
 from controller.secretbox import SecretBox, SecretKeyError, new_key
@@ -157,13 +156,3 @@ def test_the_libcrypto_is_the_one_mapped_and_only_the_system_soname_counts() -> 
         libcrypto.mapped_libcrypto(two)
     with pytest.raises(libcrypto.CipherError, match="found: none"):
         libcrypto.mapped_libcrypto("7f06-7f07 rw-p 00000000 00:00 0 \n")
-
-
-def test_the_controller_seals_and_opens_without_cryptography() -> None:
-    code = (
-        "import controller.app\n"
-        "from controller.secretbox import SecretBox, new_key\n"
-        "box = SecretBox((new_key(),), 'test')\n"
-        "assert box.open(box.seal('1:abc')) == '1:abc'"
-    )
-    assert loaded_after(code, ["cryptography"]) == []

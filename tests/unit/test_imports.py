@@ -15,7 +15,7 @@ from imports_probe import loaded_after
     [
         (
             # The controller: the sandbox and Telethon are the bots' business; typer is
-            # the sandbox CLI's; jinja2 comes with the first watcher it renders,
+            # the sandbox CLI's; jinja2 comes with the first dashboard page,
             # importlib.metadata with the first request for the OpenAPI document; psutil
             # is circusd's (the controller reads /proc); cryptography is the sandbox's
             # (the secret box's Fernet uses the libcrypto that Python's ssl loaded).
@@ -26,6 +26,21 @@ from imports_probe import loaded_after
                 "importlib.metadata",
                 "cryptography",
             ],
+        ),
+        (
+            # What every controller does with bots: render their watchers, seal and open
+            # their secrets. Neither stays resident with a library for it.
+            "controller with bots",
+            "import controller.app\n"
+            "from pathlib import Path\n"
+            "from controller.home import Home\n"
+            "from controller.render import BotWatcher, render_watcher\n"
+            "from controller.secretbox import SecretBox, new_key\n"
+            "bot = BotWatcher('shop', True, 256, launch='fork')\n"
+            "render_watcher(Home(Path('/srv/fleet')), bot, python='/usr/bin/python3')\n"
+            "box = SecretBox((new_key(),), 'test')\n"
+            "assert box.open(box.seal('1:abc')) == '1:abc'",
+            ["jinja2", "cryptography", "psutil"],
         ),
         (
             # What `tgfleet up` leaves resident while the fleet runs: circusd, and of
