@@ -3,8 +3,9 @@
 The controller loads that library anyway (asyncio imports ``ssl``; ``hmac`` imports
 ``_hashlib``): reaching its EVP API through ``ctypes`` (0.4 MB) spares the
 ``cryptography`` package (6.6 MB of RSS, with an OpenSSL of its own) for the one cipher
-the secret box needs. The library is the one already mapped into this process, never
-one looked up on the disk, so it is exactly the one Python's own modules use.
+the secret box needs. The library is the one already mapped into this process (or,
+failing that, what ``_hashlib`` resolves), never one looked up on the disk: exactly
+the one Python's own modules use.
 """
 
 from __future__ import annotations
@@ -21,23 +22,22 @@ _SONAME = re.compile(r"/libcrypto\.so(\.\d+)*$")
 
 
 class CipherError(Exception):
-    """The cipher refused the input (bad padding, a length no multiple of the block),
-    or this Python's libcrypto cannot be reached."""
+    """The cipher refused the input (bad padding, a length no multiple of the block)."""
 
 
-def mapped_libcrypto(maps: str) -> str:
-    """The path of the one libcrypto in ``maps`` (the text of ``/proc/PID/maps``)."""
+class NoLibcrypto(RuntimeError):
+    """This Python's libcrypto cannot be reached or used (no input's fault: never taken
+    for a bad token)."""
+
+
+def mapped_libcryptos(maps: str) -> list[str]:
+    """The paths of the system libcryptos in ``maps`` (the text of ``/proc/PID/maps``)."""
     paths = set()
     for line in maps.splitlines():
         fields = line.split(maxsplit=5)
         if len(fields) == 6 and _SONAME.search(fields[5]):
             paths.add(fields[5])
-    if len(paths) != 1:
-        found = ", ".join(sorted(paths)) or "none"
-        raise CipherError(
-            f"this Python must have exactly one OpenSSL libcrypto loaded (found: {found})"
-        )
-    return paths.pop()
+    return sorted(paths)
 
 
 class _Evp:
@@ -75,8 +75,29 @@ def _evp() -> _Evp:
     import _hashlib  # noqa: F401  (maps this Python's libcrypto, if nothing has yet)
 
     with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
-        path = mapped_libcrypto(maps.read())
-    return _Evp(ctypes.CDLL(path))  # already loaded: dlopen returns the same library
+        return _Evp(library(maps.read()))
+
+
+def library(maps: str) -> ctypes.CDLL:
+    """This Python's libcrypto: the one in ``maps`` (``/proc/self/maps``), else the
+    symbols that ``_hashlib`` resolves."""
+    import _hashlib
+
+    paths = mapped_libcryptos(maps)
+    if len(paths) == 1:
+        return ctypes.CDLL(paths[0])  # already loaded: dlopen returns the same library
+    # None (OpenSSL linked into Python's own modules) or several (another one loaded
+    # by some package): the symbols as _hashlib itself resolves them.
+    module_file = getattr(_hashlib, "__file__", None)
+    if module_file is not None:
+        resolved = ctypes.CDLL(module_file)
+        if hasattr(resolved, "EVP_aes_128_cbc"):
+            return resolved
+    found = ", ".join(paths) or "none mapped"
+    raise NoLibcrypto(
+        f"the OpenSSL libcrypto this Python uses cannot be reached ({found}; "
+        f"_hashlib at {module_file or 'built in'} exports no EVP_aes_128_cbc)"
+    )
 
 
 def encrypt(key: bytes, iv: bytes, plaintext: bytes) -> bytes:
@@ -105,10 +126,10 @@ def _run(key: bytes, iv: bytes, data: bytes, *, decrypting: bool) -> bytes:
     written, tail = ctypes.c_int(0), ctypes.c_int(0)
     ctx = evp.ctx_new()
     if not ctx:
-        raise CipherError("EVP_CIPHER_CTX_new failed (out of memory)")
+        raise MemoryError("EVP_CIPHER_CTX_new failed")
     try:
         if init(ctx, evp.aes_128_cbc(), None, key, iv) != 1:
-            raise CipherError("EVP cipher init failed")
+            raise NoLibcrypto("EVP cipher init failed for AES-128-CBC")
         start = ctypes.addressof(out)
         if update(ctx, start, ctypes.byref(written), data, len(data)) != 1:
             raise CipherError("EVP cipher update failed")

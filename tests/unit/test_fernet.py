@@ -5,6 +5,7 @@ at rest before: tokens pass both ways, and every kind of bad token is refused.""
 from __future__ import annotations
 
 import base64
+import ctypes
 import hmac
 import os
 import struct
@@ -143,16 +144,29 @@ def test_the_cipher_refuses_wrong_sizes() -> None:
         libcrypto.decrypt(bytes(16), bytes(16), bytes(17))
 
 
-def test_the_libcrypto_is_the_one_mapped_and_only_the_system_soname_counts() -> None:
-    maps = (
-        "7f00-7f01 r-xp 00000000 08:01 12 /usr/lib/x86_64-linux-gnu/libcrypto.so.3\n"
-        "7f02-7f03 r--p 00000000 08:01 12 /usr/lib/x86_64-linux-gnu/libcrypto.so.3\n"
-        "7f04-7f05 r-xp 00000000 08:01 13 /venv/x.libs/libcrypto-1a2b3c4d.so.3\n"
-        "7f06-7f07 rw-p 00000000 00:00 0 \n"
-    )
-    assert libcrypto.mapped_libcrypto(maps) == "/usr/lib/x86_64-linux-gnu/libcrypto.so.3"
-    two = maps + "7f08-7f09 r-xp 00000000 08:01 14 /opt/ssl/lib/libcrypto.so.1.1\n"
-    with pytest.raises(libcrypto.CipherError, match="exactly one OpenSSL libcrypto"):
-        libcrypto.mapped_libcrypto(two)
-    with pytest.raises(libcrypto.CipherError, match="found: none"):
-        libcrypto.mapped_libcrypto("7f06-7f07 rw-p 00000000 00:00 0 \n")
+MAPS = (
+    "7f00-7f01 r-xp 00000000 08:01 12 /usr/lib/x86_64-linux-gnu/libcrypto.so.3\n"
+    "7f02-7f03 r--p 00000000 08:01 12 /usr/lib/x86_64-linux-gnu/libcrypto.so.3\n"
+    "7f04-7f05 r-xp 00000000 08:01 13 /venv/x.libs/libcrypto-1a2b3c4d.so.3\n"
+    "7f06-7f07 rw-p 00000000 00:00 0 \n"
+)
+TWO = "7f08-7f09 r-xp 00000000 08:01 14 /opt/ssl/lib/libcrypto.so.1.1\n"
+
+
+def test_the_libcryptos_mapped_are_the_system_sonames_only() -> None:
+    assert libcrypto.mapped_libcryptos(MAPS) == ["/usr/lib/x86_64-linux-gnu/libcrypto.so.3"]
+    assert len(libcrypto.mapped_libcryptos(MAPS + TWO)) == 2
+    assert libcrypto.mapped_libcryptos("7f06-7f07 rw-p 00000000 00:00 0 \n") == []
+
+
+def test_the_cipher_is_this_python_s_libcrypto_or_what_hashlib_resolves() -> None:
+    """Both ways reach the same library here (_hashlib links it): the fallback for a
+    Python with OpenSSL linked into its modules, or with a second one loaded, works."""
+    with open("/proc/self/maps") as maps:
+        by_map = libcrypto.library(maps.read())
+    fallbacks = [libcrypto.library(""), libcrypto.library(MAPS + TWO)]
+    for name in ("EVP_aes_128_cbc", "EVP_CIPHER_CTX_new", "ERR_clear_error"):
+        address = ctypes.cast(getattr(by_map, name), ctypes.c_void_p).value
+        assert address is not None
+        for fallback in fallbacks:
+            assert ctypes.cast(getattr(fallback, name), ctypes.c_void_p).value == address
