@@ -49,7 +49,7 @@ from imports_probe import loaded_after
             "import controller.circusd as u\nu.leave_out_optional_modules()\n"
             "import controller.http1, controller.home, circus.circusd, tornado.ioloop",
             [
-                *("ssl", "_ssl", "yaml", "curses"),
+                *("ssl", "_ssl", "yaml", "curses", "ctypes"),
                 "controller.up",
                 "controller.circus",
                 "controller.app",
