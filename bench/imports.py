@@ -23,6 +23,8 @@ import time
 PROCESSES = {
     "bare python": "pass",
     "controller (controller.app)": "import controller.app",
+    # The process itself (python -m controller): aiohttp imported without the CA bundle.
+    "controller (its __main__)": "import controller.__main__",
     # What a controller with bots does besides: render a watcher, seal and open a secret
     # (no Jinja2, no cryptography: tests/unit/test_imports.py).
     "controller, a watcher and a secret": (
