@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import re
 import statistics
 import subprocess
 import sys
@@ -22,6 +23,17 @@ import time
 PROCESSES = {
     "bare python": "pass",
     "controller (controller.app)": "import controller.app",
+    # The process itself (python -m controller): aiohttp imported without the CA bundle.
+    "controller (its __main__)": "import controller.__main__",
+    # What a controller with bots does besides: render a watcher, seal and open a secret
+    # (no Jinja2, no cryptography: tests/unit/test_imports.py).
+    "controller, a watcher and a secret": (
+        "import controller.app\nfrom pathlib import Path\nfrom controller.home import Home\n"
+        "from controller.render import BotWatcher, render_watcher\n"
+        "from controller.secretbox import SecretBox, new_key\n"
+        "render_watcher(Home(Path('/srv/f')), BotWatcher('a', True, 256), python='/bin/py')\n"
+        "box = SecretBox((new_key(),), 'x')\nbox.open(box.seal('1:abc'))"
+    ),
     "bot (botrunner.runner)": "import botrunner.runner",
     "bot config parse (botspec)": "import botspec.config",
     "CLI (controller.cli)": "import controller.cli",
@@ -35,6 +47,18 @@ PROCESSES = {
         "import pydantic\nclass A(pydantic.BaseModel):\n    x: int = 1\n"
         "A.model_validate_json(b'{\"x\": 2}')"
     ),
+    # Fernet on top of what the controller has anyway (ssl, hmac): ours (ctypes on
+    # Python's libcrypto) against cryptography's, each sealing and opening a token.
+    "ssl + hmac (the baseline)": "import ssl, hmac",
+    "ssl + hmac + ctypes": "import ssl, hmac, ctypes",
+    "ssl + hmac + our Fernet": (
+        "import ssl, hmac\nfrom controller import fernet\n"
+        "k = fernet.FernetKey.parse(fernet.generate_key())\nfernet.decrypt([k], fernet.encrypt(k, b'x'))"
+    ),
+    "ssl + hmac + cryptography Fernet": (
+        "import ssl, hmac\nimport cryptography.fernet as f\n"
+        "k = f.Fernet(f.Fernet.generate_key())\nk.decrypt(k.encrypt(b'x'))"
+    ),
 }
 
 REPORT_RSS = (
@@ -45,11 +69,14 @@ REPORT_RSS = (
 
 
 def available(code: str) -> bool:
-    module = code.removeprefix("import ").split()[0].strip()
-    if code == "pass":
-        return True
+    """Every module ``code`` imports is installed."""
+    modules = [
+        name.split(" as ")[0].strip()
+        for statement in re.findall(r"^(?:import|from) ([\w., ]+?)(?: import .*)?$", code, re.M)
+        for name in statement.split(",")
+    ]
     try:
-        return importlib.util.find_spec(module) is not None
+        return all(importlib.util.find_spec(module) is not None for module in modules)
     except ImportError:
         return False
 

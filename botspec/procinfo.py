@@ -1,4 +1,5 @@
-"""Resident memory, CPU, file descriptors, age and existence of processes, read from /proc.
+"""Resident memory, CPU, file descriptors, age, owner and existence of processes, read
+from /proc.
 
 psutil would cost memory in every bot (and in the controller); these few reads are
 all either needs.
@@ -194,3 +195,30 @@ def is_zombie(pid: int) -> bool:
     except OSError:
         return False
     return data[data.rindex(b")") + 2 :].startswith(b"Z")
+
+
+def parse_owner(status: str) -> tuple[int, int, bool] | None:
+    """``/proc/PID/status`` → (real uid, effective uid, a zombie?); None when it says
+    neither."""
+    uids: list[str] = []
+    zombie = False
+    for line in status.splitlines():
+        key, _, value = line.partition(":")
+        if key == "Uid":
+            uids = value.split()  # real, effective, saved, filesystem
+        elif key == "State":
+            zombie = value.strip().startswith("Z")
+    if len(uids) < 2 or not (uids[0].isdigit() and uids[1].isdigit()):
+        return None
+    return int(uids[0]), int(uids[1]), zombie
+
+
+def runs_as(pid: int, uid: int) -> bool:
+    """True when ``pid`` lives (no zombie) with ``uid`` as its real or effective uid."""
+    owner = parse_owner(read_text(f"/proc/{pid}/status") or "")
+    return owner is not None and uid in owner[:2] and not owner[2]
+
+
+def processes_of(uid: int) -> list[int]:
+    """The pids of the live processes (no zombies) whose real or effective uid is ``uid``."""
+    return [int(pid) for pid in os.listdir("/proc") if pid.isdigit() and runs_as(int(pid), uid)]

@@ -26,7 +26,6 @@ Not root: no user is created; every bot runs as the fleet's own user.
 
 from __future__ import annotations
 
-import contextlib
 import grp
 import importlib
 import json
@@ -34,6 +33,7 @@ import logging
 import os
 import pwd
 import shutil
+import signal
 import stat
 import time
 from collections.abc import Iterable, Sequence
@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from botspec import procinfo
 from controller.atomicfile import write_atomic
 from controller.home import Home
 from controller.sysusers import (
@@ -272,7 +273,7 @@ class BotUsers:
             return
         if user.pw_gecos != _service_comment(self.home):
             raise BotUserError(f"user {name} is not the service user of {self.home.root}")
-        self._kill_processes(user.pw_uid)
+        kill_processes_of(user.pw_uid)
         self._sweep(user.pw_uid)
         delete_system_user(name)
 
@@ -317,7 +318,7 @@ class BotUsers:
             return
         if user.pw_gecos != _comment(self.home, name):
             raise BotUserError(f"user {user_name} is not bot {name!r}'s: not removing it")
-        self._kill_processes(user.pw_uid)
+        kill_processes_of(user.pw_uid)
         self._sweep(user.pw_uid)
         delete_system_user(user_name)
 
@@ -340,30 +341,6 @@ class BotUsers:
         delete_group(self.fleet_group)
         return removed
 
-    def _kill_processes(self, uid: int) -> None:
-        """No process of a removed user may live on (userdel refuses, and a later bot
-        that got the recycled uid would share it)."""
-        import psutil  # here only: destroying a bot is rare, and psutil costs ~1.5 MB
-
-        deadline = time.monotonic() + KILL_WAIT_S
-        while True:
-            left = [
-                proc
-                for proc in psutil.process_iter(["uids", "status"])
-                if proc.info["uids"] is not None
-                and uid in (proc.info["uids"].real, proc.info["uids"].effective)
-                # a zombie is already dead; its parent (circusd) reaps it
-                and proc.info["status"] != psutil.STATUS_ZOMBIE
-            ]
-            if not left:
-                return
-            if time.monotonic() > deadline:
-                raise BotUserError(f"processes of uid {uid} outlived SIGKILL: {left}")
-            for proc in left:
-                with contextlib.suppress(psutil.NoSuchProcess):
-                    proc.kill()
-            time.sleep(0.05)
-
     def _sweep(self, uid: int) -> None:
         for shared in self.shared_writable:
             try:
@@ -382,3 +359,35 @@ class BotUsers:
                     shutil.rmtree(entry)
                 else:
                     entry.unlink(missing_ok=True)
+
+
+def kill_processes_of(uid: int) -> None:
+    """SIGKILL every process of ``uid`` and wait until none lives: no process of a
+    removed user may live on (userdel refuses, and a later bot that got the recycled
+    uid would share it)."""
+    deadline = time.monotonic() + KILL_WAIT_S
+    while True:
+        left = procinfo.processes_of(uid)  # no zombies: dead already, circusd reaps them
+        if not left:
+            return
+        if time.monotonic() > deadline:
+            raise BotUserError(f"processes of uid {uid} outlived SIGKILL: pids {left}")
+        for pid in left:
+            _kill_if_run_by(pid, uid)
+        time.sleep(0.05)
+
+
+def _kill_if_run_by(pid: int, uid: int) -> None:
+    """SIGKILL ``pid`` if it still runs as ``uid``. The pidfd holds on to the process
+    whose owner is read after it is opened: a pid reused since the listing is spared."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return  # gone already
+    try:
+        if procinfo.runs_as(pid, uid):
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+    except ProcessLookupError:
+        pass  # ended between the check and the signal
+    finally:
+        os.close(pidfd)

@@ -7,7 +7,8 @@ What tgfleet adds to circusd's process is added here, once, for both.
 
 circusd is started without the modules it can do without (``OPTIONAL``): ssl
 (asyncio and tornado take it when there, and circusd serves no TLS), PyYAML
-(logger configs in YAML) and curses (coloured terminal logs): 5.5 MB of its RSS.
+(logger configs in YAML), curses (coloured terminal logs) and ctypes (a setgid
+fallback for Python 2.6): 5.8 MB of its RSS.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ from typing import Any
 from controller.childwatch import respawn_at_once
 
 #: Imported by circusd's libraries only if present, and used by none of what we run
-#: (no TLS, no YAML logger config, no terminal colours): kept out of its process.
-OPTIONAL = ("ssl", "yaml", "curses")
+#: (no TLS, no YAML logger config, no terminal colours; ctypes: circus.process's
+#: fallback for a setgid that Python 2.6 could not do): kept out of its process.
+OPTIONAL = ("ssl", "yaml", "curses", "ctypes")
 
 log = logging.getLogger("circus")
 

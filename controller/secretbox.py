@@ -1,5 +1,5 @@
 """Secrets at rest: the declared secret fields of specs and defaults (botspec.spec's
-``SECRET_PATHS``), sealed with Fernet before they reach PostgreSQL.
+``SECRET_PATHS``), sealed with Fernet (controller/fernet.py) before they reach PostgreSQL.
 
 The key comes from ``TGFLEET_SECRET_KEY`` or ``<home>/secret.key`` (0600, made on
 first start). Either may hold several keys, newest first (comma- or line-separated):
@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from cryptography.fernet import Fernet, InvalidToken, MultiFernet
-
 from botspec.spec import SECRET_PATHS
+from controller import fernet
 from controller.atomicfile import write_atomic
 from controller.home import Home
 
@@ -58,7 +57,7 @@ def _map_at(value: dict[str, Any], path: tuple[str, ...], change: Callable[[Any]
 
 
 def new_key() -> str:
-    return Fernet.generate_key().decode()
+    return fernet.generate_key()
 
 
 @dataclass(frozen=True)
@@ -67,22 +66,19 @@ class SecretBox:
 
     keys: tuple[str, ...]
     source: str  # where the keys came from, for messages
+    _parsed: tuple[fernet.FernetKey, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.keys:
             raise SecretKeyError(f"{self.source} holds no key")
         try:
-            for key in self.keys:
-                Fernet(key.encode())
+            parsed = tuple(fernet.FernetKey.parse(key) for key in self.keys)
         except ValueError as exc:
             raise SecretKeyError(
                 f"{self.source} holds something that is no Fernet key "
                 "(32 url-safe base64-encoded bytes)"
             ) from exc
-
-    @property
-    def _fernet(self) -> MultiFernet:
-        return MultiFernet([Fernet(key.encode()) for key in self.keys])
+        object.__setattr__(self, "_parsed", parsed)
 
     @classmethod
     def parse(cls, text: str, source: str) -> SecretBox:
@@ -115,15 +111,15 @@ class SecretBox:
         """A clear string sealed with the newest key; sealed values and non-strings as they are."""
         if not isinstance(value, str) or is_sealed(value):
             return value
-        return SEALED + self._fernet.encrypt(value.encode()).decode()
+        return SEALED + fernet.encrypt(self._parsed[0], value.encode())
 
     def open(self, value: Any) -> Any:
         """A sealed value opened; clear text (from before sealing) as it is."""
         if not is_sealed(value):
             return value
         try:
-            return self._fernet.decrypt(value[len(SEALED) :].encode()).decode()
-        except InvalidToken:
+            return fernet.decrypt(self._parsed, value[len(SEALED) :]).decode()
+        except fernet.InvalidToken:
             raise SecretKeyError(
                 f"a secret in the database does not open with the key from {self.source}: "
                 "the wrong key, or one removed too early after a rotation"

@@ -5,20 +5,24 @@ from __future__ import annotations
 import os
 import pwd
 import shutil
+import signal
 import stat
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from botspec import procinfo
 from controller.botfiles import BotFiles
 from controller.botusers import (
     BotUsers,
     bot_user_name,
     fleet_group_name,
+    kill_processes_of,
     service_user_name,
 )
 from controller.buskeys import BusKeys
@@ -62,6 +66,33 @@ def test_not_root_means_no_user_at_all() -> None:
     users.remove_service()  # nothing to do, nothing raised
     users.remove("shop")  # nothing to do, nothing raised
     assert users.remove_all() == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="running as another uid needs root")
+def test_a_removed_user_s_processes_are_killed_and_no_one_else_s() -> None:
+    uid = 3_000_000 + os.getpid()  # no such user needed, nor anyone else's processes
+
+    def running_as(real: int, effective: int) -> subprocess.Popen[bytes]:
+        # started as root (the venv may not be another uid's to exec), then switched
+        code = f"import os, time; os.setresuid({real}, {effective}, 0); time.sleep(60)"
+        return subprocess.Popen([sys.executable, "-c", code])
+
+    # its real uid, and its effective uid only (as a setuid program runs)
+    theirs = [running_as(uid, uid), running_as(0, uid)]
+    bystanders = [running_as(uid + 1, uid + 1), running_as(0, 0)]
+    try:
+        pids = {proc.pid for proc in theirs}
+        deadline = time.monotonic() + 30
+        while set(procinfo.processes_of(uid)) != pids:  # both have switched
+            assert time.monotonic() < deadline, procinfo.processes_of(uid)
+            time.sleep(0.01)
+        kill_processes_of(uid)
+        assert [proc.wait(timeout=10) for proc in theirs] == [-signal.SIGKILL] * 2
+        assert [proc.poll() for proc in bystanders] == [None, None]
+    finally:
+        for proc in (*theirs, *bystanders):
+            proc.kill()
+            proc.wait()
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="chown needs root")

@@ -15,15 +15,32 @@ from imports_probe import loaded_after
     [
         (
             # The controller: the sandbox and Telethon are the bots' business; typer is
-            # the sandbox CLI's; jinja2 comes with the first watcher it renders, psutil
-            # with the first bot user it removes, importlib.metadata with the first
-            # request for the OpenAPI document.
+            # the sandbox CLI's; jinja2 comes with the first dashboard page,
+            # importlib.metadata with the first request for the OpenAPI document; psutil
+            # is circusd's (the controller reads /proc); cryptography is the sandbox's
+            # (the secret box's Fernet uses the libcrypto that Python's ssl loaded).
             "controller",
             "import controller.app",
             [
                 *("telethon", "tgsandbox", "botrunner", "typer", "click", "jinja2", "psutil"),
                 "importlib.metadata",
+                "cryptography",
             ],
+        ),
+        (
+            # What every controller does with bots: render their watchers, seal and open
+            # their secrets. Neither stays resident with a library for it.
+            "controller with bots",
+            "import controller.app\n"
+            "from pathlib import Path\n"
+            "from controller.home import Home\n"
+            "from controller.render import BotWatcher, render_watcher\n"
+            "from controller.secretbox import SecretBox, new_key\n"
+            "bot = BotWatcher('shop', True, 256, launch='fork')\n"
+            "render_watcher(Home(Path('/srv/fleet')), bot, python='/usr/bin/python3')\n"
+            "box = SecretBox((new_key(),), 'test')\n"
+            "assert box.open(box.seal('1:abc')) == '1:abc'",
+            ["jinja2", "cryptography", "psutil"],
         ),
         (
             # What `tgfleet up` leaves resident while the fleet runs: circusd, and of
@@ -32,7 +49,7 @@ from imports_probe import loaded_after
             "import controller.circusd as u\nu.leave_out_optional_modules()\n"
             "import controller.http1, controller.home, circus.circusd, tornado.ioloop",
             [
-                *("ssl", "_ssl", "yaml", "curses"),
+                *("ssl", "_ssl", "yaml", "curses", "ctypes"),
                 "controller.up",
                 "controller.circus",
                 "controller.app",

@@ -27,10 +27,11 @@ def test_the_sandbox_extra_is_what_tgsandbox_checks_for() -> None:
     assert names(extras["sandbox"]) == set(tgsandbox.REQUIRES)
 
 
-def test_the_base_install_seals_secrets_and_the_extra_covers_the_sandbox() -> None:
+def test_the_base_install_leaves_cryptography_to_the_sandbox_extra() -> None:
     base = names(project()["project"]["dependencies"])
     extra = names(project()["project"]["optional-dependencies"]["sandbox"])
-    assert "cryptography" in base  # controller/secretbox.py (Fernet)
+    # controller/fernet.py seals secrets with the libcrypto Python links (no package)
+    assert "cryptography" not in base
     assert set(tgsandbox.REQUIRES) <= base | extra
 
 

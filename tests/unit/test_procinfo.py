@@ -32,3 +32,27 @@ def test_a_gone_process_reads_as_none() -> None:
     assert procinfo.rss_bytes(gone) is None
     assert procinfo.cpu_seconds(gone) is None
     assert not procinfo.pid_exists(gone)
+
+
+def test_the_owner_of_a_process_is_read_from_its_status() -> None:
+    status = "Name:\tpython\nState:\tS (sleeping)\nUid:\t1001\t1002\t1002\t1002\nGid:\t5\n"
+    assert procinfo.parse_owner(status) == (1001, 1002, False)
+    assert procinfo.parse_owner(status.replace("S (sleeping)", "Z (zombie)"))[2]  # type: ignore[index]
+    assert procinfo.parse_owner("Name:\tx\nState:\tR (running)\n") is None
+    assert procinfo.parse_owner("Uid:\tgarbled\n") is None
+
+
+def test_the_processes_of_a_user_are_the_live_ones_run_by_it() -> None:
+    me = os.getuid()
+    assert os.getpid() in procinfo.processes_of(me)
+    assert os.getpid() not in procinfo.processes_of(me + 1)
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        # Not reaped yet: a zombie, dead already, is no process of the user.
+        os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOWAIT)
+        assert procinfo.is_zombie(child.pid)
+        assert child.pid not in procinfo.processes_of(me)
+        assert not procinfo.runs_as(child.pid, me)
+    finally:
+        child.wait()
+    assert not procinfo.runs_as(child.pid, me)  # gone

@@ -1,0 +1,122 @@
+"""The controller imports aiohttp without the CA bundle in its default client contexts
+(controller.__main__), and its webhook still verifies the server it posts to, with the
+CAs of ``SSL_CERT_FILE`` at the time of its first post."""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import json
+import logging
+import ssl
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from controller.app import webhook_poster
+from controller.settings import ControllerSettings
+
+
+def self_signed(tmp_path: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 that no system bundle trusts, and its key."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "tgfleet test hook")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_file, key_file = tmp_path / "hook.pem", tmp_path / "hook.key"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_file, key_file
+
+
+async def post_to_tls_hook(tmp_path: Path) -> list[dict[str, Any]]:
+    """Serve a hook over TLS with a self-signed certificate; post to it once."""
+    cert_file, key_file = self_signed(tmp_path)
+    received: list[dict[str, Any]] = []
+
+    async def hook(request: web.Request) -> web.Response:
+        received.append(await request.json())
+        return web.Response(status=204)
+
+    app = web.Application()
+    app.router.add_post("/hook", hook)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_tls.load_cert_chain(cert_file, key_file)
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=server_tls)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        settings = ControllerSettings(
+            listen="127.0.0.1:9",
+            database_url="postgresql://x@h/d",
+            webhook_url=f"https://127.0.0.1:{port}/hook",
+        )
+        post = webhook_poster(settings)
+        assert post is not None
+        await post({"bot": "shop", "state": "failed"})
+    finally:
+        await runner.cleanup()
+    return received
+
+
+async def test_the_webhook_trusts_the_cas_of_ssl_cert_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "hook.pem"))
+    assert await post_to_tls_hook(tmp_path) == [{"bot": "shop", "state": "failed"}]
+
+
+async def test_the_webhook_refuses_a_server_no_ca_vouches_for(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    with caplog.at_level(logging.WARNING, logger="tgfleet.controller"):
+        assert await post_to_tls_hook(tmp_path) == []
+    assert "ClientConnectorCertificateError" in caplog.text
+
+
+@pytest.mark.parametrize("preset", [None, "/etc/custom-ca.pem"])
+def test_the_controller_s_import_leaves_the_ca_bundle_out(preset: str | None) -> None:
+    code = (
+        "import json, os\n"
+        "import controller.__main__\n"
+        "from aiohttp import connector\n"
+        "stats = connector._SSL_CONTEXT_VERIFIED.cert_store_stats()\n"
+        "print(json.dumps([stats['x509_ca'], os.environ.get('SSL_CERT_FILE')]))"
+    )
+    env = {"PATH": "/usr/bin:/bin", **({"SSL_CERT_FILE": preset} if preset else {})}
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env
+    )
+    # No CA loaded for aiohttp's defaults; the variable as it was, for what comes after.
+    assert json.loads(done.stdout) == [0, preset]
