@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 # an installed wheel renders the same files as a checkout.
 TEMPLATES = resources.files("controller") / "templates"
 CIRCUS_TEMPLATE = "circus.ini.j2"
+WATCHER_TEMPLATE = "watcher.ini.j2"
 
 MIB = 1024 * 1024
 # RLIMIT_DATA counts private writable mappings: heap, arenas in use and thread
@@ -221,8 +222,9 @@ def _template_source(name: str) -> str | None:
 
 @functools.cache
 def _environment() -> jinja2.Environment:
-    # circus.ini only (`tgfleet up`, `tgfleet render`): the controller, which renders
-    # bot watchers, never loads Jinja2 (~2 MB; tests/unit/test_imports.py).
+    # Imported at the first rendering, not with this module: a controller that
+    # renders nothing since it started (every bot's watcher up to date) keeps
+    # its ~2 MB; `import controller.app` stays free of it (tests/unit/test_imports.py).
     import jinja2
 
     return jinja2.Environment(
@@ -429,84 +431,26 @@ def render_watcher(
     del env["TGFLEET_HOME"]  # a bot knows only its own config file
     if pythonpath:
         env["PYTHONPATH"] = _pythonpath(pythonpath)
-    return _watcher_text(
-        name=bot.name,
-        watcher=bot.watcher_name,
-        python=_command_line([python]),
-        args=_command_line(_bot_args(home, bot)),
-        working_dir=home.bot_dir(bot.name),
-        user=(bot.user, bot.group) if bot.user else None,
-        autostart=bot.autostart,
-        max_retry=bot.max_retry,
-        graceful_timeout=float(bot.graceful_timeout_s),
-        rlimits=(
-            ("rlimit_data", bot.memory_limit_mb * MIB),
-            ("rlimit_nofile", bot.open_files),
-            *((("rlimit_nproc", bot.processes),) if bot.processes else ()),
-        ),
-        logs=(out, err),
-        log=log,
-        env=_env_pairs(env),
+    return (
+        _environment()
+        .get_template(WATCHER_TEMPLATE)
+        .render(
+            name=bot.name,
+            watcher=bot.watcher_name,
+            python=_command_line([python]),
+            args=_command_line(_bot_args(home, bot)),
+            working_dir=home.bot_dir(bot.name),
+            autostart=bot.autostart,
+            max_retry=bot.max_retry,
+            graceful_timeout=float(bot.graceful_timeout_s),
+            rlimit_data=bot.memory_limit_mb * MIB,
+            rlimit_nofile=bot.open_files,
+            rlimit_nproc=bot.processes,
+            user=bot.user,
+            group=bot.group,
+            stdout_log=out,
+            stderr_log=err,
+            log=log,
+            env=_env_pairs(env),
+        )
     )
-
-
-def _watcher_text(
-    *,
-    name: str,
-    watcher: str,
-    python: str,
-    args: str,
-    working_dir: Path,
-    user: tuple[str | None, str | None] | None,
-    autostart: bool,
-    max_retry: int,
-    graceful_timeout: float,
-    rlimits: tuple[tuple[str, int], ...],
-    logs: tuple[Path, Path],
-    log: LogRotation,
-    env: tuple[tuple[str, str], ...],
-) -> str:
-    """A bot's watcher file. Plain Python, not a Jinja2 template as circus.ini is: the
-    controller renders watchers all its life, and Jinja2 would stay resident in it for
-    that (2.1 MB RSS). Every value passes ``ini_value``; the text is byte for byte what
-    the template it replaced wrote (tests/unit/test_render.py), so an upgrade restarts
-    no bot."""
-    v = ini_value
-    lines = [
-        f"# Rendered by the tgfleet controller for bot {v(name)} -- do not edit: the next",
-        "# reconcile pass rewrites it. Secrets are in config.json (0600), never here.",
-        f"[watcher:{v(watcher)}]",
-        f"cmd = {v(python)}",
-        f"args = {v(args)}",
-        f"working_dir = {v(working_dir)}",
-    ]
-    if user is not None:
-        lines += [
-            "# The bot's own system user: it reads its own dir and nobody else's.",
-            f"uid = {v(user[0])}",
-            f"gid = {v(user[1])}",
-        ]
-    lines += [
-        "numprocesses = 1",
-        "copy_env = false",
-        f"autostart = {v(autostart)}",
-        "respawn = true",
-        f"max_retry = {v(max_retry)}",
-        "stop_signal = TERM",
-        f"graceful_timeout = {v(graceful_timeout)}",
-        "# Hard cap on the private writable memory (RLIMIT_DATA) -- not RLIMIT_AS,",
-        "# which counts the 64 MiB malloc arena each thread reserves: a 65 MB-RSS bot",
-        "# needed ~600 MiB of it. Measurements: controller/render.py.",
-        *(f"{key} = {v(value)}" for key, value in rlimits),
-        "# No core dumps: a core would hold the bot's credentials.",
-        "rlimit_core = 0",
-    ]
-    for stream, path in zip(("stdout", "stderr"), logs, strict=True):
-        lines += [
-            f"{stream}_stream.class = FileStream",
-            f"{stream}_stream.filename = {v(path)}",
-            f"{stream}_stream.max_bytes = {v(log.max_bytes)}",
-            f"{stream}_stream.backup_count = {v(log.backup_count)}",
-        ]
-    lines += ["", f"[env:{v(watcher)}]", *(f"{v(key)} = {v(value)}" for key, value in env)]
-    return "\n".join(lines) + "\n"

@@ -4,9 +4,9 @@ circusd (root) loads every ``bots.d/*.ini`` at ``reloadconfig`` and runs each
 watcher as whatever ``uid`` it names (none: root), with whatever ``cmd``, whatever
 ``stdout_stream.class`` (a Python class: code run inside circusd) and whatever log
 ``filename`` (root writes there). So the keeper writes a watcher file for the
-controller only when it is exactly what ``controller.render.render_watcher``
+controller only when it is exactly what ``controller/templates/watcher.ini.j2``
 renders for that bot: the sections ``[watcher:bot-NAME]`` and ``[env:bot-NAME]``,
-the keys it writes, the fleet's python running the bot (or its
+the keys that template writes, the fleet's python running the bot (or its
 launcher) on this bot's config, as this bot's own user, in its own dir, logging to
 ``logs/bot-NAME.std{out,err}.log`` through circus' ``FileStream``.
 

@@ -55,6 +55,7 @@ def package_data() -> set[str]:
     # A glob that matches nothing must not make the wheel check pass by default.
     assert {
         "controller/templates/circus.ini.j2",
+        "controller/templates/watcher.ini.j2",
         "controller/templates/fleet.html",
         "controller/templates/static/dashboard.js",
         "controller/migrations/0001_initial.sql",

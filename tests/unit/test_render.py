@@ -18,7 +18,6 @@ from controller.render import (
     MIN_MEMORY_LIMIT_MB,
     BotWatcher,
     InvalidWatcherValue,
-    LogRotation,
     SandboxWatcher,
     ini_value,
     render_circus_ini,
@@ -431,59 +430,3 @@ def test_write_atomic_replaces_what_a_bot_planted_without_reading_it(
     assert write_atomic(target, "root's file\n", 0o600) is True
     assert not target.is_symlink() and target.read_text() == "root's file\n"
     assert outside.read_text() == "root's file\n" and outside.stat().st_ino != target.stat().st_ino
-
-
-#: The Jinja2 template that rendered bot watchers before the controller stopped loading
-#: Jinja2 for them: the text must stay the same, or every bot restarts on the upgrade
-#: (circusd's reloadconfig restarts a watcher whose file changed).
-BEFORE = Path(__file__).parent / "before" / "watcher.ini.j2"
-
-
-@pytest.mark.parametrize(
-    "bot",
-    [
-        BotWatcher("a", True, 256),
-        BotWatcher("shop-2", False, 1024, graceful_timeout_s=7.5, max_retry=3, generation=4),
-        BotWatcher("k", True, 128, bus_key_id="0a1b", open_files=2048, processes=64),
-        BotWatcher("u", True, 512, user="tgf-u", group="tgfleet-g", launch="fork"),
-    ],
-    ids=["defaults", "stopped", "limits", "own-user-fork"],
-)
-@pytest.mark.parametrize("home", [HOME, Home(Path("/tmp/a b"))], ids=["plain", "space"])
-@pytest.mark.parametrize("pythonpath", [(), ("/opt/plugins", "/opt/more")], ids=["", "path"])
-def test_a_watcher_is_what_the_jinja2_template_wrote(
-    bot: BotWatcher, home: Home, pythonpath: tuple[str, ...]
-) -> None:
-    import jinja2
-
-    log = LogRotation(65536, 1)
-    before = jinja2.Environment(
-        undefined=jinja2.StrictUndefined,
-        finalize=ini_value,
-        trim_blocks=True,
-        lstrip_blocks=True,
-        keep_trailing_newline=True,
-    ).from_string(BEFORE.read_text())
-    out = render_watcher(home, bot, python=PY, pythonpath=pythonpath, log=log)
-    # args and env: values the same code computes for both (quoting, sorting); the
-    # layout, order, comments and conditions around them are what is compared
-    parsed = parse(out)
-    assert out == before.render(
-        name=bot.name,
-        watcher=bot.watcher_name,
-        python=PY,
-        args=parsed[f"watcher:{bot.watcher_name}"]["args"],
-        working_dir=home.bot_dir(bot.name),
-        autostart=bot.autostart,
-        max_retry=bot.max_retry,
-        graceful_timeout=float(bot.graceful_timeout_s),
-        rlimit_data=bot.memory_limit_mb * 2**20,
-        rlimit_nofile=bot.open_files,
-        rlimit_nproc=bot.processes,
-        user=bot.user,
-        group=bot.group,
-        stdout_log=home.watcher_log(bot.watcher_name, "out"),
-        stderr_log=home.watcher_log(bot.watcher_name, "err"),
-        log=log,
-        env=tuple(parsed[f"env:{bot.watcher_name}"].items()),
-    )
