@@ -198,23 +198,28 @@ def is_zombie(pid: int) -> bool:
 
 
 def parse_owner(status: str) -> tuple[int, int, bool] | None:
-    """``/proc/PID/status`` → (real uid, effective uid, a zombie?); None when it says
-    neither."""
+    """``/proc/PID/status`` → (real uid, effective uid, ended?); None when it says
+    neither. Ended: a zombie with no thread left. A process whose main thread has
+    exited shows ``Z`` too while its other threads run on: that one still lives."""
     uids: list[str] = []
     zombie = False
+    threads = 1
     for line in status.splitlines():
         key, _, value = line.partition(":")
         if key == "Uid":
             uids = value.split()  # real, effective, saved, filesystem
         elif key == "State":
             zombie = value.strip().startswith("Z")
+        elif key == "Threads" and value.strip().isdigit():
+            threads = int(value)
     if len(uids) < 2 or not (uids[0].isdigit() and uids[1].isdigit()):
         return None
-    return int(uids[0]), int(uids[1]), zombie
+    return int(uids[0]), int(uids[1]), zombie and threads <= 1
 
 
 def runs_as(pid: int, uid: int) -> bool:
-    """True when ``pid`` lives (no zombie) with ``uid`` as its real or effective uid."""
+    """True when ``pid`` lives (not ended: see ``parse_owner``) with ``uid`` as its real
+    or effective uid."""
     owner = parse_owner(read_text(f"/proc/{pid}/status") or "")
     return owner is not None and uid in owner[:2] and not owner[2]
 

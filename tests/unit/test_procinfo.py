@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 
 from botspec import procinfo
 
@@ -38,6 +39,9 @@ def test_the_owner_of_a_process_is_read_from_its_status() -> None:
     status = "Name:\tpython\nState:\tS (sleeping)\nUid:\t1001\t1002\t1002\t1002\nGid:\t5\n"
     assert procinfo.parse_owner(status) == (1001, 1002, False)
     assert procinfo.parse_owner(status.replace("S (sleeping)", "Z (zombie)"))[2]  # type: ignore[index]
+    # A zombie main thread with another thread running: the process lives on.
+    leader_gone = status.replace("S (sleeping)", "Z (zombie)") + "Threads:\t2\n"
+    assert procinfo.parse_owner(leader_gone) == (1001, 1002, False)
     assert procinfo.parse_owner("Name:\tx\nState:\tR (running)\n") is None
     assert procinfo.parse_owner("Uid:\tgarbled\n") is None
 
@@ -56,3 +60,25 @@ def test_the_processes_of_a_user_are_the_live_ones_run_by_it() -> None:
     finally:
         child.wait()
     assert not procinfo.runs_as(child.pid, me)  # gone
+
+
+def test_a_process_whose_main_thread_ended_still_runs_as_its_user() -> None:
+    # The main thread leaves (pthread_exit) while another thread runs: /proc says Z for
+    # the process, yet it runs on; a removed bot's user must not leave it behind.
+    code = (
+        "import ctypes, threading, time\n"
+        "threading.Thread(target=time.sleep, args=(60,)).start()\n"
+        "print('ready', flush=True)\n"
+        "ctypes.CDLL(None).pthread_exit(None)\n"
+    )
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
+    try:
+        assert child.stdout is not None and child.stdout.readline() == b"ready\n"
+        deadline = time.monotonic() + 10
+        while not procinfo.is_zombie(child.pid):
+            assert time.monotonic() < deadline, "the main thread did not end"
+            time.sleep(0.01)
+        assert child.pid in procinfo.processes_of(os.getuid())
+    finally:
+        child.kill()
+        child.communicate()
