@@ -118,17 +118,18 @@ def webhook_poster(settings: ControllerSettings) -> Webhook | None:
     shown = redact_url(url)
 
     # Made at the first post, with the system's CA bundle: aiohttp's default context
-    # has none in the controller (controller.__main__.ca_bundle_left_out).
+    # has none in the controller (controller.__main__.ca_bundle_left_out). An http URL
+    # gets it too: a redirect to https must verify against the bundle as well.
     tls: list[ssl.SSLContext] = []
 
     async def post(body: dict[str, Any]) -> None:
         timeout = aiohttp.ClientTimeout(total=10)
-        if urllib.parse.urlsplit(url).scheme == "https" and not tls:
+        if not tls:
             tls.append(await asyncio.to_thread(ssl.create_default_context))
         try:
             async with (
                 aiohttp.ClientSession(timeout=timeout) as session,
-                session.post(url, json=body, ssl=tls[0] if tls else True) as answer,
+                session.post(url, json=body, ssl=tls[0]) as answer,
             ):
                 if answer.status >= 400:
                     log.warning("webhook %s answered %d", shown, answer.status)

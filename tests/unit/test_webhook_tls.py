@@ -57,8 +57,9 @@ def self_signed(tmp_path: Path) -> tuple[Path, Path]:
     return cert_file, key_file
 
 
-async def post_to_tls_hook(tmp_path: Path) -> list[dict[str, Any]]:
-    """Serve a hook over TLS with a self-signed certificate; post to it once."""
+async def post_to_tls_hook(tmp_path: Path, *, via_http: bool = False) -> list[dict[str, Any]]:
+    """Serve a hook over TLS with a self-signed certificate; post to it once (``via_http``:
+    to an http URL that redirects there)."""
     cert_file, key_file = self_signed(tmp_path)
     received: list[dict[str, Any]] = []
 
@@ -74,17 +75,27 @@ async def post_to_tls_hook(tmp_path: Path) -> list[dict[str, Any]]:
     server_tls.load_cert_chain(cert_file, key_file)
     site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=server_tls)
     await site.start()
-    port = runner.addresses[0][1]
+    url = secure = f"https://127.0.0.1:{runner.addresses[0][1]}/hook"
+
+    async def moved(request: web.Request) -> web.Response:
+        raise web.HTTPTemporaryRedirect(secure)  # 307: the POST and its body go on
+
+    plain = web.Application()
+    plain.router.add_post("/hook", moved)
+    plain_runner = web.AppRunner(plain)
+    await plain_runner.setup()
+    await web.TCPSite(plain_runner, "127.0.0.1", 0).start()
+    if via_http:
+        url = f"http://127.0.0.1:{plain_runner.addresses[0][1]}/hook"
     try:
         settings = ControllerSettings(
-            listen="127.0.0.1:9",
-            database_url="postgresql://x@h/d",
-            webhook_url=f"https://127.0.0.1:{port}/hook",
+            listen="127.0.0.1:9", database_url="postgresql://x@h/d", webhook_url=url
         )
         post = webhook_poster(settings)
         assert post is not None
         await post({"bot": "shop", "state": "failed"})
     finally:
+        await plain_runner.cleanup()
         await runner.cleanup()
     return received
 
@@ -94,6 +105,13 @@ async def test_the_webhook_trusts_the_cas_of_ssl_cert_file(
 ) -> None:
     monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "hook.pem"))
     assert await post_to_tls_hook(tmp_path) == [{"bot": "shop", "state": "failed"}]
+
+
+async def test_an_http_webhook_redirected_to_https_verifies_with_the_same_cas(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "hook.pem"))
+    assert await post_to_tls_hook(tmp_path, via_http=True) == [{"bot": "shop", "state": "failed"}]
 
 
 async def test_the_webhook_refuses_a_server_no_ca_vouches_for(
