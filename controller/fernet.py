@@ -42,8 +42,10 @@ class FernetKey:
     @classmethod
     def parse(cls, text: str) -> FernetKey:
         """ValueError unless ``text`` is 32 bytes in url-safe base64."""
-        # The same decoding as cryptography's Fernet(key), so the same texts pass.
-        raw = base64.urlsafe_b64decode(text)
+        # Decoded as the secret box gave it to cryptography's Fernet before (the text's
+        # UTF-8 bytes, base64's non-strict decoding: what is no base64, such as a byte
+        # order mark, is left out), so every key that opened before opens now.
+        raw = base64.urlsafe_b64decode(text.encode("utf-8"))
         if len(raw) != 32:
             raise ValueError("a Fernet key is 32 url-safe base64-encoded bytes")
         return cls(raw[:16], raw[16:])
@@ -71,18 +73,21 @@ def encrypt(
 def decrypt(keys: Sequence[FernetKey], token: str) -> bytes:
     """The message of ``token``, opened by whichever of ``keys`` signed it."""
     try:
-        data = base64.urlsafe_b64decode(token)
-    except ValueError:  # binascii.Error (bad base64), or a str that is not ASCII
+        # As the secret box gave it to cryptography's Fernet before: its UTF-8 bytes.
+        data = base64.urlsafe_b64decode(token.encode("utf-8"))
+    except ValueError:  # binascii.Error: bad base64
         raise InvalidToken("not url-safe base64") from None
     if len(data) < _SHORTEST or data[0] != VERSION:
         raise InvalidToken("too short, or not a version 0x80 token")
     signed, mac = data[:-_MAC_BYTES], data[-_MAC_BYTES:]
     iv = signed[_HEADER.size : _HEADER.size + _IV_BYTES]
     ciphertext = signed[_HEADER.size + _IV_BYTES :]
+    why = "signed by none of the keys"
     for key in keys:
         if hmac.compare_digest(hmac.digest(key.signing, signed, "sha256"), mac):
             try:
                 return libcrypto.decrypt(key.encryption, iv, ciphertext)
             except libcrypto.CipherError as exc:
-                raise InvalidToken(f"signed, but does not decrypt: {exc}") from None
-    raise InvalidToken("signed by none of the keys")
+                # The next key may share this signing half (MultiFernet tries it too).
+                why = f"signed, but does not decrypt: {exc}"
+    raise InvalidToken(why)

@@ -113,9 +113,16 @@ def decrypt(key: bytes, iv: bytes, ciphertext: bytes) -> bytes:
     return _run(key, iv, ciphertext, decrypting=True)
 
 
+#: The longest input: EVP takes its length as a C int (ctypes would wrap a longer one
+#: round silently), with room for the padding block.
+MAX_INPUT_BYTES = 2**31 - 1 - 2 * BLOCK_BYTES
+
+
 def _run(key: bytes, iv: bytes, data: bytes, *, decrypting: bool) -> bytes:
     if len(key) != KEY_BYTES or len(iv) != BLOCK_BYTES:
         raise CipherError(f"AES-128-CBC takes a {KEY_BYTES}-byte key and a {BLOCK_BYTES}-byte IV")
+    if len(data) > MAX_INPUT_BYTES:
+        raise CipherError(f"{len(data)} bytes is more than AES-128-CBC here takes at once")
     evp = _evp()
     init, update, final = (
         (evp.decrypt_init, evp.decrypt_update, evp.decrypt_final)
@@ -132,7 +139,8 @@ def _run(key: bytes, iv: bytes, data: bytes, *, decrypting: bool) -> bytes:
             raise NoLibcrypto("EVP cipher init failed for AES-128-CBC")
         start = ctypes.addressof(out)
         if update(ctx, start, ctypes.byref(written), data, len(data)) != 1:
-            raise CipherError("EVP cipher update failed")
+            # Whole blocks of a checked length: no input of ours makes this fail.
+            raise NoLibcrypto("EVP cipher update failed")
         if final(ctx, start + written.value, ctypes.byref(tail)) != 1:
             raise CipherError("bad padding" if decrypting else "EVP cipher final failed")
     finally:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from botspec.spec import SECRET_PATHS
-from controller import fernet
+from controller import fernet, libcrypto
 from controller.atomicfile import write_atomic
 from controller.home import Home
 
@@ -90,11 +90,26 @@ class SecretBox:
         """The keys from ``TGFLEET_SECRET_KEY``, else ``<home>/secret.key`` (made, 0600,
         with a new key if it does not exist)."""
         if environ.get(ENV_KEY, "").strip():
-            return cls.parse(environ[ENV_KEY], ENV_KEY)
-        path = home.secret_key
-        if not path.exists():
-            write_atomic(path, new_key() + "\n", 0o600)
-        return cls.parse(path.read_text(encoding="utf-8"), str(path))
+            box = cls.parse(environ[ENV_KEY], ENV_KEY)
+        else:
+            path = home.secret_key
+            if not path.exists():
+                write_atomic(path, new_key() + "\n", 0o600)
+            box = cls.parse(path.read_text(encoding="utf-8"), str(path))
+        box.check_cipher()
+        return box
+
+    def check_cipher(self) -> None:
+        """Seal and open once: a Python whose libcrypto cannot be reached fails here, at
+        start, not at the first bot created."""
+        try:
+            fernet.decrypt(self._parsed[:1], fernet.encrypt(self._parsed[0], b"check"))
+        except libcrypto.NoLibcrypto as exc:
+            raise SecretKeyError(
+                f"secrets cannot be sealed: {exc}. tgfleet needs a Python whose ssl module "
+                "uses OpenSSL's libcrypto as a shared library (Debian's, pyenv's, the "
+                "python.org builds do)"
+            ) from None
 
     @property
     def from_file(self) -> bool:
