@@ -26,7 +26,7 @@ PROCESSES = {
     # The process itself (python -m controller): aiohttp imported without the CA bundle.
     "controller (its __main__)": "import controller.__main__",
     # What a controller with bots does besides: render a watcher, seal and open a secret
-    # (no Jinja2, no cryptography: tests/unit/test_imports.py).
+    # (Jinja2 for the watcher; no cryptography, no psutil: tests/unit/test_imports.py).
     "controller, a watcher and a secret": (
         "import controller.app\nfrom pathlib import Path\nfrom controller.home import Home\n"
         "from controller.render import BotWatcher, render_watcher\n"
