@@ -20,6 +20,7 @@ from botrunner.telegram import (
     AuthRejected,
     FloodWait,
     Transient,
+    add_server_key,
     classify,
     error_name,
     factorize_pq,
@@ -30,6 +31,7 @@ from botrunner.telegram import (
 )
 from botspec import protocol
 from botspec.config import parse
+from botspec.validate import rsa_public_numbers
 
 # ---------------------------------------------------------------- classify
 
@@ -437,3 +439,33 @@ def test_telethons_auth_key_exchange_uses_native_factorization() -> None:
     use_native_factorization()
     for p, q in [(1_000_003, 1_000_033), (2_147_483_629, 2_147_483_647)]:
         assert Factorization.factorize(p * q) == (p, q)
+
+
+def test_server_key_is_read_as_rsa_reads_it_and_telethon_finds_it() -> None:
+    """Our DER reader (no pyasn1 in a forked bot) gives the numbers ``rsa`` gives, and
+    Telethon finds the key under the fingerprint it computes itself."""
+    import rsa
+    from telethon.crypto import rsa as telethon_rsa
+
+    for bits in (512, 1024):
+        public = rsa.newkeys(bits)[0]
+        pem = public.save_pkcs1().decode()
+        assert rsa_public_numbers(pem) == (public.n, public.e)
+        add_server_key(pem)
+        fingerprint = telethon_rsa._compute_fingerprint(rsa.PublicKey.load_pkcs1(pem))
+        key, old = telethon_rsa._server_keys.pop(fingerprint)
+        assert (key, old) == (public, False)
+
+
+@pytest.mark.parametrize(
+    "pem",
+    [
+        "no key",
+        "-----BEGIN RSA PUBLIC KEY-----\nAAAA\n-----END RSA PUBLIC KEY-----\n",
+        # SEQUENCE { INTEGER -1, INTEGER 3 }: a negative modulus is no key
+        "-----BEGIN RSA PUBLIC KEY-----\nMAYCAf8CAQM=\n-----END RSA PUBLIC KEY-----\n",
+    ],
+)
+def test_a_broken_server_key_is_refused_with_the_reason(pem: str) -> None:
+    with pytest.raises(ValueError, match=r"the public key (must be|is not)"):
+        add_server_key(pem)
