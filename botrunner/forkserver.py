@@ -39,6 +39,7 @@ import ctypes  # here, not in each child: what the fork server imports, its bots
 import fcntl
 import gc
 import importlib
+import mmap
 import os
 import pkgutil
 import random
@@ -527,6 +528,47 @@ def _prctl(option: int, value: int) -> None:
         raise OSError(errno, os.strerror(errno))
 
 
+#: The fork server's env var (from ``tgfleet up``'s TGFLEET_MERGE_PAGES) that asks for it.
+MERGE_PAGES_VAR = "TGFLEET_MERGE_PAGES"
+KSM_RUN = Path("/sys/kernel/mm/ksm/run")
+_LIBC = ctypes.CDLL(None, use_errno=True)
+_LIBC.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+
+
+def mark_mergeable(maps: str = "/proc/self/maps") -> int:
+    """Offer this image's private writable memory to the kernel's same-page merging
+    (KSM, ``madvise(MADV_MERGEABLE)``); the bytes offered.
+
+    A forked bot inherits the mark on these mappings (not on memory it maps later):
+    a page it copied from this image and that holds the same bytes as the original,
+    or as a sibling's copy (a reference count raised and dropped again, bytecode
+    specialized alike), is merged back into one, when KSM runs on the host
+    (``/sys/kernel/mm/ksm/run`` = 1: the host's choice, not ours). The price: ksmd's
+    CPU, and what merging tells a process about another's memory (how long a write
+    takes reveals whether that page was merged, so whether another process holds
+    the same bytes). README, "Memory": why it is off by default.
+    """
+    offered = 0
+    with open(maps) as lines:
+        for line in lines:
+            fields = line.split()
+            path = fields[5] if len(fields) > 5 else ""
+            if fields[1] != "rw-p" or (path.startswith("[") and path != "[heap]"):
+                continue  # shared, read-only, the stack, vsyscall pages: not ours to offer
+            low, high = (int(bound, 16) for bound in fields[0].split("-"))
+            if _LIBC.madvise(low, high - low, mmap.MADV_MERGEABLE) == 0:
+                offered += high - low
+    return offered
+
+
+def ksm_state() -> str:
+    """What the host's KSM does: '1' runs, '0' stopped, '2' unmerging; '?' unknown."""
+    try:
+        return KSM_RUN.read_text().strip()
+    except OSError:
+        return "?"
+
+
 def _take_env(env: dict[str, str]) -> None:
     os.environ.clear()
     os.environ.update(env)
@@ -570,6 +612,12 @@ def main(argv: list[str]) -> int:
     shipped = preload()
     gc.collect()
     gc.freeze()  # what is imported now is shared with every child: keep GC off those pages
+    if os.environ.get(MERGE_PAGES_VAR) == "1":
+        offered = mark_mergeable()
+        log(
+            f"{offered / 2**20:.1f} MB offered to the kernel's same-page merging "
+            f"(KSM run = {ksm_state()}{'' if ksm_state() == '1' else ': nothing is merged'})"
+        )
     server = ForkServer(Path(argv[0]))
     server.listen()
     log(

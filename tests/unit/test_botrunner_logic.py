@@ -469,3 +469,29 @@ def test_server_key_is_read_as_rsa_reads_it_and_telethon_finds_it() -> None:
 def test_a_broken_server_key_is_refused_with_the_reason(pem: str) -> None:
     with pytest.raises(ValueError, match=r"the public key (must be|is not)"):
         add_server_key(pem)
+
+
+def test_mark_mergeable_marks_the_heap_and_no_shared_or_read_only_mapping() -> None:
+    """The fork server's offer to KSM, in a process of its own: its heap gets the kernel's
+    ``mg`` flag; its code (read-only) and its stack do not."""
+    import subprocess
+    import sys
+
+    script = """
+import sys
+from botrunner.forkserver import mark_mergeable
+offered = mark_mergeable()
+flags, name = {}, ""
+for line in open("/proc/self/smaps"):
+    fields = line.split()
+    if "-" in fields[0] and not line.startswith("VmFlags"):
+        name = (fields[5] if len(fields) > 5 else "") + " " + fields[1]
+    elif line.startswith("VmFlags:"):
+        flags[name] = "mg" in fields[1:]
+print(offered > 0, flags["[heap] rw-p"], flags["[stack] rw-p"],
+      any(v for k, v in flags.items() if "libpython" in k and "r-x" in k))
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert done.stdout.split() == ["True", "True", "False", "False"]
