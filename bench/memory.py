@@ -1,6 +1,6 @@
 """Memory figures: manager overhead and the whole system with N running bots.
 
-Run: .venv/bin/python bench/memory.py [--bots N] [--launch fork,exec] [--detail]
+Run: .venv/bin/python bench/memory.py [--bots N] [--launch fork,exec] [--detail] [--merge-pages]
 For each launch mode in turn (a fleet of its own, N echo bots each): RSS of circusd +
 controller (goal ≤ 80 MB; NF4 limit 100 MB), of the whole system (circusd, controller,
 PostgreSQL, sandbox, fork server, N bots and their launchers; goal ≤ 350 MB PSS at 10
@@ -14,6 +14,11 @@ controller runs as the service user, which cannot write `__pycache__` into a che
 owned by root, and compiling every module at each start leaves ~1 MB more in it (and
 ~1.5 MB in circusd when PYTHONDONTWRITEBYTECODE is set). The load average is printed
 before and after: figures taken while other work runs are noisy.
+
+--merge-pages: the fleet runs with TGFLEET_MERGE_PAGES=1 (the fork server offers its
+memory to the kernel's same-page merging); when KSM runs on this host
+(/sys/kernel/mm/ksm/run = 1, which this script does not set), it waits for four of
+ksmd's full scans before measuring, and prints ksmd's CPU and the pages it merged.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import argparse
 import compileall
 import os
 import shutil
+import time
 from pathlib import Path
 
 import psutil
@@ -77,13 +83,60 @@ def mappings(pid: int, kind: str, top: int = 8) -> str:
     return f"{kind} (pid {pid}) RSS {total:.1f} MB: {parts}"
 
 
-def measure(bots: int, launch: str, details: list[str] | None = None) -> dict[str, list[float]]:
+KSM = Path("/sys/kernel/mm/ksm")
+
+
+def ksm_value(name: str) -> int:
+    try:
+        return int((KSM / name).read_text())
+    except (OSError, ValueError):
+        return -1
+
+
+def ksmd() -> psutil.Process | None:
+    for proc in psutil.process_iter(["name"]):
+        if proc.info["name"] == "ksmd":
+            return proc
+    return None
+
+
+def settle_merging(scans: int = 4, timeout_s: float = 600.0) -> str:
+    """Wait for ``scans`` more of ksmd's full scans (a page merges once it was seen unchanged
+    twice; pages that change in between wait for later scans); what it
+    cost and did, as a line to print."""
+    if ksm_value("run") != 1:
+        return (
+            f"KSM does not run on this host (run = {ksm_value('run')}): nothing is merged "
+            "(as root: echo 1 > /sys/kernel/mm/ksm/run)"
+        )
+    daemon = ksmd()
+    cpu_before = sum(daemon.cpu_times()[:2]) if daemon else 0.0
+    started, first = time.monotonic(), ksm_value("full_scans")
+    while ksm_value("full_scans") < first + scans and time.monotonic() - started < timeout_s:
+        time.sleep(1)
+    waited = time.monotonic() - started
+    cpu = (sum(daemon.cpu_times()[:2]) - cpu_before) if daemon else float("nan")
+    return (
+        f"KSM: waited {waited:.0f} s for {scans} full scans ({ksm_value('pages_to_scan')} pages "
+        f"every {ksm_value('sleep_millisecs')} ms); ksmd used {cpu:.1f} s CPU "
+        f"({100 * cpu / waited:.1f} % of a core); pages_sharing {ksm_value('pages_sharing')}, "
+        f"pages_shared {ksm_value('pages_shared')}"
+    )
+
+
+def measure(
+    bots: int,
+    launch: str,
+    details: list[str] | None = None,
+    merge_pages: bool = False,
+) -> dict[str, list[float]]:
     """[processes, RSS MB, PSS MB] per part of a fleet running ``bots`` bots of ``launch``."""
     root = short_tmpdir("tgfm")
     sandbox = Sandbox.start(root / "sandbox")
     totals: dict[str, list[float]] = {}
+    env = {"TGFLEET_MERGE_PAGES": "1"} if merge_pages else {}
     try:
-        with running_fleet(root, sandbox) as fleet:
+        with running_fleet(root, sandbox, env=env) as fleet:
             use_launch(fleet, sandbox, launch)
             for index in range(bots):
                 token = sandbox.create_bot(f"mem_{index}")
@@ -93,6 +146,8 @@ def measure(bots: int, launch: str, details: list[str] | None = None) -> dict[st
             # One message each, so every bot has handled an update.
             for index in range(bots):
                 sandbox.cli("send", f"mem_{index}_bot", "hi", "--user", "bench", "--wait", "30")
+            if merge_pages:
+                print(settle_merging())
             assert fleet.proc is not None
             # Every process a user sees in ps: `tgfleet up` itself too, not only its children.
             procs = [
@@ -158,6 +213,9 @@ def main() -> None:
     parser.add_argument("--bots", type=int, default=10)
     parser.add_argument("--launch", default="fork,exec", help="launch modes, in turn")
     parser.add_argument("--detail", action="store_true", help="the manager's mappings")
+    parser.add_argument(
+        "--merge-pages", action="store_true", help="TGFLEET_MERGE_PAGES=1 (KSM), see above"
+    )
     args = parser.parse_args()
     print(f"machine: {os.cpu_count()} CPUs, {psutil.virtual_memory().total / 2**30:.0f} GiB")
     packages = ("controller", "botspec", "botrunner", "tgsandbox")
@@ -167,7 +225,8 @@ def main() -> None:
     print(f"load average before: {loadavg()}")
     for launch in [mode.strip() for mode in args.launch.split(",") if mode.strip()]:
         details: list[str] = []
-        report(args.bots, launch, measure(args.bots, launch, details if args.detail else None))
+        totals = measure(args.bots, launch, details if args.detail else None, args.merge_pages)
+        report(args.bots, launch, totals)
         for text in details:
             print(text)
     print(f"load average after: {loadavg()}")

@@ -15,8 +15,8 @@ wire format below is this file's own; ``botrunner.forkserver`` imports it.
 The bot and this launcher share a socket pair. The bot writes ``D`` once it runs
 as its own user (signals may be forwarded from then on) and waits for ``G``
 before it reads its config: a bot whose launcher gave up and exec'd (the pair's
-end closes on exec) never runs. After ``G`` the bot watches the pair: EOF means
-this launcher died, and the bot kills itself (no orphans). The bot's exit code
+end closes on exec) never runs. After ``G`` the pair's end of file (this launcher
+died) ends the bot: its end is ``O_ASYNC``, so the kernel sends it SIGIO (no orphans). The bot's exit code
 comes from the fork server (its parent, which reaps it); when the fork server is
 gone, from the ``X<code>`` line the bot writes on the pair as it exits.
 """

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import cryptg
+import rsa
 from telethon import TelegramClient, errors, functions, types
 from telethon.crypto import rsa as telethon_rsa
 from telethon.crypto.factorization import Factorization
@@ -28,6 +29,7 @@ from telethon.sessions import SQLiteSession, StringSession
 from botrunner.config import BotConfig
 from botrunner.health import TelegramStatus
 from botspec.protocol import ReadyTelegram
+from botspec.validate import rsa_public_numbers
 
 log = logging.getLogger(__name__)
 
@@ -243,9 +245,21 @@ def build_client(config: BotConfig, session: SQLiteSession | StringSession) -> T
     )
     server = config.telegram.server
     if server is not None:
-        telethon_rsa.add_key(server.public_key, old=False)
+        add_server_key(server.public_key)
         client.session.set_dc(server.dc_id, server.host, server.port)
     return client
+
+
+def add_server_key(pem: str) -> None:
+    """Make Telethon trust the server's PKCS#1 public key ``pem`` (a ValueError if it is
+    none; the config's validation refused such a key already).
+
+    What ``telethon.crypto.rsa.add_key`` does, but with the key parsed by our own
+    DER reader rather than by ``rsa``'s pyasn1: in a forked bot, running pyasn1's
+    decoder copied ~0.5 MB of the fork server's pages (docs/internals.md, Memory).
+    """
+    key = rsa.PublicKey(*rsa_public_numbers(pem))
+    telethon_rsa._server_keys[telethon_rsa._compute_fingerprint(key)] = (key, False)
 
 
 async def call_reporting_flood(client: TelegramClient, request: Any) -> Any:

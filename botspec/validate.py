@@ -178,9 +178,23 @@ def public_key_problem(pem: str) -> str | None:
         der = base64.b64decode("".join(body.split()), validate=True)
     except (binascii.Error, ValueError):
         return "is not an RSA public key: its base64 is broken"
-    if not _is_two_integers(der):
+    if _two_integers(der) is None:
         return "is not an RSA public key: its content is not PKCS#1"
     return None
+
+
+def rsa_public_numbers(pem: str) -> tuple[int, int]:
+    """(modulus, exponent) of a PKCS#1 PEM public key; ValueError (saying why) if it
+    is none. What ``rsa.PublicKey.load_pkcs1`` reads, without its ASN.1 library: a
+    forked bot that runs pyasn1's decoder makes ~0.5 MB of its fork server's pages
+    its own (docs/internals.md, Memory)."""
+    problem = public_key_problem(pem)
+    if problem is not None:
+        raise ValueError(f"the public key {problem}")
+    body = pem.split("-----BEGIN RSA PUBLIC KEY-----", 1)[1].split("-----END", 1)[0]
+    numbers = _two_integers(base64.b64decode("".join(body.split())))
+    assert numbers is not None  # public_key_problem checked it
+    return numbers
 
 
 def _der_item(data: bytes, at: int) -> tuple[int, int, int] | None:
@@ -200,14 +214,19 @@ def _der_item(data: bytes, at: int) -> tuple[int, int, int] | None:
     return tag, at, at + size
 
 
-def _is_two_integers(der: bytes) -> bool:
+def _two_integers(der: bytes) -> tuple[int, int] | None:
+    """The two non-negative INTEGERs of a DER SEQUENCE that holds exactly them, or None."""
     outer = _der_item(der, 0)
     if outer is None or outer[0] != 0x30 or outer[2] != len(der):
-        return False
+        return None
     at = outer[1]
+    numbers = []
     for _ in range(2):
         item = _der_item(der, at)
-        if item is None or item[0] != 0x02 or item[2] == item[1]:
-            return False
+        if item is None or item[0] != 0x02 or item[2] == item[1] or der[item[1]] & 0x80:
+            return None  # not an INTEGER, or an empty or negative one
+        numbers.append(int.from_bytes(der[item[1] : item[2]], "big"))
         at = item[2]
-    return at == outer[2]
+    if at != outer[2]:
+        return None
+    return numbers[0], numbers[1]

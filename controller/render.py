@@ -277,6 +277,7 @@ def render_circus_ini(
     plugin_path: Sequence[str] = (),
     log: LogRotation = LogRotation(),
     controller_account: tuple[str, str] | None = None,
+    merge_pages: bool = False,
 ) -> str:
     """The text of ``<home>/circus.ini``: circusd's endpoints and the fleet's own watchers.
 
@@ -289,6 +290,8 @@ def render_circus_ini(
     Bots are not here: circusd reads them from ``include_dir = <home>/bots.d``.
     ``plugin_path`` goes on the controller's PYTHONPATH too: it checks that a
     bot's plugins can be imported where the bot will look for them.
+    ``merge_pages`` (TGFLEET_MERGE_PAGES): the fork server offers its memory to the
+    kernel's same-page merging (``botrunner.forkserver.mark_mergeable``).
     """
     if not os.path.isabs(python):
         raise InvalidWatcherValue(f"python {python!r} must be absolute (watchers get no PATH)")
@@ -344,6 +347,8 @@ def render_circus_ini(
     # PYTHONUNBUFFERED did): as root it imports only what ships with tgfleet; a bot's
     # plugin dirs reach its own child, after the drop to the bot's user.
     forkserver_env = _base_env(home, home_env=home.root) | {"MALLOC_ARENA_MAX": "2"}
+    if merge_pages:
+        forkserver_env["TGFLEET_MERGE_PAGES"] = "1"
     watchers.append(
         _Watcher(
             name=FORKSERVER_WATCHER,

@@ -250,6 +250,7 @@ def check_options(options: UpOptions) -> None:
         parse_hostport(options.sandbox_listen, "--sandbox-listen")
         parse_hostport(options.sandbox_admin, "--sandbox-admin")
     log_rotation()
+    merge_pages()
     # The settings' own ranges, before anything is written (the DSN is not checked here).
     controller_settings(options, options.database_url or "postgresql://")
 
@@ -260,6 +261,15 @@ def log_rotation() -> LogRotation:
         return LogRotation.from_env(os.environ)
     except ValueError as exc:
         raise UpError(str(exc)) from exc
+
+
+def merge_pages() -> bool:
+    """TGFLEET_MERGE_PAGES: 1 has the fork server offer its memory to the kernel's
+    same-page merging (KSM); 0 or unset, not."""
+    raw = os.environ.get("TGFLEET_MERGE_PAGES", "").strip()
+    if raw not in ("", "0", "1"):
+        raise UpError(f"TGFLEET_MERGE_PAGES must be 0 or 1, not {raw!r}")
+    return raw == "1"
 
 
 def circus_ini_text(
@@ -288,6 +298,7 @@ def circus_ini_text(
         plugin_path=options.plugin_path,
         log=log_rotation(),
         controller_account=(user, fleet_group_name(home)) if user is not None else None,
+        merge_pages=merge_pages(),
     )
 
 

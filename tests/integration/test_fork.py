@@ -178,13 +178,43 @@ def plugin_dir() -> Iterator[Path]:
 @pytest.fixture(scope="module")
 def own_fleet(sandbox: Sandbox, plugin_dir: Path) -> Iterator[Fleet]:
     """A fleet of this module's own (its fork server is killed and stopped here), with a
-    plugin dir of third-party code."""
+    plugin dir of third-party code, whose fork server offers its pages to KSM."""
     root = short_tmpdir("tgfk")
+    env = {"TGFLEET_PLUGIN_PATH": str(plugin_dir), "TGFLEET_MERGE_PAGES": "1"}
     try:
-        with running_fleet(root, sandbox, env={"TGFLEET_PLUGIN_PATH": str(plugin_dir)}) as fleet:
+        with running_fleet(root, sandbox, env=env) as fleet:
             yield fleet
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def mergeable_heap(pid: int) -> bool:
+    """Whether the process's heap is marked for the kernel's same-page merging."""
+    in_heap = False
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        if "-" in line.split()[0] and not line.startswith("VmFlags"):
+            in_heap = line.endswith("[heap]")
+        elif in_heap and line.startswith("VmFlags:"):
+            return "mg" in line.split()[1:]
+    raise AssertionError(f"no heap in /proc/{pid}/smaps")
+
+
+def test_with_merge_pages_a_forked_bot_inherits_the_mark_on_its_fork_servers_pages(
+    own_fleet: Fleet, fleet: Fleet, sandbox: Sandbox
+) -> None:
+    """TGFLEET_MERGE_PAGES=1 (own_fleet): the fork server offers its memory to KSM, and a
+    bot forked from it inherits the mark; without it (the shared fleet), no mark."""
+    merged = add(own_fleet, sandbox, "merge", "fork")
+    plain = add(fleet, sandbox, "merge", "fork")
+    try:
+        assert mergeable_heap(check_process(own_fleet, merged, "fork"))
+        assert mergeable_heap(forkserver_pid(own_fleet))
+        log = own_fleet.home.watcher_log("forkserver", "err").read_text()
+        assert "offered to the kernel's same-page merging" in log
+        assert not mergeable_heap(check_process(fleet, plain, "fork"))
+    finally:
+        own_fleet.api("DELETE", f"/api/v1/bots/{merged}")
+        fleet.api("DELETE", f"/api/v1/bots/{plain}")
 
 
 def version_of(sandbox: Sandbox, name: str) -> str:

@@ -20,6 +20,7 @@ from botrunner.telegram import (
     AuthRejected,
     FloodWait,
     Transient,
+    add_server_key,
     classify,
     error_name,
     factorize_pq,
@@ -30,6 +31,7 @@ from botrunner.telegram import (
 )
 from botspec import protocol
 from botspec.config import parse
+from botspec.validate import rsa_public_numbers
 
 # ---------------------------------------------------------------- classify
 
@@ -437,3 +439,59 @@ def test_telethons_auth_key_exchange_uses_native_factorization() -> None:
     use_native_factorization()
     for p, q in [(1_000_003, 1_000_033), (2_147_483_629, 2_147_483_647)]:
         assert Factorization.factorize(p * q) == (p, q)
+
+
+def test_server_key_is_read_as_rsa_reads_it_and_telethon_finds_it() -> None:
+    """Our DER reader (no pyasn1 in a forked bot) gives the numbers ``rsa`` gives, and
+    Telethon finds the key under the fingerprint it computes itself."""
+    import rsa
+    from telethon.crypto import rsa as telethon_rsa
+
+    for bits in (512, 1024):
+        public = rsa.newkeys(bits)[0]
+        pem = public.save_pkcs1().decode()
+        assert rsa_public_numbers(pem) == (public.n, public.e)
+        add_server_key(pem)
+        fingerprint = telethon_rsa._compute_fingerprint(rsa.PublicKey.load_pkcs1(pem))
+        key, old = telethon_rsa._server_keys.pop(fingerprint)
+        assert (key, old) == (public, False)
+
+
+@pytest.mark.parametrize(
+    "pem",
+    [
+        "no key",
+        "-----BEGIN RSA PUBLIC KEY-----\nAAAA\n-----END RSA PUBLIC KEY-----\n",
+        # SEQUENCE { INTEGER -1, INTEGER 3 }: a negative modulus is no key
+        "-----BEGIN RSA PUBLIC KEY-----\nMAYCAf8CAQM=\n-----END RSA PUBLIC KEY-----\n",
+    ],
+)
+def test_a_broken_server_key_is_refused_with_the_reason(pem: str) -> None:
+    with pytest.raises(ValueError, match=r"the public key (must be|is not)"):
+        add_server_key(pem)
+
+
+def test_mark_mergeable_marks_the_heap_and_no_shared_or_read_only_mapping() -> None:
+    """The fork server's offer to KSM, in a process of its own: its heap gets the kernel's
+    ``mg`` flag; its code (read-only) and its stack do not."""
+    import subprocess
+    import sys
+
+    script = """
+import sys
+from botrunner.forkserver import mark_mergeable
+offered = mark_mergeable()
+flags, name = {}, ""
+for line in open("/proc/self/smaps"):
+    fields = line.split()
+    if "-" in fields[0] and not line.startswith("VmFlags"):
+        name = (fields[5] if len(fields) > 5 else "") + " " + fields[1]
+    elif line.startswith("VmFlags:"):
+        flags[name] = "mg" in fields[1:]
+print(offered > 0, flags["[heap] rw-p"], flags["[stack] rw-p"],
+      any(v for k, v in flags.items() if "libpython" in k and "r-x" in k))
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert done.stdout.split() == ["True", "True", "False", "False"]

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from circus.config import get_config
 
+from controller import up
 from controller.atomicfile import write_atomic
 from controller.home import Home
 from controller.pg import PgWatcher
@@ -301,6 +302,28 @@ def test_circus_ini_without_pg_and_sandbox() -> None:
         sandbox=SandboxWatcher("127.0.0.1:1", "127.0.0.1:2", HOME.sandbox_dir),
     )
     assert "uid" not in parse(not_root)["watcher:sandbox"]
+
+
+@pytest.mark.parametrize(("value", "merge"), [("", False), ("0", False), ("1", True)])
+def test_merge_pages_reaches_the_fork_server_env_only_when_asked(
+    value: str, merge: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TGFLEET_MERGE_PAGES", value)
+    text = render_circus_ini(
+        HOME, python=PY, listen="x", embedded_pg=None, sandbox=None, merge_pages=up.merge_pages()
+    )
+    ini = parse(text)
+    assert (ini["env:forkserver"].get("TGFLEET_MERGE_PAGES") == "1") is merge
+    assert "TGFLEET_MERGE_PAGES" not in ini["env:controller"]
+
+
+@pytest.mark.parametrize("value", ["yes", "2", "true"])
+def test_a_bad_merge_pages_is_refused_naming_the_variable(
+    value: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TGFLEET_MERGE_PAGES", value)
+    with pytest.raises(up.UpError, match=f"TGFLEET_MERGE_PAGES must be 0 or 1, not '{value}'"):
+        up.merge_pages()
 
 
 @pytest.mark.parametrize("check_delay", [0, 1.5, -1])
