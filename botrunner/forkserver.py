@@ -591,10 +591,14 @@ def _watch_launcher(pair: int) -> None:
     With ``O_ASYNC`` the kernel sends this process ``SIGIO`` when the pair's peer
     closes (or writes, which a launcher does not do after ``G``), and SIGIO's default
     action ends the process. Nothing in a bot sets a handler for it (asyncio,
-    Telethon and ZeroMQ use none). A thread blocked on the pair did this before; one
-    Python thread made ~0.3 MB of the fork server's pages the bot's own.
+    Telethon and ZeroMQ use none); a plugin must neither handle nor block it (the fork
+    server, while it runs, still ends a bot whose launcher is gone). SIGIO is set to
+    its default and unblocked here, whatever mask came down through circusd. A thread
+    blocked on the pair did this before; one Python thread made ~0.3 MB of the fork
+    server's pages the bot's own.
     """
     signal.signal(signal.SIGIO, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGIO})
     fcntl.fcntl(pair, fcntl.F_SETOWN, os.getpid())
     fcntl.fcntl(pair, fcntl.F_SETFL, fcntl.fcntl(pair, fcntl.F_GETFL) | os.O_ASYNC)
     # Closed before O_ASYNC was on: no signal comes for that. (The launcher writes

@@ -162,7 +162,7 @@ def check_struct(
 
 
 def public_key_problem(pem: str) -> str | None:
-    """Why ``pem`` is no PKCS#1 RSA public key as Telethon loads it, or None.
+    """Why ``pem`` is no PKCS#1 RSA public key as a bot loads it (``rsa_public_numbers``), or None.
 
     Telethon hands the PEM to ``rsa.PublicKey.load_pkcs1``: base64 between the
     markers, a DER SEQUENCE of two INTEGERs (modulus, exponent). Checked here with

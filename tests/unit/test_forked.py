@@ -133,3 +133,37 @@ def test_children_forked_after_the_warm_up_draw_their_own_randomness() -> None:
     )
     first, second = done.stdout.split()
     assert len(first) == 64 and first[:32] != second[:32] and first[32:] != second[32:]
+
+
+@pytest.mark.parametrize("blocked", [False, True], ids=["default", "sigio-blocked"])
+def test_a_bot_ends_with_its_launcher_s_end_of_the_pair(blocked: bool) -> None:
+    # The bot's side of forkserver._watch_launcher, in a process of its own: when the
+    # launcher's end closes, the kernel's SIGIO ends it, also when SIGIO came blocked
+    # down the process tree (a mask survives fork and exec).
+    import signal
+    import socket
+
+    bot_end, launcher_end = socket.socketpair()
+    code = (
+        "import signal, sys, time\n"
+        f"if {blocked}: signal.pthread_sigmask(signal.SIG_BLOCK, {{signal.SIGIO}})\n"
+        "from botrunner.forkserver import _watch_launcher\n"
+        "_watch_launcher(int(sys.argv[1]))\n"
+        "print('watching', flush=True)\n"
+        "time.sleep(30)\n"
+        "sys.exit(42)\n"
+    )
+    with bot_end, launcher_end:
+        bot = subprocess.Popen(
+            [sys.executable, "-c", code, str(bot_end.fileno())],
+            pass_fds=[bot_end.fileno()],
+            stdout=subprocess.PIPE,
+        )
+        bot_end.close()
+        try:
+            assert bot.stdout is not None and bot.stdout.readline() == b"watching\n"
+            launcher_end.close()
+            assert bot.wait(timeout=10) == -signal.SIGIO
+        finally:
+            bot.kill()
+            bot.communicate()
