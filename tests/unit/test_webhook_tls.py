@@ -4,8 +4,6 @@ CAs of ``SSL_CERT_FILE`` at the time of its first post."""
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import json
 import logging
 import ssl
@@ -16,51 +14,16 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from harness import self_signed_certificate
 
 from controller.app import webhook_poster
 from controller.settings import ControllerSettings
 
 
-def self_signed(tmp_path: Path) -> tuple[Path, Path]:
-    """A certificate for 127.0.0.1 that no system bundle trusts, and its key."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "tgfleet test hook")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(hours=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_file, key_file = tmp_path / "hook.pem", tmp_path / "hook.key"
-    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_file.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_file, key_file
-
-
 async def post_to_tls_hook(tmp_path: Path, *, via_http: bool = False) -> list[dict[str, Any]]:
     """Serve a hook over TLS with a self-signed certificate; post to it once (``via_http``:
     to an http URL that redirects there)."""
-    cert_file, key_file = self_signed(tmp_path)
+    cert_file, key_file = self_signed_certificate(tmp_path)
     received: list[dict[str, Any]] = []
 
     async def hook(request: web.Request) -> web.Response:
@@ -103,14 +66,14 @@ async def post_to_tls_hook(tmp_path: Path, *, via_http: bool = False) -> list[di
 async def test_the_webhook_trusts_the_cas_of_ssl_cert_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "hook.pem"))
+    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "cert.pem"))
     assert await post_to_tls_hook(tmp_path) == [{"bot": "shop", "state": "failed"}]
 
 
 async def test_an_http_webhook_redirected_to_https_verifies_with_the_same_cas(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "hook.pem"))
+    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "cert.pem"))
     assert await post_to_tls_hook(tmp_path, via_http=True) == [{"bot": "shop", "state": "failed"}]
 
 
