@@ -14,7 +14,6 @@ Only on glibc (Linux's usual C library); elsewhere ``release_free_heap`` does no
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ctypes
 import logging
 from collections.abc import Callable
@@ -49,7 +48,9 @@ async def keep_heap_trimmed(stopping: asyncio.Event, every_s: float = TRIM_EVERY
     if _TRIM is None:
         log.info("no malloc_trim in this C library: the heap is not trimmed")
         return
-    while not stopping.is_set():
-        with contextlib.suppress(TimeoutError):
+    while True:
+        try:
             await asyncio.wait_for(stopping.wait(), every_s)
-        release_free_heap()
+            return
+        except TimeoutError:  # a minute more without stopping: time for a trim
+            release_free_heap()

@@ -87,8 +87,8 @@ _FIELDS = 4
 
 class _Ring:
     """One bot's newest ``size`` samples, as doubles in one array: 32 bytes a sample,
-    where a ``Sample`` with its four floats costs ~200 (an hour of them, 361, is
-    ~70 KB a bot: 7 MB of the controller at 100 bots)."""
+    where a ``Sample`` and its floats cost 170-200 (an hour of them, 361, was 62-75 KB
+    a bot: up to 7 MB of the controller at 100 bots; bench/samples_ring.py)."""
 
     __slots__ = ("_count", "_next", "_values")
 
