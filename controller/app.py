@@ -32,6 +32,7 @@ from controller.circus import CircusClient, watch_events
 from controller.dashboard import add_dashboard
 from controller.errors import StoreUnavailable
 from controller.fleet import Fleet, Webhook
+from controller.heap import keep_heap_trimmed
 from controller.home import Home
 from controller.render import LogRotation
 from controller.secretbox import SecretBox
@@ -233,7 +234,10 @@ async def serve(home: Home) -> int:
         asyncio.create_task(watch_circus(home, fleet), name="circus events"),
         asyncio.create_task(fleet.run(stopping), name="reconcile"),
     ]
-    side: list[asyncio.Task[None]] = []
+    # Not watched: were it to end, the heap would only stay as big as its last peak.
+    trim = asyncio.create_task(keep_heap_trimmed(stopping), name="heap trim")
+    trim.add_done_callback(log_failure)
+    side: list[asyncio.Task[None]] = [trim]
     if settings.demo:
         from controller.demo import seed_demo
 
