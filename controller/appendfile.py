@@ -16,47 +16,30 @@ Used by ``controller.circusd`` (``unbuffered_streams``, once before circusd's
 from __future__ import annotations
 
 import functools
-import os
+import io
 from types import ModuleType
 from typing import Any
 
 
-class AppendFile:
+class AppendFile(io.FileIO):
     """What circus' ``FileStream`` uses of its file (``write`` of text, ``flush``,
-    ``seek``/``tell`` for rotation, ``close``), over a bare descriptor opened for
-    appending: no buffer, so nothing is held back and nothing is lost at a crash."""
-
-    __slots__ = ("_fd", "closed")
+    ``seek``/``tell`` for rotation, ``close``), over a raw file opened for appending
+    (``O_APPEND``, created 0666 less circusd's umask, as ``open(path, "a+")`` did): no
+    buffer, so nothing is held back and nothing is lost at a crash. A ``FileIO`` closes
+    its descriptor when dropped: circus drops a changed or removed watcher's streams
+    (``reloadconfig``, ``rm``) without closing them, as it did its text files."""
 
     def __init__(self, path: str) -> None:
-        # As open(path, "a+"): created 0666 less circusd's umask (077: 0600).
-        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666)
-        self.closed = False
+        super().__init__(path, "a")
 
-    def write(self, text: str) -> int:
+    def write(self, text: str) -> int:  # type: ignore[override]  # text, as a text file
         # Strict, as the text file was: FileStream catches the error and writes the
         # chunk again as latin-1 with replacements.
         data = memoryview(text.encode("utf-8"))
         while data:
-            data = data[os.write(self._fd, data) :]
+            written = super().write(data)
+            data = data[written or 0 :]
         return len(text)
-
-    def flush(self) -> None:
-        """Nothing is buffered."""
-
-    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
-        return os.lseek(self._fd, offset, whence)
-
-    def tell(self) -> int:
-        return os.lseek(self._fd, 0, os.SEEK_CUR)
-
-    def fileno(self) -> int:
-        return self._fd
-
-    def close(self) -> None:
-        if not self.closed:
-            self.closed = True
-            os.close(self._fd)
 
 
 def unbuffered_streams(file_stream: ModuleType, process: ModuleType) -> None:

@@ -53,4 +53,6 @@ async def keep_heap_trimmed(stopping: asyncio.Event, every_s: float = TRIM_EVERY
             await asyncio.wait_for(stopping.wait(), every_s)
             return
         except TimeoutError:  # a minute more without stopping: time for a trim
-            release_free_heap()
+            # In a thread: a trim walks the whole heap (ms here, more for a big heap),
+            # and ctypes lets go of the GIL for it.
+            await asyncio.to_thread(release_free_heap)

@@ -76,3 +76,16 @@ def test_a_process_pipe_is_read_unbuffered() -> None:
         for pipe in (child.stdout, child.stderr):
             pipe.close()
     assert child.returncode == 0
+
+
+@pytest.mark.usefixtures("patched")
+@pytest.mark.filterwarnings("ignore::ResourceWarning")  # what a dropped file says
+def test_a_stream_circus_drops_without_closing_leaves_no_descriptor(tmp_path: Path) -> None:
+    # reloadconfig and rm stop a changed or removed watcher without closing its streams:
+    # what circus drops must not keep its log open in circusd for good.
+    before = len(os.listdir("/proc/self/fd"))
+    for n in range(20):
+        stream = file_stream.FileStream(str(tmp_path / f"bot-{n}.log"))
+        stream(chunk(b"line\n"))
+        del stream
+    assert len(os.listdir("/proc/self/fd")) == before
