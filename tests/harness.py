@@ -140,9 +140,11 @@ def free_port() -> int:
 
 
 def short_tmpdir(prefix: str) -> Path:
-    """A temp dir with a short path: unix socket paths are limited to 107 bytes."""
+    """A temp dir with a short path (unix socket paths are limited to 107 bytes) that
+    every user may traverse: pytest's tmp_path is root's 0700 when we are root, and
+    the fleet's own users (PostgreSQL's, the bots', the service user) must get through."""
     path = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
-    path.chmod(0o755)  # the embedded PostgreSQL's own user must traverse it when we are root
+    path.chmod(0o755)
     return path
 
 

@@ -9,12 +9,12 @@ import signal
 import stat
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from harness import short_tmpdir
 
 from botspec import procinfo
 from controller.botfiles import BotFiles
@@ -255,8 +255,7 @@ os.symlink(target, tree + "/a")
 @pytest.fixture
 def open_tmp() -> Iterator[Path]:
     """A dir under /tmp that other users may search (pytest's tmp_path is root's 0700)."""
-    base = Path(tempfile.mkdtemp(prefix="tgf-givetree-", dir="/tmp"))
-    base.chmod(0o755)
+    base = short_tmpdir("tgf-givetree-")
     try:
         yield base
     finally:

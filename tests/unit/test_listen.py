@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from harness import short_tmpdir
 
 from controller.botusers import BotUsers, service_user_name
 from controller.home import Home
@@ -48,8 +48,7 @@ def test_loopback_needs_nothing(tmp_path: Path) -> None:
 @pytest.fixture
 def shared(tmp_path: Path) -> Iterator[Path]:
     """A dir every user may traverse (pytest's tmp_path is root's 0700 when we are root)."""
-    path = Path(tempfile.mkdtemp(prefix="tgf-tls-", dir="/tmp"))
-    path.chmod(0o755)
+    path = short_tmpdir("tgf-tls-")
     try:
         yield path
     finally:
