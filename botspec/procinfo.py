@@ -225,5 +225,6 @@ def runs_as(pid: int, uid: int) -> bool:
 
 
 def processes_of(uid: int) -> list[int]:
-    """The pids of the live processes (no zombies) whose real or effective uid is ``uid``."""
+    """The pids of the live processes (none ended: see ``parse_owner``) whose real or
+    effective uid is ``uid``."""
     return [int(pid) for pid in os.listdir("/proc") if pid.isdigit() and runs_as(int(pid), uid)]

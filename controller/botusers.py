@@ -367,7 +367,7 @@ def kill_processes_of(uid: int) -> None:
     uid would share it)."""
     deadline = time.monotonic() + KILL_WAIT_S
     while True:
-        left = procinfo.processes_of(uid)  # no zombies: dead already, circusd reaps them
+        left = procinfo.processes_of(uid)  # the ended ones are dead: circusd reaps them
         if not left:
             return
         if time.monotonic() > deadline:
