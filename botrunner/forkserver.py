@@ -517,9 +517,11 @@ class ForkServer:
 
 
 PR_SET_DUMPABLE = 4
-#: libc's prctl, looked up here once: a ctypes library and function made in each child
-#: would be made on pages that child then stops sharing.
-_PRCTL = ctypes.CDLL(None, use_errno=True).prctl
+#: libc, and its prctl and madvise, looked up here once: a ctypes library and function
+#: made in each child would be made on pages that child then stops sharing.
+_LIBC = ctypes.CDLL(None, use_errno=True)
+_PRCTL = _LIBC.prctl
+_LIBC.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 
 
 def _prctl(option: int, value: int) -> None:
@@ -531,8 +533,6 @@ def _prctl(option: int, value: int) -> None:
 #: The fork server's env var (from ``tgfleet up``'s TGFLEET_MERGE_PAGES) that asks for it.
 MERGE_PAGES_VAR = "TGFLEET_MERGE_PAGES"
 KSM_RUN = Path("/sys/kernel/mm/ksm/run")
-_LIBC = ctypes.CDLL(None, use_errno=True)
-_LIBC.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 
 
 def mark_mergeable(maps: str = "/proc/self/maps") -> int:
@@ -617,10 +617,10 @@ def main(argv: list[str]) -> int:
     gc.collect()
     gc.freeze()  # what is imported now is shared with every child: keep GC off those pages
     if os.environ.get(MERGE_PAGES_VAR) == "1":
-        offered = mark_mergeable()
+        offered, ksm = mark_mergeable(), ksm_state()
         log(
             f"{offered / 2**20:.1f} MB offered to the kernel's same-page merging "
-            f"(KSM run = {ksm_state()}{'' if ksm_state() == '1' else ': nothing is merged'})"
+            f"(KSM run = {ksm}{'' if ksm == '1' else ': nothing is merged'})"
         )
     server = ForkServer(Path(argv[0]))
     server.listen()
