@@ -162,12 +162,27 @@ def check_struct(
 
 
 def public_key_problem(pem: str) -> str | None:
-    """Why ``pem`` is no PKCS#1 RSA public key as a bot loads it (``rsa_public_numbers``), or None.
+    """Why ``pem`` is no PKCS#1 RSA public key as a bot loads it, or None."""
+    numbers = _public_numbers_or_problem(pem)
+    return numbers if isinstance(numbers, str) else None
 
-    Telethon hands the PEM to ``rsa.PublicKey.load_pkcs1``: base64 between the
-    markers, a DER SEQUENCE of two INTEGERs (modulus, exponent). Checked here with
-    the standard library so that neither side needs more to refuse a broken key.
-    """
+
+def rsa_public_numbers(pem: str) -> tuple[int, int]:
+    """(modulus, exponent) of a PKCS#1 PEM public key; ValueError (saying why) if it
+    is none. What ``rsa.PublicKey.load_pkcs1`` reads, without its ASN.1 library: a
+    forked bot that runs pyasn1's decoder makes ~0.5 MB of its fork server's pages
+    its own (docs/internals.md, Memory)."""
+    numbers = _public_numbers_or_problem(pem)
+    if isinstance(numbers, str):
+        raise ValueError(f"the public key {numbers}")
+    return numbers
+
+
+def _public_numbers_or_problem(pem: str) -> tuple[int, int] | str:
+    """The key's (modulus, exponent), or why it has none: base64 between the PKCS#1
+    markers, a DER SEQUENCE of two non-negative INTEGERs. Read with the standard
+    library, so that neither the controller nor a bot needs more to refuse a broken
+    key or to load a good one."""
     begin, end = "-----BEGIN RSA PUBLIC KEY-----", "-----END RSA PUBLIC KEY-----"
     if begin not in pem:
         return "must be a PKCS#1 PEM ('-----BEGIN RSA PUBLIC KEY-----'), as Telethon loads it"
@@ -178,22 +193,9 @@ def public_key_problem(pem: str) -> str | None:
         der = base64.b64decode("".join(body.split()), validate=True)
     except (binascii.Error, ValueError):
         return "is not an RSA public key: its base64 is broken"
-    if _two_integers(der) is None:
+    numbers = _two_integers(der)
+    if numbers is None:
         return "is not an RSA public key: its content is not PKCS#1"
-    return None
-
-
-def rsa_public_numbers(pem: str) -> tuple[int, int]:
-    """(modulus, exponent) of a PKCS#1 PEM public key; ValueError (saying why) if it
-    is none. What ``rsa.PublicKey.load_pkcs1`` reads, without its ASN.1 library: a
-    forked bot that runs pyasn1's decoder makes ~0.5 MB of its fork server's pages
-    its own (docs/internals.md, Memory)."""
-    problem = public_key_problem(pem)
-    if problem is not None:
-        raise ValueError(f"the public key {problem}")
-    body = pem.split("-----BEGIN RSA PUBLIC KEY-----", 1)[1].split("-----END", 1)[0]
-    numbers = _two_integers(base64.b64decode("".join(body.split())))
-    assert numbers is not None  # public_key_problem checked it
     return numbers
 
 
