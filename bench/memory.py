@@ -233,8 +233,7 @@ def main() -> None:
 
 
 def loadavg() -> str:
-    with open("/proc/loadavg") as source:
-        return " ".join(source.read().split()[:3])
+    return " ".join(f"{value:.2f}" for value in os.getloadavg())
 
 
 if __name__ == "__main__":
