@@ -46,7 +46,7 @@ def classify(proc: psutil.Process) -> str:
     cmd = " ".join(proc.cmdline())
     if proc.name().startswith("tgf:"):
         return "bots"  # forked by the fork server: its command line is the fork server's
-    if "botrunner/launch" in cmd:  # launch.py (launcher.py before)
+    if "botrunner/launch" in cmd or "botrunner/tgf-launcher" in cmd:  # C or Python
         return "launchers"
     if "botrunner.forkserver" in cmd:
         return "forkserver"

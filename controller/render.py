@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Literal
 from botspec.spec import MIN_MEMORY_MB, NAME_PATTERN, FleetDefaults, Limits
 from controller.home import Home
 from controller.pg import PgWatcher
-from controller.watchercheck import launcher_path
+from controller.watchercheck import launcher_command
 
 if TYPE_CHECKING:
     import jinja2
@@ -58,10 +58,6 @@ _FORBIDDEN = ("\n", "\r", "\x00", " ;", "\t;", "%", "$(", "((")
 #: The fork server's watcher (botrunner.forkserver): root when the fleet is, since
 #: each child it forks becomes its bot's user; it imports only tgfleet's own code.
 FORKSERVER_WATCHER = "forkserver"
-
-
-#: A fork-mode bot's watcher runs this file (stdlib only) with ``python -S -I``.
-LAUNCHER = launcher_path()
 
 
 class InvalidWatcherValue(ValueError):
@@ -402,12 +398,14 @@ def render_circus_ini(
     )
 
 
-def _bot_args(home: Home, bot: BotWatcher) -> list[str | os.PathLike[str]]:
+def _bot_command(home: Home, bot: BotWatcher, python: str) -> tuple[str, list[str]]:
+    """(cmd, args) of the bot's watcher. A fork-mode one runs a launcher, which asks the
+    fork server for the bot and execs exactly the exec-mode command line when it does
+    not answer."""
+    config = str(home.bot_config(bot.name))
     if bot.launch == "exec":
-        return ["-m", "botrunner", home.bot_config(bot.name)]
-    # -S -I: no site-packages, no PYTHON* variables: the launcher stays at ~3 MB. When
-    # the fork server does not answer, it execs exactly the exec-mode command line.
-    return ["-S", "-I", LAUNCHER, home.fork_socket, bot.name, home.bot_config(bot.name)]
+        return python, ["-m", "botrunner", config]
+    return launcher_command(python, home.fork_socket, bot.name, config)
 
 
 def render_watcher(
@@ -427,6 +425,7 @@ def render_watcher(
     if not os.path.isabs(python):
         raise InvalidWatcherValue(f"python {python!r} must be absolute (watchers get no PATH)")
     out, err = _logs(home, bot.watcher_name)
+    cmd, args = _bot_command(home, bot, python)
     env = _base_env(home, home_env=home.bot_dir(bot.name))
     # Fewer malloc arenas: less address space and fragmentation per bot thread.
     env["MALLOC_ARENA_MAX"] = "2"
@@ -442,8 +441,8 @@ def render_watcher(
         .render(
             name=bot.name,
             watcher=bot.watcher_name,
-            python=_command_line([python]),
-            args=_command_line(_bot_args(home, bot)),
+            cmd=_command_line([cmd]),
+            args=_command_line(args),
             working_dir=home.bot_dir(bot.name),
             autostart=bot.autostart,
             max_retry=bot.max_retry,

@@ -6,8 +6,8 @@ watcher as whatever ``uid`` it names (none: root), with whatever ``cmd``, whatev
 ``filename`` (root writes there). So the keeper writes a watcher file for the
 controller only when it is exactly what ``controller/templates/watcher.ini.j2``
 renders for that bot: the sections ``[watcher:bot-NAME]`` and ``[env:bot-NAME]``,
-the keys that template writes, the fleet's python running the bot (or its
-launcher) on this bot's config, as this bot's own user, in its own dir, logging to
+the keys that template writes, the fleet's python running the bot (or a launcher
+of tgfleet's, which asks the fork server for it) on this bot's config, as this bot's own user, in its own dir, logging to
 ``logs/bot-NAME.std{out,err}.log`` through circus' ``FileStream``.
 
 The file is read line by line in a grammar narrower than circus' parser (no
@@ -21,13 +21,19 @@ very sections, keys and values this grammar found. Standard library and circus
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import io
+import logging
+import os
 import re
 import shlex
+import subprocess
 from pathlib import Path
 
 from controller.home import Home
+
+_log = logging.getLogger(__name__)
 
 
 class WatcherRefused(ValueError):
@@ -90,14 +96,56 @@ _REQUIRED = {
 }
 
 
-def launcher_path() -> Path:
-    """botrunner/launch.py, which a fork-mode bot's watcher runs (stdlib only, with
-    ``python -S -I``: it runs botrunner/launcher.py from its compiled bytecode); found
-    without importing botrunner: neither the controller nor circusd loads bots' code."""
+def _botrunner_dir() -> Path:
+    """Where botrunner is installed, found without importing it: neither the controller
+    nor circusd loads bots' code."""
     spec = importlib.util.find_spec("botrunner")
     if spec is None or spec.origin is None:
         raise WatcherRefused("botrunner is not installed beside tgfleet's controller")
-    return Path(spec.origin).parent / "launch.py"
+    return Path(spec.origin).parent
+
+
+def launcher_path() -> Path:
+    """botrunner/launch.py, the launcher in Python (stdlib only, with ``python -S -I``:
+    it runs botrunner/launcher.py from its compiled bytecode)."""
+    return _botrunner_dir() / "launch.py"
+
+
+def launcher_binary() -> Path:
+    """botrunner/tgf-launcher, the launcher in C (botrunner/launcher.c, libc only; built
+    by setup.py and scripts/_venv.sh), whether it was built or not."""
+    return _botrunner_dir() / "tgf-launcher"
+
+
+@functools.cache
+def c_launcher_runs(binary: str) -> bool:
+    """Whether ``binary`` runs here: built, and for this machine (a wheel built on
+    another libc or CPU would not). Asked once per process: without arguments it
+    exits 64 (EX_USAGE). When it does not, the controller says so in its log."""
+    try:
+        done = subprocess.run([binary], capture_output=True, timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError) as exc:
+        why = f"{type(exc).__name__}: {exc}"
+    else:
+        if done.returncode == 64:
+            return True
+        why = f"exit code {done.returncode}: {done.stderr[-200:]!r}"
+    _log.warning(
+        "fork-mode bots run launcher.py (~3 MB more each): %s cannot run (%s)", binary, why
+    )
+    return False
+
+
+def launcher_command(
+    python: str, socket: str | os.PathLike[str], name: str, config: str | os.PathLike[str]
+) -> tuple[str, list[str]]:
+    """(cmd, args) of a fork-mode bot's watcher: tgf-launcher where it was built (~0.2 MB
+    a bot), else launcher.py under ``python`` (~3 MB). Either execs ``python -m
+    botrunner config`` when the fork server does not answer."""
+    binary = launcher_binary()
+    if c_launcher_runs(str(binary)):
+        return str(binary), [python, str(socket), name, str(config)]
+    return python, ["-S", "-I", str(launcher_path()), str(socket), name, str(config)]
 
 
 def parse(text: str, name: str) -> tuple[dict[str, str], dict[str, str]]:
@@ -179,16 +227,22 @@ def check_watcher(
         if not _ENV_KEY.fullmatch(key):
             raise WatcherRefused(f"environment variable {key!r} is not [A-Z_][A-Z0-9_]*")
 
-    # The very path, not what it resolves to now: a link elsewhere that points at the
+    # The very paths, not what they resolve to now: a link elsewhere that points at the
     # fleet's python today may be pointed at something else once circusd loaded it.
-    if shlex.split(watcher["cmd"]) != [python]:
-        raise WatcherRefused(f"cmd must be the fleet's python {python}, not {watcher['cmd']!r}")
     config = str(home.bot_config(name))
-    allowed_args = (
-        ["-m", "botrunner", config],
-        ["-S", "-I", str(launcher_path()), str(home.fork_socket), name, config],
+    socket = str(home.fork_socket)
+    allowed = (
+        ([python], ["-m", "botrunner", config]),
+        ([python], ["-S", "-I", str(launcher_path()), socket, name, config]),
+        ([str(launcher_binary())], [python, socket, name, config]),
     )
-    if shlex.split(watcher["args"]) not in allowed_args:
+    command = (shlex.split(watcher["cmd"]), shlex.split(watcher["args"]))
+    if command[0] not in [cmd for cmd, _args in allowed]:
+        raise WatcherRefused(
+            f"cmd must be the fleet's python {python} or tgfleet's launcher "
+            f"{launcher_binary()}, not {watcher['cmd']!r}"
+        )
+    if command not in allowed:
         raise WatcherRefused(
             f"args must run botrunner or its launcher on {config}, not {watcher['args']!r}"
         )

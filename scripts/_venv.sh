@@ -16,6 +16,9 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     .venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".${extras:+[$extras]}"
     echo "$want" > "$stamp"
 fi
+# The launcher in C (botrunner/launcher.c), beside the checkout's code, as the wheel
+# has it: again whenever the source is newer than the binary.
+.venv/bin/python -m botrunner.buildlauncher --if-stale
 # The dashboard's browser test (tests/integration/test_dashboard.py) runs Debian's
 # Chromium (Playwright's own browser downloads cannot work here), and puts Debian's
 # nginx in front of the controller as a TLS-terminating reverse proxy.

@@ -7,10 +7,12 @@ its limits, its answers) and what Circus sees (respawn, stop, crash loop).
 
 from __future__ import annotations
 
+import configparser
 import os
 import pwd
 import shutil
 import signal
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -23,6 +25,7 @@ import pytest
 from harness import Fleet, Sandbox, holds_for, running_fleet, short_tmpdir, wait_for
 
 from botspec import forked
+from controller import watchercheck
 from controller.botusers import bot_user_name
 
 pytestmark = pytest.mark.integration
@@ -74,7 +77,8 @@ def check_process(fleet: Fleet, name: str, launch: str) -> int:
     if launch == "fork":
         assert pid != watcher, "the API shows the launcher's pid, not the bot's"
         assert bot.ppid() == forkserver_pid(fleet)
-        assert psutil.Process(watcher).cmdline()[1:3] == ["-S", "-I"]
+        # the launcher in C, which scripts/_venv.sh builds (as setup.py does for the wheel)
+        assert Path(psutil.Process(watcher).exe()).name == "tgf-launcher"
         assert forked.bot_pid(fleet.home.run_dir, name, watcher) == pid
     else:
         assert pid == watcher
@@ -377,3 +381,104 @@ def test_a_bot_whose_launcher_dies_dies_too_even_with_its_fork_server_away(
     drills.connected(own_fleet, name, not_pid=pid)
     assert drills.answered_in(sandbox, name, time.monotonic(), "still here") < 30
     own_fleet.api("DELETE", f"/api/v1/bots/{name}")
+
+
+def launcher_argv(fleet: Fleet, name: str, kind: str, socket: str | None = None) -> list[str]:
+    """The command line of bot ``name``'s launcher: the C one its watcher runs, or the
+    Python one a fleet runs where the C one was not built (controller/watchercheck.py)."""
+    watcher = configparser.RawConfigParser()
+    watcher.read(fleet.home.watcher_file(name))
+    section = watcher[f"watcher:bot-{name}"]
+    binary, (python, fork_socket, *rest) = section["cmd"], section["args"].split()
+    assert Path(binary).name == "tgf-launcher" and Path(binary).parent == LAUNCHER.parent
+    fork_socket = socket or fork_socket
+    if kind == "c":
+        return [binary, python, fork_socket, *rest]
+    return [python, "-S", "-I", str(LAUNCHER.with_name("launch.py")), fork_socket, *rest]
+
+
+LAUNCHER = watchercheck.launcher_binary()
+
+
+def start_launcher(fleet: Fleet, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
+    """The launcher as Circus starts it: the bot's user, its env, its dir, its logs."""
+    watcher = configparser.RawConfigParser()
+    watcher.optionxform = str  # type: ignore[assignment,method-assign]  # env keys as written
+    watcher.read(fleet.home.watcher_file(name))
+    env = dict(watcher[f"env:bot-{name}"])
+    account: dict[str, Any] = {}
+    if os.geteuid() == 0:
+        user = pwd.getpwnam(bot_user_name(fleet.home, name))
+        account = {
+            "user": user.pw_uid,
+            "group": user.pw_gid,
+            "extra_groups": os.getgrouplist(user.pw_name, user.pw_gid),
+        }
+    with open(fleet.home.watcher_log(f"bot-{name}", "err"), "ab") as err:
+        return subprocess.Popen(
+            argv, env=env, cwd=fleet.home.bot_dir(name), stderr=err, stdout=err, **account
+        )
+
+
+@pytest.mark.parametrize("kind", ["c", "python"])
+def test_either_launcher_runs_its_bot_through_the_real_fork_server(
+    fleet: Fleet, sandbox: Sandbox, kind: str
+) -> None:
+    """tgf-launcher and launcher.py, side by side, each started as Circus would start it
+    (the bot's watcher stopped meanwhile): the bot forked and answering, a signal
+    forwarded, the bot's end its launcher's, a dead launcher's bot gone, no fork server
+    an exec'd bot."""
+    name = add(fleet, sandbox, "hand", "fork")
+    old = check_process(fleet, name, "fork")
+    fleet.api("POST", f"/api/v1/bots/{name}/stop")
+    fleet.wait_state(name, "stopped")
+    wait_for("the watcher's bot to end", lambda: gone(old), timeout=10)
+
+    def forked_bot(launcher: subprocess.Popen[bytes]) -> int:
+        def found() -> int | None:
+            pid = forked.bot_pid(fleet.home.run_dir, name, launcher.pid)
+            return pid if pid != launcher.pid else None
+
+        assert psutil.Process(launcher.pid).cmdline() == launcher.args
+        pid = wait_for("the launcher's bot", found, timeout=10)
+        assert psutil.Process(pid).ppid() == forkserver_pid(fleet)
+        assert drills.answered_in(sandbox, name, time.monotonic(), f"via {kind}") < 30
+        return pid
+
+    # SIGTERM to the launcher reaches the bot, which stops cleanly: the launcher exits 0
+    launcher = start_launcher(fleet, name, launcher_argv(fleet, name, kind))
+    try:
+        bot = forked_bot(launcher)
+        launcher.send_signal(signal.SIGTERM)
+        assert launcher.wait(timeout=10) == 0
+        assert gone(bot)
+
+        # the bot killed -9: its launcher ends as it did
+        launcher = start_launcher(fleet, name, launcher_argv(fleet, name, kind))
+        bot = forked_bot(launcher)
+        os.kill(bot, signal.SIGKILL)
+        assert launcher.wait(timeout=10) == -signal.SIGKILL
+
+        # the launcher killed -9: no orphan
+        launcher = start_launcher(fleet, name, launcher_argv(fleet, name, kind))
+        bot = forked_bot(launcher)
+        launcher.kill()
+        launcher.wait(timeout=10)
+        wait_for("the orphaned bot to end", lambda: gone(bot), timeout=10)
+
+        # no fork server on its socket: the launcher becomes the bot, by exec
+        missing = str(fleet.home.run_dir / "no-fork.sock")
+        launcher = start_launcher(fleet, name, launcher_argv(fleet, name, kind, missing))
+        wait_for(
+            "the launcher to exec the bot",
+            lambda: psutil.Process(launcher.pid).cmdline()[1:3] == ["-m", "botrunner"],
+            timeout=10,
+        )
+        assert drills.answered_in(sandbox, name, time.monotonic(), f"exec'd by {kind}") < 30
+        launcher.send_signal(signal.SIGTERM)
+        assert launcher.wait(timeout=10) == 0
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait()
+    fleet.api("DELETE", f"/api/v1/bots/{name}")

@@ -160,7 +160,7 @@ def test_the_api_shows_what_the_bots_process_uses(fleet: Fleet, sandbox: Sandbox
     # exec'd one runs `python -m botrunner`.
     forked = process.name() == f"tgf:{bot['name']}"[:15]
     assert forked or process.cmdline()[1:3] == ["-m", "botrunner"], process.cmdline()
-    assert "launcher.py" not in " ".join(process.cmdline())
+    assert "launcher" not in " ".join(process.cmdline())
     assert usage["data_limit_bytes"] == 256 * 2**20
     assert usage["open_files_limit"] == 1024
     # The same process as psutil sees it (sampled within 2 s: values near, not equal).

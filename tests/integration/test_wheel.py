@@ -38,6 +38,7 @@ NOT_SOURCE = shutil.ignore_patterns(
     "*.egg-info",
     "__pycache__",
     ".*_cache",
+    "tgf-launcher",  # built by _venv.sh in the checkout: the wheel's build must make its own
     "tests",
     "bench",
 )
@@ -148,13 +149,17 @@ def test_a_wheel_installed_in_a_fresh_venv_runs_the_fleet_away_from_the_checkout
         shipped = set(archive.namelist())
     modules = package_modules(scratch / "src")
     assert "botrunner/__main__.py" in modules and "controller/__main__.py" in modules
-    missing = (package_data() | modules) - shipped
+    missing = (package_data() | modules | {"botrunner/tgf-launcher"}) - shipped
     assert not missing, f"{wheel.name} lacks {sorted(missing)}"
+    assert "-py3-none-linux_" in wheel.name, wheel.name  # one binary: any Python 3.11+
 
     venv = scratch / "venv"
     install(wheel, venv)
     for pth in venv.glob("lib/python*/site-packages/*.pth"):
         assert str(ROOT) not in pth.read_text(), f"{pth} points into the checkout"
+    # The launcher in C arrives executable and runs (without arguments: its usage, 64)
+    [launcher] = venv.glob("lib/python*/site-packages/botrunner/tgf-launcher")
+    assert subprocess.run([launcher], capture_output=True, check=False).returncode == 64
 
     elsewhere = scratch / "cwd"
     elsewhere.mkdir()

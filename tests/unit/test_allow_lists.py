@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import zmq
 
+from controller import watchercheck
 from controller.gate import MAX_PENDING, Gate, refusal
 from controller.home import Home
 from controller.render import BotWatcher, render_watcher
@@ -56,6 +57,9 @@ def test_what_the_renderer_writes_passes(
 
 
 OUT_LOG = "/srv/fleet/logs/bot-shop.out.log"
+#: What a fork-mode watcher runs: tgf-launcher PYTHON SOCKET NAME CONFIG
+LAUNCHER = watchercheck.launcher_binary()
+PY = sys.executable
 FORGERIES = [
     ("uid = tgf-0123456789ab\n", "uid = root\n", "uid/gid must be the own user"),
     ("uid = tgf-0123456789ab\n", "", "uid/gid must be the own user"),
@@ -65,9 +69,15 @@ FORGERIES = [
     (OUT_LOG, "/etc/cron.d/x", "stdout_stream.filename must be"),
     (OUT_LOG, "/srv/fleet/logs/../../../etc/x", "stdout_stream.filename must be"),
     ("working_dir = /srv/fleet/bots/shop", "working_dir = /", "working_dir must be"),
-    (f"cmd = {sys.executable}", "cmd = /bin/sh", "cmd must be the fleet's python"),
-    (f"cmd = {sys.executable}", f"cmd = {sys.executable} -c 1", "cmd must be the fleet's"),
-    ("args = -S -I", "args = -c import\\ os -S -I", "args must run botrunner"),
+    (f"cmd = {LAUNCHER}", "cmd = /bin/sh", "cmd must be the fleet's python"),
+    (f"cmd = {LAUNCHER}", f"cmd = {LAUNCHER} -c 1", "cmd must be the fleet's"),
+    # the launcher execs its first argument as the bot when no fork server answers
+    (f"args = {PY}", "args = /bin/sh", "args must run botrunner"),
+    (f"args = {PY}", f"args = {PY} -c import\\ os", "args must run botrunner"),
+    (str(HOME.fork_socket), "/tmp/other.sock", "args must run botrunner"),
+    # each launcher with the other's arguments
+    (f"cmd = {LAUNCHER}", f"cmd = {PY}", "args must run botrunner"),
+    (f"args = {PY} ", "args = -m botrunner ", "args must run botrunner"),
     ("/srv/fleet/bots/shop/config.json", "/srv/fleet/bots/other/config.json", "args must"),
     ("copy_env = false", "copy_env = true", "copy_env must be false"),
     ("rlimit_core = 0", "rlimit_core = 1000", "rlimit_core must be 0"),
@@ -107,6 +117,18 @@ def test_a_forged_watcher_is_refused(old: str, new: str, why: str) -> None:
     assert why in str(refused.value)
 
 
+def test_the_launcher_in_python_passes_where_the_c_one_was_not_built(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(watchercheck, "launcher_binary", lambda: tmp_path / "not-built")
+    text = rendered("fork")
+    assert f"cmd = {PY}\nargs = -S -I {watchercheck.launcher_path()} " in text
+    check_watcher(HOME, "shop", text, python=PY, account=ACCOUNT)
+    forged = text.replace("args = -S -I", "args = -c import\\ os -S -I", 1)
+    with pytest.raises(WatcherRefused, match="args must run botrunner"):
+        check_watcher(HOME, "shop", forged, python=PY, account=ACCOUNT)
+
+
 def test_a_value_circus_reads_otherwise_is_refused() -> None:
     """'""' passes the grammar as two quotes; circus' parser makes it empty."""
     text = rendered().replace("[env:bot-shop]\n", '[env:bot-shop]\nEMPTY = ""\n', 1)
@@ -118,7 +140,7 @@ def test_a_link_to_the_fleets_python_is_refused(tmp_path: Path) -> None:
     """A link that points at the fleet's python today may point elsewhere tomorrow."""
     link = tmp_path / "python"
     link.symlink_to(sys.executable)
-    text = rendered().replace(f"cmd = {sys.executable}", f"cmd = {link}", 1)
+    text = rendered("exec").replace(f"cmd = {sys.executable}", f"cmd = {link}", 1)
     with pytest.raises(WatcherRefused, match="cmd must be the fleet's python"):
         check_watcher(HOME, "shop", text, python=sys.executable, account=ACCOUNT)
 

@@ -10,12 +10,11 @@ from pathlib import Path
 import pytest
 from circus.config import get_config
 
-from controller import up
+from controller import up, watchercheck
 from controller.atomicfile import write_atomic
 from controller.home import Home
 from controller.pg import PgWatcher
 from controller.render import (
-    LAUNCHER,
     MIN_MEMORY_LIMIT_MB,
     BotWatcher,
     InvalidWatcherValue,
@@ -402,17 +401,17 @@ def test_a_fork_mode_watcher_runs_the_launcher(tmp_path: Path) -> None:
     home = Home(tmp_path)
     forked = parse(render_watcher(home, BotWatcher("shop", True, 256, launch="fork"), python=PY))
     section = forked["watcher:bot-shop"]
-    assert section["cmd"] == PY
-    # -S -I: a few MB; it execs `-m botrunner <config>` itself when no fork server answers
+    # The C one, built by scripts/_venv.sh (as setup.py builds it into the wheel); it is
+    # told the fleet's python: it execs `-m botrunner <config>` when no fork server answers
+    binary = watchercheck.launcher_binary()
+    assert os.access(binary, os.X_OK), "scripts/_venv.sh builds botrunner/tgf-launcher"
+    assert section["cmd"] == str(binary)
     assert section["args"].split() == [
-        "-S",
-        "-I",
-        str(LAUNCHER),
+        PY,
         str(home.fork_socket),
         "shop",
         str(home.bot_config("shop")),
     ]
-    assert LAUNCHER.is_file()
     # Circus' limits reach the launcher; the fork server copies them into the bot
     assert section["rlimit_data"] == str(256 * 1024 * 1024)
     execd = parse(render_watcher(home, BotWatcher("shop", True, 256), python=PY))
@@ -453,3 +452,30 @@ def test_write_atomic_replaces_what_a_bot_planted_without_reading_it(
     assert write_atomic(target, "root's file\n", 0o600) is True
     assert not target.is_symlink() and target.read_text() == "root's file\n"
     assert outside.read_text() == "root's file\n" and outside.stat().st_ino != target.stat().st_ino
+
+
+@pytest.mark.parametrize("binary", ["missing", "foreign"])
+def test_without_the_c_launcher_a_fork_mode_watcher_runs_launcher_py(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, binary: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A tgfleet built where no C compiler was, or a wheel built for another machine
+    (here: bytes no kernel runs): the launcher in Python, under -S -I, and a warning."""
+    path = tmp_path / "tgf-launcher"
+    if binary == "foreign":
+        path.write_bytes(b"\x7fELF" + bytes(60))
+        path.chmod(0o755)
+    monkeypatch.setattr(watchercheck, "launcher_binary", lambda: path)
+    home = Home(tmp_path)
+    forked = parse(render_watcher(home, BotWatcher("shop", True, 256, launch="fork"), python=PY))
+    section = forked["watcher:bot-shop"]
+    assert section["cmd"] == PY
+    assert section["args"].split() == [
+        "-S",
+        "-I",
+        str(watchercheck.launcher_path()),
+        str(home.fork_socket),
+        "shop",
+        str(home.bot_config("shop")),
+    ]
+    assert watchercheck.launcher_path().is_file()
+    assert f"{path} cannot run" in caplog.text

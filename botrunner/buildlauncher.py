@@ -1,0 +1,60 @@
+"""Compile ``tgf-launcher`` (botrunner/launcher.c) beside this file, or where told.
+
+Run: ``python -m botrunner.buildlauncher [--if-stale] [OUT]``. setup.py compiles it
+into the wheel; scripts/_venv.sh into a checkout (``--if-stale``: only when the
+source is newer than the binary). The compiler is ``$CC``, else ``cc``; the binary
+needs libc only. Where there is none, the fleet runs botrunner/launcher.py instead
+(controller/watchercheck.py, ``launcher_command``): ~3 MB more per fork-mode bot.
+
+Standard library only: setup.py runs this file before tgfleet is installed.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+SOURCE = Path(__file__).with_name("launcher.c")
+NAME = "tgf-launcher"
+FLAGS = ("-O2", "-s", "-Wall", "-Wextra", "-std=gnu11")
+
+
+def compile_launcher(out: Path, source: Path = SOURCE) -> Path:
+    """``out``, built from ``source``; CalledProcessError/OSError when it cannot be."""
+    compiler = shlex.split(os.environ.get("CC") or "cc")
+    partial = out.with_name(f".{out.name}.{os.getpid()}")
+    try:
+        subprocess.run([*compiler, *FLAGS, "-o", str(partial), str(source)], check=True)
+        partial.chmod(0o755)  # run by every bot's own user
+        partial.replace(out)  # whole or not at all: a running fleet may start it now
+    finally:
+        partial.unlink(missing_ok=True)
+    return out
+
+
+def stale(out: Path, source: Path = SOURCE) -> bool:
+    try:
+        return out.stat().st_mtime < source.stat().st_mtime
+    except FileNotFoundError:
+        return True
+
+
+def main(argv: list[str]) -> int:
+    if_stale = "--if-stale" in argv
+    rest = [arg for arg in argv if arg != "--if-stale"]
+    if len(rest) > 1:
+        sys.stderr.write("usage: python -m botrunner.buildlauncher [--if-stale] [OUT]\n")
+        return 64
+    out = Path(rest[0]) if rest else SOURCE.with_name(NAME)
+    if if_stale and not stale(out):
+        return 0
+    compile_launcher(out)
+    print(f"built {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
