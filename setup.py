@@ -2,8 +2,9 @@
 
 Each fork-mode bot's watcher runs a launcher (botrunner/launcher.c): built here into
 the wheel (which is then tagged for this platform), it costs a bot ~0.2 MB instead of
-the ~3 MB of a Python one. Without a C compiler the wheel is built without it and the
-fleet runs botrunner/launcher.py instead (README, "launch: fork").
+the ~3 MB of a Python one. Without a C compiler the wheel is pure Python
+(py3-none-any), without it, and the fleet runs botrunner/launcher.py instead (README,
+"launch: fork"); a compiler that fails fails the build.
 """
 
 from __future__ import annotations
@@ -27,26 +28,30 @@ ROOT = Path(__file__).resolve().parent
 _BUILD: dict[str, Any] = runpy.run_path(str(ROOT / "botrunner" / "buildlauncher.py"))
 
 
+#: Without a C compiler the wheel is pure Python (py3-none-any) and has no launcher.
+COMPILER = _BUILD["compiler"]()
+
+
 class BuildPyWithLauncher(build_py):
     def run(self) -> None:
         super().run()
+        if COMPILER is None:
+            sys.stderr.write(
+                "warning: no C compiler ($CC, else cc): tgf-launcher not built; fork-mode "
+                "bots will run botrunner/launcher.py, ~3 MB more each\n"
+            )
+            return
         # An editable install runs the checkout's files: the launcher goes beside them.
         target = ROOT / "botrunner" if self.editable_mode else Path(self.build_lib) / "botrunner"
         target.mkdir(parents=True, exist_ok=True)
-        try:
-            _BUILD["compile_launcher"](target / _BUILD["NAME"])
-        except Exception as exc:  # no compiler, or it failed: the wheel goes without
-            sys.stderr.write(
-                f"warning: tgf-launcher not built ({exc}); fork-mode bots will run "
-                "botrunner/launcher.py, ~3 MB more each\n"
-            )
+        _BUILD["compile_launcher"](target / _BUILD["NAME"])  # a compiler that fails: an error
 
 
 class WithBinary(Distribution):
-    """Not pure: the wheel holds a binary, and is installed as such (platlib)."""
+    """Not pure where the launcher is built: the wheel holds a binary (platlib)."""
 
     def has_ext_modules(self) -> bool:
-        return True
+        return COMPILER is not None
 
 
 class PlatformWheel(bdist_wheel):
@@ -54,7 +59,7 @@ class PlatformWheel(bdist_wheel):
 
     def get_tag(self) -> tuple[str, str, str]:
         _python, _abi, platform = super().get_tag()
-        return "py3", "none", platform
+        return "py3", "none", platform  # "any" for a wheel without the launcher
 
 
 setup(

@@ -3,8 +3,9 @@
 Run: ``python -m botrunner.buildlauncher [--if-stale] [OUT]``. setup.py compiles it
 into the wheel; scripts/_venv.sh into a checkout (``--if-stale``: only when the
 source is newer than the binary). The compiler is ``$CC``, else ``cc``; the binary
-needs libc only. Where there is none, the fleet runs botrunner/launcher.py instead
-(controller/watchercheck.py, ``launcher_command``): ~3 MB more per fork-mode bot.
+needs libc only. Where there is no compiler, nothing is built (a warning says so) and
+the fleet runs botrunner/launcher.py instead (controller/watchercheck.py,
+``launcher_command``): ~3 MB more per fork-mode bot. A compiler that fails is an error.
 
 Standard library only: setup.py runs this file before tgfleet is installed.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -22,12 +24,21 @@ NAME = "tgf-launcher"
 FLAGS = ("-O2", "-s", "-Wall", "-Wextra", "-std=gnu11")
 
 
+def compiler() -> list[str] | None:
+    """The C compiler's command line (``$CC``, else ``cc``), or None: there is none."""
+    command = shlex.split(os.environ.get("CC") or "cc")
+    return command if command and shutil.which(command[0]) else None
+
+
 def compile_launcher(out: Path, source: Path = SOURCE) -> Path:
-    """``out``, built from ``source``; CalledProcessError/OSError when it cannot be."""
-    compiler = shlex.split(os.environ.get("CC") or "cc")
+    """``out``, built from ``source``; CalledProcessError/OSError when it cannot be (a
+    compiler that fails is an error: only its absence is not)."""
+    command = compiler()
+    if command is None:
+        raise FileNotFoundError(f"no C compiler ({os.environ.get('CC') or 'cc'})")
     partial = out.with_name(f".{out.name}.{os.getpid()}")
     try:
-        subprocess.run([*compiler, *FLAGS, "-o", str(partial), str(source)], check=True)
+        subprocess.run([*command, *FLAGS, "-o", str(partial), str(source)], check=True)
         partial.chmod(0o755)  # run by every bot's own user
         partial.replace(out)  # whole or not at all: a running fleet may start it now
     finally:
@@ -50,6 +61,12 @@ def main(argv: list[str]) -> int:
         return 64
     out = Path(rest[0]) if rest else SOURCE.with_name(NAME)
     if if_stale and not stale(out):
+        return 0
+    if compiler() is None:
+        sys.stderr.write(
+            f"warning: no C compiler ({os.environ.get('CC') or 'cc'}): {NAME} not built; "
+            "fork-mode bots run botrunner/launcher.py, ~3 MB more each\n"
+        )
         return 0
     compile_launcher(out)
     print(f"built {out}")

@@ -330,11 +330,11 @@ class ForkServer:
             conn.close()
 
     def handle(self, conn: socket.socket) -> None:
-        data, ancillary, _flags, _addr = conn.recvmsg(
-            launcher.MAX_MESSAGE, socket.CMSG_SPACE(4 * 4)
-        )
+        data, ancillary, flags, _addr = conn.recvmsg(launcher.MAX_MESSAGE, socket.CMSG_SPACE(4 * 4))
         fds = launcher.unpack_fds(ancillary)
         try:
+            if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):  # an env cut short, say
+                raise ValueError(f"request over {launcher.MAX_MESSAGE} bytes or 4 descriptors")
             name, env = launcher.decode_request(data)
             if len(fds) != 4:
                 raise ValueError(f"expected 4 file descriptors, got {len(fds)}")

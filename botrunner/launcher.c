@@ -15,13 +15,15 @@
  * launcher.py's (its docstring; the fork server imports the constants from there):
  * the bot writes "D" once it runs as its own user, the launcher answers "G", and the
  * bot writes "X<code>\n" as it exits. The fork server, the bot's parent, sends
- * "exit <wait status>" once it reaped it. tests/unit/test_launcher_c.py holds both
- * launchers to the same behaviour.
+ * "exit <wait status>" once it reaped it. tests/integration/test_fork.py runs both
+ * launchers against the real fork server, and tests/unit/test_forked.py holds their
+ * constants to each other.
  *
  * Built by setup.py into the wheel, and by scripts/_venv.sh into a checkout
  * (botrunner/buildlauncher.py); where it is missing, the fleet runs launcher.py.
  */
 #define _GNU_SOURCE
+#include <ctype.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
@@ -117,15 +119,50 @@ static void exit_like(int status) {
 /* Become the bot: what an exec-mode watcher runs (same env, limits, user). */
 static void exec_bot(const char *python, const char *config, const char *why) {
     say("%s; starting the bot by exec", why);
+    /* Held from here to the exec, so that none slips past the last look. */
+    sigset_t forwarded, held;
+    sigemptyset(&forwarded);
+    for (size_t i = 0; i < N_FORWARDED; i++)
+        sigaddset(&forwarded, FORWARDED[i]);
+    sigprocmask(SIG_BLOCK, &forwarded, NULL);
     take_signals();
+    sigpending(&held);
     for (size_t i = 0; i < n_pending; i++)
         if (pending[i] == SIGTERM || pending[i] == SIGINT)
             _exit(0); /* asked to stop before the bot existed */
+    if (sigismember(&held, SIGTERM) || sigismember(&held, SIGINT))
+        _exit(0);
+    for (size_t i = 0; i < N_FORWARDED; i++) {
+        signal(FORWARDED[i], SIG_IGN); /* drops one held meanwhile: there was no bot for it */
+        signal(FORWARDED[i], SIG_DFL);
+    }
+    sigprocmask(SIG_UNBLOCK, &forwarded, NULL);
     signal(SIGPIPE, SIG_DFL); /* an ignored signal stays ignored across exec */
     char *const argv[] = {(char *)python, "-m", "botrunner", (char *)config, NULL};
     execv(python, argv);
     say("cannot exec %s: %s", python, strerror(errno));
     _exit(1);
+}
+
+/* The decimal integer that is all of text[0:length] (a trailing newline allowed), as
+   Python's int() reads it; 0 when there is none. */
+static int parse_integer(const char *text, size_t length, long *value) {
+    char digits[32];
+    if (length > 0 && text[length - 1] == '\n')
+        length--;
+    if (length == 0 || length >= sizeof digits)
+        return 0;
+    memcpy(digits, text, length);
+    digits[length] = '\0';
+    char *end;
+    errno = 0;
+    *value = strtol(digits, &end, 10);
+    return errno == 0 && *end == '\0' && (isdigit((unsigned char)digits[length - 1]) != 0);
+}
+
+/* The exit status a bot's "X<code>" line stands for, as launcher.py computes it. */
+static int status_of_code(long code) {
+    return (int)((unsigned long)code & 0xFF) << 8;
 }
 
 static int set_timeout(int fd, int option, long long ms) {
@@ -193,11 +230,17 @@ static int ask(const char *socket_path, int pair_end, long *pid, char *why, size
     }
 
     int fds[4] = {0, 1, 2, pair_end};
-    char control[CMSG_SPACE(sizeof fds)];
-    memset(control, 0, sizeof control);
+    union { /* aligned for struct cmsghdr, as cmsg(3) has it */
+        char buffer[CMSG_SPACE(sizeof fds)];
+        struct cmsghdr align;
+    } control;
+    memset(&control, 0, sizeof control);
     struct iovec part = {.iov_base = message, .iov_len = length};
     struct msghdr out = {
-        .msg_iov = &part, .msg_iovlen = 1, .msg_control = control, .msg_controllen = sizeof control};
+        .msg_iov = &part,
+        .msg_iovlen = 1,
+        .msg_control = control.buffer,
+        .msg_controllen = sizeof control.buffer};
     struct cmsghdr *header = CMSG_FIRSTHDR(&out);
     header->cmsg_level = SOL_SOCKET;
     header->cmsg_type = SCM_RIGHTS;
@@ -211,13 +254,16 @@ static int ask(const char *socket_path, int pair_end, long *pid, char *why, size
         set_timeout(conn, SO_SNDTIMEO, deadline - now_ms());
     }
 
-    char answer_control[CMSG_SPACE(4 * sizeof(int))];
+    union {
+        char buffer[CMSG_SPACE(4 * sizeof(int))];
+        struct cmsghdr align;
+    } answer_control;
     struct iovec in_part = {.iov_base = message, .iov_len = sizeof message - 1};
     struct msghdr in = {
         .msg_iov = &in_part,
         .msg_iovlen = 1,
-        .msg_control = answer_control,
-        .msg_controllen = sizeof answer_control};
+        .msg_control = answer_control.buffer,
+        .msg_controllen = sizeof answer_control.buffer};
     ssize_t got;
     deadline = now_ms() + FORK_WAIT_MS;
     set_timeout(conn, SO_RCVTIMEO, FORK_WAIT_MS);
@@ -225,7 +271,7 @@ static int ask(const char *socket_path, int pair_end, long *pid, char *why, size
         if (errno != EINTR || now_ms() >= deadline)
             goto failed;
         set_timeout(conn, SO_RCVTIMEO, deadline - now_ms());
-        in.msg_controllen = sizeof answer_control;
+        in.msg_controllen = sizeof answer_control.buffer;
     }
     message[got] = '\0';
     int received[4];
@@ -238,10 +284,7 @@ static int ask(const char *socket_path, int pair_end, long *pid, char *why, size
             memcpy(&received[n_received++], CMSG_DATA(c) + i * sizeof(int), sizeof(int));
     }
     if (strncmp(message, "pid ", 4) == 0 && n_received == 1) {
-        char *end;
-        errno = 0;
-        *pid = strtol(message + 4, &end, 10);
-        if (errno == 0 && end != message + 4 && *end == '\0' && *pid > 0) {
+        if (parse_integer(message + 4, (size_t)got - 4, pid) && *pid > 0) {
             pidfd = received[0];
             struct timeval none = {0, 0}; /* blocking again, without a timeout */
             setsockopt(conn, SOL_SOCKET, SO_RCVTIMEO, &none, sizeof none);
@@ -264,27 +307,21 @@ failed:
     return -1;
 }
 
-/* The bot's "X<code>\n" line, if it wrote one before it ended; -1 if not. */
-static int last_word(int pair, char *buffer, size_t used) {
+/* The bot's "X<code>\n" line, if it wrote one before it ended: 1 and its code. */
+static int last_word(int pair, char *buffer, size_t used, long *code) {
     ssize_t got;
     while (used < PAIR_BUFFER - 1 &&
            (got = recv(pair, buffer + used, PAIR_BUFFER - 1 - used, MSG_DONTWAIT)) > 0)
         used += (size_t)got;
-    buffer[used] = '\0';
     const char *x = memchr(buffer, 'X', used);
     if (x == NULL)
-        return -1;
+        return 0;
     size_t head = (size_t)(x - buffer);
     if (!(head == 0 || (head == 1 && buffer[0] == 'D')))
-        return -1;
-    if (used < 2 || buffer[used - 1] != '\n')
-        return -1;
-    char *end;
-    errno = 0;
-    long code = strtol(x + 1, &end, 10);
-    if (errno || end == x + 1 || *end != '\n' || end + 1 != buffer + used)
-        return -1;
-    return (int)code;
+        return 0;
+    if (buffer[used - 1] != '\n')
+        return 0;
+    return parse_integer(x + 1, used - head - 1, code);
 }
 
 /* Until the bot ends: forward signals, then exit with its status. */
@@ -298,7 +335,8 @@ static void supervise(int conn, int pair, long pid) {
     };
     char buffer[PAIR_BUFFER];
     size_t used = 0;
-    int have_status = 0, status = 0, own_code = -1, conn_open = 1;
+    int have_status = 0, status = 0, have_code = 0, conn_open = 1;
+    long own_code = 0;
     long long dead_at = -1;
     for (;;) {
         int timeout = -1;
@@ -330,20 +368,20 @@ static void supervise(int conn, int pair, long pid) {
                         forward(pending[i]);
                     n_pending = 0;
                 }
-                if (used > 1 && buffer[0] == 'X' && buffer[used - 1] == '\n') {
-                    buffer[used] = '\0';
-                    own_code = atoi(buffer + 1);
-                }
+                if (used > 1 && buffer[0] == 'X' && buffer[used - 1] == '\n')
+                    have_code = parse_integer(buffer + 1, used - 1, &own_code);
                 if (used == PAIR_BUFFER - 1)
                     watched[PAIR].fd = -1; /* more than a bot ever says */
             }
         }
         if (watched[CONN].revents) {
             ssize_t got = recv(conn, message, sizeof message - 1, MSG_DONTWAIT);
+            long value;
             if (got > 0) {
-                message[got] = '\0';
-                if (strncmp(message, "exit ", 5) == 0) {
-                    status = atoi(message + 5);
+                if (got > 5 && strncmp(message, "exit ", 5) == 0 &&
+                    parse_integer(message + 5, (size_t)got - 5, &value) && value >= 0 &&
+                    value <= INT_MAX) {
+                    status = (int)value;
                     have_status = 1;
                 }
             } else if (!(got < 0 && (errno == EAGAIN || errno == EINTR))) {
@@ -358,11 +396,11 @@ static void supervise(int conn, int pair, long pid) {
         if (have_status && dead_at >= 0)
             break;
     }
-    if (!have_status && own_code < 0)
-        own_code = last_word(pair, buffer, used);
+    if (!have_status && !have_code)
+        have_code = last_word(pair, buffer, used, &own_code);
     if (!have_status) {
-        if (own_code >= 0) {
-            status = (own_code & 0xFF) << 8;
+        if (have_code) {
+            status = status_of_code(own_code);
         } else {
             /* Neither its parent nor the bot told: it was killed (SIGKILL is the only
                death that leaves no word, short of a crash of the interpreter). */

@@ -21,7 +21,6 @@ very sections, keys and values this grammar found. Standard library and circus
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import io
 import logging
@@ -117,17 +116,24 @@ def launcher_binary() -> Path:
     return _botrunner_dir() / "tgf-launcher"
 
 
-@functools.cache
+#: The launchers seen to run: asked once each per process; one that did not run is
+#: asked again at the next render (a transient failure to spawn must not stick).
+_RUNS: set[str] = set()
+
+
 def c_launcher_runs(binary: str) -> bool:
     """Whether ``binary`` runs here: built, and for this machine (a wheel built on
-    another libc or CPU would not). Asked once per process: without arguments it
-    exits 64 (EX_USAGE). When it does not, the controller says so in its log."""
+    another libc would not). Without arguments it exits 64 (EX_USAGE). When it does
+    not, the controller says so in its log, and the watcher runs launcher.py."""
+    if binary in _RUNS:
+        return True
     try:
         done = subprocess.run([binary], capture_output=True, timeout=10, check=False)
     except (OSError, subprocess.SubprocessError) as exc:
         why = f"{type(exc).__name__}: {exc}"
     else:
         if done.returncode == 64:
+            _RUNS.add(binary)
             return True
         why = f"exit code {done.returncode}: {done.stderr[-200:]!r}"
     _log.warning(

@@ -422,12 +422,14 @@ def start_launcher(fleet: Fleet, name: str, argv: list[str]) -> subprocess.Popen
 
 @pytest.mark.parametrize("kind", ["c", "python"])
 def test_either_launcher_runs_its_bot_through_the_real_fork_server(
-    fleet: Fleet, sandbox: Sandbox, kind: str
+    own_fleet: Fleet, sandbox: Sandbox, kind: str
 ) -> None:
     """tgf-launcher and launcher.py, side by side, each started as Circus would start it
-    (the bot's watcher stopped meanwhile): the bot forked and answering, a signal
-    forwarded, the bot's end its launcher's, a dead launcher's bot gone, no fork server
-    an exec'd bot."""
+    (the bot's watcher stopped meanwhile): the bot forked and answering, signals
+    passed on, the bot's end its launcher's (told by the fork server, or by the bot
+    when the fork server is gone), a dead launcher's bot gone, no fork server an
+    exec'd bot."""
+    fleet = own_fleet
     name = add(fleet, sandbox, "hand", "fork")
     old = check_process(fleet, name, "fork")
     fleet.api("POST", f"/api/v1/bots/{name}/stop")
@@ -465,6 +467,25 @@ def test_either_launcher_runs_its_bot_through_the_real_fork_server(
         launcher.kill()
         launcher.wait(timeout=10)
         wait_for("the orphaned bot to end", lambda: gone(bot), timeout=10)
+
+        # SIGHUP passed on: the bot dies of it (it keeps the default action), and so
+        # does its launcher
+        launcher = start_launcher(fleet, name, launcher_argv(fleet, name, kind))
+        bot = forked_bot(launcher)
+        launcher.send_signal(signal.SIGHUP)
+        assert launcher.wait(timeout=10) == -signal.SIGHUP
+
+        # the fork server gone (killed -9; Circus starts another): the bot's own word
+        # on the pair ("X0") is its launcher's exit code
+        launcher = start_launcher(fleet, name, launcher_argv(fleet, name, kind))
+        bot = forked_bot(launcher)
+        server = forkserver_pid(fleet)
+        os.kill(server, signal.SIGKILL)
+        wait_for("a new fork server", lambda: forkserver_pid(fleet) != server)
+        wait_for("its socket", fleet.home.fork_socket.exists)
+        launcher.send_signal(signal.SIGTERM)
+        assert launcher.wait(timeout=10) == 0
+        wait_for("the bot to end", lambda: gone(bot), timeout=10)
 
         # no fork server on its socket: the launcher becomes the bot, by exec
         missing = str(fleet.home.run_dir / "no-fork.sock")

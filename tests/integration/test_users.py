@@ -27,6 +27,7 @@ from harness import (
     wait_for,
 )
 
+from controller import watchercheck
 from controller.botusers import bot_user_name, fleet_group_name, service_user_name
 
 pytestmark = [
@@ -343,6 +344,10 @@ def test_the_keeper_writes_no_watcher_file_outside_the_allow_list(
         other = bot_user_name(home, "bystander")
         out_log = str(home.watcher_log("bot-target", "out"))
         assert f"uid = {own}\n" in written and out_log in written
+        launcher = watchercheck.launcher_binary()  # launch: fork, the C launcher
+        assert f"cmd = {launcher}\nargs = " in written, written
+        python = written.split("\nargs = ", 1)[1].split()[0]  # the fleet's python, as given
+        assert os.path.samefile(python, sys.executable)
         forged = {
             "root": written.replace(f"uid = {own}\n", "uid = root\n"),
             "uid 0": written.replace(f"uid = {own}\n", "uid = 0\n"),
@@ -352,7 +357,7 @@ def test_the_keeper_writes_no_watcher_file_outside_the_allow_list(
                 "stdout_stream.class = FileStream", "stdout_stream.class = evil.Stream"
             ),
             "a log elsewhere": written.replace(out_log, "/etc/cron.d/tgfleet"),
-            "a command": written.replace(f"cmd = {sys.executable}", "cmd = /bin/sh"),
+            "a command": written.replace(f"cmd = {launcher}\n", "cmd = /bin/sh\n"),
             "a hook": written.replace(
                 "[watcher:bot-target]\n", "[watcher:bot-target]\nhooks.before_start = os.system\n"
             ),
@@ -360,14 +365,20 @@ def test_the_keeper_writes_no_watcher_file_outside_the_allow_list(
             "a substitution": written.replace("TERM", "$(circus.env.SIGNAL)"),
             # circus reads with universal newlines: "\r" ends a line there (review H1)
             "a carriage return": written + "# note\r[watcher:evil]\rcmd = /bin/sh\rargs = -c id\r",
-            "a link to python": written.replace(f"cmd = {sys.executable}", f"cmd = {python_link}"),
+            # tgf-launcher execs its first argument when no fork server answers
+            "a link to python": written.replace(f"args = {python} ", f"args = {python_link} "),
+            "a shell to exec": written.replace(f"args = {python} ", "args = /bin/sh "),
         }
+        unchanged = [what for what, text in forged.items() if text == written]
+        assert not unchanged, f"forgeries that forge nothing: {unchanged}"
         answers = ask_keeper(
             fleet,
             [{"op": "write_watcher", "bot": "target", "text": text} for text in forged.values()],
             service.pw_uid,
             controller_gid,
         )
+        accepted = [what for what, a in zip(forged, answers, strict=True) if "error" not in a]
+        assert not accepted, f"the keeper wrote forged watchers: {accepted}"
         refused = {what: a["error"] for what, a in zip(forged, answers, strict=True)}
         assert [a["ok"] for a in answers] == [False] * len(forged), refused
         assert "uid/gid must be the own user and group of bot 'target'" in refused["root"]
@@ -379,7 +390,8 @@ def test_the_keeper_writes_no_watcher_file_outside_the_allow_list(
         assert "the only sections are" in refused["a section"]
         assert "what circus would alter" in refused["a substitution"]
         assert "character '\\r'" in refused["a carriage return"]
-        assert "cmd must be the fleet's python" in refused["a link to python"]
+        assert "args must run botrunner or its launcher" in refused["a link to python"]
+        assert "args must run botrunner or its launcher" in refused["a shell to exec"]
         assert home.watcher_file("target").read_text() == written
     finally:
         for name in ("target", "bystander"):

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import py_compile
+import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -167,3 +169,39 @@ def test_a_bot_ends_with_its_launcher_s_end_of_the_pair(blocked: bool) -> None:
         finally:
             bot.kill()
             bot.communicate()
+
+
+C_SOURCE = Path(launcher.__file__).with_name("launcher.c")
+
+
+def c_define(name: str) -> str:
+    match = re.search(rf"^#define {name} (\S+)", C_SOURCE.read_text(), re.MULTILINE)
+    assert match, f"launcher.c defines no {name}"
+    return match.group(1)
+
+
+def test_the_c_launcher_speaks_launcher_py_s_protocol() -> None:
+    """tgf-launcher (launcher.c) and launcher.py: one wire format, one set of timeouts,
+    the same signals passed on (the fork server reads launcher.py's)."""
+    text = C_SOURCE.read_text()
+    assert f'#define PROTOCOL "{launcher.PROTOCOL.decode()}"' in text
+    assert int(c_define("FORK_WAIT_MS")) == launcher.FORK_WAIT_S * 1000
+    assert int(c_define("STATUS_WAIT_MS")) == launcher.STATUS_WAIT_S * 1000
+    assert int(c_define("MAX_MESSAGE")) == launcher.MAX_MESSAGE
+    forwarded = re.search(r"FORWARDED\[\] = \{([^}]*)\}", text)
+    assert forwarded is not None
+    names = [name.strip() for name in forwarded.group(1).split(",")]
+    assert [getattr(signal, name) for name in names] == list(launcher.FORWARDED)
+    for reply in (launcher.PID_REPLY, launcher.EXIT_REPLY, launcher.ERROR_REPLY):
+        assert f'"{reply.decode()}", {len(reply)}' in text, reply
+    for byte in (launcher.DROPPED, launcher.EXIT_PREFIX):
+        assert f"== '{byte.decode()}'" in text, byte
+    assert f'"{launcher.GO.decode()}", 1' in text
+
+
+def test_the_c_launcher_without_arguments_says_how_to_call_it() -> None:
+    """What the controller asks before it renders a watcher that runs it (exit 64)."""
+    binary = Path(launcher.__file__).with_name("tgf-launcher")
+    done = subprocess.run([binary], capture_output=True, text=True, check=False)
+    assert done.returncode == 64
+    assert done.stderr == "usage: tgf-launcher PYTHON SOCKET NAME CONFIG\n"
