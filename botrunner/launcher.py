@@ -1,5 +1,7 @@
 """A fork-mode bot's watcher process: ``python -S -I launcher.py SOCKET NAME CONFIG``
-(its watcher runs it through ``launch.py``, from its compiled bytecode).
+(its watcher runs it through ``launch.py``, from its compiled bytecode), where its twin
+in C, ``tgf-launcher`` (``launcher.c``: the same protocol, ~0.1 MB instead of ~3 MB),
+was not built or does not run on this machine (controller/watchercheck.py).
 
 Circus supervises it as it would the bot (respawn, stop, signals, exit codes); it
 asks the fleet's fork server (``botrunner.forkserver``) for the bot, hands it its
@@ -10,7 +12,8 @@ exactly what an exec-mode watcher runs.
 
 It imports nothing beyond the interpreter's built-in modules (``-S``: no site,
 ``-I``: no user dirs, no PYTHON* variables), so that it stays at ~3 MB PSS. The
-wire format below is this file's own; ``botrunner.forkserver`` imports it.
+wire format below is this file's own; ``botrunner.forkserver`` imports it, and
+``launcher.c`` speaks it too (tests/unit/test_forked.py compares their constants).
 
 The bot and this launcher share a socket pair. The bot writes ``D`` once it runs
 as its own user (signals may be forwarded from then on) and waits for ``G``
