@@ -7,8 +7,9 @@ watcher as whatever ``uid`` it names (none: root), with whatever ``cmd``, whatev
 controller only when it is exactly what ``controller/templates/watcher.ini.j2``
 renders for that bot: the sections ``[watcher:bot-NAME]`` and ``[env:bot-NAME]``,
 the keys that template writes, the fleet's python running the bot (or a launcher
-of tgfleet's, which asks the fork server for it) on this bot's config, as this bot's own user, in its own dir, logging to
-``logs/bot-NAME.std{out,err}.log`` through circus' ``FileStream``.
+of tgfleet's, which asks the fork server for it) on this bot's config, as this bot's
+own user, in its own dir, logging to ``logs/bot-NAME.std{out,err}.log`` through
+circus' ``FileStream``.
 
 The file is read line by line in a grammar narrower than circus' parser (no
 continuation lines, no ``rem`` lines, no inline comments, no substitutions), over

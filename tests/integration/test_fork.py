@@ -383,6 +383,10 @@ def test_a_bot_whose_launcher_dies_dies_too_even_with_its_fork_server_away(
     own_fleet.api("DELETE", f"/api/v1/bots/{name}")
 
 
+#: tgf-launcher, where scripts/_venv.sh built it; launch.py beside it
+LAUNCHER = watchercheck.launcher_binary()
+
+
 def launcher_argv(fleet: Fleet, name: str, kind: str, socket: str | None = None) -> list[str]:
     """The command line of bot ``name``'s launcher: the C one its watcher runs, or the
     Python one a fleet runs where the C one was not built (controller/watchercheck.py)."""
@@ -395,9 +399,6 @@ def launcher_argv(fleet: Fleet, name: str, kind: str, socket: str | None = None)
     if kind == "c":
         return [binary, python, fork_socket, *rest]
     return [python, "-S", "-I", str(LAUNCHER.with_name("launch.py")), fork_socket, *rest]
-
-
-LAUNCHER = watchercheck.launcher_binary()
 
 
 def start_launcher(fleet: Fleet, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
