@@ -200,6 +200,20 @@ class CountingClient(TelegramClient):  # type: ignore[misc]  # Telethon is untyp
 
 #: Telethon's own (pure Python) factorization, the fallback.
 _PYTHON_FACTORIZE: Callable[[int], tuple[int, int]] = Factorization.factorize
+#: Its tries: each draws afresh, and one in ~50,000 gives (1, pq) for 31-bit primes.
+PYTHON_FACTORIZE_TRIES = 10
+
+
+def _python_factorize(pq: int) -> tuple[int, int]:
+    """Telethon's Pollard-Brent, tried again when it gives no factors. Its one batch
+    per round finds the cycle mod p and mod q at the same step now and then, and
+    returns (1, pq); sent as is, the server refuses the exchange (-404), and the
+    client does not retry (the sandbox tests saw it once in ~10 CI runs)."""
+    for _ in range(PYTHON_FACTORIZE_TRIES):
+        p, q = _PYTHON_FACTORIZE(pq)
+        if p > 1 and p * q == pq:
+            return (p, q) if p < q else (q, p)
+    raise ValueError(f"no two factors of pq {pq} found in {PYTHON_FACTORIZE_TRIES} tries")
 
 
 def factorize_pq(pq: int) -> tuple[int, int]:
@@ -210,9 +224,9 @@ def factorize_pq(pq: int) -> tuple[int, int]:
         if type(exc).__name__ != "PanicException":
             raise
         # It gives up after a fixed number of attempts (seen on tiny products only).
-        return _PYTHON_FACTORIZE(pq)
+        return _python_factorize(pq)
     if p * q != pq or 1 in (p, q):
-        return _PYTHON_FACTORIZE(pq)
+        return _python_factorize(pq)
     return (p, q) if p < q else (q, p)
 
 

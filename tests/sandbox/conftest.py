@@ -13,6 +13,7 @@ from telethon import TelegramClient
 from telethon.network import ConnectionTcpFull
 from telethon.sessions import MemorySession
 
+from botrunner.telegram import use_native_factorization
 from tgsandbox.admin_client import AdminClient
 from tgsandbox.server import ServerConfig
 from tgsandbox.service import Address, Sandbox
@@ -24,6 +25,10 @@ async def start_sandbox(data_dir: Path, **config: Any) -> Sandbox:
     sandbox = Sandbox(ServerConfig(data_dir=data_dir, port=0, **config), Address("127.0.0.1", 0))
     await sandbox.start()
     telethon.crypto.rsa.add_key(sandbox.server.key.public_pem.decode(), old=False)
+    # The factorization of pq a bot's client uses (cryptg, then Telethon's own, tried
+    # again when it finds no factors): Telethon's alone fails one auth key in ~50,000,
+    # and whether an earlier test in this worker had set it up must not matter.
+    use_native_factorization()
     return sandbox
 
 

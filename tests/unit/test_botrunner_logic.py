@@ -12,6 +12,7 @@ import pytest
 from telethon import TelegramClient, errors, events
 from telethon.sessions import StringSession
 
+from botrunner import telegram as botrunner_telegram
 from botrunner.config import PluginRef
 from botrunner.health import Clock, Counters, TelegramStatus
 from botrunner.plugin_host import PluginFailed, PluginHost
@@ -431,6 +432,23 @@ PQ_PAIRS = [
 @pytest.mark.parametrize(("p", "q"), PQ_PAIRS)
 def test_factorize_pq_gives_the_factors_smaller_first(p: int, q: int) -> None:
     assert factorize_pq(p * q) == (p, q)
+
+
+def test_telethons_python_factorization_is_tried_again_when_it_finds_no_factors(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A draw (y, c, m) for which Telethon's Pollard-Brent returns (1, pq): the cycles
+    mod p and mod q close at the same step. Found by a replica of its loop; the -404
+    a sandbox test once got in CI. The next try draws afresh."""
+    import telethon.crypto.factorization as factorization
+
+    p, q = 1_362_774_551, 1_643_096_243
+    unlucky = iter([1_040_386_427_914_809_427, 2_113_733_767_556_968_437, p * q - 1])
+    fresh = factorization.randint
+    monkeypatch.setattr(factorization, "randint", lambda a, b: next(unlucky, None) or fresh(a, b))
+    assert botrunner_telegram._PYTHON_FACTORIZE(p * q) == (1, p * q)  # Telethon's, alone
+    unlucky = iter([1_040_386_427_914_809_427, 2_113_733_767_556_968_437, p * q - 1])
+    assert botrunner_telegram._python_factorize(p * q) == (p, q)
 
 
 def test_telethons_auth_key_exchange_uses_native_factorization() -> None:
