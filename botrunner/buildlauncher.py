@@ -25,9 +25,16 @@ FLAGS = ("-O2", "-s", "-Wall", "-Wextra", "-std=gnu11")
 
 
 def compiler() -> list[str] | None:
-    """The C compiler's command line (``$CC``, else ``cc``), or None: there is none."""
-    command = shlex.split(os.environ.get("CC") or "cc")
-    return command if command and shutil.which(command[0]) else None
+    """The C compiler's command line: ``$CC``, else ``cc``; None when there is no
+    ``cc``. A ``$CC`` that names no program is an error (FileNotFoundError), not a
+    build without the launcher."""
+    given = os.environ.get("CC", "").strip()
+    command = shlex.split(given or "cc")
+    if command and shutil.which(command[0]):
+        return command
+    if given:
+        raise FileNotFoundError(f"CC={given!r}: no such program")
+    return None
 
 
 def compile_launcher(out: Path, source: Path = SOURCE) -> Path:

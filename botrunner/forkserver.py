@@ -460,7 +460,7 @@ class ForkServer:
             _watch_launcher(pair)
             code = entry.main([str(bot_dir / "config.json")], time.monotonic())
         except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else 1
+            code = int(exc.code) if isinstance(exc.code, int) else 1  # sys.exit(True): 1
         except BaseException:
             traceback.print_exc()
             code = 1

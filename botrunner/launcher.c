@@ -126,16 +126,19 @@ static void exec_bot(const char *python, const char *config, const char *why) {
         sigaddset(&forwarded, FORWARDED[i]);
     sigprocmask(SIG_BLOCK, &forwarded, NULL);
     take_signals();
+    for (size_t i = 0; i < N_FORWARDED; i++) {
+        int sig = FORWARDED[i];
+        if (sig != SIGTERM && sig != SIGINT)
+            signal(sig, SIG_IGN); /* drops one held meanwhile: there was no bot for it */
+        signal(sig, SIG_DFL);     /* TERM and INT stay held, if they were */
+    }
     sigpending(&held);
     for (size_t i = 0; i < n_pending; i++)
         if (pending[i] == SIGTERM || pending[i] == SIGINT)
             _exit(0); /* asked to stop before the bot existed */
     if (sigismember(&held, SIGTERM) || sigismember(&held, SIGINT))
         _exit(0);
-    for (size_t i = 0; i < N_FORWARDED; i++) {
-        signal(FORWARDED[i], SIG_IGN); /* drops one held meanwhile: there was no bot for it */
-        signal(FORWARDED[i], SIG_DFL);
-    }
+    /* One arriving from here on ends this process as it would the bot's. */
     sigprocmask(SIG_UNBLOCK, &forwarded, NULL);
     signal(SIGPIPE, SIG_DFL); /* an ignored signal stays ignored across exec */
     char *const argv[] = {(char *)python, "-m", "botrunner", (char *)config, NULL};
@@ -144,8 +147,9 @@ static void exec_bot(const char *python, const char *config, const char *why) {
     _exit(1);
 }
 
-/* The decimal integer that is all of text[0:length] (a trailing newline allowed), as
-   Python's int() reads it; 0 when there is none. */
+/* The decimal integer that is all of text[0:length] (an optional sign, a trailing
+   newline allowed: what the fork server and the bot write), in a long; 0 when there
+   is none. */
 static int parse_integer(const char *text, size_t length, long *value) {
     char digits[32];
     if (length > 0 && text[length - 1] == '\n')

@@ -22,6 +22,7 @@ very sections, keys and values this grammar found. Standard library and circus
 
 from __future__ import annotations
 
+import errno
 import importlib.util
 import io
 import logging
@@ -117,26 +118,42 @@ def launcher_binary() -> Path:
     return _botrunner_dir() / "tgf-launcher"
 
 
-#: The launchers seen to run: asked once each per process; one that did not run is
-#: asked again at the next render (a transient failure to spawn must not stick).
-_RUNS: set[str] = set()
+#: What each launcher binary was found to do, by the file it was: asked again only
+#: once the file changed (built, replaced, removed), so a fleet without it logs once.
+_PROBED: dict[str, tuple[tuple[int, int, int] | None, bool]] = {}
+
+
+def _file_state(path: str) -> tuple[int, int, int] | None:
+    try:
+        found = os.stat(path)
+    except OSError:
+        return None
+    return (found.st_ino, found.st_mtime_ns, found.st_size)
 
 
 def c_launcher_runs(binary: str) -> bool:
     """Whether ``binary`` runs here: built, and for this machine (a wheel built on
     another libc would not). Without arguments it exits 64 (EX_USAGE). When it does
     not, the controller says so in its log, and the watcher runs launcher.py."""
-    if binary in _RUNS:
-        return True
+    state = _file_state(binary)
+    known = _PROBED.get(binary)
+    if known is not None and known[0] == state:
+        return known[1]
     try:
         done = subprocess.run([binary], capture_output=True, timeout=10, check=False)
     except (OSError, subprocess.SubprocessError) as exc:
         why = f"{type(exc).__name__}: {exc}"
+        transient = isinstance(exc, subprocess.TimeoutExpired) or (
+            isinstance(exc, OSError) and exc.errno in (errno.EAGAIN, errno.ENOMEM)
+        )
+        if not transient:  # a spawn that may work next time is asked again
+            _PROBED[binary] = (state, False)
     else:
         if done.returncode == 64:
-            _RUNS.add(binary)
+            _PROBED[binary] = (state, True)
             return True
         why = f"exit code {done.returncode}: {done.stderr[-200:]!r}"
+        _PROBED[binary] = (state, False)
     _log.warning(
         "fork-mode bots run launcher.py (~3 MB more each): %s cannot run (%s)", binary, why
     )

@@ -451,6 +451,31 @@ def test_telethons_python_factorization_is_tried_again_when_it_finds_no_factors(
     assert botrunner_telegram._python_factorize(p * q) == (p, q)
 
 
+@pytest.mark.parametrize("cryptg_fails", ["gives (1, pq)", "panics"])
+def test_factorize_pq_falls_back_to_telethons_own_tried_again(
+    monkeypatch: pytest.MonkeyPatch, cryptg_fails: str
+) -> None:
+    """cryptg wrong or given up, and Telethon's first draw the unlucky one: the
+    factors all the same, smaller first."""
+    import telethon.crypto.factorization as factorization
+
+    class PanicException(BaseException):  # pyo3's name for a Rust panic
+        pass
+
+    def broken(pq: int) -> tuple[int, int]:
+        if cryptg_fails == "panics":
+            raise PanicException("gave up")
+        return (1, pq)
+
+    p, q = 1_362_774_551, 1_643_096_243
+    unlucky = iter([1_040_386_427_914_809_427, 2_113_733_767_556_968_437, p * q - 1])
+    fresh = factorization.randint
+    monkeypatch.setattr(factorization, "randint", lambda a, b: next(unlucky, None) or fresh(a, b))
+    monkeypatch.setattr(botrunner_telegram.cryptg, "factorize_pq_pair", broken)
+    assert factorize_pq(p * q) == (p, q)
+    assert next(unlucky, None) is None  # the unlucky draw was Telethon's first
+
+
 def test_telethons_auth_key_exchange_uses_native_factorization() -> None:
     from telethon.crypto.factorization import Factorization
 

@@ -205,3 +205,55 @@ def test_the_c_launcher_without_arguments_says_how_to_call_it() -> None:
     done = subprocess.run([binary], capture_output=True, text=True, check=False)
     assert done.returncode == 64
     assert done.stderr == "usage: tgf-launcher PYTHON SOCKET NAME CONFIG\n"
+
+
+# A fork server that forks a "bot" writing ``X<code>`` and is gone at once after its
+# answer (as one killed -9 is): the launcher has only the bot's own word to exit with.
+GONE_FORK_SERVER = r"""
+import os, socket, sys
+listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+listener.bind(sys.argv[1])
+listener.listen(1)
+print("ready", flush=True)
+conn, _ = listener.accept()
+data, ancillary, _flags, _addr = conn.recvmsg(65536, socket.CMSG_SPACE(16))
+fds = [int.from_bytes(d[i:i + 4], sys.byteorder) for _, _, d in ancillary for i in (0, 4, 8, 12)]
+pair = fds[3]
+pid = os.fork()
+if pid == 0:
+    os.write(pair, b"D")
+    os.read(pair, 1)  # G
+    os.write(pair, b"X" + sys.argv[2].encode() + b"\n")
+    os._exit(0)
+pidfd = os.pidfd_open(pid)
+conn.sendmsg([b"pid %d" % pid], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, pidfd.to_bytes(4, sys.byteorder))])
+conn.close()
+"""
+
+
+@pytest.mark.parametrize("kind", ["c", "python"])
+@pytest.mark.parametrize(("said", "exit_code"), [("0", 0), ("3", 3), ("-1", 255), ("300", 44)])
+def test_with_its_fork_server_gone_a_launcher_exits_with_the_bot_s_own_code(
+    tmp_path: Path, kind: str, said: str, exit_code: int
+) -> None:
+    """As the bot's ``os._exit(code)`` would end it: -1 is 255 (the C launcher took
+    -1 for no code at all, and reported SIGKILL)."""
+    sock = str(tmp_path / "fork.sock")
+    server = subprocess.Popen(
+        [sys.executable, "-c", GONE_FORK_SERVER, sock, said], stdout=subprocess.PIPE
+    )
+    try:
+        assert server.stdout is not None and server.stdout.readline() == b"ready\n"
+        here = Path(launcher.__file__).parent
+        if kind == "c":
+            argv = [str(here / "tgf-launcher"), sys.executable, sock, "shop", "/nonexistent"]
+        else:
+            argv = [sys.executable, "-S", "-I", str(here / "launch.py"), sock, "shop", "x"]
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+        assert done.returncode == exit_code, done.stderr
+        assert "starting the bot by exec" not in done.stderr
+    finally:
+        server.kill()
+        server.wait()
+        if server.stdout is not None:
+            server.stdout.close()

@@ -461,6 +461,7 @@ def test_without_the_c_launcher_a_fork_mode_watcher_runs_launcher_py(
     """A tgfleet built where no C compiler was, or a wheel built for another machine
     (here: bytes no kernel runs): the launcher in Python, under -S -I, and a warning."""
     path = tmp_path / "tgf-launcher"
+    built = watchercheck.launcher_binary()
     if binary == "foreign":
         path.write_bytes(b"\x7fELF" + bytes(60))
         path.chmod(0o755)
@@ -478,4 +479,10 @@ def test_without_the_c_launcher_a_fork_mode_watcher_runs_launcher_py(
         str(home.bot_config("shop")),
     ]
     assert watchercheck.launcher_path().is_file()
-    assert f"{path} cannot run" in caplog.text
+    assert caplog.text.count(f"{path} cannot run") == 1
+    render_watcher(home, BotWatcher("other", True, 256, launch="fork"), python=PY)
+    assert caplog.text.count(f"{path} cannot run") == 1  # said once, not at every render
+    if binary == "missing":  # built meanwhile: the next render runs it
+        path.symlink_to(built)
+        again = parse(render_watcher(home, BotWatcher("late", True, 256, launch="fork"), python=PY))
+        assert again["watcher:bot-late"]["cmd"] == str(path)
