@@ -142,10 +142,20 @@ class Launcher:
     def exec_bot(self, why: str) -> None:
         """Become the bot: what an exec-mode watcher runs (same env, limits, user)."""
         self.say(f"{why}; starting the bot by exec")
-        if any(s in (_signal.SIGTERM, _signal.SIGINT) for s in self.pending):
+        # Held from here to the exec, so that none slips past the last look.
+        _signal.pthread_sigmask(_signal.SIG_BLOCK, FORWARDED)
+        _let_handlers_run()  # those of signals caught before the block (self.pending)
+        stop = {_signal.SIGTERM, _signal.SIGINT}
+        for signum in FORWARDED:
+            if signum not in stop:
+                _signal.signal(signum, _signal.SIG_IGN)  # drops one held: no bot for it
+            _signal.signal(signum, _signal.SIG_DFL)  # TERM and INT stay held, if they were
+        if stop & set(self.pending) or stop & _signal.sigpending():
             os._exit(0)  # asked to stop before the bot existed
         sys.stdout.flush()
         sys.stderr.flush()
+        # One arriving from here on ends this process as it would the bot's.
+        _signal.pthread_sigmask(_signal.SIG_UNBLOCK, FORWARDED)
         os.execv(sys.executable, [sys.executable, "-m", "botrunner", self.config])
 
     def ask(self, pair_end: int) -> tuple[_socket.socket, int, int]:
@@ -255,6 +265,11 @@ def _last_word(pair: _socket.socket, buffer: bytes) -> int | None:
     if head not in (b"", DROPPED) or not tail.endswith(b"\n"):
         return None
     return int(tail)
+
+
+def _let_handlers_run() -> None:
+    """Nothing: entering a Python function is where the interpreter runs the handlers
+    of signals it caught meanwhile (3.11's RESUME checks the eval breaker)."""
 
 
 def _monotonic() -> float:
