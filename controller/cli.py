@@ -327,6 +327,40 @@ def up(args: argparse.Namespace) -> NoReturn:
         fail(str(exc))
 
 
+@command("remove-users", HOME)
+def remove_users(args: argparse.Namespace) -> None:
+    """Remove the system users and the group a fleet made as root (its bots', its
+    service user), for a home you throw away; its files are left as they are.
+
+    tgfleet keeps them while the home is there (a restarted fleet finds them again).
+    Refused while that fleet runs, and to anyone but root."""
+    import asyncio
+    import grp
+
+    from controller import up as up_module
+    from controller.botusers import BotUserError, BotUsers, fleet_group_name
+    from controller.home import Home
+    from controller.sysusers import SystemUserError
+
+    if os.geteuid() != 0:
+        fail("only root removes system users (a fleet run by another user made none)")
+    home = Home.resolve(args.home)
+    if asyncio.run(up_module._circus_answers(home.circus_endpoint)):
+        fail(f"a fleet is running in {home.root}: stop it first (Ctrl-C on its `tgfleet up`)")
+    group = fleet_group_name(home)
+    had_group = group in {entry.gr_name for entry in grp.getgrall()}
+    try:
+        removed = BotUsers(home).remove_all()
+    except (BotUserError, SystemUserError) as exc:
+        fail(str(exc))
+    for name in removed:
+        echo(f"removed user {name}")
+    if had_group:
+        echo(f"removed group {group}")
+    if not removed and not had_group:
+        echo(f"nothing to remove: no user or group of the fleet in {home.root}")
+
+
 # -------------------------------------------------------------------- bots
 
 

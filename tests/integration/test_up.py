@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import grp
 import json
 import os
 import pwd
@@ -15,7 +16,7 @@ import psutil
 import pytest
 from harness import BIN, Fleet, Sandbox, echo_spec, free_port, short_tmpdir, wait_for
 
-from controller.botusers import BotUsers, service_user_name
+from controller.botusers import BotUsers, bot_user_name, service_user_name
 
 pytestmark = pytest.mark.integration
 
@@ -152,8 +153,40 @@ def test_demo_runs_bots_that_answer_with_no_credentials(fresh: Fleet) -> None:
             "the demo conversation printed",
             lambda: "@greeter_bot → alice: Hello!" in fleet.log_text(),
         )
+        # Its users are not to be removed while it runs
+        refused = remove_users(fleet)
+        assert refused.returncode == 1
+        assert (
+            "a fleet is running in" in refused.stderr
+            if os.geteuid() == 0
+            else "only root removes system users" in refused.stderr
+        )
     finally:
         assert fleet.stop() == 0
     assert fleet.leftovers() == []
     if os.geteuid() == 0:
-        assert service_user_name(fleet.home) in BotUsers(fleet.home).remove_all()
+        # The home thrown away: `tgfleet remove-users` removes what the fleet made
+        users = BotUsers(fleet.home)
+        made = [bot_user_name(fleet.home, n) for n in ("echo", "greeter", "parrot")]
+        assert all(pwd.getpwnam(name) for name in made)
+        shutil.rmtree(fleet.home.root)
+        done = remove_users(fleet)
+        assert done.returncode == 0, done.stderr
+        lines = done.stdout.splitlines()
+        assert {f"removed user {n}" for n in [*made, service_user_name(fleet.home)]} <= set(lines)
+        assert f"removed group {users.fleet_group}" in lines
+        assert users.remove_all() == []  # nothing of it left
+        with pytest.raises(KeyError):
+            grp.getgrnam(users.fleet_group)
+        again = remove_users(fleet)
+        assert again.stdout.startswith("nothing to remove"), again.stdout
+
+
+def remove_users(fleet: Fleet) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(BIN / "tgfleet"), "remove-users", "--home", str(fleet.home.root)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
