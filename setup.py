@@ -36,10 +36,7 @@ class BuildPyWithLauncher(build_py):
     def run(self) -> None:
         super().run()
         if COMPILER is None:
-            sys.stderr.write(
-                "warning: no C compiler ($CC, else cc): tgf-launcher not built; fork-mode "
-                "bots will run botrunner/launcher.py, ~3 MB more each\n"
-            )
+            sys.stderr.write(_BUILD["NO_COMPILER"])
             return
         # An editable install runs the checkout's files: the launcher goes beside them.
         target = ROOT / "botrunner" if self.editable_mode else Path(self.build_lib) / "botrunner"

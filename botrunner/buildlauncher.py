@@ -24,6 +24,13 @@ NAME = "tgf-launcher"
 FLAGS = ("-O2", "-s", "-Wall", "-Wextra", "-std=gnu11")
 
 
+#: What a build without a compiler says (here, and setup.py's).
+NO_COMPILER = (
+    f"warning: no C compiler (cc): {NAME} not built; fork-mode bots run "
+    "botrunner/launcher.py, ~3 MB more each\n"
+)
+
+
 def compiler() -> list[str] | None:
     """The C compiler's command line: ``$CC``, else ``cc``; None when there is no
     ``cc``. A ``$CC`` that names no program is an error (FileNotFoundError), not a
@@ -70,10 +77,7 @@ def main(argv: list[str]) -> int:
     if if_stale and not stale(out):
         return 0
     if compiler() is None:
-        sys.stderr.write(
-            f"warning: no C compiler ({os.environ.get('CC') or 'cc'}): {NAME} not built; "
-            "fork-mode bots run botrunner/launcher.py, ~3 MB more each\n"
-        )
+        sys.stderr.write(NO_COMPILER)
         return 0
     compile_launcher(out)
     print(f"built {out}")

@@ -334,7 +334,6 @@ def remove_users(args: argparse.Namespace) -> None:
 
     tgfleet keeps them while the home is there (a restarted fleet finds them again).
     Refused while that fleet runs, and to anyone but root."""
-    import asyncio
     import grp
 
     from controller import up as up_module
@@ -345,7 +344,7 @@ def remove_users(args: argparse.Namespace) -> None:
     if os.geteuid() != 0:
         fail("only root removes system users (a fleet run by another user made none)")
     home = Home.resolve(args.home)
-    if asyncio.run(up_module._circus_answers(home.circus_endpoint)):
+    if up_module.fleet_running(home):
         fail(f"a fleet is running in {home.root}: stop it first (Ctrl-C on its `tgfleet up`)")
     group = fleet_group_name(home)
     had_group = group in {entry.gr_name for entry in grp.getgrall()}

@@ -147,6 +147,11 @@ async def _circus_answers(endpoint: str) -> bool:
     return True
 
 
+def fleet_running(home: Home) -> bool:
+    """Whether a fleet runs in ``home``: its circusd answers (within 1 s)."""
+    return asyncio.run(_circus_answers(home.circus_endpoint))
+
+
 def insecure_listen_warning(options: UpOptions) -> str | None:
     """The warning `tgfleet up` prints when the API is served in clear beyond loopback."""
     host, _ = parse_hostport(options.listen, "--listen")
@@ -474,7 +479,7 @@ def prepare(options: UpOptions) -> ControllerSettings:
     home = options.home
     check_options(options)
     _make_dirs(home)
-    if asyncio.run(_circus_answers(home.circus_endpoint)):
+    if fleet_running(home):
         raise UpError(
             f"a fleet is already running in {home.root} "
             f"(circusctl --endpoint {home.circus_endpoint} status)"

@@ -387,12 +387,18 @@ def test_a_bot_whose_launcher_dies_dies_too_even_with_its_fork_server_away(
 LAUNCHER = watchercheck.launcher_binary()
 
 
+def watcher_file(fleet: Fleet, name: str) -> configparser.RawConfigParser:
+    """Bot ``name``'s watcher file as circus reads it, env keys as written."""
+    watcher = configparser.RawConfigParser()
+    watcher.optionxform = str  # type: ignore[assignment,method-assign]
+    watcher.read(fleet.home.watcher_file(name))
+    return watcher
+
+
 def launcher_argv(fleet: Fleet, name: str, kind: str, socket: str | None = None) -> list[str]:
     """The command line of bot ``name``'s launcher: the C one its watcher runs, or the
     Python one a fleet runs where the C one was not built (controller/watchercheck.py)."""
-    watcher = configparser.RawConfigParser()
-    watcher.read(fleet.home.watcher_file(name))
-    section = watcher[f"watcher:bot-{name}"]
+    section = watcher_file(fleet, name)[f"watcher:bot-{name}"]
     binary, (python, fork_socket, *rest) = section["cmd"], section["args"].split()
     assert Path(binary).name == "tgf-launcher" and Path(binary).parent == LAUNCHER.parent
     fork_socket = socket or fork_socket
@@ -403,10 +409,7 @@ def launcher_argv(fleet: Fleet, name: str, kind: str, socket: str | None = None)
 
 def start_launcher(fleet: Fleet, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
     """The launcher as Circus starts it: the bot's user, its env, its dir, its logs."""
-    watcher = configparser.RawConfigParser()
-    watcher.optionxform = str  # type: ignore[assignment,method-assign]  # env keys as written
-    watcher.read(fleet.home.watcher_file(name))
-    env = dict(watcher[f"env:bot-{name}"])
+    env = dict(watcher_file(fleet, name)[f"env:bot-{name}"])
     account: dict[str, Any] = {}
     if os.geteuid() == 0:
         user = pwd.getpwnam(bot_user_name(fleet.home, name))

@@ -211,22 +211,21 @@ def test_the_c_launcher_without_arguments_says_how_to_call_it() -> None:
 # answer (as one killed -9 is): the launcher has only the bot's own word to exit with.
 GONE_FORK_SERVER = r"""
 import os, socket, sys
+from botrunner import launcher
 listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
 listener.bind(sys.argv[1])
 listener.listen(1)
 print("ready", flush=True)
 conn, _ = listener.accept()
-data, ancillary, _flags, _addr = conn.recvmsg(65536, socket.CMSG_SPACE(16))
-fds = [int.from_bytes(d[i:i + 4], sys.byteorder) for _, _, d in ancillary for i in (0, 4, 8, 12)]
-pair = fds[3]
+data, ancillary, _flags, _addr = conn.recvmsg(launcher.MAX_MESSAGE, socket.CMSG_SPACE(16))
+pair = launcher.unpack_fds(ancillary)[3]
 pid = os.fork()
 if pid == 0:
-    os.write(pair, b"D")
-    os.read(pair, 1)  # G
-    os.write(pair, b"X" + sys.argv[2].encode() + b"\n")
+    os.write(pair, launcher.DROPPED)
+    os.read(pair, 1)  # GO
+    os.write(pair, launcher.EXIT_PREFIX + sys.argv[2].encode() + b"\n")
     os._exit(0)
-pidfd = os.pidfd_open(pid)
-conn.sendmsg([b"pid %d" % pid], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, pidfd.to_bytes(4, sys.byteorder))])
+conn.sendmsg([launcher.PID_REPLY + b"%d" % pid], launcher.pack_fds([os.pidfd_open(pid)]))
 conn.close()
 """
 
